@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install everything the project needs on a fresh Debian machine, idempotently:
+# Mosquitto (Debian package), Java + Maven if absent, the Kafka broker jars from Maven
+# Central (cached outside git), and a Python virtualenv with the project and its dev deps.
+set -o errexit -o pipefail -o nounset
+. "$(dirname "$0")/lib.sh"
+
+apt_install() {
+  local missing=()
+  command -v mosquitto >/dev/null || missing+=(mosquitto)
+  command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  command -v python3 >/dev/null || missing+=(python3 python3-venv)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+kafka_jars() {
+  [ -f "$KAFKA_LIBS/.complete" ] && return 0
+  log "fetching Apache Kafka $KAFKA_VERSION jars from Maven Central into $KAFKA_LIBS"
+  rm -rf "$KAFKA_LIBS"; mkdir -p "$KAFKA_LIBS"
+  mvn -q -B -f "$ROOT/deploy/local/kafka/pom.xml" package -Dkafka.version="$KAFKA_VERSION" -Dlibs.dir="$KAFKA_LIBS"
+  touch "$KAFKA_LIBS/.complete"
+}
+
+python_env() {
+  local marker="$ROOT/.venv/.installed"
+  if [ -f "$marker" ] && [ "$marker" -nt "$ROOT/pyproject.toml" ]; then return 0; fi
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python >= 3.11 is required"
+  log "creating the Python environment in .venv"
+  [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
+  "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip
+  "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[dev]"
+  touch "$marker"
+}
+
+apt_install
+kafka_jars
+python_env
+log "installed"

@@ -1,0 +1,30 @@
+"""Provision Huawei IoTDA gateway child devices into Envision EnOS DPS, through Kafka."""
+
+import importlib.metadata
+
+from pipeline.config import Config, Secret, load_config
+from pipeline.errors import (
+    ConfigError,
+    DecodeError,
+    DpsError,
+    DpsRejected,
+    DpsTransient,
+    MappingError,
+    PipelineError,
+)
+
+__version__ = importlib.metadata.version("iot-pipeline")
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DecodeError",
+    "DpsError",
+    "DpsRejected",
+    "DpsTransient",
+    "MappingError",
+    "PipelineError",
+    "Secret",
+    "__version__",
+    "load_config",
+]

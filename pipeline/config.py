@@ -1,0 +1,326 @@
+"""Configuration: one TOML file plus ``PIPELINE_<SECTION>__<KEY>`` environment overrides.
+
+Everything decodes into frozen msgspec Structs that forbid unknown keys, so a typo or a
+wrong type fails at start-up with one line naming the key (:class:`ConfigError`).
+Secret values are :class:`Secret`: their ``repr``/``str`` never show the value, and a
+value of the form ``file:/path`` is read from that file (Docker/Kubernetes secrets).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DpsConfig",
+    "IotdaAuthConfig",
+    "KafkaConfig",
+    "MetricsConfig",
+    "MqttConfig",
+    "RouterConfig",
+    "Secret",
+    "SinkConfig",
+    "TlsConfig",
+    "Topics",
+    "load_config",
+]
+
+ENV_PREFIX = "PIPELINE_"
+DEFAULT_PATH = Path("pipeline.toml")
+
+
+class Secret:
+    """A secret string that never shows itself in logs, reprs or error messages."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret value; call only where it is sent to its destination."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every configuration section."""
+
+
+class TlsConfig(_Section, frozen=True):
+    """TLS for a client connection; verification is always on."""
+
+    enabled: bool = False
+    ca_file: str | None = None
+    """PEM bundle of trusted CAs; the system store when unset."""
+    cert_file: str | None = None
+    """Client certificate (mutual TLS)."""
+    key_file: str | None = None
+    key_password: Secret | None = None
+
+
+class IotdaAuthConfig(_Section, frozen=True):
+    """IoTDA device-mode credentials: the client id and password are derived from these."""
+
+    device_id: str
+    secret: Secret
+    sign_type: Literal[0, 1] = 0
+    """0: HMAC-SHA256 without the platform's timestamp check; 1: with it."""
+
+
+class MqttConfig(_Section, frozen=True):
+    """The MQTT source of the ingest stage."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "iot-pipeline-ingest"
+    """Stable, so the broker keeps the session (and queued messages) while ingest is down."""
+    username: str | None = None
+    password: Secret | None = None
+    topic: str = "$oc/devices/+/sys/events/down"
+    qos: Literal[0, 1] = 1
+    shared_group: str | None = None
+    """Subscribe as ``$share/<group>/<topic>`` so several ingest replicas split the load."""
+    protocol: Literal["3.1.1", "5"] = "5"
+    keepalive: int = 60
+    session_expiry: int = 7 * 24 * 3600
+    """Seconds the broker keeps the session after a disconnect (MQTT 5)."""
+    max_inflight: int = 1000
+    """Messages received but not yet acknowledged (waiting for Kafka)."""
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    iotda: IotdaAuthConfig | None = None
+
+
+class Topics(_Section, frozen=True):
+    """Kafka topic names."""
+
+    down_events: str = "iotda.down-events"
+    down_events_dlq: str = "iotda.down-events.dlq"
+    added: str = "iotda.subdevices.added"
+    failed: str = "iotda.subdevices.failed"
+    allocations: str = "dps.allocations"
+    allocations_dlq: str = "dps.allocations.dlq"
+
+    def all(self) -> list[str]:
+        """Every topic name, in flow order."""
+        return [getattr(self, name) for name in self.__struct_fields__]
+
+
+class KafkaConfig(_Section, frozen=True):
+    """The Kafka cluster every stage talks to."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "iot-pipeline"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    topics: Topics = msgspec.field(default_factory=Topics)
+    partitions: int = 3
+    """Partitions for topics that ``pipeline topics create`` makes."""
+    replication_factor: int = 1
+    linger_ms: int = 5
+    request_timeout: float = 30.0
+
+
+class RouterConfig(_Section, frozen=True):
+    """The router stage."""
+
+    group_id: str = "iot-pipeline-router"
+    transactional_id: str = "iot-pipeline-router"
+    """Prefix; each router instance appends its own stable suffix."""
+    dedup_window: float = 3600.0
+    """Seconds during which a redelivered (gateway, event_id) yields nothing new."""
+    dedup_max_entries: int = 100_000
+    batch_max: int = 500
+    """Records consumed and committed per transaction, at most."""
+
+
+class DpsConfig(_Section, frozen=True):
+    """How to reach EnOS DPS through the API gateway."""
+
+    base_url: str = "http://127.0.0.1:8085"
+    app_key: str = "demo-app-key"
+    app_secret: Secret = msgspec.field(default_factory=lambda: Secret("demo-app-secret"))
+    ca_file: str | None = None
+    timeout: float = 10.0
+    token_refresh_margin: float = 300.0
+    """Refresh the access token this many seconds before it expires."""
+
+
+class SinkConfig(_Section, frozen=True):
+    """The sink stage: DPS allocate for each added child."""
+
+    group_id: str = "iot-pipeline-sink"
+    dps: DpsConfig = msgspec.field(default_factory=DpsConfig)
+    org_id: str = "o00000000000001"
+    org_overrides: dict[str, str] = msgspec.field(default_factory=dict)
+    """``product_id`` -> orgId for products that belong to another organisation."""
+    sn_from: str = "node_id"
+    """``node_id``, ``device_id``, or a template such as ``{product_id}-{node_id}``."""
+    device_data: dict[str, str] = msgspec.field(default_factory=dict)
+    """Master-data identifier -> DeviceInfo field, or ``extension_info.<key>``."""
+    concurrency: int = 32
+    rate_limit: float | None = None
+    """Allocate calls per second, at most; unlimited when unset."""
+    retry_initial: float = 0.5
+    retry_max: float = 30.0
+    give_up_after: float = 3600.0
+    """Seconds of transient failures after which a record goes to the DLQ as exhausted."""
+    commit_interval: float = 1.0
+
+
+class MetricsConfig(_Section, frozen=True):
+    """The /metrics, /healthz and /readyz server every worker runs."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    ingest_port: int = 9101
+    route_port: int = 9102
+    sink_port: int = 9103
+    run_port: int = 9100
+
+
+class Config(_Section, frozen=True):
+    """The whole configuration."""
+
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+
+_PATH_RE = re.compile(r"`\$((?:\.[A-Za-z0-9_]+|\[[^\]]*\])*)`")
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if tp is Secret and isinstance(obj, str):
+        if obj.startswith("file:"):
+            path = Path(obj.removeprefix("file:"))
+            try:
+                return Secret(path.read_text(encoding="utf-8").rstrip("\r\n"))
+            except OSError as exc:
+                # The path is not secret; the content is.
+                msg = f"cannot read secret file {path}: {exc.strerror}"
+                raise ValueError(msg) from None
+        return Secret(obj)
+    raise NotImplementedError
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Nest ``PIPELINE_KAFKA__TOPICS__ADDED=x`` as ``{"kafka": {"topics": {"added": "x"}}}``."""
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = name.removeprefix(ENV_PREFIX).lower().split("__")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                msg = f"{name}: {'.'.join(parts)} conflicts with another override"
+                raise ConfigError(msg)
+        node[parts[-1]] = _env_value(value)
+    return tree
+
+
+def _env_value(value: str) -> Any:
+    # Tables and arrays (org_overrides, device_data) are written inline in TOML syntax.
+    if value.startswith(("{", "[")):
+        try:
+            return tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            return value
+    return value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_name(path: str) -> str:
+    return ENV_PREFIX + "__".join(p.upper() for p in path.split("."))
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (if any) and the environment into a :class:`Config`.
+
+    Args:
+        path: the TOML file; ``pipeline.toml`` in the working directory when it exists.
+        environ: the environment to read overrides from; ``os.environ`` by default.
+
+    Raises:
+        ConfigError: one line naming the key at fault (never its value when secret).
+    """
+    environ = dict(os.environ if environ is None else environ)
+    data: dict[str, Any] = {}
+    if path is None and DEFAULT_PATH.exists():
+        path = DEFAULT_PATH
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            msg = f"config file {path} does not exist"
+            raise ConfigError(msg) from None
+        except tomllib.TOMLDecodeError as exc:
+            msg = f"config file {path} is not valid TOML: {exc}"
+            raise ConfigError(msg) from None
+    overrides = _env_overrides(environ)
+    merged = _merge(data, overrides)
+    try:
+        # strict=False lets environment strings stand for numbers and booleans.
+        return msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(str(exc), overrides)) from None
+
+
+def _explain(error: str, overrides: dict[str, Any]) -> str:
+    """Turn msgspec's ``... - at `$.mqtt.port``` into ``mqtt.port: ...``."""
+    reason, _, where = error.partition(" - at ")
+    match = _PATH_RE.search(where)
+    key = match.group(1).lstrip(".") if match else ""
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        reason = "unknown key"
+    elif reason.startswith("Object missing required field"):
+        field = reason.split("`")[1]
+        key = f"{key}.{field}" if key else field
+        reason = "required key is missing"
+    else:
+        reason = reason[:1].lower() + reason[1:]
+    source = ""
+    node: Any = overrides
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is not None:
+        source = f" (from {_env_name(key)})"
+    return f"config key {key or '<root>'}{source}: {reason}"

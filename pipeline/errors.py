@@ -1,0 +1,66 @@
+"""One exception hierarchy for the package; each class says whether a retry can help."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DecodeError",
+    "DpsError",
+    "DpsRejected",
+    "DpsTransient",
+    "MappingError",
+    "PipelineError",
+]
+
+
+class PipelineError(Exception):
+    """Root of every error this package raises."""
+
+    retriable: bool = False
+
+
+class ConfigError(PipelineError):
+    """The configuration is invalid; the message is one line naming the key."""
+
+
+class DecodeError(PipelineError):
+    """A payload could not be decoded; the message names the field at fault."""
+
+
+class MappingError(PipelineError):
+    """A child record cannot be mapped to a DPS request (sn, orgId or deviceData)."""
+
+
+class DpsError(PipelineError):
+    """DPS answered with an error, or could not be reached.
+
+    Attributes:
+        code: the DPS/API-gateway ``code`` (or the HTTP status when there was no body).
+        msg: the message DPS gave, or a description of the transport failure.
+        request_id: DPS's ``requestId`` when it sent one.
+        retry_after: seconds the server asked us to wait (``Retry-After``), if any.
+    """
+
+    def __init__(
+        self,
+        code: int | None,
+        msg: str,
+        *,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"DPS error {code}: {msg}" if code is not None else f"DPS error: {msg}")
+        self.code = code
+        self.msg = msg
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+
+class DpsRejected(DpsError):
+    """DPS said no for business reasons (35400, 35404, 35601, 99400, ...): do not retry."""
+
+
+class DpsTransient(DpsError):
+    """Throttling, server errors, timeouts, connection errors, 1005 and 1203: retry later."""
+
+    retriable = True

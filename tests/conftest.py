@@ -1,0 +1,58 @@
+"""Session-wide services (real Mosquitto and Kafka) and per-test isolation."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from pipeline.config import Config, KafkaConfig, MqttConfig, Topics, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def local_services() -> None:
+    """Make sure the local Mosquitto and Kafka are up, starting them through deploy/local."""
+    script = ROOT / "deploy" / "local" / "services.sh"
+    if subprocess.run([script, "status"], capture_output=True, check=False).returncode != 0:
+        subprocess.run([script, "up"], check=True)
+
+
+@pytest.fixture
+def uid() -> str:
+    """A short id unique to this test, for topic names, client ids and group ids."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def cfg(local_services: None, uid: str) -> Config:
+    """The default configuration with topics, groups and client ids unique to this test."""
+    base = load_config(environ={})
+    topics = Topics(**{f: f"{getattr(Topics(), f)}.{uid}" for f in Topics.__struct_fields__})
+    return msgspec.structs.replace(
+        base,
+        mqtt=msgspec.structs.replace(
+            base.mqtt, topic=f"test/{uid}/$oc/devices/+/sys/events/down", client_id=f"ingest-{uid}"
+        ),
+        kafka=msgspec.structs.replace(base.kafka, topics=topics),
+        router=msgspec.structs.replace(
+            base.router, group_id=f"router-{uid}", transactional_id=f"router-{uid}"
+        ),
+        sink=msgspec.structs.replace(base.sink, group_id=f"sink-{uid}"),
+        metrics=msgspec.structs.replace(base.metrics, enabled=False),
+    )
+
+
+@pytest.fixture
+def mqtt_cfg(cfg: Config) -> MqttConfig:
+    return cfg.mqtt
+
+
+@pytest.fixture
+def kafka_cfg(cfg: Config) -> KafkaConfig:
+    return cfg.kafka
