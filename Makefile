@@ -13,6 +13,7 @@ check: install
 	.venv/bin/mypy
 
 test: check
+	.venv/bin/pipeline schemas export --check
 	.venv/bin/pytest
 
 services-up: install

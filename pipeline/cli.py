@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
 
 from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import setup_logging
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
 
 __all__ = ["main"]
 
 log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "route", "sink")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,13 +36,65 @@ def _parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="TOML configuration (default: ./pipeline.toml if present)"
     )
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info for workers, warning for demo and bench (they print a summary)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_workers(sub)
+    _add_tools(sub)
+    _add_admin(sub)
+    return parser
 
-    p = sub.add_parser("demo", help="bring up the local services and run the whole flow once")
+
+def _add_workers(sub: Any) -> None:
+    for name, text in (
+        ("ingest", "MQTT down events -> Kafka (acknowledges MQTT only after Kafka has the record)"),
+        ("route", "down events -> one record per added / failed child (Kafka transactions)"),
+        ("sink", "added children -> DPS allocate, with retries, back-pressure and a DLQ"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(handler=_worker, stages=(name,))
+    p = sub.add_parser("run", help="all three stages in one process")
+    p.set_defaults(handler=_worker, stages=STAGES)
+
+
+def _add_tools(sub: Any) -> None:
+    p = sub.add_parser("replay", help="publish JSONL replay fixtures to MQTT")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--rate", type=float, help="messages per second (default: as fast as possible)")
+    p.add_argument("--topic-prefix", default="", help="prepended to every fixture topic")
+    p.add_argument("--no-delays", action="store_true", help="ignore the fixtures' delay_ms")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_replay)
+
+    p = sub.add_parser("record", help="capture MQTT traffic into a replay fixture")
+    p.add_argument("-o", "--output", default="-", help="JSONL file (default: stdout)")
+    p.add_argument("--topic", help="topic filter (default: mqtt.topic)")
+    p.add_argument("--count", type=int, help="stop after this many messages")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(handler=_record)
+
+    p = sub.add_parser("dps-emulator", help="serve the EnOS DPS emulator over HTTP")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8085)
+    p.add_argument("--devices", metavar="FILE", help="JSON list of devices to preload")
+    p.add_argument("--accept-any-sn", action="store_true", help="register every sn on first sight")
+    p.add_argument("--token-ttl", type=int, default=7200, help="access token lifetime, seconds")
+    p.set_defaults(handler=_emulator)
+
+    p = sub.add_parser("demo", help="bring up everything locally and run the whole flow once")
+    p.add_argument("--fixture", help="replay fixture (default: the bundled demo)")
     p.set_defaults(handler=_demo)
 
+    p = sub.add_parser("bench", help="measure throughput and memory of each stage")
+    p.add_argument("--messages", type=int, default=5000, help="MQTT messages to ingest")
+    p.add_argument("--children", type=int, default=2000, help="children to allocate")
+    p.add_argument("--runs", type=int, default=3, help="repetitions (medians are reported)")
+    p.set_defaults(handler=_bench)
+
+
+def _add_admin(sub: Any) -> None:
     topics = sub.add_parser("topics", help="Kafka topic administration")
     tsub = topics.add_subparsers(dest="topics_command", metavar="ACTION", required=True)
     p = tsub.add_parser("create", help="create every configured topic that does not exist")
@@ -39,13 +102,126 @@ def _parser() -> argparse.ArgumentParser:
         "--partitions", type=int, help="partitions per topic (default: kafka.partitions)"
     )
     p.set_defaults(handler=_topics_create)
-    return parser
+
+    schemas = sub.add_parser("schemas", help="JSON Schemas and the AsyncAPI document")
+    ssub = schemas.add_subparsers(dest="schemas_command", metavar="ACTION", required=True)
+    p = ssub.add_parser("export", help="write schemas/ from the code")
+    p.add_argument("--dir", default="schemas", help="output directory (default: schemas)")
+    p.add_argument("--check", action="store_true", help="fail if schemas/ is stale; write nothing")
+    p.set_defaults(handler=_schemas_export)
+
+    p = sub.add_parser("redrive", help="move DLQ records back to their input topic")
+    p.add_argument("dlq", choices=["allocations", "down-events"], help="which DLQ")
+    p.add_argument("--code", type=int, action="append", help="only records with this DPS code")
+    p.add_argument("--kind", action="append", choices=["rejected", "exhausted", "invalid"])
+    p.add_argument("--dry-run", action="store_true", help="count what would move")
+    p.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="offer every DLQ record again, not just new ones",
+    )
+    p.set_defaults(handler=_redrive)
+
+    p = sub.add_parser("status", help="per stage: lag, throughput, DLQ counts")
+    p.set_defaults(handler=_status)
 
 
-async def _demo(_args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.demo import run  # noqa: PLC0415  (keeps `pipeline --help` fast)
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
 
-    return await run(cfg)
+
+async def _worker(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.ops import Health, ops_server  # noqa: PLC0415  (keeps --help fast)
+
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    health = Health()
+    stages: tuple[str, ...] = args.stages
+    factories = _stage_factories()
+    port = getattr(cfg.metrics, f"{args.command}_port")
+    async with contextlib.AsyncExitStack() as stack:
+        if cfg.metrics.enabled:
+            await stack.enter_async_context(ops_server(cfg.metrics.host, port, health))
+        async with asyncio.TaskGroup() as tg:
+            for name in stages:
+                worker = factories[name](cfg, health)
+                tg.create_task(_until_stopped(worker, stop), name=f"pipeline.{name}")
+    return 0
+
+
+async def _until_stopped(worker: Any, stop: asyncio.Event) -> None:
+    try:
+        await worker.run(stop)
+    finally:
+        stop.set()  # one stage ending (or failing) stops the others in `run`
+
+
+def _stage_factories() -> dict[str, Callable[..., Any]]:
+    from pipeline.ingest import Ingest  # noqa: PLC0415
+    from pipeline.router import Router  # noqa: PLC0415
+    from pipeline.sink import Sink  # noqa: PLC0415
+
+    return {"ingest": Ingest, "route": Router, "sink": Sink}
+
+
+async def _replay(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.replay import replay  # noqa: PLC0415
+
+    count = await replay(
+        cfg.mqtt,
+        args.files,
+        rate=args.rate,
+        topic_prefix=args.topic_prefix,
+        progress=not args.no_progress,
+        honour_delays=not args.no_delays,
+    )
+    print(f"published {count} messages")  # noqa: T201
+    return 0
+
+
+async def _record(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.replay import record  # noqa: PLC0415
+
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    if args.output == "-":
+        task = asyncio.create_task(
+            record(cfg.mqtt, sys.stdout, topic=args.topic, count=args.count, duration=args.duration)
+        )
+    else:
+        task = asyncio.create_task(
+            record(
+                cfg.mqtt,
+                Path(args.output),
+                topic=args.topic,
+                count=args.count,
+                duration=args.duration,
+            )
+        )
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return 0
+
+
+async def _emulator(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.emulator import serve  # noqa: PLC0415
+
+    return await serve(
+        args.host,
+        args.port,
+        args.devices,
+        args.accept_any_sn,
+        cfg.sink.dps.app_key,
+        cfg.sink.dps.app_secret.reveal(),
+        args.token_ttl,
+    )
 
 
 async def _topics_create(args: argparse.Namespace, cfg: Config) -> int:
@@ -57,17 +233,58 @@ async def _topics_create(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+async def _schemas_export(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.export import export  # noqa: PLC0415
+
+    return export(Path(args.dir), cfg, check=args.check)
+
+
+async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.redrive import redrive  # noqa: PLC0415
+
+    moved = await redrive(cfg, args.dlq, codes=args.code, kinds=args.kind, dry_run=args.dry_run)
+    print(f"{'would move' if args.dry_run else 'moved'} {moved} records")  # noqa: T201
+    return 0
+
+
+async def _status(_args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.status import status  # noqa: PLC0415
+
+    return await status(cfg)
+
+
+async def _demo(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.demo import run  # noqa: PLC0415
+
+    return await run(cfg, fixture=args.fixture)
+
+
+async def _bench(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.bench import run  # noqa: PLC0415
+
+    return await run(cfg, messages=args.messages, children=args.children, runs=args.runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _parser().parse_args(argv)
-    setup_logging(args.log_level)
+    quiet = args.command in ("demo", "bench")
+    setup_logging(args.log_level or ("warning" if quiet else "info"))
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    handler: Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]] = args.handler
     try:
-        code: int = asyncio.run(args.handler(args, cfg))
+        code: int = asyncio.run(handler(args, cfg))
     except KeyboardInterrupt:
         return 130
+    except (PipelineError, ValueError, OSError) as exc:
+        # Bad input (a fixture, a devices file) or an unreachable service: one line.
+        print(f"pipeline: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except aiomqtt.MqttError as exc:
+        print(f"pipeline: MQTT: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
     return code

@@ -1,47 +1,195 @@
-"""``pipeline demo``: bring up the local services and run the flow once, end to end."""
+"""``pipeline demo``: the whole flow on this machine, once, with a summary at the end.
+
+Brings up Mosquitto and Kafka (deploy/local), the DPS emulator and the three stages,
+replays a realistic fixture (several gateways, failed children, an sn DPS does not know,
+one whose group is missing, a malformed message, a redelivery), waits until every stage
+is idle and prints what happened. Each run uses its own topics and groups, so running
+it again starts clean.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import json
 import time
 import uuid
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 from rich.console import Console
+from rich.table import Table
 
-from pipeline import kafka, mqtt
-from pipeline.services import services
+from pipeline import kafka
+from pipeline.config import Config, Topics
+from pipeline.emulator import load_devices, start_emulator
+from pipeline.ingest import Ingest
+from pipeline.ops import Health
+from pipeline.replay import load_fixture, replay
+from pipeline.router import Router
+from pipeline.services import LOCAL_DIR, services
+from pipeline.sink import Sink
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
+    from aiokafka import ConsumerRecord
 
-__all__ = ["run"]
+__all__ = ["demo_config", "run", "wait_idle"]
+
+ROOT = LOCAL_DIR.parent.parent
+DEMO_FIXTURE = ROOT / "tests" / "fixtures" / "demo.jsonl"
+DEMO_DEVICES = LOCAL_DIR / "demo-devices.json"
 
 
-async def run(cfg: Config) -> int:
-    """Start Mosquitto and Kafka, then push one message through each and read it back."""
+def demo_config(cfg: Config, run_id: str, dps_url: str) -> Config:
+    """``cfg`` with topics, groups, ids and the MQTT topic unique to this run."""
+    topics = Topics(
+        **{f: f"demo.{run_id}.{getattr(Topics(), f)}" for f in Topics.__struct_fields__}
+    )
+    replace = msgspec.structs.replace
+    return replace(
+        cfg,
+        mqtt=replace(
+            cfg.mqtt,
+            topic=f"demo/{run_id}/$oc/devices/+/sys/events/down",
+            client_id=f"demo-{run_id}-ingest",
+            shared_group=None,
+        ),
+        kafka=replace(cfg.kafka, topics=topics),
+        router=replace(
+            cfg.router, group_id=f"demo-{run_id}-router", transactional_id=f"demo-{run_id}-router"
+        ),
+        sink=replace(
+            cfg.sink,
+            group_id=f"demo-{run_id}-sink",
+            dps=replace(cfg.sink.dps, base_url=dps_url),
+            device_data={"deviceName": "name", "model": "model"},
+        ),
+    )
+
+
+async def _count(cfg: Config, *topics: str) -> int:
+    reader = kafka.consumer(cfg.kafka, group_id=None)
+    async with reader:
+        tps = await kafka.partitions(reader, *topics)
+        ends = await reader.end_offsets(tps)
+        begins = await reader.beginning_offsets(tps)
+        return sum(ends[tp] - begins[tp] for tp in tps)
+
+
+async def wait_idle(cfg: Config, published: int, limit: float = 120) -> None:
+    """Until ingest has landed every published message and both consumers have no lag."""
+    t = cfg.kafka.topics
+    async with asyncio.timeout(limit):
+        stable = 0
+        while stable < 3:  # noqa: PLR2004  (three quiet polls in a row)
+            landed = await _count(cfg, t.down_events, t.down_events_dlq)
+            router_lag = await kafka.backlog(cfg.kafka, cfg.router.group_id, t.down_events)
+            sink_lag = await kafka.backlog(cfg.kafka, cfg.sink.group_id, t.added)
+            stable = stable + 1 if landed >= published and not router_lag and not sink_lag else 0
+            await asyncio.sleep(0.3)
+
+
+async def _read(cfg: Config, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    reader = kafka.consumer(cfg.kafka, group_id=None)
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    async with reader:
+        tps = await kafka.partitions(reader, topic)
+        reader.assign(tps)
+        await reader.seek_to_beginning()
+        ends = await reader.end_offsets(tps)
+        todo = set(tps)
+        while todo:
+            for records in (await reader.getmany(timeout_ms=500)).values():
+                out.extend(records)
+            todo = {tp for tp in todo if await reader.position(tp) < ends[tp]}
+    return out
+
+
+async def run(cfg: Config, fixture: str | None = None) -> int:
+    """Run the demo; exit code 0 when every stage went idle."""
     console = Console(stderr=True)
-    await asyncio.to_thread(services, "up")
-    tag = uuid.uuid4().hex[:8]
+    path = Path(fixture) if fixture else DEMO_FIXTURE
+    messages = load_fixture(path)
+    run_id = uuid.uuid4().hex[:8]
     started = time.monotonic()
-
-    topic = f"demo/{tag}"
-    async with mqtt.connect(cfg.mqtt, client_id=f"demo-{tag}", persistent=False) as client:
-        await client.subscribe(topic, qos=1)
-        await client.publish(topic, b"hello mqtt", qos=1)
-        async with asyncio.timeout(10):
-            async for message in client.messages:
-                mqtt_payload = bytes(message.payload)
-                break
-
-    ktopic = f"demo.{tag}"
-    await kafka.ensure_topics(cfg.kafka, [ktopic], partitions=1)
-    async with kafka.producer(cfg.kafka) as producer:
-        await producer.send_and_wait(ktopic, b"hello kafka", key=tag.encode())
-    async with kafka.consumer(cfg.kafka, ktopic, group_id=None) as consumer:
-        record = await asyncio.wait_for(consumer.getone(), 30)
-
-    console.print(f"MQTT  {cfg.mqtt.host}:{cfg.mqtt.port}  {topic}: {mqtt_payload.decode()}")
-    console.print(f"Kafka {cfg.kafka.bootstrap_servers}  {ktopic}: {record.value.decode()}")
-    console.print(f"smoke flow ok in {time.monotonic() - started:.2f} s")
+    with console.status("starting Mosquitto and Kafka (deploy/local)"):
+        await asyncio.to_thread(services, "up")
+    devices = load_devices(DEMO_DEVICES) if DEMO_DEVICES.exists() else []
+    async with await start_emulator(devices=devices) as emulator:
+        cfg = demo_config(cfg, run_id, emulator.url)
+        console.print(f"run {run_id}: DPS emulator at {emulator.url}, topics demo.{run_id}.*")
+        stop = asyncio.Event()
+        health = Health()
+        async with asyncio.TaskGroup() as tg:
+            for name, worker in (
+                ("ingest", Ingest(cfg, health)),
+                ("route", Router(cfg)),
+                ("sink", Sink(cfg)),
+            ):
+                tg.create_task(worker.run(stop), name=f"demo.{name}")
+            try:
+                async with asyncio.timeout(60):
+                    while not health.report().get("mqtt"):  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                published = await replay(cfg.mqtt, [path], topic_prefix=f"demo/{run_id}/")
+                with console.status("waiting until every stage is idle"):
+                    await wait_idle(cfg, published)
+            finally:
+                stop.set()
+        calls = len(emulator.state.calls)
+        await _summary(console, cfg, len(messages), calls, time.monotonic() - started)
     return 0
+
+
+async def _summary(console: Console, cfg: Config, published: int, calls: int, took: float) -> None:
+    t = cfg.kafka.topics
+    landed, dlq, added, failed, allocated, rejected = await asyncio.gather(
+        *(
+            _read(cfg, topic)
+            for topic in (
+                t.down_events,
+                t.down_events_dlq,
+                t.added,
+                t.failed,
+                t.allocations,
+                t.allocations_dlq,
+            )
+        )
+    )
+    table = Table(title=f"demo summary ({took:.1f} s)", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    for label, value in (
+        ("MQTT messages published", published),
+        ("down events landed in Kafka", len(landed)),
+        ("messages dead-lettered by ingest", len(dlq)),
+        ("children added (unique)", len(added)),
+        ("children IoTDA failed to add", len(failed)),
+        ("DPS allocate calls", calls),
+        ("allocations succeeded", len(allocated)),
+        ("allocations dead-lettered", len(rejected)),
+    ):
+        table.add_row(label, str(value))
+    console.print(table)
+    reasons: collections.Counter[str] = collections.Counter()
+    for record in dlq:
+        reasons[f"ingest DLQ: {dict(record.headers)['error'].decode()}"] += 1
+    for record in failed:
+        reason: dict[str, Any] = json.loads(record.value)["reason"]
+        reasons[
+            f"IoTDA failed {reason['node_id']}: {reason['error_code']} {reason['error_msg']}"
+        ] += 1
+    for record in rejected:
+        outcome = json.loads(record.value)
+        reasons[
+            f"DPS {outcome['error_kind']} sn {outcome['sn']}: {outcome['code']} {outcome['msg']}"
+        ] += 1
+    for text, n in sorted(reasons.items()):
+        console.print(f"  {text}" + (f"  (x{n})" if n > 1 else ""))
+    with contextlib.suppress(Exception):
+        sample = json.loads(allocated[0].value) if allocated else None
+        if sample:
+            status = sample["device"]["status"]["currentStatus"]
+            console.print(f"  e.g. sn {sample['sn']} -> {status} in org {sample['org_id']}")

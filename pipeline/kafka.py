@@ -9,7 +9,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from pipeline.tls import client_context
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import KafkaConfig
 
-__all__ = ["admin", "consumer", "ensure_topics", "producer"]
+__all__ = ["admin", "backlog", "consumer", "ensure_topics", "partitions", "producer"]
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +97,44 @@ async def ensure_topics(
         return missing
     finally:
         await client.close()
+
+
+async def partitions(client: AIOKafkaConsumer, *topics: str) -> list[TopicPartition]:
+    """Every partition of ``topics``, from fresh cluster metadata (for manual assignment)."""
+    cluster = await client._client.fetch_all_metadata()  # noqa: SLF001  (no public equivalent)
+    return [
+        TopicPartition(topic, p)
+        for topic in topics
+        for p in sorted(cluster.partitions_for_topic(topic) or ())
+    ]
+
+
+async def backlog(cfg: KafkaConfig, group: str, topic: str) -> int:
+    """Records of ``topic`` that consumer group ``group`` has not committed yet.
+
+    ``end - committed`` overcounts on transactional topics: every commit marker takes an
+    offset. Where that difference is non-zero, look: if no committed record follows the
+    group's offset, the group is idle on that partition.
+    """
+    client = admin(cfg)
+    reader = consumer(cfg, group_id=None)
+    await client.start()
+    total = 0
+    try:
+        async with reader:
+            tps = await partitions(reader, topic)
+            ends = await reader.end_offsets(tps)
+            begins = await reader.beginning_offsets(tps)
+            done = await client.list_consumer_group_offsets(group)
+            for tp in tps:
+                start = done[tp].offset if tp in done else begins[tp]
+                if ends[tp] <= start:
+                    continue
+                reader.assign([tp])
+                reader.seek(tp, start)
+                batch = await reader.getmany(tp, timeout_ms=300)
+                if any(r.offset < ends[tp] for r in batch.get(tp, ())):
+                    total += ends[tp] - start
+    finally:
+        await client.close()
+    return total

@@ -1,0 +1,143 @@
+"""From an added child to a DPS allocate request: sn, orgId and deviceData (pure)."""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import msgspec
+
+from pipeline.errors import ConfigError, MappingError
+from pipeline.schemas import AddedChild, AllocateRequest, DeviceInfo
+
+__all__ = ["Mapped", "Mapper"]
+
+_CHILD = msgspec.json.Decoder(AddedChild)
+_DEVICE = msgspec.json.Decoder(DeviceInfo)
+_FIELDS = frozenset(DeviceInfo.__struct_fields__) - {"extension_info"}
+_EXTENSION = "extension_info."
+
+
+class Mapped(msgspec.Struct, frozen=True, kw_only=True):
+    """A child ready for DPS."""
+
+    child: AddedChild
+    device: DeviceInfo
+    sn: str
+    org_id: str
+    request: AllocateRequest
+
+
+def _check_source(source: str, key: str) -> None:
+    if source in _FIELDS or (source.startswith(_EXTENSION) and len(source) > len(_EXTENSION)):
+        return
+    msg = (
+        f"config key {key}: {source!r} is neither a DeviceInfo field "
+        f"({', '.join(sorted(_FIELDS))}) nor extension_info.<key>"
+    )
+    raise ConfigError(msg)
+
+
+def _lookup(device: DeviceInfo, source: str) -> Any:
+    if source.startswith(_EXTENSION):
+        return (device.extension_info or {}).get(source.removeprefix(_EXTENSION))
+    return getattr(device, source)
+
+
+class Mapper:
+    """Maps added children using the ``[sink]`` settings; checks them once, at start-up.
+
+    Args:
+        sn_from: ``node_id``, ``device_id``, or a template such as ``{product_id}-{node_id}``
+            over DeviceInfo fields and ``extension_info.<key>``.
+        org_id: the default orgId.
+        org_overrides: ``product_id`` -> orgId.
+        device_data: master-data identifier -> DeviceInfo field or ``extension_info.<key>``.
+
+    Raises:
+        ConfigError: naming ``sink.sn_from`` or ``sink.device_data.<id>`` when a source is unknown.
+    """
+
+    def __init__(
+        self,
+        *,
+        sn_from: str,
+        org_id: str,
+        org_overrides: dict[str, str],
+        device_data: dict[str, str],
+    ) -> None:
+        if "{" in sn_from:
+            try:
+                self._sn_fields = [f for _, f, _, _ in string.Formatter().parse(sn_from) if f]
+            except ValueError as exc:
+                msg = f"config key sink.sn_from: not a valid template ({exc})"
+                raise ConfigError(msg) from None
+            if not self._sn_fields:
+                msg = "config key sink.sn_from: the template names no field"
+                raise ConfigError(msg)
+            for field in self._sn_fields:
+                _check_source(field, "sink.sn_from")
+            self._template: str | None = sn_from
+        else:
+            _check_source(sn_from, "sink.sn_from")
+            self._sn_fields = [sn_from]
+            self._template = None
+        for ident, source in device_data.items():
+            _check_source(source, f"sink.device_data.{ident}")
+        if not org_id:
+            msg = "config key sink.org_id: must not be empty"
+            raise ConfigError(msg)
+        self._org_id = org_id
+        self._org_overrides = dict(org_overrides)
+        self._device_data = dict(device_data)
+
+    def map(self, value: bytes) -> Mapped:
+        """Map one ``iotda.subdevices.added`` value.
+
+        Raises:
+            MappingError: the record cannot be read, or yields no usable sn/orgId/deviceData.
+        """
+        try:
+            child = _CHILD.decode(value)
+            device = _DEVICE.decode(child.device)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+            msg = f"not an added-child record: {exc}"
+            raise MappingError(msg) from None
+        sn = self._sn(device)
+        org_id = self._org_overrides.get(device.product_id or "", self._org_id)
+        data: dict[str, Any] = {}
+        for ident, source in self._device_data.items():
+            item = _lookup(device, source)
+            if item is None:
+                continue
+            if not isinstance(item, str | int | float) or isinstance(item, bool):
+                msg = (
+                    f"deviceData.{ident}: {source} is {type(item).__name__}; "
+                    "DPS master data takes strings, numbers and dates"
+                )
+                raise MappingError(msg)
+            data[ident] = item
+        request = AllocateRequest(sn=sn, device_data=data or None)
+        return Mapped(child=child, device=device, sn=sn, org_id=org_id, request=request)
+
+    def _sn(self, device: DeviceInfo) -> str:
+        values: dict[str, str] = {}
+        for field in self._sn_fields:
+            item = _lookup(device, field)
+            if item is None or item == "":
+                msg = f"sn: {field} is empty (sink.sn_from = {self._template or field!r})"
+                raise MappingError(msg)
+            values[field] = str(item)
+        if self._template is None:
+            return values[self._sn_fields[0]]
+        return _format(self._template, values)
+
+
+def _format(template: str, values: dict[str, str]) -> str:
+    # str.format would treat "extension_info.x" as attribute access; substitute by hand.
+    out = []
+    for literal, field, _spec, _conv in string.Formatter().parse(template):
+        out.append(literal)
+        if field:
+            out.append(values[field])
+    return "".join(out)

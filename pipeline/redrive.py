@@ -1,0 +1,124 @@
+"""``pipeline redrive``: move dead-lettered records back to their input, once fixed.
+
+- ``allocations``: each ``dps.allocations.dlq`` record's input (``record``) goes back to
+  ``iotda.subdevices.added``, keyed by its device_id, so the sink tries DPS again (after
+  the operator created the missing group or registered the sn).
+- ``down-events``: each ``iotda.down-events.dlq`` payload is published again, byte for
+  byte, to the MQTT topic it arrived on (after a decoder fix).
+
+Progress is kept in a consumer group per DLQ: each run handles the records that arrived
+since the last one, up to the end at the time it starts; records that do not match the
+filters stay in the topic (for audit) and are not offered again unless ``from_beginning``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from pipeline import kafka, mqtt
+from pipeline.schemas import AddedChild, AllocationFailure
+
+if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
+
+    from pipeline.config import Config
+
+__all__ = ["redrive"]
+
+log = logging.getLogger(__name__)
+
+_FAILURE = msgspec.json.Decoder(AllocationFailure)
+_CHILD = msgspec.json.Decoder(AddedChild)
+
+
+def _matches(failure: AllocationFailure, codes: list[int] | None, kinds: list[str] | None) -> bool:
+    return (not codes or failure.code in codes) and (not kinds or failure.error_kind in kinds)
+
+
+async def redrive(
+    cfg: Config,
+    dlq: str,
+    *,
+    codes: list[int] | None = None,
+    kinds: list[str] | None = None,
+    dry_run: bool = False,
+    from_beginning: bool = False,
+) -> int:
+    """Move matching DLQ records back; returns how many moved (or would move)."""
+    topics = cfg.kafka.topics
+    source = topics.allocations_dlq if dlq == "allocations" else topics.down_events_dlq
+    group = f"{cfg.kafka.client_id}-redrive-{dlq}"
+    consumer = kafka.consumer(cfg.kafka, group_id=group)
+    moved = 0
+    async with consumer, kafka.producer(cfg.kafka) as producer:
+        tps = await kafka.partitions(consumer, source)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            committed = None if from_beginning else await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+        todo = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
+        while todo:
+            batch = await consumer.getmany(*todo, timeout_ms=1000)
+            for tp, records in batch.items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        continue
+                    if await _move(
+                        cfg, producer, dlq, record, codes=codes, kinds=kinds, dry_run=dry_run
+                    ):
+                        moved += 1
+            todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+        await producer.flush()
+        if not dry_run:
+            await consumer.commit({tp: ends[tp] for tp in tps})
+    log.info("redrive %s: %d records %s", dlq, moved, "would move" if dry_run else "moved")
+    return moved
+
+
+async def _move(
+    cfg: Config,
+    producer: object,
+    dlq: str,
+    record: ConsumerRecord[bytes, bytes],
+    *,
+    codes: list[int] | None,
+    kinds: list[str] | None,
+    dry_run: bool,
+) -> bool:
+    if dlq == "allocations":
+        try:
+            failure = _FAILURE.decode(record.value)
+            child = _CHILD.decode(failure.record)
+            key = msgspec.json.decode(child.device, type=dict[str, object]).get("device_id")
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("cannot redrive DLQ record at offset %d: %s", record.offset, exc)
+            return False
+        if not _matches(failure, codes, kinds):
+            return False
+        if not dry_run:
+            await producer.send(  # type: ignore[attr-defined]
+                cfg.kafka.topics.added,
+                bytes(failure.record),
+                key=str(key).encode() if key is not None else None,
+                headers=[
+                    ("redriven-from", f"{record.topic}/{record.partition}/{record.offset}".encode())
+                ],
+            )
+        return True
+    headers = {name: bytes(value) for name, value in record.headers or ()}
+    topic = headers.get("mqtt-topic", b"").decode()
+    if codes or kinds or not topic:
+        return False
+    if not dry_run:
+        async with mqtt.connect(
+            cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-redrive", persistent=False
+        ) as client:
+            await client.publish(topic, record.value, qos=1)
+    return True
