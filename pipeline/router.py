@@ -190,7 +190,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("router partitions assigned: %s", sorted(tp.partition for tp in assigned))
-        await self._router.rebuild_dedup(list(assigned))
+        # aiokafka may already be fetching: hold the lock so no batch is routed before
+        # the de-duplication window is re-learned.
+        async with self._router.lock:
+            await self._router.rebuild_dedup(list(assigned))
 
 
 class Router:

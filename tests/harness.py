@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -11,7 +14,7 @@ from typing import Any, Protocol
 from aiokafka import ConsumerRecord
 
 from pipeline import kafka
-from pipeline.config import KafkaConfig
+from pipeline.config import Config, KafkaConfig
 from pipeline.ops import Health
 
 
@@ -66,3 +69,51 @@ async def read_topic(
 
 def by_key(records: list[ConsumerRecord[bytes, bytes]]) -> list[tuple[Any, Any]]:
     return sorted((r.key, r.value) for r in records)
+
+
+def worker_env(cfg: Config, **extra: str) -> dict[str, str]:
+    """Environment that gives a ``pipeline`` subprocess this test's configuration."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    t = cfg.kafka.topics
+    values = {
+        "MQTT__TOPIC": cfg.mqtt.topic,
+        "MQTT__CLIENT_ID": cfg.mqtt.client_id,
+        "MQTT__PORT": str(cfg.mqtt.port),
+        "ROUTER__GROUP_ID": cfg.router.group_id,
+        "ROUTER__TRANSACTIONAL_ID": cfg.router.transactional_id,
+        "SINK__GROUP_ID": cfg.sink.group_id,
+        "SINK__DPS__BASE_URL": cfg.sink.dps.base_url,
+        "SINK__CONCURRENCY": str(cfg.sink.concurrency),
+        "METRICS__ENABLED": "false",
+        **{f"KAFKA__TOPICS__{name.upper()}": getattr(t, name) for name in t.__struct_fields__},
+        **extra,
+    }
+    env.update({f"PIPELINE_{k}": v for k, v in values.items()})
+    return env
+
+
+async def spawn(command: str, cfg: Config, **extra: str) -> asyncio.subprocess.Process:
+    """Start ``python -m pipeline COMMAND`` with this test's configuration."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pipeline",
+        "--log-level",
+        "warning",
+        command,
+        env=worker_env(cfg, **extra),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL: no shutdown code runs."""
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+
+
+async def terminate(proc: asyncio.subprocess.Process, limit: float = 60) -> int:
+    """SIGTERM and wait; returns the exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), limit)
