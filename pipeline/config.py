@@ -84,6 +84,10 @@ class IotdaAuthConfig(_Section, frozen=True):
     secret: Secret
     sign_type: Literal[0, 1] = 0
     """0: HMAC-SHA256 without the platform's timestamp check; 1: with it."""
+    timestamp: str | None = None
+    """``YYYYMMDDHH`` to use in the client id and HMAC (sign_type 0 only). The broker keys
+    the session by client id: a fixed value keeps it across restarts. When unset, the
+    time the worker started is used for all its reconnects."""
 
 
 class MqttConfig(_Section, frozen=True):
@@ -149,7 +153,8 @@ class RouterConfig(_Section, frozen=True):
 
     group_id: str = "iot-pipeline-router"
     transactional_id: str = "iot-pipeline-router"
-    """Prefix; each router instance appends its own stable suffix."""
+    """Used as is: give each router replica its own stable value (e.g. the pod name), so a
+    restarted replica fences its predecessor's open transaction."""
     dedup_window: float = 3600.0
     """Seconds during which a redelivered (gateway, event_id) yields nothing new."""
     dedup_max_entries: int = 100_000

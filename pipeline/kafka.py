@@ -33,7 +33,10 @@ def _common(cfg: KafkaConfig) -> dict[str, Any]:
         "security_protocol": cfg.security_protocol,
         "request_timeout_ms": int(cfg.request_timeout * 1000),
     }
-    if cfg.security_protocol in ("SSL", "SASL_SSL"):
+    if cfg.tls.enabled and cfg.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+        # [kafka.tls] enabled = true upgrades the plain protocol to its TLS form.
+        opts["security_protocol"] = cfg.security_protocol.replace("PLAINTEXT", "SSL")
+    if opts["security_protocol"] in ("SSL", "SASL_SSL"):
         opts["ssl_context"] = client_context(cfg.tls)
     if cfg.sasl_mechanism:
         opts["sasl_mechanism"] = cfg.sasl_mechanism

@@ -21,6 +21,10 @@ __all__ = ["ack", "connect", "iotda_credentials", "manual_ack", "subscription_to
 
 log = logging.getLogger(__name__)
 
+# One timestamp per process for IoTDA sign_type 0: reconnects keep the client id, and
+# with it the broker session that holds unacknowledged messages.
+_STARTED = dt.datetime.now(dt.UTC)
+
 
 def iotda_credentials(
     device_id: str, secret: str, sign_type: int = 0, now: dt.datetime | None = None
@@ -55,8 +59,15 @@ def connect(
     username, password = cfg.username, cfg.password.reveal() if cfg.password else None
     identifier = cfg.client_id
     if cfg.iotda is not None:
+        when = None  # sign_type 1: the platform checks the time, so it must be now
+        if cfg.iotda.sign_type == 0:
+            when = (
+                dt.datetime.strptime(cfg.iotda.timestamp, "%Y%m%d%H").replace(tzinfo=dt.UTC)
+                if cfg.iotda.timestamp
+                else _STARTED
+            )
         identifier, username, password = iotda_credentials(
-            cfg.iotda.device_id, cfg.iotda.secret.reveal(), cfg.iotda.sign_type
+            cfg.iotda.device_id, cfg.iotda.secret.reveal(), cfg.iotda.sign_type, when
         )
     v5 = cfg.protocol == "5"
     properties = None

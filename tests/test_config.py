@@ -172,3 +172,8 @@ def test_config_is_frozen() -> None:
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.mqtt.port = 1  # type: ignore[misc]
+
+
+def test_example_config_is_the_defaults() -> None:
+    example = Path(__file__).resolve().parent.parent / "pipeline.example.toml"
+    assert load_config(example, {}) == load_config(environ={})

@@ -186,3 +186,17 @@ async def test_shared_subscription_splits_between_replicas(cfg: Config, uid: str
     # Each message landed once: the broker gave it to one replica only.
     assert len(records) == 200
     assert event_ids(records) == {f"{uid}-{i}" for i in range(200)}
+
+
+def test_iotda_client_id_is_stable_across_reconnects() -> None:
+    async def ids(iotda: IotdaAuthConfig) -> tuple[str, str]:
+        cfg = MqttConfig(iotda=iotda)
+        return mqtt.connect(cfg)._client._client_id.decode(), mqtt.connect(
+            cfg
+        )._client._client_id.decode()
+
+    fixed = IotdaAuthConfig(device_id="gw", secret=Secret("s"), timestamp="2025041401")
+    assert asyncio.run(ids(fixed)) == ("gw_0_0_2025041401", "gw_0_0_2025041401")
+    first, second = asyncio.run(ids(IotdaAuthConfig(device_id="gw", secret=Secret("s"))))
+    assert first == second
+    assert first.startswith("gw_0_0_")
