@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import orjson
 import pytest
 
 from pipeline import mqtt
-from pipeline.config import Config, IotdaAuthConfig, MqttConfig, Secret
+from pipeline.config import Config, IotdaAuthConfig, MqttConfig, Secret, TlsConfig
 from pipeline.ingest import Ingest
 from pipeline.metrics import MQTT_RECONNECTS
 from pipeline.ops import Health
@@ -61,7 +62,11 @@ def test_manual_ack_reaches_the_paho_client() -> None:
 
 @contextlib.contextmanager
 def private_mosquitto(
-    tmp: Path, port: int, extra: str = "", probe: tuple[str, str] | None = None
+    tmp: Path,
+    port: int,
+    extra: str = "",
+    probe: tuple[str, str] | None = None,
+    probe_args: list[str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A broker of this test's own, so it can be stopped without disturbing the others."""
     (tmp / "data").mkdir(exist_ok=True)
@@ -74,8 +79,20 @@ def private_mosquitto(
         encoding="utf-8",
     )
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
-    auth = ["-u", probe[0], "-P", probe[1]] if probe else []
-    command = ["mosquitto_sub", "-p", str(port), "-t", "$SYS/broker/version", "-C", "1", "-W", "1"]
+    auth = [*(["-u", probe[0], "-P", probe[1]] if probe else []), *(probe_args or [])]
+    command = [
+        "mosquitto_sub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-t",
+        "$SYS/broker/version",
+        "-C",
+        "1",
+        "-W",
+        "1",
+    ]
     try:
         for _ in range(50):
             if subprocess.run([*command, *auth], capture_output=True, check=False).returncode == 0:
@@ -200,3 +217,94 @@ def test_iotda_client_id_is_stable_across_reconnects() -> None:
     first, second = asyncio.run(ids(IotdaAuthConfig(device_id="gw", secret=Secret("s"))))
     assert first == second
     assert first.startswith("gw_0_0_")
+
+
+def make_certs(tmp: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1."""
+    ca_key, ca, key, csr, cert = (
+        tmp / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
+    run = functools.partial(subprocess.run, check=True, capture_output=True)
+    run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+        ]
+    )
+    run(
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        ]
+    )
+    ext = tmp / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n", encoding="utf-8")
+    run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(cert),
+        ]
+    )
+    return ca, cert, key
+
+
+@pytest.mark.services
+# paho leaves the socket of a failed TLS handshake for the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_tls_with_custom_ca_and_verification_on(
+    cfg: Config, uid: str, tmp_path: Path
+) -> None:
+    ca, cert, key = make_certs(tmp_path)
+    port = free_port()
+    extra = f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+    tls = TlsConfig(enabled=True, ca_file=str(ca))
+    secure = msgspec.structs.replace(
+        cfg, mqtt=msgspec.structs.replace(cfg.mqtt, port=port, tls=tls)
+    )
+    with private_mosquitto(tmp_path, port, extra, probe_args=["--cafile", str(ca)]):
+        async with ingest_on(secure):
+            await replay_messages(
+                secure.mqtt, messages(uid, 3), topic_prefix=f"test/{uid}/", progress=False
+            )
+            records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=3)
+        assert event_ids(records) == {f"{uid}-{i}" for i in range(3)}
+        unverified = msgspec.structs.replace(
+            secure.mqtt, tls=TlsConfig(enabled=True)
+        )  # system CAs only
+        with pytest.raises(aiomqtt.MqttError):
+            await replay_messages(unverified, messages(uid, 1), progress=False)
