@@ -120,8 +120,6 @@ class Breaker:
         self._failures = 0
         self._until = 0.0
         self._probe = asyncio.Lock()
-        self._closed = asyncio.Event()
-        self._closed.set()
 
     @property
     def open(self) -> bool:
@@ -136,16 +134,21 @@ class Breaker:
     async def acquire(self) -> bool:
         """Wait for permission to call DPS; True when this caller is the probe."""
         while self._failures:
-            if self._probe.locked():
-                await self._closed.wait()
-                continue
+            # Callers queue for the probe's turn: when a probe leaves without closing the
+            # breaker (its record gave up), the next caller in line probes.
             await self._probe.acquire()
-            if delay := max(0.0, self._until - time.monotonic()):
+            # (Waiters reach here one by one after the breaker closed: no backoff then.)
+            if self._failures and (delay := max(0.0, self._until - time.monotonic())):
                 await asyncio.sleep(delay)
             if self._failures:
                 return True
             self._probe.release()
         return False
+
+    def abandon(self, probe: bool) -> None:
+        """The call was cancelled: give the probe's turn back without a verdict."""
+        if probe:
+            self._probe.release()
 
     def release(self, probe: bool, *, failed: bool, retry_after: float | None = None) -> None:
         """Report how the call went (``failed``: transient failure)."""
@@ -153,11 +156,9 @@ class Breaker:
             self._failures += 1
             self._until = time.monotonic() + self.delay(self._failures, retry_after)
             if self._failures == 1:
-                self._closed.clear()
                 self._on_change(True)
         elif self._failures:
             self._failures = 0
-            self._closed.set()
             self._on_change(False)
         if probe:
             self._probe.release()
@@ -211,7 +212,10 @@ class Sink:
         self._breaker = Breaker(s.retry_initial, s.retry_max, self._paused)
         self._limiter = _RateLimiter(s.rate_limit)
         self._sn_locks: dict[str, asyncio.Lock] = {}
+        self._sn_users: collections.Counter[str] = collections.Counter()
         self._recorded: set[bytes] = set()
+        self._recovered = asyncio.Event()
+        self._recovered.set()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -322,6 +326,15 @@ class Sink:
         consumer = self._consumer
         if consumer is None or not assigned:
             return
+        # aiokafka fetches for the new partitions while this callback runs: no record may
+        # be handled before we know which already have an outcome.
+        self._recovered.clear()
+        try:
+            await self._recover(consumer, assigned)
+        finally:
+            self._recovered.set()
+
+    async def _recover(self, consumer: AIOKafkaConsumer, assigned: list[TopicPartition]) -> None:
         if self._breaker.open:
             consumer.pause(*assigned)
         since: int | None = None
@@ -374,20 +387,35 @@ class Sink:
     async def _handle(self, dps: DpsClient, tp: TopicPartition, record: ConsumerRecord) -> None:
         SINK_INFLIGHT.inc()
         try:
+            await self._recovered.wait()
             source = source_header(tp.topic, tp.partition, record.offset)
             if source in self._recorded:
                 self._recorded.discard(source)
                 SINK_OUTCOMES.labels("already_recorded").inc()
             else:
-                await self._process(dps, record, source)
+                try:
+                    await self._process(dps, record, source)
+                except Exception as exc:
+                    # A bug must not stop this partition's commits for good: dead-letter
+                    # the record with the reason, so it can be redriven once fixed.
+                    log.exception("unexpected error handling %s", source.decode())
+                    await self._dead_letter(
+                        record, source, None, kind="invalid", code=None,
+                        message=f"internal error: {exc!r}", request_id=None, attempts=0,
+                    )  # fmt: skip
             self._tracker.done(tp, record.offset)
+            if self._breaker.open and not self._tracker.in_flight() and self._consumer:
+                # DPS is failing and no record is left to probe with (they gave up): fetch
+                # the next ones, or consumption would stay paused for good.
+                log.info("no record in flight while DPS is failing: fetching one to probe")
+                self._consumer.resume(*self._consumer.assignment())
         finally:
             SINK_INFLIGHT.dec()
             self._slots.release()
 
     async def _process(self, dps: DpsClient, record: ConsumerRecord, source: bytes) -> None:
         try:
-            mapped = self._mapper.map(record.value)
+            mapped = self._map(record.value)
         except MappingError as exc:
             log.warning("record at %s is invalid: %s", source.decode(), exc)
             await self._dead_letter(
@@ -395,13 +423,24 @@ class Sink:
                 request_id=None, attempts=0,
             )  # fmt: skip
             return
-        lock = self._sn_locks.setdefault(mapped.sn, asyncio.Lock())
+        sn = mapped.sn
+        lock = self._sn_locks.setdefault(sn, asyncio.Lock())
+        self._sn_users[sn] += 1
         try:
             async with lock:
                 await self._allocate(dps, record, source, mapped)
         finally:
-            if not lock.locked() and self._sn_locks.get(mapped.sn) is lock:
-                del self._sn_locks[mapped.sn]
+            # Not `lock.locked()`: right after a release it is False while the woken waiter
+            # has yet to take the lock; a new lock then would let two calls for sn overlap.
+            self._sn_users[sn] -= 1
+            if not self._sn_users[sn]:
+                del self._sn_users[sn], self._sn_locks[sn]
+
+    def _map(self, value: bytes | None) -> Mapped:
+        if value is None:  # a tombstone: there is nothing to read
+            msg = "not an added-child record: the record has no value (a tombstone)"
+            raise MappingError(msg)
+        return self._mapper.map(value)
 
     async def _allocate(
         self, dps: DpsClient, record: ConsumerRecord, source: bytes, mapped: Mapped
@@ -440,6 +479,10 @@ class Sink:
                     request_id=exc.request_id, attempts=attempts,
                 )  # fmt: skip
                 return
+            except BaseException:
+                # Cancelled at shutdown, or a bug: give the probe's turn back, no verdict.
+                self._breaker.abandon(probe)
+                raise
             finally:
                 SINK_CALL_SECONDS.observe(time.monotonic() - started)
             SINK_CALLS.labels("ok").inc()
@@ -474,12 +517,15 @@ class Sink:
         request_id: str | None,
         attempts: int,
     ) -> None:
-        try:
-            msgspec.json.decode(record.value)  # is it JSON? then embed it verbatim
-            raw = msgspec.Raw(record.value)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            # Not JSON at all: keep it readable, as a JSON string.
-            raw = msgspec.Raw(_ENCODER.encode(record.value.decode("utf-8", "replace")))
+        if record.value is None:  # a tombstone
+            raw = msgspec.Raw(b"null")
+        else:
+            try:
+                msgspec.json.decode(record.value)  # is it JSON? then embed it verbatim
+                raw = msgspec.Raw(record.value)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                # Not JSON at all: keep it readable, as a JSON string.
+                raw = msgspec.Raw(_ENCODER.encode(record.value.decode("utf-8", "replace")))
         child = mapped.child if mapped else None
         failure = AllocationFailure(
             sn=mapped.sn if mapped else None,
