@@ -83,7 +83,7 @@ def _decode_rate(payloads: list[bytes], decode: Callable[[bytes], object]) -> fl
     return len(payloads) / (time.perf_counter() - started)
 
 
-async def _until(check: Callable[[], Any], limit: float = 600) -> None:
+async def _until(check: Callable[[], Any], limit: float = 300) -> None:
     async with asyncio.timeout(limit):
         while not await check():  # noqa: ASYNC110  (polling Kafka, not local state)
             await asyncio.sleep(0.05)

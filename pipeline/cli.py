@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         code: int = asyncio.run(handler(args, cfg))
     except KeyboardInterrupt:
         return 130
+    except TimeoutError:
+        print("pipeline: timed out", file=sys.stderr)  # noqa: T201
+        return 1
     except (PipelineError, ValueError, OSError) as exc:
         # Bad input (a fixture, a devices file) or an unreachable service: one line.
         print(f"pipeline: {exc}", file=sys.stderr)  # noqa: T201

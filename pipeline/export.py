@@ -106,7 +106,10 @@ def _asyncapi(components: dict[str, Any]) -> dict[str, Any]:
     }
     outcome_headers = {
         "type": "object",
-        "properties": {"source": _header("input topic/partition/offset of the record")},
+        "properties": {
+            "source": _header("input topic/partition/offset of the record"),
+            "sink-group": _header("consumer group of the sink that wrote it"),
+        },
     }
     messages = {
         "DownEventMqtt": message(

@@ -9,10 +9,10 @@
   failing a breaker pauses consumption and lets a single probe call through per backoff
   period, so an outage neither hammers DPS nor floods the DLQ. A record that has been
   failing for ``sink.give_up_after`` seconds goes to the DLQ as ``exhausted``.
-- Every outcome carries a ``source`` header (input topic/partition/offset). After a
-  crash, the outcomes recorded past the committed offsets are read back on assignment,
-  and those records are not allocated again: duplicate calls are bounded by the calls
-  that were in flight.
+- Every outcome carries ``source`` (input topic/partition/offset) and ``sink-group``
+  headers. After a crash, the group's outcomes recorded past its committed offsets are
+  read back on assignment, and those records are not allocated again: duplicate calls
+  are bounded by the calls that were in flight.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _ENCODER = msgspec.json.Encoder()
 SOURCE = "source"
+GROUP = "sink-group"
 
 
 def source_header(topic: str, partition: int, offset: int) -> bytes:
@@ -219,6 +220,7 @@ class Sink:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._group = s.group_id.encode()
 
     def _paused(self, failing: bool) -> None:
         SINK_PAUSED.set(1 if failing else 0)
@@ -368,10 +370,11 @@ class Sink:
                 while live:
                     for records in (await reader.getmany(timeout_ms=500)).values():
                         for record in records:
-                            for name, value in record.headers or ():
-                                if name == SOURCE:
-                                    self._recorded.add(bytes(value))
-                                    found += 1
+                            headers = {name: bytes(value) for name, value in record.headers or ()}
+                            # Only this group's outcomes: another group is another pipeline.
+                            if SOURCE in headers and headers.get(GROUP) == self._group:
+                                self._recorded.add(headers[SOURCE])
+                                found += 1
                     live = [tp for tp in live if await reader.position(tp) < ends[tp]]
         return found
 
@@ -555,7 +558,10 @@ class Sink:
         while True:
             try:
                 await producer.send_and_wait(
-                    topic, value, key=key.encode() if key else None, headers=[(SOURCE, source)]
+                    topic,
+                    value,
+                    key=key.encode() if key else None,
+                    headers=[(SOURCE, source), (GROUP, self._group)],
                 )
             except Exception as exc:
                 log.warning(
