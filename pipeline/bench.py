@@ -148,7 +148,7 @@ async def _pipeline_round(
 
 
 async def _ready(health: Health) -> bool:
-    return bool(health.report().get("mqtt"))
+    return bool(health.report().get("ingest.mqtt"))
 
 
 async def _at_least(cfg: Config, topic: str, n: int) -> bool:

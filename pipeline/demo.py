@@ -131,7 +131,7 @@ async def run(cfg: Config, fixture: str | None = None) -> int:
                 tg.create_task(worker.run(stop), name=f"demo.{name}")
             try:
                 async with asyncio.timeout(60):
-                    while not health.report().get("mqtt"):  # noqa: ASYNC110
+                    while not health.report().get("ingest.mqtt"):  # noqa: ASYNC110
                         await asyncio.sleep(0.05)
                 published = await replay(cfg.mqtt, [path], topic_prefix=f"demo/{run_id}/")
                 with console.status("waiting until every stage is idle"):

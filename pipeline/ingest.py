@@ -64,10 +64,13 @@ class Ingest:
         self._idle.set()
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
+        # Registered now, so /readyz says no until this stage has really subscribed.
+        self._set_health("kafka", False)
+        self._set_health("mqtt", False)
 
     def _set_health(self, name: str, ok: bool) -> None:
         if self._health is not None:
-            self._health.set(name, ok)
+            self._health.set(f"ingest.{name}", ok)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, reconnecting with capped jittered backoff."""

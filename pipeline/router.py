@@ -211,6 +211,8 @@ class Router:
         self.lock = asyncio.Lock()
         self._dedup = Dedup(cfg.router.dedup_window, cfg.router.dedup_max_entries)
         self._consumer: AIOKafkaConsumer | None = None
+        if health is not None:
+            health.set("route.kafka", False)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; the transaction in flight finishes first."""
@@ -227,7 +229,7 @@ class Router:
         async with producer, consumer:
             consumer.subscribe([topics.down_events], listener=_Rebalance(self))
             if self._health is not None:
-                self._health.set("kafka", True)
+                self._health.set("route.kafka", True)
             log.info("router consuming %s as %s", topics.down_events, self._cfg.router.group_id)
             stopped = asyncio.create_task(stop.wait())
             try:

@@ -221,11 +221,14 @@ class Sink:
         self._producer: AIOKafkaProducer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._group = s.group_id.encode()
+        if health is not None:
+            health.set("sink.kafka", False)
+            health.set("sink.dps", False)
 
     def _paused(self, failing: bool) -> None:
         SINK_PAUSED.set(1 if failing else 0)
         if self._health is not None:
-            self._health.set("dps", not failing)
+            self._health.set("sink.dps", not failing)
         consumer = self._consumer
         if consumer is None:
             return
@@ -248,8 +251,8 @@ class Sink:
         async with producer, consumer, DpsClient(self._cfg.sink.dps) as dps:
             consumer.subscribe([topics.added], listener=_Rebalance(self))
             if self._health is not None:
-                self._health.set("kafka", True)
-                self._health.set("dps", True)
+                self._health.set("sink.kafka", True)
+                self._health.set("sink.dps", True)
             log.info("sink consuming %s as %s", topics.added, self._cfg.sink.group_id)
             committer = asyncio.create_task(self._commit_loop(stop), name="sink.commit")
             try:

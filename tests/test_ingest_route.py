@@ -73,7 +73,7 @@ async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: st
     added, failed = oracle(path)
     health = Health()
     async with running(Ingest(cfg, health)) as task, running(Router(cfg)):
-        await wait_ready(health, "mqtt", task)
+        await wait_ready(health, "ingest.mqtt", task)
         assert await replay(cfg.mqtt, [path], topic_prefix=f"test/{uid}/", progress=False) == len(
             messages
         )
@@ -100,7 +100,7 @@ async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: st
 async def test_seed_example_exact_records(cfg: Config, uid: str) -> None:
     health = Health()
     async with running(Ingest(cfg, health)) as task, running(Router(cfg)):
-        await wait_ready(health, "mqtt", task)
+        await wait_ready(health, "ingest.mqtt", task)
         await replay(
             cfg.mqtt, [FIXTURES / "seed_example.jsonl"], topic_prefix=f"test/{uid}/", progress=False
         )
@@ -159,7 +159,7 @@ async def test_malformed_go_to_dlq_with_reasons(cfg: Config, uid: str) -> None:
     )
     health = Health()
     async with running(Ingest(cfg, health)) as task:
-        await wait_ready(health, "mqtt", task)
+        await wait_ready(health, "ingest.mqtt", task)
         await replay(cfg.mqtt, [path], topic_prefix=f"test/{uid}/", progress=False)
         dlq = await read_topic(cfg.kafka, cfg.kafka.topics.down_events_dlq, expect=len(messages))
     landed = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=0, settle=0.2)

@@ -125,7 +125,7 @@ def event_ids(records: list[Any]) -> set[str]:
 async def ingest_on(cfg: Config) -> AsyncIterator[Health]:
     health = Health()
     async with running(Ingest(cfg, health)) as task:
-        await wait_ready(health, "mqtt", task)
+        await wait_ready(health, "ingest.mqtt", task)
         yield health
 
 
@@ -140,16 +140,16 @@ async def test_reconnects_after_broker_restart(cfg: Config, uid: str, tmp_path: 
     with private_mosquitto(tmp_path, port) as broker:
         health = Health()
         async with running(Ingest(cfg, health)) as task:
-            await wait_ready(health, "mqtt", task)
+            await wait_ready(health, "ingest.mqtt", task)
             await replay_messages(cfg.mqtt, messages(uid, 20), topic_prefix=prefix, progress=False)
             await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=20, settle=0.2)
             broker.terminate()
             broker.wait(10)
             async with asyncio.timeout(10):
-                while health.report()["mqtt"]:
+                while health.report()["ingest.mqtt"]:
                     await asyncio.sleep(0.05)
             with private_mosquitto(tmp_path, port):
-                await wait_ready(health, "mqtt", task)  # reconnected and subscribed again
+                await wait_ready(health, "ingest.mqtt", task)  # reconnected and subscribed again
                 await replay_messages(
                     cfg.mqtt, messages(uid, 20, 20), topic_prefix=prefix, progress=False
                 )

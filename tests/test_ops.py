@@ -65,7 +65,13 @@ async def test_run_serves_ops_endpoints_logs_json_and_stops_on_sigterm(
                 assert response.status == 200
                 assert await response.json() == {
                     "ready": True,
-                    "checks": {"kafka": True, "mqtt": True, "dps": True},
+                    "checks": {
+                        "ingest.kafka": True,
+                        "ingest.mqtt": True,
+                        "route.kafka": True,
+                        "sink.kafka": True,
+                        "sink.dps": True,
+                    },
                 }
             async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
                 metrics = await response.text()

@@ -368,8 +368,8 @@ async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
     assert {(c.http_status, c.code) for c in during} == {(503, None)}
     bound = concurrency + math.ceil(outage / (retry_max / 2)) + 10
     assert len(during) <= bound, f"{len(during)} calls during a {outage} s outage"
-    assert ready_during == {"kafka": True, "dps": False}  # /readyz says why
-    assert ready_after == {"kafka": True, "dps": True}
+    assert ready_during == {"sink.kafka": True, "sink.dps": False}  # /readyz says why
+    assert ready_after == {"sink.kafka": True, "sink.dps": True}
     # Everything was allocated exactly once, nothing was dead-lettered.
     assert dlq == []
     assert len(got) == total
