@@ -50,11 +50,13 @@ async def read_topic(
     consumer = kafka.consumer(cfg, group_id=None)
     records: list[ConsumerRecord[bytes, bytes]] = []
     async with consumer:
-        tps = await kafka.partitions(consumer, topic)
-        assert tps, f"topic {topic} does not exist"
+        deadline = time.monotonic() + timeout
+        # The stage under test creates its topics when it starts: wait for them.
+        while not (tps := await kafka.partitions(consumer, topic)):
+            assert time.monotonic() < deadline, f"topic {topic} does not exist"
+            await asyncio.sleep(0.1)
         consumer.assign(tps)
         await consumer.seek_to_beginning()
-        deadline = time.monotonic() + timeout
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
