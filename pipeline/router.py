@@ -23,6 +23,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from pipeline import kafka
+from pipeline.aio import Stopped, unless_stopped
 from pipeline.decode import service_label
 from pipeline.errors import DecodeError
 from pipeline.metrics import (
@@ -233,18 +234,16 @@ class Router:
             log.info("router consuming %s as %s", topics.down_events, self._cfg.router.group_id)
             stopped = asyncio.create_task(stop.wait())
             try:
-                while not stop.is_set():
-                    fetch = asyncio.create_task(
-                        consumer.getmany(timeout_ms=1000, max_records=self._cfg.router.batch_max)
+                while True:
+                    batch = await unless_stopped(
+                        stopped,
+                        consumer.getmany(timeout_ms=1000, max_records=self._cfg.router.batch_max),
                     )
-                    await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                    if not fetch.done():
-                        fetch.cancel()
-                        break
-                    batch = fetch.result()
                     if batch:
                         async with self.lock:
                             await self._transaction(producer, consumer, batch)
+            except Stopped:
+                pass  # the transaction in flight (if any) has committed
             finally:
                 stopped.cancel()
         log.info("router stopped")

@@ -29,6 +29,7 @@ import msgspec
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from pipeline import kafka
+from pipeline.aio import Stopped, unless_stopped
 from pipeline.dps import DpsClient
 from pipeline.errors import DpsRejected, DpsTransient, MappingError
 from pipeline.mapping import Mapped, Mapper
@@ -266,26 +267,22 @@ class Sink:
     ) -> None:
         stopped = asyncio.create_task(stop.wait())
         try:
-            while not stop.is_set():
-                fetch = asyncio.create_task(
-                    consumer.getmany(timeout_ms=500, max_records=self._cfg.sink.concurrency)
+            while True:
+                batch = await unless_stopped(
+                    stopped,
+                    consumer.getmany(timeout_ms=500, max_records=self._cfg.sink.concurrency),
                 )
-                await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    fetch.cancel()
-                    return
-                for tp, records in fetch.result().items():
+                for tp, records in batch.items():
                     for record in records:
-                        # Capacity first: this is where back-pressure stops intake.
-                        slot = asyncio.create_task(self._slots.acquire())
-                        await asyncio.wait({slot, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                        if not slot.done():
-                            slot.cancel()
-                            return  # not started: not committed, consumed again next time
+                        # Capacity first: this is where back-pressure stops intake. A record
+                        # not started is not committed: it is consumed again next time.
+                        await unless_stopped(stopped, self._slots.acquire())
                         self._tracker.start(tp, record.offset)
                         task = asyncio.create_task(self._handle(dps, tp, record))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
+        except Stopped:
+            pass
         finally:
             stopped.cancel()
 
