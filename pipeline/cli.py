@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
-        help="default: info for workers, warning for demo and bench (they print a summary)",
+        help="default: info; error for demo and bench (they print a summary)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_workers(sub)
@@ -268,8 +268,9 @@ async def _bench(args: argparse.Namespace, cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _parser().parse_args(argv)
+    # demo and bench print their own summary, which already lists every DLQ reason.
     quiet = args.command in ("demo", "bench")
-    setup_logging(args.log_level or ("warning" if quiet else "info"))
+    setup_logging(args.log_level or ("error" if quiet else "info"))
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

@@ -120,27 +120,41 @@ async def run(cfg: Config, fixture: str | None = None) -> int:
     async with await start_emulator(devices=devices) as emulator:
         cfg = demo_config(cfg, run_id, emulator.url)
         console.print(f"run {run_id}: DPS emulator at {emulator.url}, topics demo.{run_id}.*")
-        stop = asyncio.Event()
-        health = Health()
-        async with asyncio.TaskGroup() as tg:
-            for name, worker in (
-                ("ingest", Ingest(cfg, health)),
-                ("route", Router(cfg)),
-                ("sink", Sink(cfg)),
-            ):
-                tg.create_task(worker.run(stop), name=f"demo.{name}")
-            try:
-                async with asyncio.timeout(60):
-                    while not health.report().get("ingest.mqtt"):  # noqa: ASYNC110
-                        await asyncio.sleep(0.05)
-                published = await replay(cfg.mqtt, [path], topic_prefix=f"demo/{run_id}/")
-                with console.status("waiting until every stage is idle"):
-                    await wait_idle(cfg, published)
-            finally:
-                stop.set()
+        timed_out = False
+        try:
+            await _run_stages(cfg, path, run_id, console)
+        except* TimeoutError:
+            timed_out = True
+        if timed_out:
+            console.print(
+                "[red]the stages did not go idle in time[/red]: rerun with --log-level info "
+                "to see what they were doing"
+            )
+            return 1
         calls = len(emulator.state.calls)
         await _summary(console, cfg, len(messages), calls, time.monotonic() - started)
     return 0
+
+
+async def _run_stages(cfg: Config, path: Path, run_id: str, console: Console) -> None:
+    stop = asyncio.Event()
+    health = Health()
+    async with asyncio.TaskGroup() as tg:
+        for name, worker in (
+            ("ingest", Ingest(cfg, health)),
+            ("route", Router(cfg)),
+            ("sink", Sink(cfg)),
+        ):
+            tg.create_task(worker.run(stop), name=f"demo.{name}")
+        try:
+            async with asyncio.timeout(60):
+                while not health.report().get("ingest.mqtt"):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            published = await replay(cfg.mqtt, [path], topic_prefix=f"demo/{run_id}/")
+            with console.status("waiting until every stage is idle"):
+                await wait_idle(cfg, published)
+        finally:
+            stop.set()
 
 
 async def _summary(console: Console, cfg: Config, published: int, calls: int, took: float) -> None:

@@ -30,6 +30,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from pipeline import kafka
 from pipeline.aio import Stopped, unless_stopped
+from pipeline.config import DpsConfig
 from pipeline.dps import DpsClient
 from pipeline.errors import DpsRejected, DpsTransient, MappingError
 from pipeline.mapping import Mapped, Mapper
@@ -255,6 +256,13 @@ class Sink:
                 self._health.set("sink.kafka", True)
                 self._health.set("sink.dps", True)
             log.info("sink consuming %s as %s", topics.added, self._cfg.sink.group_id)
+            dps_cfg = self._cfg.sink.dps
+            if dps_cfg.app_key == DpsConfig().app_key and "127.0.0.1" not in dps_cfg.base_url:
+                log.warning(
+                    "sink.dps.app_key is the demo default while %s is not local: "
+                    "set sink.dps.app_key and sink.dps.app_secret",
+                    dps_cfg.base_url,
+                )
             committer = asyncio.create_task(self._commit_loop(stop), name="sink.commit")
             try:
                 await self._consume(consumer, dps, stop)
