@@ -13,6 +13,7 @@ filters stay in the topic (for audit) and are not offered again unless ``from_be
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from pipeline import kafka, mqtt
 from pipeline.schemas import AddedChild, AllocationFailure
 
 if TYPE_CHECKING:
-    from aiokafka import ConsumerRecord
+    from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
     from pipeline.config import Config
 
@@ -53,16 +54,18 @@ async def redrive(
     group = f"{cfg.kafka.client_id}-redrive-{dlq}"
     consumer = kafka.consumer(cfg.kafka, group_id=group)
     moved = 0
-    async with consumer, kafka.producer(cfg.kafka) as producer:
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(consumer)
+        producer = await stack.enter_async_context(kafka.producer(cfg.kafka))
+        client = None
+        if dlq == "down-events" and not dry_run:
+            client = await stack.enter_async_context(
+                mqtt.connect(cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-redrive", persistent=False)
+            )
         tps = await kafka.partitions(consumer, source)
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            committed = None if from_beginning else await consumer.committed(tp)
-            if committed is None:
-                await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, committed)
+        await _rewind(consumer, tps, from_beginning=from_beginning)
         todo = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
         while todo:
             batch = await consumer.getmany(*todo, timeout_ms=1000)
@@ -70,10 +73,22 @@ async def redrive(
                 for record in records:
                     if record.offset >= ends[tp]:
                         continue
-                    if await _move(
-                        cfg, producer, dlq, record, codes=codes, kinds=kinds, dry_run=dry_run
-                    ):
-                        moved += 1
+                    if dlq == "allocations":
+                        target = _child_of(record, codes, kinds)
+                        if target is not None and not dry_run:
+                            key, value = target
+                            origin = f"{record.topic}/{record.partition}/{record.offset}"
+                            await producer.send(
+                                topics.added,
+                                value,
+                                key=key,
+                                headers=[("redriven-from", origin.encode())],
+                            )
+                    else:
+                        target = _payload_of(record, codes, kinds)
+                        if target is not None and client is not None:
+                            await client.publish(target[0].decode(), target[1], qos=1)
+                    moved += target is not None
             todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
         await producer.flush()
         if not dry_run:
@@ -82,43 +97,40 @@ async def redrive(
     return moved
 
 
-async def _move(
-    cfg: Config,
-    producer: object,
-    dlq: str,
-    record: ConsumerRecord[bytes, bytes],
-    *,
-    codes: list[int] | None,
-    kinds: list[str] | None,
-    dry_run: bool,
-) -> bool:
-    if dlq == "allocations":
-        try:
-            failure = _FAILURE.decode(record.value)
-            child = _CHILD.decode(failure.record)
-            key = msgspec.json.decode(child.device, type=dict[str, object]).get("device_id")
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            log.warning("cannot redrive DLQ record at offset %d: %s", record.offset, exc)
-            return False
-        if not _matches(failure, codes, kinds):
-            return False
-        if not dry_run:
-            await producer.send(  # type: ignore[attr-defined]
-                cfg.kafka.topics.added,
-                bytes(failure.record),
-                key=str(key).encode() if key is not None else None,
-                headers=[
-                    ("redriven-from", f"{record.topic}/{record.partition}/{record.offset}".encode())
-                ],
-            )
-        return True
+async def _rewind(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], *, from_beginning: bool
+) -> None:
+    """To the last run's end (the group's committed offsets), or to the beginning."""
+    for tp in tps:
+        committed = None if from_beginning else await consumer.committed(tp)
+        if committed is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, committed)
+
+
+def _child_of(
+    record: ConsumerRecord[bytes, bytes], codes: list[int] | None, kinds: list[str] | None
+) -> tuple[bytes | None, bytes] | None:
+    """(key, value) to put back on the added topic, or None to leave the record."""
+    try:
+        failure = _FAILURE.decode(record.value)
+        child = _CHILD.decode(failure.record)
+        device_id = msgspec.json.decode(child.device, type=dict[str, object]).get("device_id")
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        log.warning("cannot redrive DLQ record at offset %d: %s", record.offset, exc)
+        return None
+    if not _matches(failure, codes, kinds):
+        return None
+    return (str(device_id).encode() if device_id is not None else None), bytes(failure.record)
+
+
+def _payload_of(
+    record: ConsumerRecord[bytes, bytes], codes: list[int] | None, kinds: list[str] | None
+) -> tuple[bytes, bytes] | None:
+    """(MQTT topic, payload) to publish again, or None (filters are DPS codes/kinds)."""
     headers = {name: bytes(value) for name, value in record.headers or ()}
-    topic = headers.get("mqtt-topic", b"").decode()
+    topic = headers.get("mqtt-topic", b"")
     if codes or kinds or not topic:
-        return False
-    if not dry_run:
-        async with mqtt.connect(
-            cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-redrive", persistent=False
-        ) as client:
-            await client.publish(topic, record.value, qos=1)
-    return True
+        return None
+    return topic, record.value
