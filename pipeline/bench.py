@@ -89,14 +89,6 @@ async def _until(check: Callable[[], Any], limit: float = 300) -> None:
             await asyncio.sleep(0.05)
 
 
-async def _count(cfg: Config, topic: str) -> int:
-    reader = kafka.consumer(cfg.kafka, group_id=None)
-    async with reader:
-        tps = await kafka.partitions(reader, topic)
-        ends = await reader.end_offsets(tps)
-        return sum(ends.values())
-
-
 async def _pipeline_round(
     base: Config, dps_url: str, messages: int, children: int
 ) -> dict[str, float]:
@@ -136,7 +128,7 @@ async def _pipeline_round(
             ),
         )
         count = int(expected_children * share)
-        baseline = await _count(cfg, t.allocations)
+        baseline = await kafka.size(cfg.kafka, t.allocations)
         stop = asyncio.Event()
         started = time.perf_counter()
         sink = asyncio.create_task(Sink(sink_cfg).run(stop))
@@ -152,7 +144,7 @@ async def _ready(health: Health) -> bool:
 
 
 async def _at_least(cfg: Config, topic: str, n: int) -> bool:
-    return await _count(cfg, topic) >= n
+    return await kafka.size(cfg.kafka, topic) >= n
 
 
 async def _zero_lag(cfg: Config, group: str, topic: str) -> bool:

@@ -69,22 +69,13 @@ def demo_config(cfg: Config, run_id: str, dps_url: str) -> Config:
     )
 
 
-async def _count(cfg: Config, *topics: str) -> int:
-    reader = kafka.consumer(cfg.kafka, group_id=None)
-    async with reader:
-        tps = await kafka.partitions(reader, *topics)
-        ends = await reader.end_offsets(tps)
-        begins = await reader.beginning_offsets(tps)
-        return sum(ends[tp] - begins[tp] for tp in tps)
-
-
 async def wait_idle(cfg: Config, published: int, limit: float = 120) -> None:
     """Until ingest has landed every published message and both consumers have no lag."""
     t = cfg.kafka.topics
     async with asyncio.timeout(limit):
         stable = 0
         while stable < 3:  # noqa: PLR2004  (three quiet polls in a row)
-            landed = await _count(cfg, t.down_events, t.down_events_dlq)
+            landed = await kafka.size(cfg.kafka, t.down_events, t.down_events_dlq)
             router_lag = await kafka.backlog(cfg.kafka, cfg.router.group_id, t.down_events)
             sink_lag = await kafka.backlog(cfg.kafka, cfg.sink.group_id, t.added)
             stable = stable + 1 if landed >= published and not router_lag and not sink_lag else 0

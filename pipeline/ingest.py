@@ -183,14 +183,16 @@ class Ingest:
             payload = str(payload).encode()
         received_at = utc_now()
         gateway = gateway_from_topic(topic)
-        try:
-            event = decode_down(payload) if gateway is not None else None
-        except DecodeError as exc:
-            event, reason = None, str(exc)
-        else:
+        event = None
+        if gateway is None:
             reason = (
                 f"MQTT topic {topic!r} does not match $oc/devices/{{device_id}}/sys/events/down"
             )
+        else:
+            try:
+                event = decode_down(payload)
+            except DecodeError as exc:
+                reason = str(exc)
         if event is None or gateway is None:
             INGEST_MESSAGES.labels("dlq").inc()
             log.warning("dead-lettering message on %s: %s", topic, reason)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import KafkaConfig
 
-__all__ = ["admin", "backlog", "consumer", "ensure_topics", "partitions", "producer"]
+__all__ = ["admin", "backlog", "consumer", "ensure_topics", "partitions", "producer", "size"]
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +141,15 @@ async def backlog(cfg: KafkaConfig, group: str, topic: str) -> int:
     finally:
         await client.close()
     return total
+
+
+async def size(cfg: KafkaConfig, *topics: str) -> int:
+    """Offsets held by ``topics`` (records, plus a marker per transaction if transactional)."""
+    reader = consumer(cfg, group_id=None)
+    async with reader:
+        tps = await partitions(reader, *topics)
+        if not tps:
+            return 0
+        ends = await reader.end_offsets(tps)
+        begins = await reader.beginning_offsets(tps)
+        return sum(ends[tp] - begins[tp] for tp in tps)

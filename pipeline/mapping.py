@@ -66,12 +66,16 @@ class Mapper:
         org_overrides: dict[str, str],
         device_data: dict[str, str],
     ) -> None:
+        # The template as (literal, field) parts, parsed once; str.format would read
+        # "extension_info.x" as attribute access, so substitution is by hand.
+        self._sn_parts: list[tuple[str, str | None]] = []
         if "{" in sn_from:
             try:
-                self._sn_fields = [f for _, f, _, _ in string.Formatter().parse(sn_from) if f]
+                self._sn_parts = [(lit, f) for lit, f, _, _ in string.Formatter().parse(sn_from)]
             except ValueError as exc:
                 msg = f"config key sink.sn_from: not a valid template ({exc})"
                 raise ConfigError(msg) from None
+            self._sn_fields = [f for _, f in self._sn_parts if f]
             if not self._sn_fields:
                 msg = "config key sink.sn_from: the template names no field"
                 raise ConfigError(msg)
@@ -130,14 +134,6 @@ class Mapper:
             values[field] = str(item)
         if self._template is None:
             return values[self._sn_fields[0]]
-        return _format(self._template, values)
-
-
-def _format(template: str, values: dict[str, str]) -> str:
-    # str.format would treat "extension_info.x" as attribute access; substitute by hand.
-    out = []
-    for literal, field, _spec, _conv in string.Formatter().parse(template):
-        out.append(literal)
-        if field:
-            out.append(values[field])
-    return "".join(out)
+        return "".join(
+            literal + (values[field] if field else "") for literal, field in self._sn_parts
+        )

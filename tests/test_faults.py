@@ -71,13 +71,6 @@ async def wait_ready(port: int, proc: asyncio.subprocess.Process) -> None:
             await asyncio.sleep(0.1)
 
 
-async def count(cfg: Config, topic: str) -> int:
-    reader = kafka.consumer(cfg.kafka, group_id=None)
-    async with reader:
-        tps = await kafka.partitions(reader, topic)
-        return sum((await reader.end_offsets(tps)).values()) if tps else 0
-
-
 async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) -> None:
     total = 5000
     port = free_port()
@@ -95,10 +88,10 @@ async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) ->
         replay_messages(cfg.mqtt, messages, topic_prefix=f"test/{uid}/", progress=False)
     )
     async with asyncio.timeout(120):
-        while await count(cfg, cfg.kafka.topics.down_events) < total // 4:
+        while await kafka.size(cfg.kafka, cfg.kafka.topics.down_events) < total // 4:
             await asyncio.sleep(0.02)
     await kill(first)
-    landed_before_restart = await count(cfg, cfg.kafka.topics.down_events)
+    landed_before_restart = await kafka.size(cfg.kafka, cfg.kafka.topics.down_events)
     assert landed_before_restart < total  # killed mid-stream, really
     await asyncio.sleep(1)  # the publisher goes on while ingest is dead
     second = await spawn("ingest", cfg, **env)
@@ -114,7 +107,7 @@ async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) ->
     assert set(event_ids) == {f"ev-{uid}-{i}" for i in range(total)}
     # At least once: the messages in flight at the kill may land twice, never more.
     assert all(n <= 2 for n in event_ids.values())
-    assert await count(cfg, cfg.kafka.topics.down_events_dlq) == 0
+    assert await kafka.size(cfg.kafka, cfg.kafka.topics.down_events_dlq) == 0
 
 
 async def produce_events(cfg: Config, events: list[tuple[str, str, dict[str, object]]]) -> None:
@@ -147,7 +140,7 @@ async def test_router_sigkill_each_child_exactly_once(cfg: Config, uid: str) -> 
     cfg = msgspec.structs.replace(cfg, router=msgspec.structs.replace(cfg.router, batch_max=50))
     first = await spawn("route", cfg)
     async with asyncio.timeout(120):
-        while await count(cfg, cfg.kafka.topics.added) < 1000:
+        while await kafka.size(cfg.kafka, cfg.kafka.topics.added) < 1000:
             await asyncio.sleep(0.01)
     await kill(first)  # mid-transaction, most likely
     second = await spawn("route", cfg)
