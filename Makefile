@@ -11,6 +11,7 @@ check: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 test: check
 	.venv/bin/pipeline schemas export --check

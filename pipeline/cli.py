@@ -15,7 +15,7 @@ import aiomqtt
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.logs import setup_logging
+from pipeline.ops.logs import setup_logging
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -61,7 +61,8 @@ def _add_workers(sub: Any) -> None:
 
 def _add_tools(sub: Any) -> None:
     p = sub.add_parser("replay", help="publish JSONL replay fixtures to MQTT")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="*", metavar="FILE")
+    p.add_argument("--demo", action="store_true", help="also publish the bundled demo fixture")
     p.add_argument("--rate", type=float, help="messages per second (default: as fast as possible)")
     p.add_argument("--topic-prefix", default="", help="prepended to every fixture topic")
     p.add_argument("--no-delays", action="store_true", help="ignore the fixtures' delay_ms")
@@ -133,7 +134,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def _worker(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.ops import Health, ops_server  # noqa: PLC0415  (keeps --help fast)
+    from pipeline.ops.server import Health, ops_server  # noqa: PLC0415  (keeps --help fast)
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -159,30 +160,37 @@ async def _until_stopped(worker: Any, stop: asyncio.Event) -> None:
 
 
 def _stage_factories() -> dict[str, Callable[..., Any]]:
-    from pipeline.ingest import Ingest  # noqa: PLC0415
-    from pipeline.router import Router  # noqa: PLC0415
-    from pipeline.sink import Sink  # noqa: PLC0415
+    from pipeline.stages.ingest import Ingest  # noqa: PLC0415
+    from pipeline.stages.router import Router  # noqa: PLC0415
+    from pipeline.stages.sink import Sink  # noqa: PLC0415
 
     return {"ingest": Ingest, "route": Router, "sink": Sink}
 
 
 async def _replay(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.replay import replay  # noqa: PLC0415
+    import importlib.resources  # noqa: PLC0415
 
-    count = await replay(
-        cfg.mqtt,
-        args.files,
-        rate=args.rate,
-        topic_prefix=args.topic_prefix,
-        progress=not args.no_progress,
-        honour_delays=not args.no_delays,
-    )
+    from pipeline.tools.demo import DEMO_FIXTURE  # noqa: PLC0415
+    from pipeline.tools.replay import replay  # noqa: PLC0415
+
+    if not args.files and not args.demo:
+        print("pipeline replay: give fixture FILEs, or --demo", file=sys.stderr)  # noqa: T201
+        return 2
+    with importlib.resources.as_file(DEMO_FIXTURE) as demo:
+        count = await replay(
+            cfg.mqtt,
+            [*args.files, *([demo] if args.demo else [])],
+            rate=args.rate,
+            topic_prefix=args.topic_prefix,
+            progress=not args.no_progress,
+            honour_delays=not args.no_delays,
+        )
     print(f"published {count} messages")  # noqa: T201
     return 0
 
 
 async def _record(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.replay import record  # noqa: PLC0415
+    from pipeline.tools.replay import record  # noqa: PLC0415
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -211,21 +219,21 @@ async def _record(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _emulator(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.emulator import serve  # noqa: PLC0415
+    from pipeline.dps.emulator import serve  # noqa: PLC0415
 
     return await serve(
-        args.host,
-        args.port,
-        args.devices,
-        args.accept_any_sn,
-        cfg.sink.dps.app_key,
-        cfg.sink.dps.app_secret.reveal(),
-        args.token_ttl,
+        host=args.host,
+        port=args.port,
+        devices_file=args.devices,
+        accept_any_sn=args.accept_any_sn,
+        app_key=cfg.sink.dps.app_key,
+        app_secret=cfg.sink.dps.app_secret.reveal(),
+        token_ttl=args.token_ttl,
     )
 
 
 async def _topics_create(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.kafka import ensure_topics  # noqa: PLC0415
+    from pipeline.io.kafka import ensure_topics  # noqa: PLC0415
 
     created = await ensure_topics(cfg.kafka, cfg.kafka.topics.all(), partitions=args.partitions)
     for name in cfg.kafka.topics.all():
@@ -233,34 +241,41 @@ async def _topics_create(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-async def _schemas_export(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.export import export  # noqa: PLC0415
+async def _schemas_export(args: argparse.Namespace, _cfg: Config) -> int:
+    from pipeline.tools.export import export  # noqa: PLC0415
 
-    return export(Path(args.dir), cfg, check=args.check)
+    return export(Path(args.dir), check=args.check)
 
 
 async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.redrive import redrive  # noqa: PLC0415
+    from pipeline.tools.redrive import redrive  # noqa: PLC0415
 
-    moved = await redrive(cfg, args.dlq, codes=args.code, kinds=args.kind, dry_run=args.dry_run)
+    moved = await redrive(
+        cfg,
+        args.dlq,
+        codes=args.code,
+        kinds=args.kind,
+        dry_run=args.dry_run,
+        from_beginning=args.from_beginning,
+    )
     print(f"{'would move' if args.dry_run else 'moved'} {moved} records")  # noqa: T201
     return 0
 
 
 async def _status(_args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.status import status  # noqa: PLC0415
+    from pipeline.tools.status import status  # noqa: PLC0415
 
     return await status(cfg)
 
 
 async def _demo(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.demo import run  # noqa: PLC0415
+    from pipeline.tools.demo import run  # noqa: PLC0415
 
     return await run(cfg, fixture=args.fixture)
 
 
 async def _bench(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.bench import run  # noqa: PLC0415
+    from pipeline.tools.bench import run  # noqa: PLC0415
 
     return await run(cfg, messages=args.messages, children=args.children, runs=args.runs)
 

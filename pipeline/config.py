@@ -9,13 +9,13 @@ value of the form ``file:/path`` is read from that file (Docker/Kubernetes secre
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+from pipeline.core.problems import explain
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -217,9 +217,6 @@ class Config(_Section, frozen=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
 
-_PATH_RE = re.compile(r"`\$((?:\.[A-Za-z0-9_]+|\[[^\]]*\])*)`")
-
-
 def _dec_hook(tp: type, obj: Any) -> Any:
     if tp is Secret and isinstance(obj, str):
         if obj.startswith("file:"):
@@ -304,28 +301,18 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         # strict=False lets environment strings stand for numbers and booleans.
         return msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(str(exc), overrides)) from None
+        raise ConfigError(_explain(exc, overrides)) from None
 
 
-def _explain(error: str, overrides: dict[str, Any]) -> str:
-    """Turn msgspec's ``... - at `$.mqtt.port``` into ``mqtt.port: ...``."""
-    reason, _, where = error.partition(" - at ")
-    match = _PATH_RE.search(where)
-    key = match.group(1).lstrip(".") if match else ""
-    unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
-    if unknown:
-        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
-        reason = "unknown key"
-    elif reason.startswith("Object missing required field"):
-        field = reason.split("`")[1]
-        key = f"{key}.{field}" if key else field
-        reason = "required key is missing"
-    else:
-        reason = reason[:1].lower() + reason[1:]
-    source = ""
+def _explain(exc: msgspec.ValidationError, overrides: dict[str, Any]) -> str:
+    """Turn msgspec's ``... - at `$.mqtt.port``` into ``config key mqtt.port: ...``."""
+    problem = explain(exc)
+    reason = {"missing": "required key is missing", "unknown": "unknown key"}.get(
+        problem.kind, problem.reason
+    )
+    key = problem.path
     node: Any = overrides
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
-    if node is not None:
-        source = f" (from {_env_name(key)})"
+    source = f" (from {_env_name(key)})" if node is not None else ""
     return f"config key {key or '<root>'}{source}: {reason}"

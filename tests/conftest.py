@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from pathlib import Path
 
 import msgspec
 import pytest
 
 from pipeline.config import Config, KafkaConfig, MqttConfig, Topics, load_config
-
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from tests.harness import ROOT
 
 
 @pytest.fixture(scope="session")

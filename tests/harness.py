@@ -6,16 +6,29 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 from aiokafka import ConsumerRecord
 
-from pipeline import kafka
 from pipeline.config import Config, KafkaConfig
-from pipeline.ops import Health
+from pipeline.io import kafka
+from pipeline.ops.server import Health
+from pipeline.tools import demo
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The project checkout."""
+FIXTURES = ROOT / "tests" / "fixtures"
+"""The tests' replay fixtures."""
+DEMO_FIXTURE = Path(str(demo.DEMO_FIXTURE))
+"""The demo's fixture, shipped as package data."""
+FIXTURE_FILES = sorted([*FIXTURES.glob("*.jsonl"), DEMO_FIXTURE], key=lambda p: p.name)
+"""Every replay fixture of the project."""
 
 
 class Worker(Protocol):
@@ -34,7 +47,8 @@ async def running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
         await asyncio.wait_for(task, 60)
 
 
-async def wait_ready(health: Health, check: str, task: asyncio.Task[None] | None = None) -> None:
+async def wait_check(health: Health, check: str, task: asyncio.Task[None] | None = None) -> None:
+    """Until readiness check ``check`` is true (or ``task``, the stage, died: then raise)."""
     async with asyncio.timeout(30):
         while not health.report().get(check):
             if task is not None and task.done():
@@ -47,25 +61,27 @@ async def read_topic(
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every committed record of ``topic`` once ``expect`` have arrived and ``settle`` s passed
     without more (so an extra record would be seen and fail the exact count)."""
-    consumer = kafka.consumer(cfg, group_id=None)
     records: list[ConsumerRecord[bytes, bytes]] = []
-    async with consumer:
+    async with kafka.reader(cfg) as reader:
         deadline = time.monotonic() + timeout
         # The stage under test creates its topics when it starts: wait for them.
-        while not (tps := await kafka.partitions(consumer, topic)):
+        while not (tps := await kafka.partitions(reader, topic)):
             assert time.monotonic() < deadline, f"topic {topic} does not exist"
             await asyncio.sleep(0.1)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning()
+        read_to = await reader.beginning_offsets(tps)
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            got = [r for rs in batch.values() for r in rs]
+            ends = await reader.end_offsets(tps)
+            ranges = {tp: (read_to[tp], ends[tp]) for tp in tps if ends[tp] > read_to[tp]}
+            got = [record async for record in kafka.read_range(reader, ranges)]
+            read_to |= {tp: end for tp, (_, end) in ranges.items()}
             if got:
                 records.extend(got)
                 quiet_since = time.monotonic()
             elif len(records) >= expect and time.monotonic() - quiet_since >= settle:
                 break
+            else:
+                await asyncio.sleep(0.1)
     return records
 
 
@@ -119,3 +135,54 @@ async def terminate(proc: asyncio.subprocess.Process, limit: float = 60) -> int:
     """SIGTERM and wait; returns the exit code."""
     proc.send_signal(signal.SIGTERM)
     return await asyncio.wait_for(proc.wait(), limit)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def add_response(event_id: str, sns: list[str], failed: Sequence[str] = ()) -> dict[str, object]:
+    """An add_sub_device_response event adding ``sns`` (device ids ``prod_<sn>``)."""
+    return {
+        "services": [
+            {
+                "service_id": "$sub_device_manager",
+                "event_type": "add_sub_device_response",
+                "event_id": event_id,
+                "event_time": "20261122T063000Z",
+                "paras": {
+                    "successful_devices": [
+                        {"node_id": sn, "device_id": f"prod_{sn}"} for sn in sns
+                    ],
+                    "failed_devices": [
+                        {
+                            "node_id": sn,
+                            "product_id": "prod",
+                            "error_code": "101004",
+                            "error_msg": "x",
+                        }
+                        for sn in failed
+                    ],
+                },
+            }
+        ]
+    }
+
+
+async def wait_readyz(port: int, proc: asyncio.subprocess.Process) -> None:
+    """Until the worker subprocess answers /readyz with 200 (or dies: then fail with its stderr)."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(60):
+        while True:
+            if proc.returncode is not None:
+                assert proc.stderr is not None
+                raise AssertionError((await proc.stderr.read()).decode())
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)

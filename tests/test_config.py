@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.config import Config, Secret, load_config
 from pipeline.errors import ConfigError
+from tests.harness import ROOT
 
 SECRET = "s3cr3t-do-not-print-1234"
 
@@ -175,5 +176,5 @@ def test_config_is_frozen() -> None:
 
 
 def test_example_config_is_the_defaults() -> None:
-    example = Path(__file__).resolve().parent.parent / "pipeline.example.toml"
+    example = ROOT / "pipeline.example.toml"
     assert load_config(example, {}) == load_config(environ={})

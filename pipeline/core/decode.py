@@ -1,0 +1,101 @@
+"""Decode and validate IoTDA down events: pure functions, no I/O.
+
+Every payload either decodes into a :class:`DownEvent` or raises :class:`DecodeError`
+whose message names the field at fault, in the form a person can act on:
+``services[0].paras.successful_devices[1].node_id: missing required field``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from pipeline.core.problems import explain
+from pipeline.errors import DecodeError
+from pipeline.schemas import ADD_RESPONSE, PARAS, SUB_DEVICE_MANAGER, DownEvent, ServiceEvent
+
+__all__ = ["KNOWN_EVENTS", "decode_down", "gateway_from_topic", "service_label"]
+
+_DOWN_TOPIC = re.compile(r"(?:^|/)\$oc/devices/([^/]+)/sys/events/down$")
+
+_ENVELOPE = msgspec.json.Decoder(DownEvent)
+# Only add_sub_device_response is validated: other events are counted, never dead-lettered.
+_ADD_DECODER = msgspec.json.Decoder(PARAS[SUB_DEVICE_MANAGER, ADD_RESPONSE])
+
+KNOWN_EVENTS: frozenset[tuple[str, str]] = frozenset(
+    {
+        *PARAS,
+        ("$time_sync", "time_sync_response"),
+        ("$ota", "firmware_upgrade"),
+        ("$ota", "software_upgrade"),
+        ("$ota", "firmware_upgrade_v2"),
+        ("$ota", "software_upgrade_v2"),
+        ("$file_manager", "get_upload_url_response"),
+        ("$file_manager", "get_download_url_response"),
+    }
+)
+"""Down events this pipeline knows; anything else is counted as ``other``."""
+
+
+def gateway_from_topic(topic: str) -> str | None:
+    """The gateway device_id in ``[prefix/]$oc/devices/{device_id}/sys/events/down``."""
+    match = _DOWN_TOPIC.search(topic)
+    return match.group(1) if match else None
+
+
+def service_label(service: ServiceEvent) -> tuple[str, str]:
+    """Bounded metric labels: the known (service_id, event_type), or ("other", "other")."""
+    key = (service.service_id, service.event_type)
+    return key if key in KNOWN_EVENTS else ("other", "other")
+
+
+def _explain(exc: msgspec.ValidationError, prefix: str) -> str:
+    problem = explain(exc, prefix)
+    if not problem.path and problem.got:
+        return f"payload is not a JSON object (got {problem.got})"
+    return f"{problem.path or 'payload'}: {problem.reason}"
+
+
+def decode_down(payload: bytes) -> DownEvent:
+    """Decode one MQTT payload, validating every ``add_sub_device_response`` in it.
+
+    Other events (known or not) are decoded only as far as the envelope: they are
+    counted and skipped downstream, never dead-lettered.
+
+    Raises:
+        DecodeError: the payload is empty, not UTF-8, not JSON, not an object, or breaks
+            the documented types or mandatory fields of an add_sub_device_response.
+    """
+    if not payload.strip():
+        raise DecodeError("payload is empty")
+    try:
+        event = _ENVELOPE.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(_explain(exc, "")) from None
+    except msgspec.DecodeError as exc:
+        msg = f"payload is not valid JSON ({exc})"
+        raise DecodeError(msg) from None
+    except UnicodeDecodeError as exc:
+        msg = f"payload is not valid UTF-8 ({exc.reason})"
+        raise DecodeError(msg) from None
+    for i, service in enumerate(event.services or ()):
+        if (service.service_id, service.event_type) == (SUB_DEVICE_MANAGER, ADD_RESPONSE):
+            _validate_add_response(i, service)
+    return event
+
+
+def _validate_add_response(i: int, service: ServiceEvent) -> None:
+    if service.event_id is None:
+        msg = f"services[{i}].event_id: missing (mandatory for {ADD_RESPONSE})"
+        raise DecodeError(msg)
+    if not service.paras or bytes(service.paras) == b"null":
+        msg = f"services[{i}].paras: missing (mandatory for {ADD_RESPONSE})"
+        raise DecodeError(msg)
+    try:
+        _ADD_DECODER.decode(service.paras)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(_explain(exc, f".services[{i}].paras")) from None
+    except UnicodeDecodeError as exc:
+        msg = f"services[{i}].paras: not valid UTF-8 ({exc.reason})"
+        raise DecodeError(msg) from None

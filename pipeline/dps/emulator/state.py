@@ -1,0 +1,349 @@
+"""What the DPS emulator knows: credentials, devices, tokens, the call log and faults.
+
+Plain data and the rules over it, with no HTTP (that is :mod:`.app`); tests can drive
+it directly.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+import orjson
+
+from pipeline.errors import ConfigError
+from pipeline.schemas import I18nString, PvsDevice, PvsDeviceStatus, utc_now
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+__all__ = [
+    "DEMO_GROUP",
+    "REGION_ID",
+    "CallRecord",
+    "DeviceSpec",
+    "EmulatedDevice",
+    "EmulatorState",
+    "Faults",
+    "load_devices",
+]
+
+DEMO_GROUP = "demo-group"
+"""The registration group of devices registered on first sight (``accept_any_sn``)."""
+REGION_ID = "emulator-region"
+"""The region every allocation lands in."""
+
+
+class DeviceSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A registered device, as given in a devices file or to ``POST /_emulator/devices``."""
+
+    sn: Annotated[str, msgspec.Meta(min_length=1)]
+    group_id: str | None = None
+    """The registration group; null means the group is missing (allocate answers 35404)."""
+    product_key: str | None = None
+    org_id: str | None = None
+    """The organisation the device was pre-registered in (``manufacturerOrgId``)."""
+    device_data: dict[str, Any] | None = None
+    """Master data known before allocation; allocate merges the request's over it."""
+
+
+class EmulatedDevice(msgspec.Struct, kw_only=True):
+    """One device DPS knows, with its allocation state."""
+
+    sn: str
+    group_id: str | None
+    product_key: str | None
+    manufacturer_org_id: str | None
+    registered_data: dict[str, Any]
+    batch_order: int
+    create_time: int
+    update_time: int
+    org_id: str | None = None
+    region_id: str | None = None
+    allocated_data: dict[str, Any] | None = None
+    allocated_time: int | None = None
+
+    def view(self) -> PvsDevice:
+        """The PvsDevice DPS would return, shaped like the V2.5 Allocate return sample."""
+        allocated = self.allocated_time is not None
+        state = "allocated" if allocated else "init"
+        data = self.allocated_data if self.allocated_data is not None else self.registered_data
+        return PvsDevice(
+            sn=self.sn,
+            group_id=self.group_id,
+            region_id=self.region_id,
+            org_id=self.org_id,
+            product_key=self.product_key,
+            batch_order=self.batch_order,
+            batch_tag=I18nString(default_value="emulator", i18n_value={}),
+            device_data=data,
+            desc=None,
+            status=PvsDeviceStatus(
+                current_status=state,
+                connected_time=None,
+                allocated_time=self.allocated_time,
+                finished_time=None,
+                discarded_time=None,
+            ),
+            reprovisioning=False,
+            allocate_error_msg=None,
+            create_by=None,
+            create_time=self.create_time,
+            update_by=None,
+            update_time=self.update_time,
+            manufacturer_org_id=self.manufacturer_org_id,
+            connect_status="init",
+            allocate_status=state,
+        )
+
+
+class CallRecord(msgspec.Struct, kw_only=True):
+    """One allocate call as received, and how it was answered."""
+
+    seq: int
+    sn: str | None
+    org_id: str | None
+    device_data: dict[str, Any] | None
+    http_status: int | None = None
+    """None while the call is still being answered."""
+    code: int | None = None
+    """The envelope's code; None when the answer had no JSON envelope (outage)."""
+    at: str
+    """When it was received, RFC 3339 UTC."""
+
+
+class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Faults injected into gateway calls (the token service and DPS)."""
+
+    latency_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Added before answering every token and DPS call."""
+    error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """Share of DPS calls (allocate and get) answered with ``error_status``."""
+    error_status: Annotated[int, msgspec.Meta(ge=400, le=599)] = 500
+    throttle_rps: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    """Allocate calls per second beyond which the answer is HTTP 429."""
+    retry_after: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    """Seconds sent in the ``Retry-After`` header of a 429."""
+    outage: bool = False
+    """Every token and DPS call is answered HTTP 503 with a non-JSON body."""
+
+
+class _Bucket:
+    """A token bucket: ``rate`` calls per second, bursts of ``max(1, rate)``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _parse_devices(entries: Iterable[Any]) -> list[DeviceSpec]:
+    specs = []
+    for index, entry in enumerate(entries):
+        try:
+            specs.append(msgspec.convert(entry, DeviceSpec))
+        except msgspec.ValidationError as exc:
+            msg = f"device #{index + 1}: {exc}"
+            raise ValueError(msg) from None
+    return specs
+
+
+class EmulatorState:
+    """Everything the emulator knows: credentials, devices, tokens, calls and faults.
+
+    Args:
+        app_key: the only application key the token service accepts.
+        app_secret: its secret.
+        token_ttl: lifetime of an access token, in seconds.
+        devices: devices to register (see :class:`DeviceSpec`).
+        accept_any_sn: register every unknown sn on first sight, in group ``demo-group``.
+    """
+
+    def __init__(
+        self,
+        *,
+        app_key: str = "demo-app-key",
+        app_secret: str = "demo-app-secret",  # noqa: S107  (the documented demo credential)
+        token_ttl: int = 7200,
+        devices: Iterable[Mapping[str, Any]] | None = None,
+        accept_any_sn: bool = False,
+    ) -> None:
+        self.app_key = app_key
+        self.app_secret = app_secret
+        self.token_ttl = token_ttl
+        self.accept_any_sn = accept_any_sn
+        self.devices: dict[str, EmulatedDevice] = {}
+        self.tokens: dict[str, float] = {}
+        """Issued access token -> when it expires (``time.monotonic()``)."""
+        self.token_requests = 0
+        """Requests received by the token service."""
+        self.calls: list[CallRecord] = []
+        self.faults = Faults()
+        self._bucket: _Bucket | None = None
+        self._seq = 0
+        if devices is not None:
+            self.register(devices)
+
+    # -- Devices -----------------------------------------------------------------------
+
+    def register(self, entries: Iterable[Any]) -> tuple[int, int]:
+        """Register new sns or update existing ones (their allocation state is kept).
+
+        Returns:
+            How many devices were created and how many updated.
+
+        Raises:
+            ValueError: an entry is not a valid :class:`DeviceSpec`; nothing was changed.
+        """
+        specs = _parse_devices(entries)
+        created = updated = 0
+        now = _now_ms()
+        for spec in specs:
+            device = self.devices.get(spec.sn)
+            if device is None:
+                self.devices[spec.sn] = EmulatedDevice(
+                    sn=spec.sn,
+                    group_id=spec.group_id,
+                    product_key=spec.product_key,
+                    manufacturer_org_id=spec.org_id,
+                    registered_data=dict(spec.device_data or {}),
+                    batch_order=len(self.devices) + 1,
+                    create_time=now,
+                    update_time=now,
+                )
+                created += 1
+            else:
+                device.group_id = spec.group_id
+                device.product_key = spec.product_key
+                device.manufacturer_org_id = spec.org_id
+                device.registered_data = dict(spec.device_data or {})
+                device.update_time = now
+                updated += 1
+        return created, updated
+
+    def lookup(self, sn: str) -> EmulatedDevice | None:
+        """The device ``sn``; registered on first sight when ``accept_any_sn`` is on."""
+        device = self.devices.get(sn)
+        if device is None and self.accept_any_sn:
+            self.register([{"sn": sn, "group_id": DEMO_GROUP}])
+            device = self.devices[sn]
+        return device
+
+    # -- Tokens ------------------------------------------------------------------------
+
+    def issue_token(self) -> tuple[str, int]:
+        """The unexpired token if there is one, else a new one; and its lifetime (s)."""
+        now = time.monotonic()
+        self.tokens = {token: until for token, until in self.tokens.items() if until > now}
+        if self.tokens:
+            token, until = max(self.tokens.items(), key=lambda item: item[1])
+            return token, math.ceil(until - now)
+        token = secrets.token_hex(16)
+        self.tokens[token] = now + self.token_ttl
+        return token, self.token_ttl
+
+    def token_valid(self, token: str) -> bool:
+        """Whether ``token`` was issued here and has not expired."""
+        until = self.tokens.get(token)
+        return until is not None and until > time.monotonic()
+
+    def expire_tokens(self) -> None:
+        """Expire every issued token now (the next DPS call answers 1203)."""
+        now = time.monotonic()
+        self.tokens = dict.fromkeys(self.tokens, now)
+
+    # -- Calls and faults --------------------------------------------------------------
+
+    def record_call(
+        self, sn: str | None, org_id: str | None, device_data: dict[str, Any] | None
+    ) -> CallRecord:
+        """Append an allocate call to the log, in the order received."""
+        self._seq += 1
+        call = CallRecord(
+            seq=self._seq, sn=sn, org_id=org_id, device_data=device_data, at=utc_now()
+        )
+        self.calls.append(call)
+        return call
+
+    def set_faults(self, changes: Mapping[str, Any]) -> Faults:
+        """Merge ``changes`` into the current faults.
+
+        Raises:
+            msgspec.ValidationError: an unknown fault or a value out of range.
+        """
+        faults = msgspec.convert(msgspec.structs.asdict(self.faults) | dict(changes), Faults)
+        if faults.throttle_rps != self.faults.throttle_rps:
+            self._bucket = _Bucket(faults.throttle_rps) if faults.throttle_rps else None
+        self.faults = faults
+        return faults
+
+    def throttled(self) -> bool:
+        """Whether this allocate call exceeds ``throttle_rps``."""
+        return self._bucket is not None and not self._bucket.take()
+
+    def reset(self) -> None:
+        """Forget calls, faults and tokens; registered devices and their state stay."""
+        self.calls.clear()
+        self._seq = 0
+        self.faults = Faults()
+        self._bucket = None
+        self.tokens.clear()
+        self.token_requests = 0
+
+
+def load_devices(path: str | Path) -> list[dict[str, Any]]:
+    """Read registered devices from a JSON file (a list, or ``{"devices": [...]}``) or JSON Lines.
+
+    Each device is ``{"sn", "group_id", "product_key"?, "org_id"?, "device_data"?}``; a
+    null or absent ``group_id`` means its registration group is missing.
+
+    Raises:
+        ConfigError: the file cannot be read, or one line naming the entry at fault.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"devices file {path}: {exc.strerror}"
+        raise ConfigError(msg) from None
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        data = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                data.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                msg = f"devices file {path}, line {lineno}: not valid JSON: {exc}"
+                raise ConfigError(msg) from None
+    if isinstance(data, dict):
+        # A JSON object is either the {"devices": [...]} wrapper or a one-line JSON Lines file.
+        data = data.get("devices", [data])
+    if not isinstance(data, list):
+        msg = f'devices file {path}: expected a list of devices or {{"devices": [...]}}'
+        raise ConfigError(msg)
+    try:
+        specs = _parse_devices(data)
+    except ValueError as exc:
+        msg = f"devices file {path}: {exc}"
+        raise ConfigError(msg) from None
+    return [msgspec.to_builtins(spec) for spec in specs]

@@ -1,0 +1,141 @@
+"""EnOS API gateway and DPS v2.5 rules as plain functions (pure, no I/O).
+
+Paths, the access-token ``encryption``, the request signature, how an answer is
+classified (success, permanent refusal, worth retrying) and ``Retry-After`` parsing
+(reference/protocols.md, B1-B3). The client (:mod:`pipeline.dps.client`) and the
+emulator (:mod:`pipeline.dps.emulator`) both follow these, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import hashlib
+import math
+import time
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "DEVICE_PATH",
+    "TOKEN_EXPIRED",
+    "TOKEN_PATH",
+    "Outcome",
+    "classify",
+    "parse_retry_after",
+    "sign",
+    "token_encryption",
+]
+
+TOKEN_PATH = "apim-token-service/v2.0/token/get"  # noqa: S105  (a path, not a password)
+"""The API gateway's token endpoint, relative to the gateway's base URL."""
+DEVICE_PATH = "dps-service/v2.5/pvs/device"
+"""The DPS v2.5 device endpoint (``?action=allocate|get|...``), relative to the base URL."""
+
+Outcome = Literal["ok", "rejected", "transient"]
+
+TOKEN_EXPIRED = 1203
+
+# API-gateway codes (protocols.md B2) and legacy gateway codes (B3) that say nothing about
+# the record: a wrong app key or secret, a gateway hiccup, an expired token. Retrying is
+# right; dead-lettering would wrongly condemn every record until the operator fixes config.
+_TRANSIENT_CODES = frozenset({1001, 1002, 1003, 1004, 1005, 1202, 1203, 1204, 497})
+_TRANSIENT_HTTP = frozenset({401, 403, 429})
+
+
+def token_encryption(app_key: str, timestamp_ms: int, app_secret: str) -> str:
+    """The ``encryption`` field of a token request.
+
+    Returns:
+        lowercase hex SHA-256 of the UTF-8 of ``appKey + timestamp + appSecret``.
+    """
+    return hashlib.sha256(f"{app_key}{timestamp_ms}{app_secret}".encode()).hexdigest()
+
+
+def sign(
+    access_token: str,
+    params: Mapping[str, str],
+    body: bytes,
+    timestamp_ms: int,
+    app_secret: str,
+) -> str:
+    """The ``apim-signature`` header of an API call.
+
+    Args:
+        access_token: the token sent in ``apim-accesstoken``.
+        params: the URL query parameters, unencoded.
+        body: the request body exactly as sent (``b""`` when there is none).
+        timestamp_ms: the value sent in ``apim-timestamp``.
+        app_secret: the application's secret.
+
+    Returns:
+        lowercase hex SHA-256 of ``accessToken + paramsData + timestamp + appSecret``, where
+        ``paramsData`` is the parameters sorted by key, each as ``key + value`` with no
+        separators, followed by the raw body bytes.
+    """
+    digest = hashlib.sha256(access_token.encode())
+    digest.update("".join(f"{key}{params[key]}" for key in sorted(params)).encode())
+    digest.update(body)
+    digest.update(str(timestamp_ms).encode())
+    digest.update(app_secret.encode())
+    return digest.hexdigest()
+
+
+def classify(http_status: int, code: int | None) -> Outcome:
+    """Whether a DPS answer is a success, a permanent refusal or worth retrying.
+
+    - ``ok``: HTTP 2xx with code 0.
+    - ``transient``: HTTP 429 and 5xx; codes 1005 (internal error) and 1203 (access token
+      expired); a 2xx without a readable code; and every authentication or gateway failure
+      that is not the record's fault: codes 1001-1004, 1202, 1204, legacy 497
+      (signature check failed), HTTP 401/403 and 3xx. A wrong app key or secret must not
+      dead-letter every record: the operator fixes the configuration and the sink
+      carries on where it stopped. Legacy body codes 429 and 5xx (rate limit, server
+      error) are transient for the same reason as their HTTP twins.
+      Also any 4xx without a DPS envelope (no readable code): that is the gateway or a
+      proxy speaking (a wrong ``base_url`` answers 404), not DPS judging the record.
+    - ``rejected``: everything else, notably 35400, 35404, 35601, 35603, 99400, and any
+      other non-zero code.
+
+    Args:
+        http_status: the HTTP status of the response.
+        code: the ``code`` of the JSON envelope, or None when the body had none.
+    """
+    if http_status in _TRANSIENT_HTTP or http_status >= 500 or 300 <= http_status < 400:  # noqa: PLR2004
+        return "transient"
+    if code is not None and (code in _TRANSIENT_CODES or code == 429 or 500 <= code <= 599):  # noqa: PLR2004
+        return "transient"
+    if code is None:
+        return "transient"
+    if 200 <= http_status < 300:  # noqa: PLR2004
+        return "ok" if code == 0 else "rejected"
+    return "rejected"
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
+
+    Args:
+        value: the header value, if any.
+        now: the current Unix time (for tests); ``time.time()`` by default.
+
+    Returns:
+        A finite number of seconds >= 0, or None when the header is absent or unreadable.
+    """
+    if not value or not value.strip():
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)

@@ -1,0 +1,1 @@
+"""The typed edges over the client libraries: Kafka, MQTT, TLS and asyncio helpers."""

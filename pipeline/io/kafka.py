@@ -1,0 +1,219 @@
+"""Kafka connections, wrapped once: producers, consumers, topic administration and reads.
+
+aiokafka is only partly annotated; this module is the typed boundary the stages use.
+Every "read the records of a topic between two offsets" goes through :func:`read_range`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+from pipeline.io.tls import client_context
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, Iterable, Mapping
+
+    from aiokafka import ConsumerRecord
+
+    from pipeline.config import KafkaConfig
+
+__all__ = [
+    "Ranges",
+    "admin",
+    "backlog",
+    "consumer",
+    "ensure_topics",
+    "partitions",
+    "producer",
+    "read_range",
+    "reader",
+    "size",
+    "whole",
+]
+
+log = logging.getLogger(__name__)
+
+Ranges = dict[TopicPartition, tuple[int, int]]
+"""Per partition, the offsets ``[start, end)`` to read."""
+
+
+def _common(cfg: KafkaConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "bootstrap_servers": cfg.bootstrap_servers,
+        "client_id": cfg.client_id,
+        "security_protocol": cfg.security_protocol,
+        "request_timeout_ms": int(cfg.request_timeout * 1000),
+    }
+    if cfg.tls.enabled and cfg.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+        # [kafka.tls] enabled = true upgrades the plain protocol to its TLS form.
+        opts["security_protocol"] = cfg.security_protocol.replace("PLAINTEXT", "SSL")
+    if opts["security_protocol"] in ("SSL", "SASL_SSL"):
+        opts["ssl_context"] = client_context(cfg.tls)
+    if cfg.sasl_mechanism:
+        opts["sasl_mechanism"] = cfg.sasl_mechanism
+        opts["sasl_plain_username"] = cfg.sasl_username
+        opts["sasl_plain_password"] = cfg.sasl_password.reveal() if cfg.sasl_password else None
+    return opts
+
+
+def producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
+    """An idempotent producer that waits for all in-sync replicas (``acks=all``)."""
+    opts = _common(cfg) | {
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": cfg.linger_ms,
+        "compression_type": None,
+    }
+    return AIOKafkaProducer(**(opts | overrides))
+
+
+def consumer(
+    cfg: KafkaConfig, *topics: str, group_id: str | None, **overrides: Any
+) -> AIOKafkaConsumer:
+    """A consumer that commits explicitly and reads only committed transactional data."""
+    opts = _common(cfg) | {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+    }
+    return AIOKafkaConsumer(*topics, **(opts | overrides))
+
+
+def admin(cfg: KafkaConfig) -> AIOKafkaAdminClient:
+    """An admin client (topics, offsets, consumer groups)."""
+    return AIOKafkaAdminClient(**_common(cfg))
+
+
+async def ensure_topics(
+    cfg: KafkaConfig, names: Iterable[str], *, partitions: int | None = None
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names created."""
+    client = admin(cfg)
+    await client.start()
+    try:
+        existing = set(await client.list_topics())
+        missing = [n for n in dict.fromkeys(names) if n not in existing]
+        if not missing:
+            return []
+        response = await client.create_topics(
+            [NewTopic(n, partitions or cfg.partitions, cfg.replication_factor) for n in missing]
+        )
+        for name, code, *rest in response.topic_errors:
+            if code not in (0, TopicAlreadyExistsError.errno):
+                error = for_code(code)
+                msg = f"creating topic {name} failed: {error.message} {rest[0] if rest else ''}"
+                raise error(msg)
+        # Metadata propagates asynchronously; wait until every new topic is visible.
+        async with asyncio.timeout(30):
+            while not set(missing) <= set(await client.list_topics()):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        log.info("created topics %s", missing)
+        return missing
+    finally:
+        await client.close()
+
+
+async def partitions(client: AIOKafkaConsumer, *topics: str) -> list[TopicPartition]:
+    """Every partition of ``topics``, from fresh cluster metadata (for manual assignment)."""
+    # The public `topics()` fetches the same metadata but returns only the names, and
+    # `partitions_for_topic()` reads a cache that manual assignment never fills.
+    cluster = await client._client.fetch_all_metadata()  # noqa: SLF001
+    return [
+        TopicPartition(topic, p)
+        for topic in topics
+        for p in sorted(cluster.partitions_for_topic(topic) or ())
+    ]
+
+
+def reader(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer outside any group, for :func:`read_range` (read committed)."""
+    return consumer(cfg, group_id=None, **overrides)
+
+
+async def read_range(
+    client: AIOKafkaConsumer,
+    ranges: Mapping[TopicPartition, tuple[int, int]],
+) -> AsyncGenerator[ConsumerRecord[bytes, bytes]]:
+    """Every record with ``start <= offset < end``, partition by partition in offset order.
+
+    ``client`` is assigned exactly the partitions with something to read. A partition
+    is done when the consumer's position reaches ``end``: a read-committed consumer never
+    sees transaction markers or aborted records, so the record at ``end - 1`` may not
+    exist. Use :func:`contextlib.aclosing` to stop early, and ``asyncio.timeout`` around
+    the loop to bound it.
+    """
+    live = {tp: end for tp, (start, end) in ranges.items() if start < end}
+    if not live:
+        return
+    client.assign(list(live))
+    for tp, (start, _) in ranges.items():
+        if tp in live:
+            client.seek(tp, start)
+    while live:
+        batch = await client.getmany(*live, timeout_ms=500)
+        for tp, records in batch.items():
+            for record in records:
+                if record.offset < live.get(tp, -1):
+                    yield record
+        live = {tp: end for tp, end in live.items() if await client.position(tp) < end}
+
+
+async def backlog(cfg: KafkaConfig, group: str, topic: str) -> int:
+    """Records of ``topic`` that consumer group ``group`` has not committed yet.
+
+    ``end - committed`` overcounts on transactional topics: every commit marker takes an
+    offset. Where that difference is non-zero, look: if no committed record follows the
+    group's offset, the group is idle on that partition.
+    """
+    client = admin(cfg)
+    await client.start()
+    total = 0
+    try:
+        async with reader(cfg) as peek:
+            tps = await partitions(peek, topic)
+            ends = await peek.end_offsets(tps)
+            begins = await peek.beginning_offsets(tps)
+            done = await client.list_consumer_group_offsets(group)
+            for tp in tps:
+                start = done[tp].offset if tp in done else begins[tp]
+                if await _any_record(peek, tp, start, ends[tp]):
+                    total += ends[tp] - start
+    finally:
+        await client.close()
+    return total
+
+
+async def _any_record(client: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int) -> bool:
+    async with contextlib.aclosing(read_range(client, {tp: (start, end)})) as records:
+        async for _ in records:
+            return True
+    return False
+
+
+async def size(cfg: KafkaConfig, *topics: str) -> int:
+    """Offsets held by ``topics`` (records, plus a marker per transaction if transactional)."""
+    async with reader(cfg) as peek:
+        tps = await partitions(peek, *topics)
+        if not tps:
+            return 0
+        ends = await peek.end_offsets(tps)
+        begins = await peek.beginning_offsets(tps)
+        return sum(ends[tp] - begins[tp] for tp in tps)
+
+
+async def whole(client: AIOKafkaConsumer, *topics: str) -> Ranges:
+    """The ranges holding every record of ``topics`` now: beginning to end."""
+    tps = await partitions(client, *topics)
+    if not tps:
+        return {}
+    begins = await client.beginning_offsets(tps)
+    ends = await client.end_offsets(tps)
+    return {tp: (begins[tp], ends[tp]) for tp in tps}

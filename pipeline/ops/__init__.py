@@ -1,0 +1,1 @@
+"""What an operator sees: the /metrics, /healthz and /readyz server, metrics and logs."""

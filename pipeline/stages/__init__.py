@@ -1,0 +1,1 @@
+"""The three long-running workers: ingest, router and sink."""

@@ -1,0 +1,18 @@
+"""Sink stage: DPS allocate for every added child, concurrently, committing safely.
+
+One job per module:
+
+- :mod:`.worker`: the loop that ties them (intake and back-pressure, commits, rebalance);
+- :mod:`.offsets`: the contiguous-prefix tracker that says which offsets may be committed;
+- :mod:`.breaker`: pauses the sink while DPS fails, one probe per backoff period;
+- :mod:`.allocator`: per-sn exclusivity, rate limit and the retry loop of one record;
+- :mod:`.outcomes`: writing allocations and DLQ records, with their ``source`` header;
+- :mod:`.recovery`: reading back the group's recorded outcomes after a crash.
+"""
+
+from pipeline.stages.sink.breaker import Breaker
+from pipeline.stages.sink.offsets import OffsetTracker
+from pipeline.stages.sink.outcomes import source_header
+from pipeline.stages.sink.worker import Sink
+
+__all__ = ["Breaker", "OffsetTracker", "Sink", "source_header"]

@@ -1,0 +1,52 @@
+"""Which offsets the sink may commit: the contiguous prefix of finished records."""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiokafka import TopicPartition
+
+__all__ = ["OffsetTracker"]
+
+
+class OffsetTracker:
+    """Per partition, the offset up to which every record's outcome is recorded."""
+
+    def __init__(self) -> None:
+        self._open: dict[TopicPartition, collections.OrderedDict[int, bool]] = {}
+        self._safe: dict[TopicPartition, int] = {}
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        """A record was handed out (offsets arrive in increasing order per partition)."""
+        self._open.setdefault(tp, collections.OrderedDict())[offset] = False
+
+    def done(self, tp: TopicPartition, offset: int) -> None:
+        """The record's outcome is recorded; advance the safe point past finished records."""
+        pending = self._open.get(tp)
+        if pending is None or offset not in pending:
+            return  # the partition was revoked meanwhile
+        pending[offset] = True
+        while pending and pending[next(iter(pending))]:
+            first, _ = pending.popitem(last=False)
+            self._safe[tp] = first + 1
+
+    def in_flight(self, tps: set[TopicPartition] | None = None) -> int:
+        """Records handed out and not finished, in ``tps`` (or everywhere)."""
+        return sum(
+            sum(1 for finished in pending.values() if not finished)
+            for tp, pending in self._open.items()
+            if tps is None or tp in tps
+        )
+
+    def take_commits(self) -> dict[TopicPartition, int]:
+        """The safe offsets that moved since the last call."""
+        out, self._safe = self._safe, {}
+        return out
+
+    def forget(self, tps: list[TopicPartition]) -> None:
+        """Drop revoked partitions."""
+        for tp in tps:
+            self._open.pop(tp, None)
+            self._safe.pop(tp, None)

@@ -1,0 +1,229 @@
+"""``pipeline schemas export``: JSON Schemas and an AsyncAPI document, generated from the code."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import orjson
+
+from pipeline import schemas as s
+from pipeline.config import Config
+
+__all__ = ["documents", "export"]
+
+log = logging.getLogger(__name__)
+
+# Every shape that crosses a wire, with the file name it is exported under.
+EXPORTED: dict[str, type[msgspec.Struct]] = {
+    "iotda.down-event": s.DownEvent,
+    "iotda.add_sub_device_response.paras": s.AddSubDeviceResponse,
+    "iotda.add_sub_device_notify.paras": s.AddSubDeviceNotify,
+    "iotda.delete_sub_device_notify.paras": s.DeleteSubDeviceNotify,
+    "iotda.delete_sub_device_response.paras": s.DeleteSubDeviceResponse,
+    "iotda.sub_device_update_status.paras": s.StatusUpdateResponse,
+    "kafka.down-event": s.DownEventRecord,
+    "kafka.added-child": s.AddedChild,
+    "kafka.failed-child": s.FailedChild,
+    "kafka.allocation": s.Allocation,
+    "kafka.allocation-failure": s.AllocationFailure,
+    "dps.token.request": s.TokenRequest,
+    "dps.token.response": s.TokenResponse,
+    "dps.allocate.request": s.AllocateRequest,
+    "dps.response": s.DpsEnvelope,
+    "dps.pvs-device": s.PvsDevice,
+}
+# Referenced by the pass-through (Raw) fields, so every document can resolve them.
+_REFERENCED = (s.DeviceInfo, s.Reason, s.PvsDevice, s.DownEvent, s.AddedChild)
+_REF = re.compile(r'"\$ref":"#/\$defs/([^"]+)"')
+
+
+def _closure(name: str, components: dict[str, Any]) -> dict[str, Any]:
+    """The components reachable from ``name``."""
+    seen: dict[str, Any] = {}
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen[current] = components[current]
+        todo.extend(_REF.findall(orjson.dumps(components[current]).decode()))
+    return dict(sorted(seen.items()))
+
+
+def _header(text: str) -> dict[str, Any]:
+    return {"type": "string", "description": text}
+
+
+def documents() -> dict[str, bytes]:
+    """File name -> content of every document in ``schemas/``."""
+    types = [*EXPORTED.values(), *_REFERENCED]
+    refs, components = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
+    out: dict[str, bytes] = {}
+    for (file, tp), ref in zip(EXPORTED.items(), refs, strict=False):
+        name = ref["$ref"].rsplit("/", 1)[1]
+        doc = {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"{file}.schema.json",
+            "title": tp.__name__,
+            "$ref": ref["$ref"],
+            "$defs": _closure(name, components),
+        }
+        out[f"{file}.schema.json"] = _dump(doc)
+    out["asyncapi.json"] = _dump(_asyncapi(components))
+    return out
+
+
+def _asyncapi(components: dict[str, Any]) -> dict[str, Any]:
+    topics = Config().kafka.topics
+    mqtt_topic = Config().mqtt.topic.replace("+", "{gateway_id}")
+
+    def message(name: str, schema: str, text: str, key: str | None, headers: Any = None) -> Any:
+        msg: dict[str, Any] = {
+            "name": name,
+            "contentType": "application/json",
+            "summary": text,
+            "payload": {"$ref": f"#/components/schemas/{schema}"},
+        }
+        if key is not None:
+            msg["bindings"] = {"kafka": {"key": {"type": ["string", "null"], "description": key}}}
+        if headers is not None:
+            msg["headers"] = headers
+        return msg
+
+    dlq_headers = {
+        "type": "object",
+        "required": ["error", "mqtt-topic", "received-at"],
+        "properties": {
+            "error": _header("Why the payload was dead-lettered, naming the field at fault"),
+            "mqtt-topic": _header("The MQTT topic it arrived on"),
+            "received-at": _header("RFC 3339 UTC with milliseconds"),
+        },
+    }
+    outcome_headers = {
+        "type": "object",
+        "properties": {
+            "source": _header("input topic/partition/offset of the record"),
+            "sink-group": _header("consumer group of the sink that wrote it"),
+        },
+    }
+    messages = {
+        "DownEventMqtt": message(
+            "DownEvent", "DownEvent", "IoTDA down event (any service); QoS 1", None
+        ),
+        "DownEventRecord": message(
+            "DownEventRecord", "DownEventRecord", "A landed down event", "gateway device_id"
+        ),
+        "DownEventDlq": {
+            "name": "DownEventDeadLetter",
+            "contentType": "application/octet-stream",
+            "summary": "The MQTT payload exactly as received",
+            "payload": {"type": "string", "format": "binary"},
+            "headers": dlq_headers,
+            "bindings": {"kafka": {"key": {"type": ["string", "null"]}}},
+        },
+        "AddedChild": message("AddedChild", "AddedChild", "A child IoTDA added", "child device_id"),
+        "FailedChild": message(
+            "FailedChild", "FailedChild", "A child IoTDA could not add", "child node_id"
+        ),
+        "Allocation": message(
+            "Allocation", "Allocation", "DPS allocated the child", "sn", outcome_headers
+        ),
+        "AllocationFailure": message(
+            "AllocationFailure",
+            "AllocationFailure",
+            "The child was not allocated: rejected, exhausted or invalid",
+            "sn",
+            outcome_headers,
+        ),
+    }
+    channels = {
+        "mqttDownEvents": {
+            "address": mqtt_topic,
+            "parameters": {"gateway_id": {"description": "the gateway's device_id"}},
+            "messages": {"DownEvent": {"$ref": "#/components/messages/DownEventMqtt"}},
+        },
+    }
+    for channel, topic, msg in (
+        ("downEvents", topics.down_events, "DownEventRecord"),
+        ("downEventsDlq", topics.down_events_dlq, "DownEventDlq"),
+        ("subdevicesAdded", topics.added, "AddedChild"),
+        ("subdevicesFailed", topics.failed, "FailedChild"),
+        ("allocations", topics.allocations, "Allocation"),
+        ("allocationsDlq", topics.allocations_dlq, "AllocationFailure"),
+    ):
+        channels[channel] = {
+            "address": topic,
+            "messages": {msg: {"$ref": f"#/components/messages/{msg}"}},
+        }
+
+    def op(action: str, channel: str, text: str) -> dict[str, Any]:
+        return {"action": action, "channel": {"$ref": f"#/channels/{channel}"}, "summary": text}
+
+    operations = {
+        "ingestReceive": op("receive", "mqttDownEvents", "ingest subscribes (QoS 1)"),
+        "ingestLand": op("send", "downEvents", "ingest lands decodable events"),
+        "ingestDeadLetter": op("send", "downEventsDlq", "ingest dead-letters the rest"),
+        "routerReceive": op("receive", "downEvents", "router reads committed"),
+        "routerAdded": op("send", "subdevicesAdded", "router, transactionally"),
+        "routerFailed": op("send", "subdevicesFailed", "router, transactionally"),
+        "sinkReceive": op("receive", "subdevicesAdded", "sink calls DPS allocate"),
+        "sinkAllocated": op("send", "allocations", "sink records successes"),
+        "sinkDeadLetter": op("send", "allocationsDlq", "sink records permanent failures"),
+    }
+    schemas = {name: _rewrite_refs(schema) for name, schema in sorted(components.items())}
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "iot-pipeline",
+            "version": "1",
+            "description": "IoTDA child-device events to EnOS DPS allocations, through Kafka.",
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages, "schemas": schemas},
+    }
+
+
+def _rewrite_refs(schema: Any) -> Any:
+    return orjson.loads(orjson.dumps(schema).replace(b'"#/$defs/', b'"#/components/schemas/'))
+
+
+def _dump(doc: Any) -> bytes:
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+
+
+def export(directory: Path, *, check: bool = False) -> int:
+    """Write ``directory`` (or, with ``check``, report whether it is stale); exit code."""
+    wanted = documents()
+    present = {p.name for p in directory.glob("*.json")} if directory.exists() else set()
+    stale = sorted(
+        name
+        for name, content in wanted.items()
+        if not (directory / name).exists() or (directory / name).read_bytes() != content
+    )
+    extra = sorted(present - wanted.keys())
+    if check:
+        if stale or extra:
+            problems = [f"{n} is out of date" for n in stale] + [
+                f"{n} is not generated" for n in extra
+            ]
+            print(  # noqa: T201
+                f"{directory}/ is stale ({'; '.join(problems)}): run `pipeline schemas export`",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{directory}/ is up to date ({len(wanted)} documents)")  # noqa: T201
+        return 0
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in extra:
+        (directory / name).unlink()
+    for name in stale:
+        (directory / name).write_bytes(wanted[name])
+    print(f"wrote {len(stale)} of {len(wanted)} documents to {directory}/")  # noqa: T201
+    return 0

@@ -1,0 +1,354 @@
+"""The DPS client over real HTTP, against the emulator and against bare servers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+
+from pipeline.config import DpsConfig, Secret
+from pipeline.dps.client import DpsClient
+from pipeline.dps.emulator import RunningEmulator, start_emulator
+from pipeline.errors import DpsRejected, DpsTransient
+from pipeline.schemas import AllocateRequest, PvsDevice
+
+ORG = "o15735524440141"
+DEVICES: list[dict[str, Any]] = [
+    {"sn": "SN-1", "group_id": "g-1", "product_key": "pk-1", "device_data": {"capacity": 12}},
+    {"sn": "SN-2", "group_id": "g-1"},
+    {"sn": "SN-NOGROUP", "group_id": None},
+]
+decode_device = msgspec.json.Decoder(PvsDevice).decode
+
+
+def dps_cfg(url: str, **changes) -> DpsConfig:
+    return msgspec.structs.replace(DpsConfig(), **({"base_url": url, "timeout": 2.0} | changes))
+
+
+async def admin(emu: RunningEmulator, method: str, path: str, payload=None):
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, f"{emu.url}{path}", json=payload) as resp,
+    ):
+        assert resp.status in (200, 204), await resp.text()
+        return await resp.json() if resp.status == 200 else None
+
+
+@pytest.fixture
+async def emulator():
+    async with await start_emulator(devices=DEVICES) as emu:
+        yield emu
+
+
+@pytest.fixture
+async def client(emulator):
+    async with DpsClient(dps_cfg(emulator.url)) as dps:
+        yield dps
+
+
+# --------------------------------------------------------------------------------------
+# Client against the emulator, over real HTTP
+
+
+async def test_allocate_returns_the_device_as_dps_sent_it(client, emulator):
+    data, request_id = await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    device = decode_device(data)
+    assert device.sn == "SN-1"
+    assert device.org_id == ORG
+    assert device.status is not None
+    assert device.status.current_status == "allocated"
+    assert device.device_data == {"capacity": 12}
+    assert request_id is not None
+    assert uuid.UUID(request_id).version == 4
+    # Raw is the data exactly as DPS returned it: re-encoding the device gives the same bytes.
+    assert bytes(data) == msgspec.json.encode(device)
+    calls = await admin(emulator, "GET", "/_emulator/calls")
+    assert [
+        (c["sn"], c["org_id"], c["device_data"], c["http_status"], c["code"]) for c in calls
+    ] == [("SN-1", ORG, None, 200, 0)]
+
+
+async def test_allocate_sends_device_data(client, emulator):
+    data, _ = await client.allocate(ORG, AllocateRequest(sn="SN-2", device_data={"scale": 1}))
+    assert decode_device(data).device_data == {"scale": 1}
+    calls = await admin(emulator, "GET", "/_emulator/calls")
+    assert [c["device_data"] for c in calls] == [{"scale": 1}]
+
+
+async def test_org_id_is_url_encoded_and_signed_raw(client, emulator):
+    org = "o 1&x=é+%"
+    data, _ = await client.allocate(org, AllocateRequest(sn="SN-1"))
+    assert decode_device(data).org_id == org
+    assert [c.org_id for c in emulator.state.calls] == [org]
+
+
+@pytest.mark.parametrize(
+    ("org_id", "sn", "code", "msg"),
+    [
+        (ORG, "SN-UNKNOWN", 35601, "Verify not pass/sn not found"),
+        (ORG, "SN-NOGROUP", 35404, "Group/Device group not found"),
+        ("", "SN-1", 35400, "OrgId/sn is required"),
+        (ORG, "", 35400, "OrgId/sn is required"),
+    ],
+)
+async def test_business_errors_are_rejected(client, org_id, sn, code, msg):
+    with pytest.raises(DpsRejected) as caught:
+        await client.allocate(org_id, AllocateRequest(sn=sn))
+    assert caught.value.code == code
+    assert caught.value.msg == msg
+    assert caught.value.retriable is False
+    assert caught.value.retry_after is None
+    assert caught.value.request_id is not None
+    assert str(caught.value) == f"DPS error {code}: {msg}"
+
+
+async def test_get_before_and_after_allocation(client):
+    before = decode_device(await client.get(ORG, "SN-2"))
+    assert before.status is not None
+    assert before.status.current_status == "init"
+    assert (before.org_id, before.region_id) == (None, None)
+    await client.allocate(ORG, AllocateRequest(sn="SN-2"))
+    after = decode_device(await client.get(ORG, "SN-2"))
+    assert after.status is not None
+    assert after.status.current_status == "allocated"
+    assert after.org_id == ORG
+    with pytest.raises(DpsRejected) as caught:
+        await client.get(ORG, "SN-UNKNOWN")
+    assert (caught.value.code, caught.value.msg) == (35601, "Verify not pass/sn not found")
+
+
+async def test_token_is_reused(client, emulator):
+    await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    await client.allocate(ORG, AllocateRequest(sn="SN-2"))
+    await client.get(ORG, "SN-1")
+    assert emulator.state.token_requests == 1
+
+
+async def test_concurrent_callers_share_one_token_request():
+    async with (
+        await start_emulator(accept_any_sn=True) as emu,
+        DpsClient(dps_cfg(emu.url)) as dps,
+    ):
+        results = await asyncio.gather(
+            *(dps.allocate(ORG, AllocateRequest(sn=f"SN-{i}")) for i in range(20))
+        )
+        assert sorted(decode_device(data).sn for data, _ in results) == sorted(
+            f"SN-{i}" for i in range(20)
+        )
+        assert emu.state.token_requests == 1
+        assert len(emu.state.calls) == 20
+
+
+async def test_token_is_refreshed_before_it_expires():
+    async with (
+        await start_emulator(devices=DEVICES, token_ttl=2) as emu,
+        DpsClient(dps_cfg(emu.url, token_refresh_margin=1.0)) as dps,
+    ):
+        await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+        await dps.allocate(ORG, AllocateRequest(sn="SN-2"))
+        assert emu.state.token_requests == 1
+        await asyncio.sleep(1.1)
+        await dps.get(ORG, "SN-1")
+        assert emu.state.token_requests == 2
+        assert len(emu.state.tokens) == 1  # the gateway handed back the unexpired token
+
+
+async def test_expired_token_is_replaced_transparently(client, emulator):
+    await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    await admin(emulator, "POST", "/_emulator/reset")  # forgets every issued token
+    data, _ = await client.allocate(ORG, AllocateRequest(sn="SN-2"))
+    assert decode_device(data).sn == "SN-2"
+    assert emulator.state.token_requests == 1
+    assert [(c.sn, c.http_status, c.code) for c in emulator.state.calls] == [
+        ("SN-2", 200, 1203),
+        ("SN-2", 200, 0),
+    ]
+
+
+async def test_token_expired_twice_is_transient():
+    async with (
+        await start_emulator(devices=DEVICES, token_ttl=0) as emu,
+        DpsClient(dps_cfg(emu.url)) as dps,
+    ):
+        with pytest.raises(DpsTransient) as caught:
+            await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+        assert caught.value.code == 1203
+        assert caught.value.msg == "access token expired (again, with a freshly fetched token)"
+        assert emu.state.token_requests == 2
+        assert [c.code for c in emu.state.calls] == [1203, 1203]
+
+
+async def test_wrong_secret_is_transient_and_never_shown(emulator):
+    secret = "s3cr3t-that-must-not-leak"
+    cfg = dps_cfg(emulator.url, app_secret=Secret(secret))
+    async with DpsClient(cfg) as dps:
+        with pytest.raises(DpsTransient) as caught:
+            await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert caught.value.code == 1003
+    assert caught.value.msg == "token request for app key demo-app-key refused: invalid encryption"
+    assert caught.value.retriable is True
+    assert secret not in str(caught.value)
+    assert secret not in repr(caught.value)
+    assert emulator.state.calls == []
+
+
+async def test_unknown_app_key_is_transient(emulator):
+    async with DpsClient(dps_cfg(emulator.url, app_key="nobody")) as dps:
+        with pytest.raises(DpsTransient) as caught:
+            await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert (caught.value.code, caught.value.msg) == (
+        1002,
+        "token request for app key nobody refused: appKey does not exist",
+    )
+
+
+async def test_throttling_is_transient_with_retry_after(client, emulator):
+    await admin(emulator, "POST", "/_emulator/faults", {"throttle_rps": 1, "retry_after": 3})
+    await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    with pytest.raises(DpsTransient) as caught:
+        await client.allocate(ORG, AllocateRequest(sn="SN-2"))
+    assert caught.value.code == 429
+    assert caught.value.msg == "Too Many Requests"
+    assert caught.value.retry_after == 3.0
+
+
+async def test_injected_server_error_is_transient(client, emulator):
+    await admin(emulator, "POST", "/_emulator/faults", {"error_rate": 1.0, "error_status": 502})
+    with pytest.raises(DpsTransient) as caught:
+        await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert (caught.value.code, caught.value.msg) == (502, "Bad Gateway")
+    assert caught.value.retry_after is None
+
+
+async def test_outage_of_the_token_service_is_transient(client, emulator):
+    await admin(emulator, "POST", "/_emulator/faults", {"outage": True})
+    with pytest.raises(DpsTransient) as caught:
+        await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert caught.value.code == 503
+    assert caught.value.msg == "token service answered HTTP 503: service unavailable"
+
+
+async def test_outage_of_dps_is_transient(client, emulator):
+    await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    await admin(emulator, "POST", "/_emulator/faults", {"outage": True})
+    with pytest.raises(DpsTransient) as caught:
+        await client.allocate(ORG, AllocateRequest(sn="SN-2"))
+    assert caught.value.code == 503
+    assert caught.value.msg == "HTTP 503 without a DPS envelope: service unavailable"
+    assert caught.value.request_id is None
+
+
+async def test_timeout_is_transient(emulator):
+    async with DpsClient(dps_cfg(emulator.url, timeout=0.2)) as dps:
+        await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+        await admin(emulator, "POST", "/_emulator/faults", {"latency_ms": 400})
+        with pytest.raises(DpsTransient) as caught:
+            await dps.allocate(ORG, AllocateRequest(sn="SN-2"))
+    host = emulator.url.removeprefix("http://")
+    assert caught.value.code is None
+    assert caught.value.msg == f"DPS allocate to {host} timed out after 0.2 s"
+    assert isinstance(caught.value.__cause__, TimeoutError)
+
+
+async def test_connection_refused_is_transient():
+    emu = await start_emulator()
+    await emu.close()
+    async with DpsClient(dps_cfg(emu.url)) as dps:
+        with pytest.raises(DpsTransient) as caught:
+            await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+    host = emu.url.removeprefix("http://")
+    assert caught.value.code is None
+    assert caught.value.msg == f"token request: connection refused by {host}"
+    assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
+
+
+async def test_client_must_be_opened():
+    dps = DpsClient(DpsConfig())
+    with pytest.raises(RuntimeError, match="async with"):
+        await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+
+
+# --------------------------------------------------------------------------------------
+# Answers the emulator never gives: a bare server
+
+
+@pytest.fixture
+async def bare_server():
+    """A gateway whose token service works and whose DPS answers whatever the test sets."""
+    answer: dict[str, web.Response] = {}
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"status": 0, "data": {"accessToken": "t", "expire": 60}})
+
+    async def device(_request: web.Request) -> web.Response:
+        return answer["device"]
+
+    app = web.Application()
+    app.router.add_post("/apim-token-service/v2.0/token/get", token)
+    app.router.add_post("/dps-service/v2.5/pvs/device", device)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield url, answer
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("response", "code", "msg", "retry_after"),
+    [
+        (lambda: web.Response(text="OK"), 200, "HTTP 200 without a DPS envelope: OK", None),
+        (
+            lambda: web.json_response({"code": 0, "msg": "OK"}),
+            200,
+            "DPS answered code 0 without data (HTTP 200)",
+            None,
+        ),
+        (
+            lambda: web.Response(
+                status=503,
+                text="<html>\n  busy\n</html>",
+                headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
+            ),
+            503,
+            "HTTP 503 without a DPS envelope: <html> busy </html>",
+            0.0,
+        ),
+    ],
+)
+async def test_unreadable_answers_are_transient(bare_server, response, code, msg, retry_after):
+    url, answer = bare_server
+    answer["device"] = response()
+    async with DpsClient(dps_cfg(url)) as dps:
+        with pytest.raises(DpsTransient) as caught:
+            await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert (caught.value.code, caught.value.msg, caught.value.retry_after) == (
+        code,
+        msg,
+        retry_after,
+    )
+
+
+async def test_unreadable_device_is_transient(bare_server):
+    url, answer = bare_server
+    answer["device"] = web.json_response({"code": 0, "data": {"groupId": "g"}})
+    async with DpsClient(dps_cfg(url)) as dps:
+        with pytest.raises(DpsTransient) as caught:
+            await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert caught.value.msg == (
+        "DPS answered code 0 with an unreadable PvsDevice: Object missing required field `sn`"
+    )
+
+
+async def test_other_client_errors_are_rejected(bare_server):
+    url, answer = bare_server
+    answer["device"] = web.json_response({"code": 400, "msg": "Bad thing"}, status=400)
+    async with DpsClient(dps_cfg(url)) as dps:
+        with pytest.raises(DpsRejected) as caught:
+            await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert (caught.value.code, caught.value.msg) == (400, "Bad thing")

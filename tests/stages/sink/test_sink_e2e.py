@@ -1,0 +1,700 @@
+"""The sink against the real Kafka and the DPS emulator over real HTTP.
+
+Children are produced straight into ``iotda.subdevices.added``; what the sink did is read
+back from ``dps.allocations`` / ``dps.allocations.dlq`` and from the emulator's call log
+(every allocate call it received, in order, with its answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import itertools
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Self
+
+import msgspec
+import orjson
+import pytest
+from aiokafka import ConsumerRecord
+
+from pipeline.config import Config, KafkaConfig
+from pipeline.dps.emulator import CallRecord, RunningEmulator, start_emulator
+from pipeline.io import kafka
+from pipeline.ops.server import Health
+from pipeline.schemas import AddedChild, Allocation, AllocationFailure, PvsDevice
+from pipeline.stages.sink import Breaker, Sink
+from pipeline.stages.sink.allocator import Allocator
+from pipeline.tools.redrive import redrive
+from tests.harness import kill, read_topic, running, spawn, terminate
+
+pytestmark = pytest.mark.services
+
+GATEWAY = "gw-e2e"
+GROUP = "group-1"
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+
+
+def child(sn: str, *, device_id: str | None = None, event_id: str = "ev-1") -> bytes:
+    """An ``iotda.subdevices.added`` value whose sn (node_id) is ``sn``."""
+    device = {"node_id": sn, "device_id": device_id or f"prod_{sn}", "product_id": "prod"}
+    return msgspec.json.encode(
+        AddedChild(
+            gateway_id=GATEWAY,
+            event_id=event_id,
+            event_time=None,
+            event_time_raw=None,
+            device=msgspec.Raw(orjson.dumps(device)),
+        )
+    )
+
+
+def key_of(value: bytes) -> bytes:
+    """The key the router gives an added child: its device_id."""
+    return str(orjson.loads(value)["device"]["device_id"]).encode()
+
+
+async def prepare(cfg: Config) -> None:
+    await kafka.ensure_topics(cfg.kafka, cfg.kafka.topics.all())
+
+
+async def produce(cfg: Config, items: Iterable[tuple[bytes | None, bytes | None]]) -> list[bytes]:
+    """Produce ``(key, value)`` records to the added topic; returns each one's source header."""
+    topic = cfg.kafka.topics.added
+    async with kafka.producer(cfg.kafka) as producer:
+        futures = [await producer.send(topic, value, key=key) for key, value in items]
+        metas = await asyncio.gather(*futures)
+    return [f"{topic}/{m.partition}/{m.offset}".encode() for m in metas]
+
+
+async def produce_children(cfg: Config, values: list[bytes]) -> list[bytes]:
+    return await produce(cfg, [(key_of(v), v) for v in values])
+
+
+def with_emulator(
+    cfg: Config,
+    emu: RunningEmulator,
+    *,
+    concurrency: int = 32,
+    retry_initial: float = 0.2,
+    retry_max: float = 2.0,
+    give_up_after: float = 3600.0,
+    timeout: float = 5.0,
+) -> Config:
+    s = cfg.sink
+    return msgspec.structs.replace(
+        cfg,
+        sink=msgspec.structs.replace(
+            s,
+            dps=msgspec.structs.replace(s.dps, base_url=emu.url, timeout=timeout),
+            concurrency=concurrency,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+            give_up_after=give_up_after,
+        ),
+    )
+
+
+async def eventually(
+    check: Callable[[], bool],
+    what: Callable[[], str],
+    *,
+    timeout: float,
+    task: asyncio.Task[None] | None = None,
+    interval: float = 0.02,
+) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if task is not None and task.done():
+            task.result()  # raise what killed the worker
+            pytest.fail(f"the worker stopped while waiting for {what()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what()}")
+        await asyncio.sleep(interval)
+
+
+class Tail:
+    """Every record of a topic from the beginning, read incrementally while a test runs."""
+
+    def __init__(self, cfg: KafkaConfig, topic: str) -> None:
+        self._consumer = kafka.consumer(cfg, group_id=None)
+        self._topic = topic
+        self.records: list[ConsumerRecord[bytes, bytes]] = []
+
+    async def __aenter__(self) -> Self:
+        await self._consumer.start()
+        tps = await kafka.partitions(self._consumer, self._topic)
+        assert tps, f"topic {self._topic} does not exist"
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def until(
+        self,
+        check: Callable[[list[ConsumerRecord[bytes, bytes]]], bool],
+        what: str,
+        *,
+        timeout: float,
+        alive: Callable[[], Awaitable[None]] | None = None,
+    ) -> list[ConsumerRecord[bytes, bytes]]:
+        deadline = time.monotonic() + timeout
+        while not check(self.records):
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout} s waiting for {what} ({self.summary()})")
+            if alive is not None:
+                await alive()
+            batch = await self._consumer.getmany(timeout_ms=100)
+            self.records.extend(r for rs in batch.values() for r in rs)
+        return self.records
+
+    def keys(self) -> set[bytes]:
+        return {r.key for r in self.records}
+
+    def summary(self) -> str:
+        return f"{len(self.records)} records, {len(self.keys())} keys in {self._topic}"
+
+
+def source_of(record: ConsumerRecord[bytes, bytes]) -> bytes:
+    sources = [bytes(v) for k, v in record.headers or () if k == "source"]
+    assert len(sources) == 1, f"expected one source header, got {record.headers}"
+    return sources[0]
+
+
+def allocations(records: list[ConsumerRecord[bytes, bytes]]) -> list[Allocation]:
+    return [msgspec.json.decode(r.value, type=Allocation) for r in records]
+
+
+def ok(call: CallRecord) -> bool:
+    return call.http_status == 200 and call.code == 0
+
+
+def ok_calls(emu: RunningEmulator) -> list[CallRecord]:
+    return [c for c in emu.state.calls if ok(c)]
+
+
+def at(call: CallRecord) -> float:
+    return dt.datetime.fromisoformat(call.at).timestamp()
+
+
+def check_allocation(
+    cfg: Config, record: ConsumerRecord[bytes, bytes], sn: str, *, attempts: int | None = 1
+) -> Allocation:
+    """An allocation record of a child made by :func:`child`, checked field by field."""
+    assert record.key == sn.encode()
+    value = msgspec.json.decode(record.value, type=Allocation)
+    assert (value.sn, value.org_id, value.device_id, value.gateway_id) == (
+        sn,
+        cfg.sink.org_id,
+        f"prod_{sn}",
+        GATEWAY,
+    )
+    if attempts is not None:
+        assert value.attempts == attempts
+    assert value.request_id
+    assert value.allocated_at.endswith("Z")
+    assert dt.datetime.fromisoformat(value.allocated_at).tzinfo is not None
+    device = msgspec.json.decode(value.device, type=PvsDevice)
+    assert (device.sn, device.org_id, device.group_id) == (sn, cfg.sink.org_id, GROUP)
+    assert device.status is not None
+    assert device.status.current_status == "allocated"
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# 1. Happy path and business errors
+
+
+async def test_allocates_every_child_and_dead_letters_rejections(cfg: Config, uid: str) -> None:
+    sns = [f"{uid}-{i:02d}" for i in range(30)]
+    unknown, no_group = sns[0], sns[1]
+    devices = [{"sn": no_group, "group_id": None}] + [
+        {"sn": sn, "group_id": GROUP} for sn in sns[2:]
+    ]
+    await prepare(cfg)
+    async with await start_emulator(devices=devices) as emu:
+        cfg = with_emulator(cfg, emu)
+        values = {sn: child(sn, event_id=f"ev-{sn}") for sn in sns}
+        sources = dict(zip(sns, await produce_children(cfg, list(values.values())), strict=True))
+        async with running(Sink(cfg, Health())):
+            got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=28)
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=2)
+        calls = list(emu.state.calls)
+
+    # DPS was asked exactly once per child, in this test's org, with the right answers.
+    assert collections.Counter(c.sn for c in calls) == dict.fromkeys(sns, 1)
+    assert {c.org_id for c in calls} == {cfg.sink.org_id}
+    assert {c.sn: (c.http_status, c.code) for c in calls} == {
+        sn: (200, {unknown: 35601, no_group: 35404}.get(sn, 0)) for sn in sns
+    }
+
+    # Exactly the successful ones are in dps.allocations, once each, with what DPS returned.
+    assert sorted(r.key for r in got) == [sn.encode() for sn in sns[2:]]
+    for record in got:
+        sn = record.key.decode()
+        value = check_allocation(cfg, record, sn)
+        assert value.event_id == f"ev-{sn}"
+        assert source_of(record) == sources[sn]
+
+    # The two rejections are dead-lettered with DPS's code and message, and the input.
+    assert sorted(r.key for r in dlq) == sorted([unknown.encode(), no_group.encode()])
+    expected = {
+        unknown: (35601, "Verify not pass/sn not found"),
+        no_group: (35404, "Group/Device group not found"),
+    }
+    for record in dlq:
+        sn = record.key.decode()
+        failure = msgspec.json.decode(record.value, type=AllocationFailure)
+        assert (failure.code, failure.msg) == expected[sn]
+        assert failure.error_kind == "rejected"
+        assert failure.attempts == 1
+        assert (failure.sn, failure.org_id, failure.device_id) == (
+            sn,
+            cfg.sink.org_id,
+            f"prod_{sn}",
+        )
+        assert (failure.gateway_id, failure.event_id) == (GATEWAY, f"ev-{sn}")
+        assert failure.request_id
+        assert failure.failed_at.endswith("Z")
+        assert bytes(failure.record) == values[sn]
+        assert source_of(record) == sources[sn]
+
+
+# --------------------------------------------------------------------------------------
+# 2. Input the sink cannot read
+
+
+async def test_unreadable_input_is_dead_lettered_as_invalid_without_calling_dps(
+    cfg: Config, uid: str
+) -> None:
+    good = f"{uid}-good"
+    empty_node = child("", device_id=f"prod_{uid}-empty")
+    inputs: list[tuple[bytes | None, bytes | None]] = [
+        (b"not-json", b"not json"),
+        (f"prod_{uid}-empty".encode(), empty_node),
+        (b"tombstone", None),
+        (f"prod_{good}".encode(), child(good)),
+    ]
+    await prepare(cfg)
+    async with await start_emulator(devices=[{"sn": good, "group_id": GROUP}]) as emu:
+        cfg = with_emulator(cfg, emu)
+        sources = await produce(cfg, inputs)
+        async with running(Sink(cfg, Health())):
+            got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1)
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=3)
+        calls = list(emu.state.calls)
+
+    assert [c.sn for c in calls] == [good]  # nothing was sent for the unreadable records
+    assert [r.key for r in got] == [good.encode()]
+    check_allocation(cfg, got[0], good)
+    by_source = {
+        source_of(r): (r.key, msgspec.json.decode(r.value, type=AllocationFailure)) for r in dlq
+    }
+    assert set(by_source) == set(sources[:3])
+    expected = [
+        (
+            b'"not json"',  # not JSON: kept readable, as a JSON string
+            "not an added-child record: JSON is malformed: invalid character (byte 4)",
+        ),
+        (empty_node, "sn: node_id is empty (sink.sn_from = 'node_id')"),
+        (b"null", "not an added-child record: the record has no value (a tombstone)"),
+    ]
+    for source, (record, msg) in zip(sources[:3], expected, strict=True):
+        key, failure = by_source[source]
+        assert key is None
+        assert (failure.error_kind, failure.code, failure.msg) == ("invalid", None, msg)
+        assert failure.attempts == 0
+        assert (failure.sn, failure.org_id, failure.device_id) == (None, None, None)
+        assert (failure.gateway_id, failure.event_id, failure.request_id) == (None, None, None)
+        assert bytes(failure.record) == record
+
+
+# --------------------------------------------------------------------------------------
+# 3. An outage in the middle of a stream
+
+
+@pytest.mark.slow
+async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
+    cfg: Config, uid: str
+) -> None:
+    total, outage = 2000, 20.0
+    concurrency, retry_max = 32, 2.0
+    sns = [f"{uid}-{i:04d}" for i in range(total)]
+    await prepare(cfg)
+    async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP} for sn in sns]) as emu:
+        cfg = with_emulator(
+            cfg, emu, concurrency=concurrency, retry_initial=0.2, retry_max=retry_max
+        )
+        health = Health()
+        async with running(Sink(cfg, health)) as task:
+            await produce_children(cfg, [child(sn) for sn in sns])
+            await eventually(
+                lambda: len(ok_calls(emu)) >= 300,
+                lambda: f"300 allocations (got {len(ok_calls(emu))})",
+                timeout=60,
+                task=task,
+                interval=0.005,
+            )
+            emu.state.set_faults({"outage": True})
+            before = len(emu.state.calls)
+            allocated_before = len(ok_calls(emu))
+            await asyncio.sleep(outage / 2)
+            ready_during = health.report()
+            await asyncio.sleep(outage / 2)
+            emu.state.set_faults({"outage": False})
+            during = emu.state.calls[before:]
+            got = await read_topic(
+                cfg.kafka, cfg.kafka.topics.allocations, expect=total, timeout=120
+            )
+            dlq = await read_topic(
+                cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0, settle=0.2
+            )
+            ready_after = health.report()
+        calls = list(emu.state.calls)
+
+    assert allocated_before < total - 500, "the outage did not hit the middle of the stream"
+    # Every call during the outage failed, and there were few: the in-flight calls, then
+    # one probe per backoff period (at least retry_max / 2 once the backoff is capped).
+    assert during, "no call reached DPS during the outage"
+    assert {(c.http_status, c.code) for c in during} == {(503, None)}
+    bound = concurrency + math.ceil(outage / (retry_max / 2)) + 10
+    assert len(during) <= bound, f"{len(during)} calls during a {outage} s outage"
+    assert ready_during == {"sink.kafka": True, "sink.dps": False}  # /readyz says why
+    assert ready_after == {"sink.kafka": True, "sink.dps": True}
+    # Everything was allocated exactly once, nothing was dead-lettered.
+    assert dlq == []
+    assert len(got) == total
+    assert {r.key for r in got} == {sn.encode() for sn in sns}
+    assert len({source_of(r) for r in got}) == total  # one outcome per input record
+    assert collections.Counter(c.sn for c in calls if ok(c)) == dict.fromkeys(sns, 1)
+    # Every call was an attempt of exactly one record: the accounting adds up.
+    assert sum(a.attempts for a in allocations(got)) == len(calls)
+    assert len(calls) - total == sum(1 for c in calls if c.http_status == 503)
+
+
+# --------------------------------------------------------------------------------------
+# 4. Throttling
+
+
+async def test_throttling_is_honoured(cfg: Config, uid: str) -> None:
+    total, rps, retry_after = 60, 20.0, 1.0
+    sns = [f"{uid}-{i:02d}" for i in range(total)]
+    await prepare(cfg)
+    async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP} for sn in sns]) as emu:
+        emu.state.set_faults({"throttle_rps": rps, "retry_after": retry_after})
+        # A short initial backoff: only Retry-After can hold the sink back for a second.
+        cfg = with_emulator(cfg, emu, retry_initial=0.05, retry_max=2.0)
+        sources = await produce_children(cfg, [child(sn) for sn in sns])
+        async with running(Sink(cfg, Health())):
+            got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=total)
+            dlq = await read_topic(
+                cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0, settle=0.2
+            )
+        calls = list(emu.state.calls)
+
+    assert dlq == []
+    assert sorted(r.key for r in got) == sorted(sn.encode() for sn in sns)
+    assert {source_of(r) for r in got} == set(sources)
+    assert collections.Counter(c.sn for c in calls if ok(c)) == dict.fromkeys(sns, 1)
+    throttled = [c for c in calls if c.http_status == 429]
+    assert throttled, "the emulator never throttled: the test proves nothing"
+    assert len(throttled) + total == len(calls)
+    assert sum(a.attempts for a in allocations(got)) == len(calls)
+    # The sink waited as told: after a 429, no new call for Retry-After seconds (calls
+    # already on the wire when it arrived land within a few ms of it).
+    times = sorted(at(c) for c in calls)
+    for call in throttled:
+        t = at(call)
+        early = [s - t for s in times if t + 0.15 < s < t + retry_after - 0.05]
+        assert not early, f"calls {early} s after a 429 asking to wait {retry_after} s"
+    # ...and it idled only because it was told to: every pause follows a 429 (a sink that
+    # kept waiting after its probe got through would show a pause after a success).
+    ordered = sorted(calls, key=at)
+    pauses = [(a, b) for a, b in itertools.pairwise(ordered) if at(b) - at(a) > retry_after / 2]
+    assert pauses, "the sink never slowed down"
+    assert all(a.http_status == 429 for a, _ in pauses), [
+        (a.http_status, at(b) - at(a)) for a, b in pauses
+    ]
+    # 60 calls through a bucket of 20 refilled at 20/s cannot take less than 2 s.
+    assert times[-1] - times[0] >= total / rps - 1 - 0.1
+
+
+# --------------------------------------------------------------------------------------
+# 5. SIGKILL mid-stream
+
+
+@contextlib.asynccontextmanager
+async def stderr_of(proc: asyncio.subprocess.Process) -> Any:
+    """Drain a worker's stderr (so it never blocks on a full pipe); yields the lines."""
+    lines: list[str] = []
+
+    async def drain() -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            lines.append(line.decode(errors="replace").rstrip())
+
+    task = asyncio.create_task(drain())
+    try:
+        yield lines
+    finally:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_stream_loses_nothing_and_repeats_at_most_the_in_flight_calls(
+    cfg: Config, uid: str
+) -> None:
+    total, concurrency = 1000, 32
+    sns = [f"{uid}-{i:04d}" for i in range(total)]
+    env = {
+        "SINK__RETRY_INITIAL": "0.2",
+        "SINK__RETRY_MAX": "2",
+        "SINK__DPS__TIMEOUT": "5",
+        "SINK__COMMIT_INTERVAL": "5",
+    }
+    await prepare(cfg)
+    async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP} for sn in sns]) as emu:
+        emu.state.set_faults({"latency_ms": 50})
+        cfg = with_emulator(cfg, emu, concurrency=concurrency)
+        first = await spawn("sink", cfg, **env)
+        async with stderr_of(first) as first_log:
+            await produce_children(cfg, [child(sn) for sn in sns])
+            await eventually(
+                lambda: len(ok_calls(emu)) >= 300 or first.returncode is not None,
+                lambda: f"300 allocations (got {len(ok_calls(emu))})",
+                timeout=90,
+            )
+            assert first.returncode is None, "\n".join(first_log)
+            await kill(first)
+        killed_at = len(ok_calls(emu))
+        assert killed_at < total - 200, "the kill did not hit the middle of the stream"
+
+        second = await spawn("sink", cfg, **env)
+        async with (
+            stderr_of(second) as second_log,
+            Tail(cfg.kafka, cfg.kafka.topics.allocations) as tail,
+        ):
+
+            async def alive() -> None:
+                assert second.returncode is None, "\n".join(second_log)
+
+            await tail.until(
+                lambda _: tail.keys() == {sn.encode() for sn in sns},
+                "every sn in dps.allocations",
+                timeout=120,
+                alive=alive,
+            )
+            assert await terminate(second) == 0, "\n".join(second_log)
+        got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=total)
+        dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0, settle=0.2)
+        calls = list(emu.state.calls)
+
+    assert not [line for line in second_log if "Traceback" in line], "\n".join(second_log)
+    assert dlq == []
+    assert {r.key for r in got} == {sn.encode() for sn in sns}
+    per_sn = collections.Counter(c.sn for c in calls if ok(c))
+    assert set(per_sn) == set(sns)
+    repeated_calls = sum(per_sn.values()) - total
+    assert repeated_calls <= concurrency, f"{repeated_calls} sns allocated again after the kill"
+    assert all(c.http_status == 200 for c in calls)
+    # An sn has more than one outcome only if DPS was really called more than once for it.
+    outcomes = collections.Counter(r.key.decode() for r in got)
+    assert len(got) - total <= concurrency
+    assert all(per_sn[sn] >= n for sn, n in outcomes.items())
+    assert all(source_of(r) for r in got)
+
+
+# --------------------------------------------------------------------------------------
+# 6. Giving up
+
+
+async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
+    cfg: Config, uid: str
+) -> None:
+    sns = [f"{uid}-{i}" for i in range(3)]
+    late = f"{uid}-late"
+    devices = [{"sn": sn, "group_id": GROUP} for sn in [*sns, late]]
+    await prepare(cfg)
+    async with await start_emulator(devices=devices) as emu:
+        emu.state.set_faults({"outage": True})
+        cfg = with_emulator(cfg, emu, retry_initial=0.2, retry_max=1.0, give_up_after=2.0)
+        values = {sn: child(sn) for sn in sns}
+        sources = dict(zip(sns, await produce_children(cfg, list(values.values())), strict=True))
+        started = time.monotonic()
+        async with running(Sink(cfg, Health())):
+            dlq = await read_topic(
+                cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=3, settle=0.5
+            )
+            elapsed = time.monotonic() - started
+            token_requests = emu.state.token_requests
+            # DPS is back: the sink must notice by itself and carry on with new records.
+            emu.state.set_faults({"outage": False})
+            await produce_children(cfg, [child(late)])
+            got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1, timeout=30)
+
+    assert elapsed >= 2.0
+    assert sorted(r.key for r in dlq) == sorted(sn.encode() for sn in sns)
+    total_attempts = 0
+    for record in dlq:
+        sn = record.key.decode()
+        failure = msgspec.json.decode(record.value, type=AllocationFailure)
+        assert failure.error_kind == "exhausted"
+        assert failure.attempts >= 2
+        # The outage answers HTTP 503 with no envelope; even the token request fails.
+        assert failure.code == 503
+        assert failure.msg == "token service answered HTTP 503: service unavailable"
+        assert (failure.sn, failure.device_id, failure.request_id) == (sn, f"prod_{sn}", None)
+        assert bytes(failure.record) == values[sn]
+        assert source_of(record) == sources[sn]
+        total_attempts += failure.attempts
+    assert total_attempts == token_requests  # every attempt reached the gateway, once
+    assert [r.key for r in got] == [late.encode()]
+    check_allocation(cfg, got[0], late)
+    assert [c.sn for c in emu.state.calls] == [late]
+
+
+# --------------------------------------------------------------------------------------
+# 7. One call at a time per sn
+
+
+async def test_never_two_calls_at_once_for_the_same_sn(cfg: Config, uid: str) -> None:
+    sn, latency = f"{uid}-same", 0.2
+    values = [
+        child(sn, device_id=f"prod_{sn}_{i}", event_id=f"ev-{i}") for i in range(5)
+    ]  # five records, one sn
+    await prepare(cfg)
+    async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP}]) as emu:
+        emu.state.set_faults({"latency_ms": latency * 1000})
+        cfg = with_emulator(cfg, emu, concurrency=32)
+        async with running(Sink(cfg, Health())) as task:
+            sources = await produce_children(cfg, values[:3])
+            # The first call is answered and the second is on the wire: more records for
+            # the same sn arrive now, while the first three are still being worked through.
+            await eventually(
+                lambda: len(emu.state.calls) >= 2,
+                lambda: f"two calls (got {len(emu.state.calls)})",
+                timeout=30,
+                task=task,
+                interval=0.005,
+            )
+            sources += await produce_children(cfg, values[3:])
+            got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=5)
+        calls = list(emu.state.calls)
+
+    assert [c.sn for c in calls] == [sn] * 5
+    assert all(ok(c) for c in calls)
+    arrivals = [at(c) for c in calls]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    # Each call is answered after `latency`; the next one may only start after that.
+    assert min(gaps) >= latency - 0.005, f"overlapping calls for {sn}: gaps {gaps}"
+    assert [r.key for r in got] == [sn.encode()] * 5
+    assert {source_of(r) for r in got} == set(sources)
+    assert sorted(a.event_id for a in allocations(got)) == [f"ev-{i}" for i in range(5)]
+    assert sorted(a.device_id for a in allocations(got)) == [f"prod_{sn}_{i}" for i in range(5)]
+
+
+# --------------------------------------------------------------------------------------
+# 8. Redrive
+
+
+async def test_redrive_after_the_missing_group_is_created(cfg: Config, uid: str) -> None:
+    fixed, unknown, fine = f"{uid}-nogroup", f"{uid}-unknown", f"{uid}-fine"
+    devices: list[dict[str, Any]] = [
+        {"sn": fixed, "group_id": None},
+        {"sn": fine, "group_id": GROUP},
+    ]
+    await prepare(cfg)
+    async with await start_emulator(devices=devices) as emu:
+        cfg = with_emulator(cfg, emu)
+        values = {sn: child(sn) for sn in (fixed, unknown, fine)}
+        await produce_children(cfg, list(values.values()))
+        async with running(Sink(cfg, Health())) as task:
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=2)
+            assert sorted(r.key for r in dlq) == sorted([fixed.encode(), unknown.encode()])
+            # The operator creates the group, then redrives the 35404s only.
+            emu.state.register([{"sn": fixed, "group_id": GROUP}])
+            assert await redrive(cfg, "allocations", codes=[35404]) == 1
+            assert not task.done()
+            got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=2)
+            assert await redrive(cfg, "allocations", codes=[35404]) == 0  # already moved
+            added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=4, settle=0.2)
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=2)
+        calls = list(emu.state.calls)
+
+    assert sorted(r.key for r in got) == sorted([fixed.encode(), fine.encode()])
+    for record in got:
+        check_allocation(cfg, record, record.key.decode())
+    assert sorted(r.key for r in dlq) == sorted([fixed.encode(), unknown.encode()])
+    # The redriven record is the input, byte for byte, keyed by its device_id again.
+    assert len(added) == 4
+    redriven = [r for r in added if "redriven-from" in dict(r.headers or ())]
+    assert [(r.key, r.value) for r in redriven] == [(f"prod_{fixed}".encode(), values[fixed])]
+    # ...and its allocation names the redriven record as its source.
+    [allocation] = [r for r in got if r.key == fixed.encode()]
+    assert (
+        source_of(allocation)
+        == f"{redriven[0].topic}/{redriven[0].partition}/{redriven[0].offset}".encode()
+    )
+    assert [(c.sn, c.code) for c in calls if c.sn == fixed] == [(fixed, 35404), (fixed, 0)]
+    assert collections.Counter(c.sn for c in calls) == {fixed: 2, unknown: 1, fine: 1}
+
+
+# --------------------------------------------------------------------------------------
+# 9. A bug while handling one record dead-letters it instead of blocking the partition
+
+
+async def test_unexpected_error_dead_letters_the_record_and_the_rest_flows(
+    cfg: Config, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad, good = f"{uid}-bad", f"{uid}-good"
+    real_map = Allocator._map
+
+    def flaky_map(self: Allocator, value: bytes | None) -> Any:
+        if value is not None and bad.encode() in value:
+            msg = "simulated bug"
+            raise RuntimeError(msg)
+        return real_map(self, value)
+
+    monkeypatch.setattr(Allocator, "_map", flaky_map)
+    await prepare(cfg)
+    async with await start_emulator(accept_any_sn=True) as emu:
+        cfg = with_emulator(cfg, emu)
+        # Same key: one partition, the bad record first.
+        await produce(cfg, [(b"k", child(bad)), (b"k", child(good))])
+        async with running(Sink(cfg, Health())):
+            got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1)
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=1)
+            async with asyncio.timeout(30):
+                while await kafka.backlog(cfg.kafka, cfg.sink.group_id, cfg.kafka.topics.added):
+                    await asyncio.sleep(0.1)
+    assert [r.key for r in got] == [good.encode()]
+    failure = msgspec.json.decode(dlq[0].value, type=AllocationFailure)
+    assert (failure.error_kind, failure.msg) == (
+        "invalid",
+        "internal error: RuntimeError('simulated bug')",
+    )
+    assert bytes(failure.record) == child(bad)
+
+
+async def test_cancelled_probe_gives_its_turn_back() -> None:
+    breaker = Breaker(0.01, 0.01, lambda _: None)
+    breaker.release(False, failed=True)
+    probe = await breaker.acquire()
+    assert probe is True
+    breaker.abandon(probe)  # e.g. cancelled at shutdown
+    assert breaker.open
+    assert await asyncio.wait_for(breaker.acquire(), 1) is True  # the next caller may probe

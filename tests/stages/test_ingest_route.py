@@ -1,0 +1,180 @@
+"""Ingest and router through the real Mosquitto and Kafka, driven by replay fixtures."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from pipeline.config import Config
+from pipeline.ops.server import Health
+from pipeline.schemas import DownEventRecord
+from pipeline.stages.ingest import Ingest
+from pipeline.stages.router import Router
+from pipeline.tools.replay import load_fixture, replay
+from tests.harness import FIXTURES, read_topic, running, wait_check
+
+pytestmark = pytest.mark.services
+
+ADD = ("$sub_device_manager", "add_sub_device_response")
+
+
+def oracle(path: Path) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """Expected (key, child JSON) of added and failed children, from plain JSON parsing."""
+    added: list[tuple[bytes, bytes]] = []
+    failed: list[tuple[bytes, bytes]] = []
+    seen: set[tuple[str, str]] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        entry = json.loads(line)
+        payload = (
+            entry["payload"]
+            if "payload" in entry
+            else json.loads(base64.b64decode(entry["payload_b64"]))
+        )
+        gateway = entry["topic"].split("/")[2]
+        for service in payload.get("services") or []:
+            if (service.get("service_id"), service.get("event_type")) != ADD:
+                continue
+            if (gateway, service["event_id"]) in seen:
+                continue  # a redelivery
+            seen.add((gateway, service["event_id"]))
+            added += [(d["device_id"].encode(), d) for d in service["paras"]["successful_devices"]]
+            failed += [(r["node_id"].encode(), r) for r in service["paras"]["failed_devices"]]
+    return sorted(added, key=lambda kv: kv[0]), sorted(failed, key=lambda kv: kv[0])
+
+
+def children(records: list[Any], field: str) -> list[tuple[bytes, object]]:
+    return sorted(((r.key, json.loads(r.value)[field]) for r in records), key=lambda kv: kv[0])
+
+
+GOOD = [
+    "seed_example.jsonl",
+    "multi_service.jsonl",
+    "several_responses.jsonl",
+    "fifty_children.jsonl",
+    "unicode_names.jsonl",
+    "null_optionals.jsonl",
+    "extra_fields.jsonl",
+    "other_events.jsonl",
+]
+
+
+@pytest.mark.parametrize("name", GOOD)
+async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: str) -> None:
+    path = FIXTURES / name
+    messages = load_fixture(path)
+    added, failed = oracle(path)
+    health = Health()
+    async with running(Ingest(cfg, health)) as task, running(Router(cfg)):
+        await wait_check(health, "ingest.mqtt", task)
+        assert await replay(cfg.mqtt, [path], topic_prefix=f"test/{uid}/", progress=False) == len(
+            messages
+        )
+        topics = cfg.kafka.topics
+        landed = await read_topic(cfg.kafka, topics.down_events, expect=len(messages))
+        got_added = await read_topic(cfg.kafka, topics.added, expect=len(added))
+        got_failed = await read_topic(cfg.kafka, topics.failed, expect=len(failed))
+    dlq = await read_topic(cfg.kafka, topics.down_events_dlq, expect=0, settle=0.2)
+    assert dlq == []
+    # Every message landed once, byte for byte, keyed by its gateway.
+    decoded = [msgspec.json.decode(r.value, type=DownEventRecord) for r in landed]
+    assert sorted(
+        (r.key, bytes(d.event), d.mqtt_topic) for r, d in zip(landed, decoded, strict=True)
+    ) == sorted(
+        (m.topic.split("/")[2].encode(), m.payload, f"test/{uid}/{m.topic}") for m in messages
+    )
+    assert children(got_added, "device") == added
+    assert children(got_failed, "reason") == failed
+    for record in got_added + got_failed:
+        value = json.loads(record.value)
+        assert set(value) >= {"gateway_id", "event_id", "event_time", "event_time_raw"}
+
+
+async def test_seed_example_exact_records(cfg: Config, uid: str) -> None:
+    health = Health()
+    async with running(Ingest(cfg, health)) as task, running(Router(cfg)):
+        await wait_check(health, "ingest.mqtt", task)
+        await replay(
+            cfg.mqtt, [FIXTURES / "seed_example.jsonl"], topic_prefix=f"test/{uid}/", progress=False
+        )
+        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=1)
+        failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed, expect=1)
+    assert [r.key for r in added] == [b"c6b39067b0325db34663d3ef421a42f6_subdevice11"]
+    value = json.loads(added[0].value)
+    assert {k: value[k] for k in ("gateway_id", "event_id", "event_time", "event_time_raw")} == {
+        "gateway_id": "gw-seed",
+        "event_id": "40cc9ab1-3579-488c-95c6-c18941c99eb4",
+        "event_time": "2015-12-12T12:12:12.000Z",
+        "event_time_raw": "20151212T121212Z",
+    }
+    assert value["device"]["node_id"] == "subdevice11"
+    assert value["device"]["parent_device_id"] is None
+    assert [r.key for r in failed] == [b"subdevice12"]
+    assert json.loads(failed[0].value)["reason"] == {
+        "node_id": "subdevice12",
+        "product_id": "c6b39067b0325db34663d3ef421a42f6",
+        "error_code": "XXX",
+        "error_msg": "XXXX",
+    }
+
+
+MALFORMED_REASONS = [
+    "payload is not valid JSON (JSON is malformed: invalid character (byte 4))",
+    "payload is empty",
+    "payload is not valid UTF-8 (invalid start byte)",
+    "payload is not a JSON object (got an array)",
+    "payload is not a JSON object (got a string)",
+    "payload is not a JSON object (got null)",
+    "services[0].event_id: missing (mandatory for add_sub_device_response)",
+    "services[0].paras: missing (mandatory for add_sub_device_response)",
+    "services[0].paras: missing (mandatory for add_sub_device_response)",
+    "services[0].paras.successful_devices: expected `array`, got `object`",
+    "services[0].paras.failed_devices: missing required field",
+    "services[0].paras.successful_devices[0].node_id: missing required field",
+    "services[0].paras.successful_devices[0].device_id: expected `str`, got `int`",
+    "services[0].paras.failed_devices[0].error_code: missing required field",
+    "services[0].paras.failed_devices[0].error_code: expected `str`, got `int`",
+    "services: expected `array | null`, got `object`",
+    "services[0].service_id: missing required field",
+    (
+        "MQTT topic 'test/{uid}/$oc/devices/gw-9/sys/messages/down' does not match "
+        "$oc/devices/{device_id}/sys/events/down"
+    ),
+]
+
+
+async def test_malformed_go_to_dlq_with_reasons(cfg: Config, uid: str) -> None:
+    path = FIXTURES / "malformed.jsonl"
+    messages = load_fixture(path)
+    assert len(messages) == len(MALFORMED_REASONS)
+    cfg = msgspec.structs.replace(
+        cfg, mqtt=msgspec.structs.replace(cfg.mqtt, topic=f"test/{uid}/$oc/devices/+/sys/#")
+    )
+    health = Health()
+    async with running(Ingest(cfg, health)) as task:
+        await wait_check(health, "ingest.mqtt", task)
+        await replay(cfg.mqtt, [path], topic_prefix=f"test/{uid}/", progress=False)
+        dlq = await read_topic(cfg.kafka, cfg.kafka.topics.down_events_dlq, expect=len(messages))
+    landed = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=0, settle=0.2)
+    assert landed == []
+    got = sorted(
+        (r.value, dict(r.headers)["error"].decode(), dict(r.headers)["mqtt-topic"].decode(), r.key)
+        for r in dlq
+    )
+    expected = sorted(
+        (
+            m.payload,
+            reason.replace("{uid}", uid),
+            f"test/{uid}/{m.topic}",
+            None if "messages/down" in m.topic else m.topic.split("/")[2].encode(),
+        )
+        for m, reason in zip(messages, MALFORMED_REASONS, strict=True)
+    )
+    assert got == expected
+    assert all(dict(r.headers)["received-at"].decode().endswith("Z") for r in dlq)
