@@ -11,6 +11,7 @@ from pipeline.errors import (
     DpsTransient,
     MappingError,
     PipelineError,
+    StageFailed,
 )
 
 __version__ = importlib.metadata.version("iot-pipeline")
@@ -25,6 +26,7 @@ __all__ = [
     "MappingError",
     "PipelineError",
     "Secret",
+    "StageFailed",
     "__version__",
     "load_config",
 ]

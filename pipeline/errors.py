@@ -10,6 +10,7 @@ __all__ = [
     "DpsTransient",
     "MappingError",
     "PipelineError",
+    "StageFailed",
 ]
 
 
@@ -17,6 +18,14 @@ class PipelineError(Exception):
     """Root of every error this package raises."""
 
     retriable: bool = False
+
+
+class StageFailed(PipelineError):
+    """A stage cannot go on safely; the process exits non-zero so the orchestrator restarts it.
+
+    Raised, for example, when a rebalance callback failed: going on without the
+    de-duplication window or the recorded outcomes would weaken the guarantees.
+    """
 
 
 class ConfigError(PipelineError):

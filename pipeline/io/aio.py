@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-__all__ = ["Backoff", "Stopped", "sleep_unless_stopped", "unless_stopped"]
+__all__ = ["Backoff", "Stopped", "first_set", "sleep_unless_stopped", "unless_stopped"]
 
 T = TypeVar("T")
 
@@ -29,6 +29,20 @@ async def unless_stopped(stopped: asyncio.Future[Any], coro: Coroutine[Any, Any,
             await task
         raise Stopped
     return task.result()
+
+
+def first_set(*events: asyncio.Event) -> asyncio.Task[None]:
+    """A task that finishes when any of ``events`` is set (cancel it when done with it)."""
+
+    async def wait() -> None:
+        waits = [asyncio.ensure_future(event.wait()) for event in events]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    return asyncio.create_task(wait())
 
 
 async def sleep_unless_stopped(stop: asyncio.Event, delay: float) -> bool:

@@ -11,14 +11,15 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from pipeline.errors import StageFailed
 from pipeline.io.tls import client_context
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Iterable, Mapping
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 
     from aiokafka import ConsumerRecord
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Ranges",
+    "Rebalance",
     "admin",
     "backlog",
     "consumer",
@@ -217,3 +219,66 @@ async def whole(client: AIOKafkaConsumer, *topics: str) -> Ranges:
     begins = await client.beginning_offsets(tps)
     ends = await client.end_offsets(tps)
     return {tp: (begins[tp], ends[tp]) for tp in tps}
+
+
+class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """A stage's rebalance callbacks, guarded.
+
+    aiokafka only logs an exception raised in a rebalance listener and carries on, so a
+    failed de-duplication rebuild or outcome read-back would silently weaken the
+    guarantees. Here a failure is kept, :attr:`failed` is set, and the stage ends with
+    :meth:`raise_if_failed` (exit non-zero: the orchestrator restarts it).
+
+    Args:
+        stage: the stage's name, for the error.
+        revoked: called with the partitions being taken away (before they go).
+        assigned: called with the partitions just given (before records are handed out).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        *,
+        revoked: Callable[[list[TopicPartition]], Awaitable[None]],
+        assigned: Callable[[list[TopicPartition]], Awaitable[None]],
+    ) -> None:
+        self._stage = stage
+        self._revoked = revoked
+        self._assigned = assigned
+        self.failed = asyncio.Event()
+        self.error: Exception | None = None
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        """Run ``revoked`` (the hook aiokafka calls), guarded."""
+        await self._guard("revoked", self._revoked, list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        """Run ``assigned`` (the hook aiokafka calls), guarded."""
+        await self._guard("assigned", self._assigned, list(assigned))
+
+    async def _guard(
+        self,
+        what: str,
+        callback: Callable[[list[TopicPartition]], Awaitable[None]],
+        tps: list[TopicPartition],
+    ) -> None:
+        try:
+            await callback(tps)
+        except Exception as exc:
+            log.error(  # noqa: TRY400  (one line: the traceback goes with StageFailed)
+                "%s: handling %s partitions %s failed (%s); stopping",
+                self._stage, what, sorted(f"{tp.topic}/{tp.partition}" for tp in tps), exc,
+            )  # fmt: skip
+            if self.error is None:
+                self.error = exc
+            self.failed.set()
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`~pipeline.errors.StageFailed` if a callback failed.
+
+        Raises:
+            StageFailed: naming the stage and the callback's error.
+        """
+        if self.error is not None:
+            msg = f"{self._stage} stopped: a rebalance callback failed: {self.error}"
+            raise StageFailed(msg) from self.error

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 __all__ = ["Health", "ops_server"]
 
@@ -18,14 +19,33 @@ log = logging.getLogger(__name__)
 
 
 class Health:
-    """Named readiness checks; ready when every registered check is true."""
+    """What the operator endpoints report: readiness checks, and each stage's progress.
 
-    def __init__(self) -> None:
+    Readiness (``/readyz``) is named checks, ready when every registered check is true; a
+    failing check can say why (``detail``), e.g. the DPS code and a hint. Liveness
+    (``/healthz``) fails when a stage has work waiting and has made no progress for
+    ``stall_after`` seconds: each stage calls :meth:`beat` when it makes progress and
+    registers, with :meth:`watch`, how to tell whether it has work waiting.
+
+    Args:
+        stall_after: seconds without progress, while work waits, after which a stage is
+            reported stalled.
+    """
+
+    def __init__(self, stall_after: float = 120.0) -> None:
         self._checks: dict[str, bool] = {}
+        self._details: dict[str, str] = {}
+        self._stall_after = stall_after
+        self._beats: dict[str, float] = {}
+        self._waiting: dict[str, Callable[[], bool]] = {}
 
-    def set(self, name: str, ok: bool) -> None:
+    def set(self, name: str, ok: bool, detail: str | None = None) -> None:
         """Record the state of one dependency (``mqtt``, ``kafka``, ``dps``...)."""
         self._checks[name] = ok
+        if ok or detail is None:
+            self._details.pop(name, None)
+        else:
+            self._details[name] = detail
 
     @property
     def ready(self) -> bool:
@@ -36,18 +56,44 @@ class Health:
         """Each check and its state."""
         return dict(self._checks)
 
+    def details(self) -> dict[str, str]:
+        """Why each failing check fails, where it said."""
+        return dict(self._details)
+
+    def watch(self, stage: str, waiting: Callable[[], bool]) -> None:
+        """Register ``stage``; ``waiting()`` tells whether it has work it has not done."""
+        self._waiting[stage] = waiting
+        self._beats[stage] = time.monotonic()
+
+    def beat(self, stage: str) -> None:
+        """``stage`` made progress."""
+        self._beats[stage] = time.monotonic()
+
+    def stalled(self) -> dict[str, float]:
+        """Stages with work waiting and no progress for ``stall_after`` s: seconds since."""
+        now = time.monotonic()
+        return {
+            stage: round(now - self._beats[stage], 1)
+            for stage, waiting in self._waiting.items()
+            if now - self._beats[stage] > self._stall_after and waiting()
+        }
+
 
 @contextlib.asynccontextmanager
 async def ops_server(host: str, port: int, health: Health) -> AsyncIterator[int]:
     """Serve the operator endpoints while the block runs; yields the bound port."""
 
     async def healthz(_: web.Request) -> web.Response:
-        # Answering at all proves the event loop is not stuck.
+        # Answering at all proves the event loop runs; a stage with work waiting and no
+        # progress for too long is stuck, and a restart is what helps.
+        if stalled := health.stalled():
+            return web.json_response({"status": "stalled", "stalled": stalled}, status=503)
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         status = 200 if health.ready else 503
-        return web.json_response({"ready": health.ready, "checks": health.report()}, status=status)
+        body = {"ready": health.ready, "checks": health.report(), "details": health.details()}
+        return web.json_response(body, status=status)
 
     app = web.Application()
     app.router.add_get("/metrics", make_aiohttp_handler())

@@ -18,13 +18,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from pipeline.core.routing import Dedup, route
 from pipeline.errors import DecodeError
 from pipeline.io import kafka
-from pipeline.io.aio import Backoff, Stopped, unless_stopped
+from pipeline.io.aio import Backoff, Stopped, first_set, unless_stopped
 from pipeline.ops.metrics import (
     ROUTER_CHILDREN,
     ROUTER_DUPLICATES,
@@ -35,7 +34,7 @@ from pipeline.ops.metrics import (
 from pipeline.schemas import utc_now
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
     from pipeline.config import Config
     from pipeline.ops.server import Health
@@ -43,23 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["Router"]
 
 log = logging.getLogger(__name__)
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        # Let the transaction in flight commit before another consumer gets the partitions.
-        async with self._router.lock:
-            log.info("router partitions revoked: %s", sorted(tp.partition for tp in revoked))
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        log.info("router partitions assigned: %s", sorted(tp.partition for tp in assigned))
-        # aiokafka may already be fetching: hold the lock so no batch is routed before
-        # the de-duplication window is re-learned.
-        async with self._router.lock:
-            await self._router.rebuild_dedup(list(assigned))
 
 
 class Router:
@@ -94,11 +76,12 @@ class Router:
         consumer = kafka.consumer(self._cfg.kafka, group_id=self._cfg.router.group_id)
         self._consumer = consumer
         async with producer, consumer:
-            consumer.subscribe([topics.down_events], listener=_Rebalance(self))
+            listener = kafka.Rebalance("router", revoked=self._revoked, assigned=self._assigned)
+            consumer.subscribe([topics.down_events], listener=listener)
             if self._health is not None:
                 self._health.set("route.kafka", True)
             log.info("router consuming %s as %s", topics.down_events, self._cfg.router.group_id)
-            stopped = asyncio.create_task(stop.wait())
+            stopped = first_set(stop, listener.failed)
             try:
                 while True:
                     batch = await unless_stopped(
@@ -112,7 +95,20 @@ class Router:
                 pass  # the transaction in flight (if any) has committed
             finally:
                 stopped.cancel()
+        listener.raise_if_failed()
         log.info("router stopped")
+
+    async def _revoked(self, revoked: list[TopicPartition]) -> None:
+        # Let the transaction in flight commit before another consumer gets the partitions.
+        async with self.lock:
+            log.info("router partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    async def _assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("router partitions assigned: %s", sorted(tp.partition for tp in assigned))
+        # aiokafka may already be fetching: hold the lock so no batch is routed before
+        # the de-duplication window is re-learned.
+        async with self.lock:
+            await self.rebuild_dedup(assigned)
 
     async def _transaction(
         self,

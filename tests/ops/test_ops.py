@@ -71,6 +71,7 @@ async def test_run_serves_ops_endpoints_logs_json_and_stops_on_sigterm(
                         "sink.kafka": True,
                         "sink.dps": True,
                     },
+                    "details": {},
                 }
             async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
                 metrics = await response.text()
