@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -35,6 +35,19 @@ __all__ = [
 
 ENV_PREFIX = "PIPELINE_"
 DEFAULT_PATH = Path("pipeline.toml")
+
+_YEAR = 365 * 24 * 3600.0
+
+# Value types with their range, checked when the configuration is loaded (one line naming
+# the key otherwise). NaN fails every bound; durations are finite.
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+"""A TCP port to connect to."""
+ListenPort = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+"""A TCP port to listen on; 0 picks a free one."""
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=_YEAR)]
+"""A positive, finite duration in seconds."""
+Count = Annotated[int, msgspec.Meta(ge=1)]
+"""A positive count."""
 
 
 class Secret:
@@ -109,6 +122,9 @@ class MqttConfig(_Section, frozen=True):
     """Seconds the broker keeps the session after a disconnect (MQTT 5)."""
     max_inflight: int = 1000
     """Messages received but not yet acknowledged (waiting for Kafka)."""
+    max_payload: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
+    """Bytes; a bigger MQTT payload is dead-lettered before decoding (IoTDA's own limit
+    is 1 MiB)."""
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
@@ -205,6 +221,8 @@ class MetricsConfig(_Section, frozen=True):
     route_port: int = 9102
     sink_port: int = 9103
     run_port: int = 9100
+    stall_after: Seconds = 120.0
+    """``/healthz`` fails when a stage has work waiting and no progress for this long."""
 
 
 class Config(_Section, frozen=True):
