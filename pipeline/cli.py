@@ -138,7 +138,7 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    health = Health()
+    health = Health(cfg.metrics.stall_after)
     stages: tuple[str, ...] = args.stages
     factories = _stage_factories()
     port = getattr(cfg.metrics, f"{args.command}_port")

@@ -162,6 +162,11 @@ class KafkaConfig(_Section, frozen=True):
     replication_factor: int = 1
     linger_ms: int = 5
     request_timeout: float = 30.0
+    max_record_size: Annotated[int, msgspec.Meta(ge=64 * 1024, le=64 * 1024 * 1024)] = (
+        2 * 1024 * 1024
+    )
+    """Bytes: the producer's ``max_request_size``, and ``max.message.bytes`` of the topics
+    the pipeline creates (room for an ``mqtt.max_payload`` event plus its envelope)."""
 
 
 class RouterConfig(_Section, frozen=True):

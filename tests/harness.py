@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -186,3 +187,58 @@ async def wait_readyz(port: int, proc: asyncio.subprocess.Process) -> None:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.1)
+
+
+@dataclasses.dataclass
+class PrivateKafka:
+    """A Kafka broker of one test's own (deploy/local/kafka.sh in a temporary state dir)."""
+
+    state: Path
+    port: int
+    controller_port: int
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _env(self) -> dict[str, str]:
+        return os.environ | {
+            "PIPELINE_LOCAL_STATE": str(self.state),
+            "PIPELINE_LOCAL_KAFKA_PORT": str(self.port),
+            "PIPELINE_LOCAL_KAFKA_CONTROLLER_PORT": str(self.controller_port),
+        }
+
+    async def start(self) -> None:
+        script = ROOT / "deploy" / "local" / "kafka.sh"
+        proc = await asyncio.create_subprocess_exec(
+            str(script), "start", env=self._env(), stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+
+    def kill(self) -> None:
+        """SIGKILL the broker: no shutdown code runs."""
+        pid = int((self.state / "kafka" / "kafka.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            while True:  # until it is gone
+                os.kill(pid, 0)
+                time.sleep(0.05)
+
+    async def stop(self) -> None:
+        script = ROOT / "deploy" / "local" / "kafka.sh"
+        proc = await asyncio.create_subprocess_exec(
+            str(script), "stop", env=self._env(), stderr=asyncio.subprocess.DEVNULL
+        )
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def private_kafka(tmp: Path) -> AsyncIterator[PrivateKafka]:
+    """A fresh single-node Kafka for tests that stop or reconfigure their broker."""
+    broker = PrivateKafka(tmp, free_port(), free_port())
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.stop()

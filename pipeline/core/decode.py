@@ -1,8 +1,11 @@
 """Decode and validate IoTDA down events: pure functions, no I/O.
 
 Every payload either decodes into a :class:`DownEvent` or raises :class:`DecodeError`
-whose message names the field at fault, in the form a person can act on:
-``services[0].paras.successful_devices[1].node_id: missing required field``.
+whose message names the problem in the form a person can act on:
+``services[0].paras.successful_devices[1].node_id: missing required field``,
+``payload starts with a UTF-8 byte-order mark``, ``payload contains NaN or Infinity``,
+``payload nests deeper than the decoder allows``... No other exception escapes, whatever
+the bytes (a property test holds this, depth and size included).
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ import re
 
 import msgspec
 
-from pipeline.core.problems import explain
+from pipeline.core.problems import explain, malformed
 from pipeline.errors import DecodeError
 from pipeline.schemas import ADD_RESPONSE, PARAS, SUB_DEVICE_MANAGER, DownEvent, ServiceEvent
 
-__all__ = ["KNOWN_EVENTS", "decode_down", "gateway_from_topic", "service_label"]
+__all__ = ["KNOWN_EVENTS", "decode_down", "gateway_from_topic", "json_problem", "service_label"]
 
 _DOWN_TOPIC = re.compile(r"(?:^|/)\$oc/devices/([^/]+)/sys/events/down$")
 
@@ -64,25 +67,62 @@ def decode_down(payload: bytes) -> DownEvent:
     counted and skipped downstream, never dead-lettered.
 
     Raises:
-        DecodeError: the payload is empty, not UTF-8, not JSON, not an object, or breaks
-            the documented types or mandatory fields of an add_sub_device_response.
+        DecodeError: the payload is empty, not UTF-8, not JSON, not an object, nests too
+            deeply, or breaks the documented types or mandatory fields of an
+            add_sub_device_response.
     """
     if not payload.strip():
-        raise DecodeError("payload is empty")
+        raise DecodeError("payload is empty" if not payload else "payload is only whitespace")
+    if (problem := _encoding_problem(payload)) is not None:
+        raise DecodeError(problem)
     try:
         event = _ENVELOPE.decode(payload)
     except msgspec.ValidationError as exc:
         raise DecodeError(_explain(exc, "")) from None
     except msgspec.DecodeError as exc:
-        msg = f"payload is not valid JSON ({exc})"
-        raise DecodeError(msg) from None
-    except UnicodeDecodeError as exc:
-        msg = f"payload is not valid UTF-8 ({exc.reason})"
-        raise DecodeError(msg) from None
+        raise DecodeError(json_problem(exc, payload)) from None
+    except RecursionError:
+        raise DecodeError(_TOO_DEEP) from None
     for i, service in enumerate(event.services or ()):
         if (service.service_id, service.event_type) == (SUB_DEVICE_MANAGER, ADD_RESPONSE):
             _validate_add_response(i, service)
     return event
+
+
+_TOO_DEEP = "payload nests deeper than the decoder allows (about 1,000 levels)"
+_BOMS = {
+    b"\xef\xbb\xbf": "payload starts with a UTF-8 byte-order mark, which JSON does not allow",
+    b"\xff\xfe": "payload is UTF-16 (little-endian byte-order mark), not UTF-8",
+    b"\xfe\xff": "payload is UTF-16 (big-endian byte-order mark), not UTF-8",
+}
+
+
+def _encoding_problem(payload: bytes) -> str | None:
+    for bom, problem in _BOMS.items():
+        if payload.startswith(bom):
+            return problem
+    if payload.isascii():
+        return None
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"payload is not valid UTF-8 (byte {exc.start}: {exc.reason})"
+    return None
+
+
+def json_problem(exc: msgspec.DecodeError, payload: bytes) -> str:
+    """What is wrong with ``payload``'s JSON syntax, in words, from msgspec's error."""
+    what, byte = malformed(exc)
+    if byte is not None and what == "invalid character":
+        rest = payload[byte : byte + 9]
+        if rest.startswith((b"NaN", b"Infinity", b"-Infinity")):
+            return f"payload contains NaN or Infinity, which JSON does not allow (byte {byte})"
+    if what == "trailing characters" and byte is not None:
+        # msgspec points one byte past the first trailing one (pinned in test_problems).
+        return f"payload has data after the JSON value (from byte {byte - 1})"
+    if what == "truncated":
+        return "payload is not valid JSON (it ends before the JSON value does)"
+    return f"payload is not valid JSON ({what}{f' at byte {byte}' if byte is not None else ''})"
 
 
 def _validate_add_response(i: int, service: ServiceEvent) -> None:
@@ -96,6 +136,5 @@ def _validate_add_response(i: int, service: ServiceEvent) -> None:
         _ADD_DECODER.decode(service.paras)
     except msgspec.ValidationError as exc:
         raise DecodeError(_explain(exc, f".services[{i}].paras")) from None
-    except UnicodeDecodeError as exc:
-        msg = f"services[{i}].paras: not valid UTF-8 ({exc.reason})"
-        raise DecodeError(msg) from None
+    except RecursionError:
+        raise DecodeError(_TOO_DEEP) from None

@@ -107,6 +107,9 @@ class Mapper:
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
             msg = f"not an added-child record: {exc}"
             raise MappingError(msg) from None
+        except RecursionError:
+            msg = "not an added-child record: it nests deeper than the decoder allows"
+            raise MappingError(msg) from None
         sn = self._sn(device)
         org_id = self._org_overrides.get(device.product_id or "", self._org_id)
         data: dict[str, Any] = {}

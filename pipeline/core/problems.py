@@ -14,11 +14,12 @@ from typing import Literal, NamedTuple
 
 import msgspec
 
-__all__ = ["Problem", "explain"]
+__all__ = ["Malformed", "Problem", "explain", "malformed"]
 
 _LOCATED = re.compile(r"^(?P<reason>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _FIELD = re.compile(r"^Object (?P<what>missing required|contains unknown) field `(?P<name>[^`]+)`$")
 _GOT = re.compile(r"got `(?P<type>\w+)`")
+_MALFORMED = re.compile(r"^JSON is malformed: (?P<what>.*?)(?: \(byte (?P<byte>\d+)\))?$")
 _JSON_TYPES = {"array": "an array", "str": "a string", "int": "a number", "float": "a number",
                "bool": "a boolean", "null": "null", "object": "an object"}  # fmt: skip
 
@@ -64,3 +65,23 @@ def explain(exc: msgspec.ValidationError, prefix: str = "") -> Problem:
         kind = "invalid"
         reason = reason[:1].lower() + reason[1:]
     return Problem(path.lstrip("."), kind, reason)
+
+
+class Malformed(NamedTuple):
+    """Why msgspec could not parse a JSON document, and where."""
+
+    what: str
+    """``invalid character``, ``trailing characters``, ``truncated``, ..."""
+    byte: int | None
+    """The offset msgspec points at, when it does."""
+
+
+def malformed(exc: msgspec.DecodeError) -> Malformed:
+    """Read one msgspec JSON decode (syntax) error."""
+    text = str(exc)
+    if text == "Input data was truncated":
+        return Malformed("truncated", None)
+    match = _MALFORMED.match(text)
+    if match is None:
+        return Malformed(text, None)
+    return Malformed(match["what"], int(match["byte"]) if match["byte"] else None)

@@ -118,6 +118,9 @@ def route(value: bytes) -> Routed:
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         msg = f"not a down-event record: {exc}"
         raise DecodeError(msg) from None
+    except RecursionError:
+        msg = "not a down-event record: it nests deeper than the decoder allows"
+        raise DecodeError(msg) from None
     return Routed(record.gateway_id, record.mqtt_topic, responses, skipped)
 
 

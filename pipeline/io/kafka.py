@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from pipeline.errors import StageFailed
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from pipeline.config import KafkaConfig
 
 __all__ = [
+    "Liveness",
     "Ranges",
     "Rebalance",
     "admin",
@@ -36,6 +38,7 @@ __all__ = [
     "producer",
     "read_range",
     "reader",
+    "record_limit",
     "size",
     "whole",
 ]
@@ -72,6 +75,7 @@ def producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
         "enable_idempotence": True,
         "linger_ms": cfg.linger_ms,
         "compression_type": None,
+        "max_request_size": cfg.max_record_size,
     }
     return AIOKafkaProducer(**(opts | overrides))
 
@@ -85,13 +89,14 @@ def consumer(
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
+        "max_partition_fetch_bytes": cfg.max_record_size,
     }
     return AIOKafkaConsumer(*topics, **(opts | overrides))
 
 
-def admin(cfg: KafkaConfig) -> AIOKafkaAdminClient:
+def admin(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaAdminClient:
     """An admin client (topics, offsets, consumer groups)."""
-    return AIOKafkaAdminClient(**_common(cfg))
+    return AIOKafkaAdminClient(**(_common(cfg) | overrides))
 
 
 async def ensure_topics(
@@ -105,8 +110,16 @@ async def ensure_topics(
         missing = [n for n in dict.fromkeys(names) if n not in existing]
         if not missing:
             return []
+        # Records up to max_record_size (a 1 MiB event plus its envelope); the broker's
+        # default (about 1 MB) would refuse the biggest events IoTDA can send.
+        configs = {"max.message.bytes": str(cfg.max_record_size)}
         response = await client.create_topics(
-            [NewTopic(n, partitions or cfg.partitions, cfg.replication_factor) for n in missing]
+            [
+                NewTopic(
+                    n, partitions or cfg.partitions, cfg.replication_factor, topic_configs=configs
+                )
+                for n in missing
+            ]
         )
         for name, code, *rest in response.topic_errors:
             if code not in (0, TopicAlreadyExistsError.errno):
@@ -121,6 +134,31 @@ async def ensure_topics(
         return missing
     finally:
         await client.close()
+
+
+async def record_limit(cfg: KafkaConfig, topics: Iterable[str]) -> int:
+    """The biggest record every one of ``topics`` takes.
+
+    That is ``kafka.max_record_size``, or less where a topic's ``max.message.bytes`` is
+    lower (a topic the pipeline did not create, or one changed since).
+    """
+    client = admin(cfg)
+    await client.start()
+    try:
+        wanted = {"max.message.bytes": None}
+        responses = await client.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, configs=wanted) for name in topics]
+        )
+    finally:
+        await client.close()
+    limit = cfg.max_record_size
+    for response in responses:
+        for error, _, _, name, entries in response.resources:
+            for key, value, *_ in entries if not error else ():
+                if key == "max.message.bytes" and int(value) < limit:
+                    log.info("topic %s takes records up to %s bytes", name, value)
+                    limit = int(value)
+    return limit
 
 
 async def partitions(client: AIOKafkaConsumer, *topics: str) -> list[TopicPartition]:
@@ -282,3 +320,80 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if self.error is not None:
             msg = f"{self._stage} stopped: a rebalance callback failed: {self.error}"
             raise StageFailed(msg) from self.error
+
+
+class Liveness:
+    """Asks the cluster for its metadata every few seconds; says when Kafka is lost and back.
+
+    aiokafka's clients reconnect by themselves and raise nothing while idle, so without
+    this a worker would look ready through a whole outage. ``on_change(ok, reason)`` is
+    called when the answer changes (and once at the start); the stage turns it into its
+    readiness check. The pipeline's own words go to the log once per change: a warning
+    when Kafka is lost, an info line when it answers again.
+
+    Args:
+        cfg: the Kafka configuration.
+        stage: whose connection this is (for the log).
+        on_change: told ``(True, None)`` or ``(False, reason)``.
+        interval: seconds between checks.
+        timeout: seconds a check may take before Kafka counts as lost.
+    """
+
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        stage: str,
+        on_change: Callable[[bool, str | None], None],
+        *,
+        interval: float = 5.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self._cfg = cfg
+        self._stage = stage
+        self._on_change = on_change
+        self._interval = interval
+        self._timeout = timeout
+        self.ok: bool | None = None
+        self._client: AIOKafkaAdminClient | None = None
+
+    async def run(self) -> None:
+        """Check until cancelled."""
+        try:
+            while True:
+                self._report(await self._check())
+                await asyncio.sleep(self._interval)
+        finally:
+            if self._client is not None:
+                await self._client.close()
+
+    async def _check(self) -> str | None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._client is None:
+                    client = admin(self._cfg, request_timeout_ms=int(self._timeout * 1000))
+                    try:
+                        await client.start()
+                    except BaseException:
+                        await client.close()
+                        raise
+                    self._client = client
+                await self._client.describe_cluster()
+        except TimeoutError:
+            return f"no answer within {self._timeout:g} s"
+        except Exception as exc:  # any failure to answer is the same news: not reachable
+            return str(exc) or type(exc).__name__
+        return None
+
+    def _report(self, reason: str | None) -> None:
+        ok = reason is None
+        if ok == self.ok:
+            return
+        where = self._cfg.bootstrap_servers
+        if not ok:
+            log.warning(
+                "%s: Kafka at %s is not reachable (%s); waiting for it", self._stage, where, reason
+            )
+        elif self.ok is False:
+            log.info("%s: Kafka at %s answers again", self._stage, where)
+        self.ok = ok
+        self._on_change(ok, reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import hmac
@@ -11,13 +12,25 @@ from typing import TYPE_CHECKING
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pipeline.io.tls import client_context
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipeline.config import MqttConfig
 
-__all__ = ["ack", "connect", "iotda_credentials", "manual_ack", "subscription_topic"]
+__all__ = [
+    "InOrderAcks",
+    "Received",
+    "ack",
+    "connect",
+    "iotda_credentials",
+    "manual_ack",
+    "subscribe",
+    "subscription_topic",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +55,22 @@ def iotda_credentials(
 def subscription_topic(cfg: MqttConfig) -> str:
     """The filter to subscribe to, as a shared subscription when a group is configured."""
     return f"$share/{cfg.shared_group}/{cfg.topic}" if cfg.shared_group else cfg.topic
+
+
+async def subscribe(client: aiomqtt.Client, cfg: MqttConfig) -> str:
+    """Subscribe ``client`` to the configured events; returns the filter subscribed to.
+
+    With MQTT 5, retained messages are sent only for a new subscription (retain handling
+    1), so a stale retained event is not handed back on every reconnect of the
+    persistent session. (IoTDA itself sends no retained messages.)
+    """
+    topic = subscription_topic(cfg)
+    if cfg.protocol == "5":
+        options = SubscribeOptions(qos=cfg.qos, retainHandling=1)
+        await client.subscribe(topic, options=options)
+    else:
+        await client.subscribe(topic, qos=cfg.qos)
+    return topic
 
 
 def connect(
@@ -107,3 +136,55 @@ def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
     """Acknowledge ``message`` to the broker (PUBACK); QoS 0 messages need none."""
     if message.qos > 0:
         client._client.ack(message.mid, message.qos)  # noqa: SLF001
+
+
+class Received:
+    """A message waiting in :class:`InOrderAcks` until it is safe."""
+
+    __slots__ = ("done", "message")
+
+    def __init__(self, message: aiomqtt.Message) -> None:
+        self.message = message
+        self.done = False
+
+
+class InOrderAcks:
+    """Acknowledges QoS 1 messages in the order they were received, each once it is safe.
+
+    MQTT requires PUBACKs in the order the PUBLISHes arrived ([MQTT-4.6.0-2]); Kafka
+    acknowledges records in its own order (partitions complete independently). So a
+    message whose record Kafka has taken waits here until every message received before
+    it is safe too; then the contiguous prefix is acknowledged. One per connection: a new
+    connection starts a new window (the broker redelivers what was never acknowledged).
+
+    Args:
+        acknowledge: sends the PUBACK of one message (``functools.partial(ack, client)``).
+    """
+
+    def __init__(self, acknowledge: Callable[[aiomqtt.Message], None]) -> None:
+        self._acknowledge = acknowledge
+        self._window: collections.deque[Received] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._window)
+
+    def received(self, message: aiomqtt.Message) -> Received:
+        """A message arrived; returns its token for :meth:`done`."""
+        token = Received(message)
+        if message.qos > 0:  # QoS 0 needs no acknowledgement: nothing to wait for
+            self._window.append(token)
+        return token
+
+    def done(self, token: Received) -> int:
+        """The message of ``token`` is safe; returns how many messages were acknowledged."""
+        token.done = True
+        acked = 0
+        window = self._window
+        while window and window[0].done:
+            message = window.popleft().message
+            try:
+                self._acknowledge(message)
+            except Exception as exc:  # the connection is gone: the broker will redeliver
+                log.debug("could not acknowledge mid %d: %s", message.mid, exc)
+            acked += 1
+        return acked

@@ -21,6 +21,7 @@ __all__ = [
     "SINK_OUTCOMES",
     "SINK_PAUSED",
     "SINK_RETRIES",
+    "UNEXPECTED_ERRORS",
 ]
 
 INGEST_MESSAGES = Counter(
@@ -57,3 +58,9 @@ SINK_OUTCOMES = Counter("pipeline_sink_outcomes", "Records finished", ["outcome"
 SINK_RETRIES = Counter("pipeline_sink_retries", "Allocate attempts that will be retried")
 SINK_INFLIGHT = Gauge("pipeline_sink_inflight", "Records being allocated")
 SINK_PAUSED = Gauge("pipeline_sink_paused", "1 while consumption is paused because DPS is failing")
+
+UNEXPECTED_ERRORS = Counter(
+    "pipeline_unexpected_errors",
+    "Bugs met while handling one message or record (it was dead-lettered; the stage went on)",
+    ["stage"],
+)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from pipeline.core.routing import Dedup, route
-from pipeline.errors import DecodeError
+from pipeline.errors import DecodeError, StageFailed
 from pipeline.io import kafka
 from pipeline.io.aio import Backoff, Stopped, first_set, unless_stopped
 from pipeline.ops.metrics import (
@@ -30,10 +31,13 @@ from pipeline.ops.metrics import (
     ROUTER_RECORDS,
     ROUTER_SKIPPED,
     ROUTER_TRANSACTIONS,
+    UNEXPECTED_ERRORS,
 )
 from pipeline.schemas import utc_now
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
     from pipeline.config import Config
@@ -44,12 +48,22 @@ __all__ = ["Router"]
 log = logging.getLogger(__name__)
 
 
+class _Batch:
+    """What one transaction routes: child and DLQ sends, and what to remember on commit."""
+
+    def __init__(self) -> None:
+        self.sends: list[asyncio.Future[object]] = []
+        self.seen: dict[tuple[str, str], int] = {}
+        """(gateway, event_id) -> record timestamp, for the pairs this transaction routes."""
+        self.counts: collections.Counter[str] = collections.Counter()
+
+
 class Router:
     """The router worker.
 
     Args:
         cfg: the whole configuration (``kafka`` and ``router`` sections are used).
-        health: readiness checks to keep up to date (``kafka``).
+        health: readiness checks to keep up to date (``kafka``) and progress.
     """
 
     def __init__(self, cfg: Config, health: Health | None = None) -> None:
@@ -60,8 +74,15 @@ class Router:
         self._dedup = Dedup(cfg.router.dedup_window, cfg.router.dedup_max_entries)
         self._retry = Backoff(0.5, 10.0)
         self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._busy = False
         if health is not None:
             health.set("route.kafka", False)
+            health.watch("route", lambda: self._busy)
+
+    def _kafka_state(self, ok: bool, reason: str | None) -> None:
+        if self._health is not None:
+            self._health.set("route.kafka", ok, reason)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; the transaction in flight finishes first."""
@@ -70,17 +91,15 @@ class Router:
             self._cfg.kafka,
             [topics.down_events, topics.added, topics.failed, topics.down_events_dlq],
         )
-        producer = kafka.producer(
-            self._cfg.kafka, transactional_id=self._cfg.router.transactional_id
-        )
         consumer = kafka.consumer(self._cfg.kafka, group_id=self._cfg.router.group_id)
         self._consumer = consumer
-        async with producer, consumer:
+        liveness = kafka.Liveness(self._cfg.kafka, "router", self._kafka_state)
+        async with consumer, self._transactional() as producer:
+            self._producer = producer
             listener = kafka.Rebalance("router", revoked=self._revoked, assigned=self._assigned)
             consumer.subscribe([topics.down_events], listener=listener)
-            if self._health is not None:
-                self._health.set("route.kafka", True)
             log.info("router consuming %s as %s", topics.down_events, self._cfg.router.group_id)
+            watcher = asyncio.create_task(liveness.run(), name="router.kafka-liveness")
             stopped = first_set(stop, listener.failed)
             try:
                 while True:
@@ -88,15 +107,54 @@ class Router:
                         stopped,
                         consumer.getmany(timeout_ms=1000, max_records=self._cfg.router.batch_max),
                     )
+                    self._beat()
                     if batch:
                         async with self.lock:
-                            await self._transaction(producer, consumer, batch)
+                            self._busy = True
+                            await self._transaction(consumer, batch)
+                            self._busy = False
+                            self._beat()
             except Stopped:
                 pass  # the transaction in flight (if any) has committed
             finally:
                 stopped.cancel()
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
         listener.raise_if_failed()
         log.info("router stopped")
+
+    def _beat(self) -> None:
+        if self._health is not None:
+            self._health.beat("route")
+
+    @contextlib.asynccontextmanager
+    async def _transactional(self) -> AsyncIterator[AIOKafkaProducer]:
+        producer = kafka.producer(
+            self._cfg.kafka, transactional_id=self._cfg.router.transactional_id
+        )
+        await producer.start()
+        self._producer = producer
+        try:
+            yield producer
+        finally:
+            await self._producer.stop()
+
+    async def _renew_producer(self) -> None:
+        """Replace the transactional producer after Kafka refused one of its sends.
+
+        aiokafka's producer cannot be trusted after that: its sequence numbers are off and
+        later records would be lost. A new one with the same transactional id fences the old.
+        """
+        old = self._producer
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.stop()
+        producer = kafka.producer(
+            self._cfg.kafka, transactional_id=self._cfg.router.transactional_id
+        )
+        await producer.start()
+        self._producer = producer
 
     async def _revoked(self, revoked: list[TopicPartition]) -> None:
         # Let the transaction in flight commit before another consumer gets the partitions.
@@ -111,23 +169,12 @@ class Router:
             await self.rebuild_dedup(assigned)
 
     async def _transaction(
-        self,
-        producer: AIOKafkaProducer,
-        consumer: AIOKafkaConsumer,
-        batch: dict[TopicPartition, list[ConsumerRecord]],
+        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]
     ) -> None:
-        # (gateway, event_id) -> record timestamp, for the pairs this batch routes.
-        pending: dict[tuple[str, str], int] = {}
-        counts: collections.Counter[str] = collections.Counter()
+        records = [record for partition in batch.values() for record in partition]
+        offsets = {tp: partition[-1].offset + 1 for tp, partition in batch.items()}
         try:
-            async with producer.transaction():
-                for records in batch.values():
-                    for record in records:
-                        await self._route_one(producer, record, pending, counts)
-                await producer.send_offsets_to_transaction(
-                    {tp: records[-1].offset + 1 for tp, records in batch.items()},
-                    self._cfg.router.group_id,
-                )
+            await self._commit(records, offsets)
         except ProducerFenced:
             log.exception(
                 "another router took over transactional id %s; stopping",
@@ -136,59 +183,125 @@ class Router:
             raise
         except KafkaError as exc:
             ROUTER_TRANSACTIONS.labels("aborted").inc()
-            delay = self._retry.next()
+            if exc.retriable:
+                delay = self._retry.next()
+                log.warning(
+                    "transaction aborted (%s); the batch will be read again in %.1f s", exc, delay
+                )
+                for tp, partition in batch.items():
+                    consumer.seek(tp, partition[0].offset)
+                await asyncio.sleep(delay)
+                return
             log.warning(
-                "transaction aborted (%s); the batch will be read again in %.1f s", exc, delay
+                "Kafka refused the transaction (%s): routing the batch one record at a time", exc
             )
-            for tp, records in batch.items():
-                consumer.seek(tp, records[0].offset)
-            await asyncio.sleep(delay)
+            await self._renew_producer()
+            await self._one_by_one(consumer, batch)
             return
         self._retry.reset()
+
+    async def _commit(
+        self, records: list[ConsumerRecord], offsets: dict[TopicPartition, int]
+    ) -> None:
+        """Route ``records`` and move ``offsets`` in one transaction."""
+        producer = self._producer
+        assert producer is not None  # noqa: S101  (run() sets it first)
+        batch = _Batch()
+        async with producer.transaction():
+            for record in records:
+                await self._route_one(producer, record, batch)
+            # aiokafka commits a transaction even when a send in it failed (the record is
+            # then lost): wait for every send, so a failure aborts the transaction instead.
+            await asyncio.gather(*batch.sends)
+            await producer.send_offsets_to_transaction(offsets, self._cfg.router.group_id)
         ROUTER_TRANSACTIONS.labels("committed").inc()
-        for key, at_ms in pending.items():
+        for key, at_ms in batch.seen.items():
             self._dedup.add(key, at_ms)
-        for name, n in counts.items():
+        for name, n in batch.counts.items():
             ROUTER_CHILDREN.labels(name).inc(n)
 
-    async def _route_one(
-        self,
-        producer: AIOKafkaProducer,
-        record: ConsumerRecord,
-        pending: dict[tuple[str, str], int],
-        counts: collections.Counter[str],
+    async def _one_by_one(
+        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]
     ) -> None:
-        topics = self._topics
+        """One transaction per record; the one Kafka will not take goes to the DLQ."""
+        for tp, partition in batch.items():
+            for record in partition:
+                try:
+                    await self._commit([record], {tp: record.offset + 1})
+                except ProducerFenced:
+                    raise
+                except KafkaError as exc:
+                    if exc.retriable:  # later: read this partition again from here
+                        consumer.seek(tp, record.offset)
+                        break
+                    await self._renew_producer()
+                    await self._refused(tp, record, exc)
+
+    async def _refused(self, tp: TopicPartition, record: ConsumerRecord, exc: KafkaError) -> None:
+        """Dead-letter the input whose outputs Kafka refused, in its own transaction."""
+        producer = self._producer
+        assert producer is not None  # noqa: S101
+        reason = f"router: Kafka refused the child records of this event: {exc}"
+        log.error(reason, extra=_where(record))
+        ROUTER_RECORDS.labels("dlq").inc()
+        try:
+            async with producer.transaction():
+                sent = await self._dead_letter(producer, record, reason)
+                await sent
+                await producer.send_offsets_to_transaction(
+                    {tp: record.offset + 1}, self._cfg.router.group_id
+                )
+        except KafkaError as again:
+            where = f"{tp.topic}/{tp.partition}/{record.offset}"
+            msg = f"Kafka refused even the DLQ record for {where}: {again}"
+            raise StageFailed(msg) from again
+
+    async def _dead_letter(
+        self, producer: AIOKafkaProducer, record: ConsumerRecord, reason: str
+    ) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = await producer.send(
+            self._topics.down_events_dlq,
+            record.value,
+            key=record.key,
+            headers=[("error", reason.encode()), ("received-at", utc_now().encode())],
+        )
+        return future
+
+    async def _route_one(
+        self, producer: AIOKafkaProducer, record: ConsumerRecord, batch: _Batch
+    ) -> None:
         try:
             routed = route(record.value)
         except DecodeError as exc:
             ROUTER_RECORDS.labels("dlq").inc()
-            log.warning("dead-lettering down-event record at offset %d: %s", record.offset, exc)
-            await producer.send(
-                topics.down_events_dlq,
-                record.value,
-                key=record.key,
-                headers=[("error", f"router: {exc}".encode()), ("received-at", utc_now().encode())],
-            )
+            log.warning("dead-lettering a down-event record: %s", exc, extra=_where(record))
+            batch.sends.append(await self._dead_letter(producer, record, f"router: {exc}"))
+            return
+        except Exception as exc:  # a bug: dead-letter this record, keep the partition moving
+            UNEXPECTED_ERRORS.labels("route").inc()
+            log.exception("unexpected error routing a record", extra=_where(record))
+            reason = f"router: internal error: {type(exc).__name__}: {exc}"
+            batch.sends.append(await self._dead_letter(producer, record, reason))
             return
         ROUTER_RECORDS.labels("routed").inc()
         for label in routed.skipped:
             ROUTER_SKIPPED.labels(*label).inc()
+        topics = self._topics
         for response in routed.responses:
             key = (routed.gateway_id, response.event_id)
-            if key in pending or self._dedup.seen(key, record.timestamp):
+            if key in batch.seen or self._dedup.seen(key, record.timestamp):
                 ROUTER_DUPLICATES.inc()
                 log.info(
                     "skipping redelivered event %s from %s", response.event_id, routed.gateway_id
                 )
                 continue
-            pending[key] = record.timestamp
+            batch.seen[key] = record.timestamp
             for child_key, value in response.added:
-                await producer.send(topics.added, value, key=child_key)
+                batch.sends.append(await producer.send(topics.added, value, key=child_key))
             for child_key, value in response.failed:
-                await producer.send(topics.failed, value, key=child_key)
-            counts["added"] += len(response.added)
-            counts["failed"] += len(response.failed)
+                batch.sends.append(await producer.send(topics.failed, value, key=child_key))
+            batch.counts["added"] += len(response.added)
+            batch.counts["failed"] += len(response.failed)
 
     async def rebuild_dedup(self, assigned: list[TopicPartition]) -> None:
         """Re-learn the (gateway, event_id) pairs of the window before the committed offsets."""
@@ -219,3 +332,8 @@ class Router:
         for response in routed.responses:
             self._dedup.add((routed.gateway_id, response.event_id), record.timestamp)
         return len(routed.responses)
+
+
+def _where(record: ConsumerRecord) -> dict[str, object]:
+    """Log context of an input record."""
+    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}

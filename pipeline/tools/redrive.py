@@ -104,12 +104,15 @@ def _child_of(
     record: ConsumerRecord[bytes, bytes], codes: list[int] | None, kinds: list[str] | None
 ) -> tuple[bytes | None, bytes] | None:
     """(key, value) to put back on the added topic, or None to leave the record."""
+    if record.value is None:
+        log.warning("skipping a tombstone at offset %d: nothing to redrive", record.offset)
+        return None
     try:
         failure = _FAILURE.decode(record.value)
         child = _CHILD.decode(failure.record)
         device_id = msgspec.json.decode(child.device, type=dict[str, object]).get("device_id")
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        log.warning("cannot redrive DLQ record at offset %d: %s", record.offset, exc)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:
+        log.warning("cannot redrive the DLQ record at offset %d: %s", record.offset, exc)
         return None
     if not _matches(failure, codes, kinds):
         return None
@@ -123,5 +126,12 @@ def _payload_of(
     headers = {name: bytes(value) for name, value in record.headers or ()}
     topic = headers.get("mqtt-topic", b"")
     if codes or kinds or not topic:
+        return None
+    if record.value is None or "payload-truncated" in headers:
+        log.warning(
+            "cannot redrive the DLQ record at offset %d: %s",
+            record.offset,
+            "a tombstone" if record.value is None else "only a prefix of its payload was kept",
+        )
         return None
     return topic, record.value

@@ -27,9 +27,50 @@ GOOD_REASON = {"node_id": "n2", "product_id": "p", "error_code": "E", "error_msg
     ("payload", "reason"),
     [
         (b"", "payload is empty"),
-        (b" \n", "payload is empty"),
-        (b"not json", "payload is not valid JSON (JSON is malformed: invalid character (byte 4))"),
-        (b'{"a": 1', "payload is not valid JSON (Input data was truncated)"),
+        (b" \n", "payload is only whitespace"),
+        (b"not json", "payload is not valid JSON (invalid character at byte 4)"),
+        (b'{"a": 1', "payload is not valid JSON (it ends before the JSON value does)"),
+        (b'{"a": 1,}', "payload is not valid JSON (trailing comma in object at byte 8)"),
+        (
+            b"\xef\xbb\xbf{}",
+            "payload starts with a UTF-8 byte-order mark, which JSON does not allow",
+        ),
+        (b"\xff\xfe{\x00}\x00", "payload is UTF-16 (little-endian byte-order mark), not UTF-8"),
+        (b'{"v": NaN}', "payload contains NaN or Infinity, which JSON does not allow (byte 6)"),
+        (
+            b'{"v": -Infinity}',
+            "payload contains NaN or Infinity, which JSON does not allow (byte 7)",
+        ),
+        (b'{"services": []} {}', "payload has data after the JSON value (from byte 17)"),
+        (b'{"\xff": 1}', "payload is not valid UTF-8 (byte 2: invalid start byte)"),
+        (
+            b'{"services": [{"service_id": "a", "event_type": "b", "paras": '
+            + b"[" * 5000
+            + b"]" * 5000
+            + b"}]}",
+            "payload nests deeper than the decoder allows (about 1,000 levels)",
+        ),
+        (
+            orjson.dumps(
+                {
+                    "services": [
+                        {
+                            **ADD,
+                            "event_id": "e",
+                            "paras": {
+                                "successful_devices": [
+                                    {"node_id": "n", "device_id": "d", "extension_info": {}}
+                                ],
+                                "failed_devices": [],
+                            },
+                        }
+                    ]
+                }
+            ).replace(
+                b'"extension_info":{}', b'"extension_info":' + b'{"a":' * 3000 + b"1" + b"}" * 3000
+            ),
+            "payload nests deeper than the decoder allows (about 1,000 levels)",
+        ),
         (b"[1, 2]", "payload is not a JSON object (got an array)"),
         (b'"text"', "payload is not a JSON object (got a string)"),
         (b"null", "payload is not a JSON object (got null)"),
@@ -38,7 +79,7 @@ GOOD_REASON = {"node_id": "n2", "product_id": "p", "error_code": "E", "error_msg
         (b'{"services": [{}]}', "services[0].service_id: missing required field"),
         (
             b'{"services": [{"service_id": "\xff"}]}',
-            "payload is not valid UTF-8 (invalid start byte)",
+            "payload is not valid UTF-8 (byte 30: invalid start byte)",
         ),
         (
             orjson.dumps({"services": [{**ADD, "paras": {}}]}),
@@ -186,3 +227,45 @@ def test_any_bytes(payload: bytes) -> None:
 def test_any_json(value: object) -> None:
     # The stdlib encoder: it also writes integers beyond 64 bits and Infinity.
     _decodes_or_explains(json.dumps(value).encode())
+
+
+def _nest(depth: int, opener: str, leaf: str) -> str:
+    closer = {"[": "]", '{"k":': "}"}[opener]
+    return opener * depth + leaf + closer * depth
+
+
+# Where a deep value can hide: an unknown field, the paras of another event, the paras
+# of an add response, a child's extension_info.
+_DEEP_SPOTS = [
+    '{{"services": [], "x": {v}}}',
+    '{{"services": [{{"service_id": "$ota", "event_type": "x", "paras": {v}}}]}}',
+    '{{"services": [{{"service_id": "$sub_device_manager", "event_type": "add_sub_device_response", "event_id": "e", "paras": {v}}}]}}',
+    '{{"services": [{{"service_id": "$sub_device_manager", "event_type": "add_sub_device_response", "event_id": "e", "paras": {{"successful_devices": [{{"node_id": "n", "device_id": "d", "extension_info": {{"k": {v}}}}}], "failed_devices": []}}}}]}}',
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 20_000),
+    st.sampled_from(["[", '{"k":']),
+    st.sampled_from(["1", '"x"', "null", "[]"]),
+    st.sampled_from(_DEEP_SPOTS),
+)
+def test_any_depth(depth: int, opener: str, leaf: str, spot: str) -> None:
+    payload = spot.format(v=_nest(depth, opener, leaf)).encode()
+    _decodes_or_explains(payload)
+    if depth > 2_000:  # far past the limit wherever it is: always dead-lettered, and why
+        with pytest.raises(DecodeError, match="nests deeper than the decoder allows"):
+            decode_down(payload)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 3_000_000), st.integers(0, 20_000), st.sampled_from(["a", "é", "\u6f22"]))
+def test_any_size(string_bytes: int, children: int, char: str) -> None:
+    text = char * (string_bytes // len(char.encode()))
+    devices = [{"node_id": f"n{i}", "device_id": f"d{i}"} for i in range(children)]
+    paras = {"successful_devices": devices, "failed_devices": [], "note": text}
+    payload = orjson.dumps({"services": [{**ADD, "event_id": "e", "paras": paras}]})
+    event = decode_down(payload)  # size alone never fails the decoder (ingest bounds it)
+    assert event.services is not None
+    assert len(event.services) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from pipeline.core.problems import Problem, explain
+from pipeline.core.problems import Malformed, Problem, explain, malformed
 
 
 class Inner(msgspec.Struct, forbid_unknown_fields=True):
@@ -70,3 +70,32 @@ def test_prefix_and_got() -> None:
     assert problem == Problem("services[0].paras.items", "invalid", "expected `array`, got `int`")
     assert problem.got == "a number"
     assert explain(error_of(b"null")).got == "null"
+
+
+@pytest.mark.parametrize(
+    ("payload", "text", "problem"),
+    [
+        (b'{"a": 1', "Input data was truncated", Malformed("truncated", None)),
+        (
+            b"<x>",
+            "JSON is malformed: invalid character (byte 0)",
+            Malformed("invalid character", 0),
+        ),
+        # msgspec points one past the first trailing byte (index 8 here); decode.py corrects it.
+        (
+            b'{"a": 1}x',
+            "JSON is malformed: trailing characters (byte 9)",
+            Malformed("trailing characters", 9),
+        ),
+        (
+            b'{"a": 1,}',
+            "JSON is malformed: trailing comma in object (byte 8)",
+            Malformed("trailing comma in object", 8),
+        ),
+    ],
+)
+def test_msgspec_decode_error_text_is_read(payload: bytes, text: str, problem: Malformed) -> None:
+    with pytest.raises(msgspec.DecodeError) as info:
+        msgspec.json.decode(payload)
+    assert str(info.value) == text
+    assert malformed(info.value) == problem

@@ -307,3 +307,42 @@ async def test_tls_with_custom_ca_and_verification_on(
         )  # system CAs only
         with pytest.raises(aiomqtt.MqttError):
             await replay_messages(unverified, messages(uid, 1), progress=False)
+
+
+def test_acknowledgements_go_out_in_the_order_messages_arrived() -> None:
+    sent: list[int] = []
+    acks = mqtt.InOrderAcks(lambda message: sent.append(message.mid))
+    received = [
+        acks.received(
+            aiomqtt.Message(f"t/{mid}", b"", qos=qos, retain=False, mid=mid, properties=None)
+        )
+        for mid, qos in ((100, 1), (101, 1), (102, 0), (103, 1), (104, 1))
+    ]
+    assert len(acks) == 4  # QoS 0 waits for nothing
+    assert acks.done(received[3]) == 0  # 100 and 101 are not safe yet
+    assert acks.done(received[4]) == 0
+    assert acks.done(received[1]) == 0
+    assert sent == []
+    assert acks.done(received[0]) == 4  # the whole prefix, in arrival order
+    assert sent == [100, 101, 103, 104]
+    assert acks.done(received[2]) == 0  # QoS 0: nothing to send
+    assert len(acks) == 0
+
+
+def test_a_failed_acknowledgement_does_not_stop_the_window() -> None:
+    sent: list[int] = []
+
+    def flaky(message: aiomqtt.Message) -> None:
+        if message.mid == 1:
+            msg = "connection gone"
+            raise OSError(msg)
+        sent.append(message.mid)
+
+    acks = mqtt.InOrderAcks(flaky)
+    first, second = (
+        acks.received(aiomqtt.Message("t", b"", qos=1, retain=False, mid=mid, properties=None))
+        for mid in (1, 2)
+    )
+    assert acks.done(second) == 0
+    assert acks.done(first) == 2
+    assert sent == [2]

@@ -125,9 +125,9 @@ async def test_seed_example_exact_records(cfg: Config, uid: str) -> None:
 
 
 MALFORMED_REASONS = [
-    "payload is not valid JSON (JSON is malformed: invalid character (byte 4))",
+    "payload is not valid JSON (invalid character at byte 4)",
     "payload is empty",
-    "payload is not valid UTF-8 (invalid start byte)",
+    "payload is not valid UTF-8 (byte 30: invalid start byte)",
     "payload is not a JSON object (got an array)",
     "payload is not a JSON object (got a string)",
     "payload is not a JSON object (got null)",

@@ -47,3 +47,22 @@ async def test_redrive_down_events_republishes_to_mqtt(cfg: Config, uid: str) ->
     assert orjson.dumps(value["event"]) == payload
     assert await redrive(cfg, "down-events") == 0  # moved already
     assert await redrive(cfg, "down-events", from_beginning=True, dry_run=True) == 1
+
+
+async def test_redrive_skips_tombstones_and_what_cannot_be_redriven(cfg: Config, uid: str) -> None:
+    t = cfg.kafka.topics
+    await kafka.ensure_topics(cfg.kafka, t.all())
+    async with kafka.producer(cfg.kafka) as producer:
+        for topic in (t.allocations_dlq, t.down_events_dlq):
+            await producer.send_and_wait(topic, None, key=b"tombstone")
+            await producer.send_and_wait(
+                topic, b"not json", key=b"garbage", headers=[("mqtt-topic", b"x/y")]
+            )
+        truncated = [
+            ("mqtt-topic", b"x/y"),
+            ("payload-truncated", b"the first 65536 bytes are kept"),
+        ]
+        await producer.send_and_wait(t.down_events_dlq, b"{...", key=b"big", headers=truncated)
+    assert await redrive(cfg, "allocations") == 0
+    # The down-events DLQ: only the readable, whole payload with a topic can go back.
+    assert await redrive(cfg, "down-events", dry_run=True) == 1
