@@ -9,7 +9,9 @@ value of the form ``file:/path`` is read from that file (Docker/Kubernetes secre
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+import zlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +23,7 @@ from pipeline.errors import ConfigError
 __all__ = [
     "Config",
     "DpsConfig",
+    "Gateway",
     "IotdaAuthConfig",
     "KafkaConfig",
     "MetricsConfig",
@@ -31,6 +34,8 @@ __all__ = [
     "TlsConfig",
     "Topics",
     "load_config",
+    "load_gateways",
+    "shard_of",
 ]
 
 ENV_PREFIX = "PIPELINE_"
@@ -91,10 +96,15 @@ class TlsConfig(_Section, frozen=True):
 
 
 class IotdaAuthConfig(_Section, frozen=True):
-    """IoTDA device-mode credentials: the client id and password are derived from these."""
+    """IoTDA device mode: ingest connects as the gateway(s), with derived credentials.
 
-    device_id: str
-    secret: Secret
+    One gateway: ``device_id`` and ``secret`` here. Many gateways: leave them out and list
+    the gateways with their secrets in ``mqtt.gateways_file``; ingest then holds one MQTT
+    session per gateway.
+    """
+
+    device_id: str | None = None
+    secret: Secret | None = None
     sign_type: Literal[0, 1] = 0
     """0: HMAC-SHA256 without the platform's timestamp check; 1: with it."""
     timestamp: str | None = None
@@ -127,6 +137,21 @@ class MqttConfig(_Section, frozen=True):
     is 1 MiB)."""
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+    gateways: list[str] = msgspec.field(default_factory=list)
+    """Only these gateways: one subscription each (``topic`` with ``+`` replaced by the
+    device id) instead of the wildcard. Replicas that split a fleet each get their own."""
+    gateways_file: str | None = None
+    """A TOML file of ``[[gateway]]`` entries (``device_id``, and ``secret`` in IoTDA
+    device mode, e.g. ``"file:/run/secrets/gw-1"``); joins ``gateways``."""
+    shard: str | None = None
+    """``i/n``: of the listed gateways take those whose stable hash modulo n is i, so n
+    replicas given the same list split it without overlap."""
+    connect_rate: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 20.0
+    """New MQTT connections per second at most, so restarting an ingest that holds many
+    gateway sessions is not a connection storm."""
+    bridge_state: str | None = None
+    """Topic filter of the edge broker's bridge notifications (Mosquitto:
+    ``$SYS/broker/connection/+/state``): each bridge is then shown up or down."""
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     iotda: IotdaAuthConfig | None = None
 
@@ -240,6 +265,99 @@ class Config(_Section, frozen=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
 
+class Gateway(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One gateway ingest listens for."""
+
+    device_id: Annotated[str, msgspec.Meta(min_length=1)]
+    secret: Secret | None = None
+    """Its IoTDA device secret (device mode only)."""
+
+
+class _GatewaysFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    gateway: list[Gateway] = msgspec.field(default_factory=list)
+
+
+def shard_of(device_id: str, count: int) -> int:
+    """The shard of a gateway among ``count``: a stable hash, the same in every process."""
+    return zlib.crc32(device_id.encode()) % count
+
+
+def load_gateways(cfg: MqttConfig) -> list[Gateway]:
+    """The gateways this ingest listens for: ``gateways`` and ``gateways_file``, sharded.
+
+    An empty list means: no gateway list, subscribe to ``topic`` as it is.
+
+    Raises:
+        ConfigError: one line naming the key or the file and entry at fault.
+    """
+    gateways = [Gateway(device_id=name) for name in cfg.gateways]
+    if cfg.gateways_file is not None:
+        gateways += _read_gateways(Path(cfg.gateways_file))
+    seen: set[str] = set()
+    for gateway in gateways:
+        if gateway.device_id in seen:
+            msg = f"config key mqtt.gateways: gateway {gateway.device_id} is listed twice"
+            raise ConfigError(msg)
+        seen.add(gateway.device_id)
+    if cfg.shard is None:
+        return gateways
+    index, _, count = cfg.shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        msg = f"config key mqtt.shard: expected i/n with 0 <= i < n, got {cfg.shard!r}"
+        raise ConfigError(msg)
+    if not gateways:
+        msg = "config key mqtt.shard: needs mqtt.gateways or mqtt.gateways_file to split"
+        raise ConfigError(msg)
+    return [g for g in gateways if shard_of(g.device_id, int(count)) == int(index)]
+
+
+def _read_gateways(path: Path) -> list[Gateway]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        msg = f"config key mqtt.gateways_file: cannot read {path}: {exc.strerror}"
+        raise ConfigError(msg) from None
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"gateways file {path} is not valid TOML: {exc}"
+        raise ConfigError(msg) from None
+    try:
+        return msgspec.convert(data, _GatewaysFile, dec_hook=_dec_hook).gateway
+    except msgspec.ValidationError as exc:
+        problem = explain(exc)
+        where = re.sub(
+            r"^gateway\[(\d+)\]", lambda m: f"[[gateway]] #{int(m[1]) + 1}", problem.path
+        )
+        msg = f"gateways file {path}: {where or 'the file'}: {problem.reason}"
+        raise ConfigError(msg) from None
+
+
+def _check_mqtt(cfg: MqttConfig) -> None:
+    """Rules across MQTT keys (one line naming the key at fault)."""
+    gateways = load_gateways(cfg)
+    if cfg.iotda is not None:
+        device_id, secret = cfg.iotda.device_id, cfg.iotda.secret
+        if device_id is not None and secret is None:
+            msg = "config key mqtt.iotda.secret: required key is missing"
+            raise ConfigError(msg)
+        if device_id is None and (secret is not None or not gateways):
+            msg = "config key mqtt.iotda.device_id: required key is missing"
+            if not gateways:
+                msg += " (or list the gateways and their secrets in mqtt.gateways_file)"
+            raise ConfigError(msg)
+        if device_id is not None and gateways:
+            msg = (
+                "config key mqtt.iotda.device_id: one gateway here, "
+                "or many in mqtt.gateways_file, not both"
+            )
+            raise ConfigError(msg)
+        if missing := [g.device_id for g in gateways if g.secret is None]:
+            msg = f"config key mqtt.gateways_file: device mode needs a secret for {missing[0]}"
+            raise ConfigError(msg)
+    if cfg.gateways and "+" not in cfg.topic:
+        msg = f"config key mqtt.topic: {cfg.topic!r} has no + to put each gateway's device id in"
+        raise ConfigError(msg)
+
+
 def _dec_hook(tp: type, obj: Any) -> Any:
     if tp is Secret and isinstance(obj, str):
         if obj.startswith("file:"):
@@ -322,9 +440,11 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     merged = _merge(data, overrides)
     try:
         # strict=False lets environment strings stand for numbers and booleans.
-        return msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
+        cfg = msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, overrides)) from None
+    _check_mqtt(cfg.mqtt)
+    return cfg
 
 
 def _explain(exc: msgspec.ValidationError, overrides: dict[str, Any]) -> str:

@@ -78,7 +78,7 @@ def test_file_and_environment_override(tmp_path: Path) -> None:
         (
             "[mqtt.iotda]\nsecret = 'x'\n",
             {},
-            "config key mqtt.iotda.device_id: required key is missing",
+            "config key mqtt.iotda.device_id: required key is missing (or list the gateways and their secrets in mqtt.gateways_file)",
         ),
     ],
 )

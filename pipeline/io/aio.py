@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-__all__ = ["Backoff", "Stopped", "first_set", "sleep_unless_stopped", "unless_stopped"]
+__all__ = ["Backoff", "Pacer", "Stopped", "first_set", "sleep_unless_stopped", "unless_stopped"]
 
 T = TypeVar("T")
 
@@ -84,3 +85,25 @@ class Backoff:
     def reset(self) -> None:
         """Start again from ``initial`` (after a success)."""
         self.attempts = 0
+
+
+class Pacer:
+    """At most ``rate`` starts per second, spaced evenly, shared by everyone who waits.
+
+    Args:
+        rate: starts per second; unlimited when None.
+    """
+
+    def __init__(self, rate: float | None) -> None:
+        self._interval = 1.0 / rate if rate else 0.0
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        """Until this caller's slot comes."""
+        if not self._interval:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)

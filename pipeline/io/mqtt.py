@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -14,18 +17,23 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from pipeline.config import Secret
 from pipeline.io.tls import client_context
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from pipeline.config import MqttConfig
+    from pipeline.config import Gateway, MqttConfig
 
 __all__ = [
+    "Identity",
     "InOrderAcks",
     "Received",
     "ack",
+    "broker_version",
     "connect",
+    "end_session",
+    "identity",
     "iotda_credentials",
     "manual_ack",
     "subscribe",
@@ -52,52 +60,90 @@ def iotda_credentials(
     return f"{device_id}_0_{sign_type}_{stamp}", device_id, password
 
 
-def subscription_topic(cfg: MqttConfig) -> str:
-    """The filter to subscribe to, as a shared subscription when a group is configured."""
-    return f"$share/{cfg.shared_group}/{cfg.topic}" if cfg.shared_group else cfg.topic
+def subscription_topic(cfg: MqttConfig, gateway: str | None = None) -> str:
+    """The filter to subscribe to.
+
+    That is ``mqtt.topic``, with ``+`` replaced by ``gateway`` when one is given, as a
+    shared subscription when a group is configured.
+    """
+    topic = cfg.topic.replace("+", gateway, 1) if gateway is not None else cfg.topic
+    return f"$share/{cfg.shared_group}/{topic}" if cfg.shared_group else topic
 
 
-async def subscribe(client: aiomqtt.Client, cfg: MqttConfig) -> str:
-    """Subscribe ``client`` to the configured events; returns the filter subscribed to.
+async def subscribe(client: aiomqtt.Client, cfg: MqttConfig, topic: str) -> None:
+    """Subscribe ``client`` to ``topic`` at the configured QoS.
 
     With MQTT 5, retained messages are sent only for a new subscription (retain handling
     1), so a stale retained event is not handed back on every reconnect of the
     persistent session. (IoTDA itself sends no retained messages.)
     """
-    topic = subscription_topic(cfg)
     if cfg.protocol == "5":
         options = SubscribeOptions(qos=cfg.qos, retainHandling=1)
         await client.subscribe(topic, options=options)
     else:
         await client.subscribe(topic, qos=cfg.qos)
-    return topic
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a session connects as: client id (the broker keys the session by it), credentials."""
+
+    name: str
+    """For logs, metrics and readiness: the gateway's device id, or ``ingest``."""
+    client_id: str
+    username: str | None = None
+    password: Secret | None = None
+
+
+def identity(cfg: MqttConfig, gateway: Gateway | None = None) -> Identity:
+    """The identity of a session.
+
+    In IoTDA device mode it is derived from a gateway's id and secret (``gateway``, or the
+    one gateway of ``[mqtt.iotda]``); otherwise it is the configured client id and login.
+    """
+    iotda = cfg.iotda
+    device_id, secret = (
+        (
+            (gateway.device_id, gateway.secret)
+            if gateway is not None
+            else (iotda.device_id, iotda.secret)
+        )
+        if iotda is not None
+        else (None, None)
+    )
+    if iotda is None or device_id is None or secret is None:
+        return Identity("ingest", cfg.client_id, cfg.username, cfg.password)
+    when = None  # sign_type 1: the platform checks the time, so it must be now
+    if iotda.sign_type == 0:
+        when = (
+            dt.datetime.strptime(iotda.timestamp, "%Y%m%d%H").replace(tzinfo=dt.UTC)
+            if iotda.timestamp
+            else _STARTED
+        )
+    client_id, username, password = iotda_credentials(
+        device_id, secret.reveal(), iotda.sign_type, when
+    )
+    return Identity(device_id, client_id, username, Secret(password))
 
 
 def connect(
-    cfg: MqttConfig, *, client_id: str | None = None, persistent: bool = True
+    cfg: MqttConfig,
+    *,
+    who: Identity | None = None,
+    client_id: str | None = None,
+    persistent: bool = True,
 ) -> aiomqtt.Client:
     """An unconnected client for ``cfg``; enter it with ``async with``.
 
     Args:
         cfg: the MQTT section of the configuration.
-        client_id: overrides the configured (or IoTDA-derived) client id.
+        who: the identity to connect as; :func:`identity` of ``cfg`` by default.
+        client_id: overrides the identity's client id (tools connect beside ingest).
         persistent: keep the session across disconnects (clean session off / MQTT 5
             clean start off with a session expiry), so the broker queues QoS 1
             messages while we are away. Publishers pass ``False``.
     """
-    username, password = cfg.username, cfg.password.reveal() if cfg.password else None
-    identifier = cfg.client_id
-    if cfg.iotda is not None:
-        when = None  # sign_type 1: the platform checks the time, so it must be now
-        if cfg.iotda.sign_type == 0:
-            when = (
-                dt.datetime.strptime(cfg.iotda.timestamp, "%Y%m%d%H").replace(tzinfo=dt.UTC)
-                if cfg.iotda.timestamp
-                else _STARTED
-            )
-        identifier, username, password = iotda_credentials(
-            cfg.iotda.device_id, cfg.iotda.secret.reveal(), cfg.iotda.sign_type, when
-        )
+    who = who or identity(cfg)
     v5 = cfg.protocol == "5"
     properties = None
     if v5:
@@ -108,9 +154,9 @@ def connect(
     return aiomqtt.Client(
         cfg.host,
         cfg.port,
-        identifier=client_id or identifier,
-        username=username,
-        password=password,
+        identifier=client_id or who.client_id,
+        username=who.username,
+        password=who.password.reveal() if who.password else None,
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
         clean_session=None if v5 else not persistent,
         clean_start=not persistent,
@@ -120,6 +166,43 @@ def connect(
         max_inflight_messages=cfg.max_inflight,
         timeout=10,
     )
+
+
+async def end_session(client: aiomqtt.Client, cfg: MqttConfig, who: Identity) -> None:
+    """Disconnect and have the broker drop the session, so it stops queueing for us.
+
+    MQTT 5: DISCONNECT with a session expiry of 0. MQTT 3.1.1 has no such field: a
+    clean-session connection under the same client id discards the old session.
+    """
+    if cfg.protocol == "5":
+        properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 0
+        client._client.disconnect(properties=properties)  # noqa: SLF001  (aiomqtt has no way)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while client._client.is_connected():  # noqa: SLF001, ASYNC110
+                    await asyncio.sleep(0.05)
+        return
+    async with connect(cfg, who=who, persistent=False):
+        pass
+
+
+async def broker_version(client: aiomqtt.Client, wait: float = 2.0) -> str | None:
+    """What the broker says it is, from ``$SYS/broker/version``.
+
+    For example ``mosquitto version 2.0.11``; None when it does not say within ``wait`` s.
+    """
+    await client.subscribe("$SYS/broker/version", qos=0)
+    try:
+        async with asyncio.timeout(wait):
+            async for message in client.messages:
+                if message.topic.matches("$SYS/broker/version"):
+                    return bytes(message.payload).decode(errors="replace")
+    except TimeoutError:
+        return None
+    finally:
+        await client.unsubscribe("$SYS/broker/version")
+    return None
 
 
 def manual_ack(client: aiomqtt.Client) -> None:

@@ -8,6 +8,7 @@ __all__ = [
     "INGEST_EVENTS",
     "INGEST_INFLIGHT",
     "INGEST_MESSAGES",
+    "MQTT_BRIDGE_UP",
     "MQTT_CONNECTED",
     "MQTT_RECONNECTS",
     "ROUTER_CHILDREN",
@@ -33,8 +34,21 @@ INGEST_EVENTS = Counter(
 INGEST_INFLIGHT = Gauge(
     "pipeline_ingest_inflight", "MQTT messages received but not yet acknowledged (awaiting Kafka)"
 )
-MQTT_CONNECTED = Gauge("pipeline_mqtt_connected", "1 while connected to the MQTT broker")
-MQTT_RECONNECTS = Counter("pipeline_mqtt_reconnects", "MQTT connection losses")
+MQTT_CONNECTED = Gauge(
+    "pipeline_mqtt_connected",
+    "1 while the MQTT session is connected (session: ingest, or the gateway in device mode)",
+    ["session"],
+)
+MQTT_RECONNECTS = Counter(
+    "pipeline_mqtt_reconnects",
+    "MQTT sessions that ended or failed to connect, by why",
+    ["session", "reason"],
+)  # reason: refused (the broker said no: credentials, ACL) | lost | kafka
+MQTT_BRIDGE_UP = Gauge(
+    "pipeline_mqtt_bridge_up",
+    "1 while the edge broker reports its bridge to IoTDA connected (mqtt.bridge_state)",
+    ["bridge"],
+)
 
 ROUTER_RECORDS = Counter("pipeline_router_records", "Down-event records consumed", ["outcome"])
 ROUTER_CHILDREN = Counter("pipeline_router_children", "Child records emitted", ["kind"])

@@ -34,14 +34,23 @@ class Health:
 
     def __init__(self, stall_after: float = 120.0) -> None:
         self._checks: dict[str, bool] = {}
+        self._optional: set[str] = set()
         self._details: dict[str, str] = {}
         self._stall_after = stall_after
         self._beats: dict[str, float] = {}
         self._waiting: dict[str, Callable[[], bool]] = {}
 
-    def set(self, name: str, ok: bool, detail: str | None = None) -> None:
-        """Record the state of one dependency (``mqtt``, ``kafka``, ``dps``...)."""
+    def set(self, name: str, ok: bool, detail: str | None = None, *, required: bool = True) -> None:
+        """Record the state of one dependency (``mqtt``, ``kafka``, ``dps``...).
+
+        A check that is not ``required`` (one gateway's session among many, one bridge)
+        is reported, with its detail, but does not make the worker unready.
+        """
         self._checks[name] = ok
+        if required:
+            self._optional.discard(name)
+        else:
+            self._optional.add(name)
         if ok or detail is None:
             self._details.pop(name, None)
         else:
@@ -49,8 +58,9 @@ class Health:
 
     @property
     def ready(self) -> bool:
-        """True when there is at least one check and all pass."""
-        return bool(self._checks) and all(self._checks.values())
+        """True when there is at least one required check and all required checks pass."""
+        required = [ok for name, ok in self._checks.items() if name not in self._optional]
+        return bool(required) and all(required)
 
     def report(self) -> dict[str, bool]:
         """Each check and its state."""

@@ -18,10 +18,10 @@ import aiomqtt
 import msgspec
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from pipeline.config import Config, IotdaAuthConfig, MqttConfig, Secret, TlsConfig
 from pipeline.io import mqtt
-from pipeline.ops.metrics import MQTT_RECONNECTS
 from pipeline.ops.server import Health
 from pipeline.stages.ingest import Ingest
 from pipeline.tools.replay import FixtureMessage, replay_messages
@@ -106,10 +106,10 @@ def private_mosquitto(
         proc.wait(10)
 
 
-def messages(uid: str, n: int, start: int = 0) -> list[FixtureMessage]:
+def messages(uid: str, n: int, start: int = 0, gateway: str = "gw-1") -> list[FixtureMessage]:
     return [
         FixtureMessage(
-            topic="$oc/devices/gw-1/sys/events/down",
+            topic=f"$oc/devices/{gateway}/sys/events/down",
             payload=orjson.dumps(add_response(f"{uid}-{i}", [f"sn-{i}"])),
         )
         for i in range(start, start + n)
@@ -135,7 +135,8 @@ async def test_reconnects_after_broker_restart(cfg: Config, uid: str, tmp_path: 
         cfg, mqtt=msgspec.structs.replace(cfg.mqtt, port=port, reconnect_min=0.1, reconnect_max=1.0)
     )
     prefix = f"test/{uid}/"
-    before = MQTT_RECONNECTS._value.get()
+    lost = {"session": "ingest", "reason": "lost"}
+    before = REGISTRY.get_sample_value("pipeline_mqtt_reconnects_total", lost) or 0
     with private_mosquitto(tmp_path, port) as broker:
         health = Health()
         async with running(Ingest(cfg, health)) as task:
@@ -155,7 +156,7 @@ async def test_reconnects_after_broker_restart(cfg: Config, uid: str, tmp_path: 
                 records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=40)
     assert event_ids(records) == {f"{uid}-{i}" for i in range(40)}
     assert len(records) == 40
-    assert MQTT_RECONNECTS._value.get() > before
+    assert (REGISTRY.get_sample_value("pipeline_mqtt_reconnects_total", lost) or 0) > before
 
 
 @pytest.mark.services
@@ -181,7 +182,10 @@ async def test_iotda_device_mode_authenticates(cfg: Config, uid: str, tmp_path: 
     with private_mosquitto(tmp_path, port, extra, probe=("publisher", "pub-pass")):
         async with ingest_on(ingest_cfg):
             await replay_messages(
-                pub_cfg, messages(uid, 3), topic_prefix=f"test/{uid}/", progress=False
+                pub_cfg,
+                messages(uid, 3, gateway=device_id),
+                topic_prefix=f"test/{uid}/",
+                progress=False,
             )
             records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=3)
         assert event_ids(records) == {f"{uid}-{i}" for i in range(3)}

@@ -79,7 +79,7 @@ async def test_run_serves_ops_endpoints_logs_json_and_stops_on_sigterm(
             'pipeline_ingest_messages_total{outcome="landed"}',
             "pipeline_router_children_total",
             'pipeline_sink_calls_total{result="ok"}',
-            "pipeline_mqtt_connected 1.0",
+            'pipeline_mqtt_connected{session="ingest"} 1.0',
         ):
             assert line in metrics
         proc.terminate()

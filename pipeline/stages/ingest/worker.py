@@ -1,0 +1,233 @@
+"""The ingest worker: MQTT sessions in, one Kafka producer out.
+
+It decides which sessions to hold (:func:`sessions_for`), owns the producer and the
+pure :class:`~pipeline.core.landing.Lander` that decides what each message becomes, and
+lands every message its sessions receive. Limits are learned from the topics whenever a
+producer starts, so Kafka is never handed a record it would refuse; if it refuses one
+anyway (a topic's limit lowered meanwhile), every session reconnects on a new producer
+(aiokafka's idempotent producer is unusable after a refusal) with the limits learned
+again, and the redelivered message is then dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+from aiokafka.errors import KafkaError
+
+from pipeline.config import load_gateways
+from pipeline.core.decode import service_label
+from pipeline.core.landing import Lander, Landing
+from pipeline.io import kafka, mqtt
+from pipeline.io.aio import Backoff, Pacer, sleep_unless_stopped
+from pipeline.ops.metrics import INGEST_EVENTS, INGEST_INFLIGHT, INGEST_MESSAGES, UNEXPECTED_ERRORS
+from pipeline.stages.ingest.session import Inbound, KafkaFailedError, Session
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+
+    from pipeline.config import Config
+    from pipeline.ops.server import Health
+
+__all__ = ["Ingest", "sessions_for"]
+
+log = logging.getLogger(__name__)
+
+
+def sessions_for(cfg: Config) -> list[tuple[mqtt.Identity, list[str]]]:
+    """The sessions ingest holds: (identity, topic filters) each.
+
+    - IoTDA device mode, many gateways (``mqtt.gateways_file``): one session per gateway,
+      as that gateway, on its own down topic.
+    - IoTDA device mode, one gateway (``[mqtt.iotda]``): one session, as it.
+    - Broker mode with a gateway list: one session, one subscription per gateway.
+    - Broker mode: one session on ``mqtt.topic``.
+    """
+    m = cfg.mqtt
+    gateways = load_gateways(m)
+    if m.iotda is not None and gateways:
+        return [(mqtt.identity(m, g), [mqtt.subscription_topic(m, g.device_id)]) for g in gateways]
+    who = mqtt.identity(m)
+    if m.iotda is not None and m.iotda.device_id is not None:
+        return [(who, [mqtt.subscription_topic(m, m.iotda.device_id)])]
+    if gateways:
+        return [(who, [mqtt.subscription_topic(m, g.device_id) for g in gateways])]
+    return [(who, [mqtt.subscription_topic(m)])]
+
+
+def _refused(exc: BaseException) -> bool:
+    """Kafka said no to this record for what it is, and would say it again."""
+    return isinstance(exc, KafkaError) and not exc.retriable
+
+
+class Ingest:
+    """The ingest worker.
+
+    Args:
+        cfg: the whole configuration (``mqtt`` and ``kafka`` sections are used).
+        health: readiness checks to keep up to date (``mqtt``, ``kafka``) and progress.
+        retire: on stop, end the MQTT sessions instead of keeping them: stop new
+            messages, land what the broker still holds for us, and have the broker drop
+            the sessions (for a replica that is being removed).
+    """
+
+    def __init__(self, cfg: Config, health: Health | None = None, *, retire: bool = False) -> None:
+        self._cfg = cfg
+        self._topics = cfg.kafka.topics
+        self._health = health
+        self._retire = retire
+        self._lander = Lander(
+            max_payload=cfg.mqtt.max_payload, max_record=cfg.kafka.max_record_size
+        )
+        self._producer: AIOKafkaProducer | None = None
+        self._renew = asyncio.Event()
+        pacer = Pacer(cfg.mqtt.connect_rate)
+        specs = sessions_for(cfg)
+        self._sessions = [
+            Session(
+                cfg.mqtt,
+                who,
+                filters,
+                sender=self,
+                pacer=pacer,
+                health=health,
+                alone=len(specs) == 1,
+            )
+            for who, filters in specs
+        ]
+        # Registered now, so /readyz says no until this stage has really subscribed.
+        self._set_health("kafka", ok=False)
+        if health is not None:
+            health.watch("ingest", lambda: any(s.pending for s in self._sessions))
+            if len(specs) > 1:
+                health.set("ingest.mqtt", False, f"0 of {len(specs)} gateway sessions connected")
+
+    def _set_health(self, name: str, *, ok: bool, detail: str | None = None) -> None:
+        if self._health is not None:
+            self._health.set(f"ingest.{name}", ok, detail)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; each session reconnects by itself."""
+        await kafka.ensure_topics(
+            self._cfg.kafka, [self._topics.down_events, self._topics.down_events_dlq]
+        )
+        liveness = kafka.Liveness(
+            self._cfg.kafka, "ingest", lambda ok, why: self._set_health("kafka", ok=ok, detail=why)
+        )
+        watcher = asyncio.create_task(liveness.run(), name="ingest.kafka-liveness")
+        summary = asyncio.create_task(self._summarise(stop), name="ingest.sessions")
+        try:
+            while not stop.is_set():
+                self._renew.clear()
+                async with kafka.producer(self._cfg.kafka) as producer:
+                    self._producer = producer
+                    if not await self._learn_limits(stop):
+                        continue
+                    async with asyncio.TaskGroup() as tasks:
+                        for session in self._sessions:
+                            tasks.create_task(
+                                session.run(stop, retire=self._retire, abandon=self._renew),
+                                name=f"ingest[{session.who.name}]",
+                            )
+        finally:
+            for task in (watcher, summary):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        log.info("ingest stopped")
+
+    async def _learn_limits(self, stop: asyncio.Event) -> bool:
+        """The biggest record the topics take; False if stopped before Kafka answered."""
+        topics = [self._topics.down_events, self._topics.down_events_dlq]
+        backoff = Backoff(0.5, 10.0)
+        while not stop.is_set():
+            try:
+                limit = await kafka.record_limit(self._cfg.kafka, topics)
+            except KafkaError as exc:
+                delay = backoff.next()
+                log.warning(
+                    "cannot read the topics' record limits (%s); again in %.1f s", exc, delay
+                )
+                await sleep_unless_stopped(stop, delay)
+                continue
+            if limit < self._cfg.mqtt.max_payload + 4096:
+                log.warning(
+                    "Kafka takes records of at most %d bytes on %s: events above about that "
+                    "size will be dead-lettered (raise the topics' max.message.bytes)",
+                    limit,
+                    " and ".join(topics),
+                )
+            self._lander = Lander(max_payload=self._cfg.mqtt.max_payload, max_record=limit)
+            return True
+        return False
+
+    async def _summarise(self, stop: asyncio.Event) -> None:
+        """With many sessions: ``ingest.mqtt`` is ready while at least one is connected."""
+        if len(self._sessions) == 1:
+            return
+        while not stop.is_set():
+            up = sum(s.connected for s in self._sessions)
+            total = len(self._sessions)
+            detail = None if up == total else f"{up} of {total} gateway sessions connected"
+            self._set_health("mqtt", ok=up > 0, detail=detail)
+            await sleep_unless_stopped(stop, 1.0)
+
+    async def send(self, inbound: Inbound) -> None:
+        """Land one message: hand its record to the producer; the session hears back."""
+        producer = self._producer
+        assert producer is not None  # noqa: S101  (run() sets it before sessions start)
+        landing = self._landing(inbound)
+        topic = self._topics.down_events_dlq if landing.dead else self._topics.down_events
+        try:
+            future = await producer.send(
+                topic, landing.value, key=landing.key, headers=landing.headers
+            )
+        except KafkaError as exc:
+            if _refused(exc):
+                self._renew.set()
+            raise KafkaFailedError(str(exc)) from exc
+        INGEST_INFLIGHT.inc()
+        future.add_done_callback(functools.partial(self._landed, inbound, landing))
+
+    def _landing(self, inbound: Inbound) -> Landing:
+        try:
+            return self._lander.land(inbound.topic, inbound.payload, inbound.received_at)
+        except Exception as exc:
+            # A bug must not stop the stage, nor hold the message hostage: dead-letter it.
+            UNEXPECTED_ERRORS.labels("ingest").inc()
+            log.exception("unexpected error handling a message on %s", inbound.topic)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            return self._lander.dead_letter(
+                inbound.topic, inbound.payload, inbound.received_at, reason
+            )
+
+    def _landed(self, inbound: Inbound, landing: Landing, future: asyncio.Future[object]) -> None:
+        INGEST_INFLIGHT.dec()
+        exc = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if exc is None:
+            self._counted(landing)
+            if self._health is not None:
+                self._health.beat("ingest")
+        elif _refused(exc):
+            # Nothing more from this producer can be trusted: renew it, learn the limits.
+            self._renew.set()
+        inbound.session.landed(inbound, exc)
+
+    def _counted(self, landing: Landing) -> None:
+        if landing.dead:
+            INGEST_MESSAGES.labels("dlq").inc()
+            log.warning(
+                "dead-lettered a message from %s: %s",
+                landing.gateway or "an unknown topic",
+                landing.reason,
+                extra={"gateway": landing.gateway},
+            )
+            return
+        INGEST_MESSAGES.labels("landed").inc()
+        if landing.event is not None:
+            for service in landing.event.services or ():
+                INGEST_EVENTS.labels(*service_label(service)).inc()
