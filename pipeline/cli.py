@@ -54,9 +54,17 @@ def _add_workers(sub: Any) -> None:
         ("sink", "added children -> DPS allocate, with retries, back-pressure and a DLQ"),
     ):
         p = sub.add_parser(name, help=text, description=text)
-        p.set_defaults(handler=_worker, stages=(name,))
+        p.set_defaults(handler=_worker, stages=(name,), retire=False)
+        if name == "ingest":
+            p.add_argument(
+                "--retire",
+                action="store_true",
+                help="on SIGTERM, end the MQTT sessions instead of keeping them: land what "
+                "the broker still holds for this replica, then have it drop the sessions "
+                "(for a replica being removed)",
+            )
     p = sub.add_parser("run", help="all three stages in one process")
-    p.set_defaults(handler=_worker, stages=STAGES)
+    p.set_defaults(handler=_worker, stages=STAGES, retire=False)
 
 
 def _add_tools(sub: Any) -> None:
@@ -147,7 +155,11 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
             await stack.enter_async_context(ops_server(cfg.metrics.host, port, health))
         async with asyncio.TaskGroup() as tg:
             for name in stages:
-                worker = factories[name](cfg, health)
+                worker = (
+                    factories[name](cfg, health, retire=args.retire)
+                    if name == "ingest"
+                    else factories[name](cfg, health)
+                )
                 tg.create_task(_until_stopped(worker, stop), name=f"pipeline.{name}")
     return 0
 

@@ -199,8 +199,9 @@ class RouterConfig(_Section, frozen=True):
 
     group_id: str = "iot-pipeline-router"
     transactional_id: str = "iot-pipeline-router"
-    """Used as is: give each router replica its own stable value (e.g. the pod name), so a
-    restarted replica fences its predecessor's open transaction."""
+    """The prefix of the transactional ids, the same for every replica: each input
+    partition is written by ``{prefix}-{topic}-{partition}``, so whoever takes a partition
+    over fences the previous owner's open transaction."""
     dedup_window: float = 3600.0
     """Seconds during which a redelivered (gateway, event_id) yields nothing new."""
     dedup_max_entries: int = 100_000

@@ -34,7 +34,10 @@ def cfg(local_services: None, uid: str) -> Config:
     return msgspec.structs.replace(
         base,
         mqtt=msgspec.structs.replace(
-            base.mqtt, topic=f"test/{uid}/$oc/devices/+/sys/events/down", client_id=f"ingest-{uid}"
+            # The real topic names; a test's stale session expires soon after it ends.
+            base.mqtt,
+            client_id=f"ingest-{uid}",
+            session_expiry=120,
         ),
         kafka=msgspec.structs.replace(base.kafka, topics=topics),
         router=msgspec.structs.replace(

@@ -36,8 +36,6 @@ from pipeline.ops.metrics import (
 from pipeline.schemas import utc_now
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
     from pipeline.config import Config
@@ -61,6 +59,14 @@ class _Batch:
 class Router:
     """The router worker.
 
+    Every input partition has its own transactional producer, with the transactional id
+    ``{router.transactional_id}-{topic}-{partition}``, the same in every replica. Whoever
+    is assigned a partition starts that producer before reading it, which fences the
+    previous owner: if a stalled router (one the group gave up on while it was in a
+    transaction: aiokafka has no KIP-447 to check its generation) wakes and commits, its
+    transaction fails with ProducerFenced instead of writing the partition's children a
+    second time, and it stops.
+
     Args:
         cfg: the whole configuration (``kafka`` and ``router`` sections are used).
         health: readiness checks to keep up to date (``kafka``) and progress.
@@ -74,7 +80,7 @@ class Router:
         self._dedup = Dedup(cfg.router.dedup_window, cfg.router.dedup_max_entries)
         self._retry = Backoff(0.5, 10.0)
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._busy = False
         if health is not None:
             health.set("route.kafka", False)
@@ -83,6 +89,10 @@ class Router:
     def _kafka_state(self, ok: bool, reason: str | None) -> None:
         if self._health is not None:
             self._health.set("route.kafka", ok, reason)
+
+    def transactional_id(self, tp: TopicPartition) -> str:
+        """The transactional id of the producer that writes what ``tp`` yields."""
+        return f"{self._cfg.router.transactional_id}-{tp.topic}-{tp.partition}"
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; the transaction in flight finishes first."""
@@ -94,8 +104,7 @@ class Router:
         consumer = kafka.consumer(self._cfg.kafka, group_id=self._cfg.router.group_id)
         self._consumer = consumer
         liveness = kafka.Liveness(self._cfg.kafka, "router", self._kafka_state)
-        async with consumer, self._transactional() as producer:
-            self._producer = producer
+        async with consumer:
             listener = kafka.Rebalance("router", revoked=self._revoked, assigned=self._assigned)
             consumer.subscribe([topics.down_events], listener=listener)
             log.info("router consuming %s as %s", topics.down_events, self._cfg.router.group_id)
@@ -111,7 +120,7 @@ class Router:
                     if batch:
                         async with self.lock:
                             self._busy = True
-                            await self._transaction(consumer, batch)
+                            await self._transactions(consumer, batch)
                             self._busy = False
                             self._beat()
             except Stopped:
@@ -121,6 +130,7 @@ class Router:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+                await self._stop_producers(list(self._producers))
         listener.raise_if_failed()
         log.info("router stopped")
 
@@ -128,84 +138,97 @@ class Router:
         if self._health is not None:
             self._health.beat("route")
 
-    @contextlib.asynccontextmanager
-    async def _transactional(self) -> AsyncIterator[AIOKafkaProducer]:
-        producer = kafka.producer(
-            self._cfg.kafka, transactional_id=self._cfg.router.transactional_id
-        )
+    async def _start_producer(self, tp: TopicPartition) -> None:
+        """Start ``tp``'s producer; this fences (and aborts) a previous owner's transaction."""
+        producer = kafka.producer(self._cfg.kafka, transactional_id=self.transactional_id(tp))
         await producer.start()
-        self._producer = producer
-        try:
-            yield producer
-        finally:
-            await self._producer.stop()
+        self._producers[tp] = producer
 
-    async def _renew_producer(self) -> None:
-        """Replace the transactional producer after Kafka refused one of its sends.
+    async def _stop_producers(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            producer = self._producers.pop(tp, None)
+            if producer is not None:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+
+    async def _renew_producer(self, tp: TopicPartition) -> None:
+        """Replace ``tp``'s producer after Kafka refused one of its sends.
 
         aiokafka's producer cannot be trusted after that: its sequence numbers are off and
         later records would be lost. A new one with the same transactional id fences the old.
         """
-        old = self._producer
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old.stop()
-        producer = kafka.producer(
-            self._cfg.kafka, transactional_id=self._cfg.router.transactional_id
-        )
-        await producer.start()
-        self._producer = producer
+        await self._stop_producers([tp])
+        await self._start_producer(tp)
 
     async def _revoked(self, revoked: list[TopicPartition]) -> None:
         # Let the transaction in flight commit before another consumer gets the partitions.
         async with self.lock:
             log.info("router partitions revoked: %s", sorted(tp.partition for tp in revoked))
+            await self._stop_producers(revoked)
 
     async def _assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("router partitions assigned: %s", sorted(tp.partition for tp in assigned))
-        # aiokafka may already be fetching: hold the lock so no batch is routed before
-        # the de-duplication window is re-learned.
+        # aiokafka may already be fetching: hold the lock so no batch is routed before the
+        # previous owners are fenced and the de-duplication window is re-learned. Fencing
+        # first: the committed offsets read afterwards include the previous owner's last
+        # transaction, whether it committed or was aborted by the fencing.
         async with self.lock:
+            for tp in assigned:
+                if tp not in self._producers:
+                    await self._start_producer(tp)
             await self.rebuild_dedup(assigned)
 
-    async def _transaction(
+    async def _transactions(
         self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]
     ) -> None:
-        records = [record for partition in batch.values() for record in partition]
-        offsets = {tp: partition[-1].offset + 1 for tp, partition in batch.items()}
+        """One transaction per partition of ``batch``, side by side."""
+        # A partition revoked since getmany() returned is another router's now: skip it.
+        mine = {tp: records for tp, records in batch.items() if tp in self._producers}
+        results = await asyncio.gather(
+            *(self._transaction(consumer, tp, records) for tp, records in mine.items()),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, ProducerFenced):
+                msg = (
+                    "another router took over a partition while this one was in a "
+                    f"transaction for it (fenced: {result}); its outputs were aborted"
+                )
+                raise StageFailed(msg) from result
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _transaction(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
+    ) -> None:
         try:
-            await self._commit(records, offsets)
+            await self._commit(tp, records)
         except ProducerFenced:
-            log.exception(
-                "another router took over transactional id %s; stopping",
-                self._cfg.router.transactional_id,
-            )
             raise
         except KafkaError as exc:
             ROUTER_TRANSACTIONS.labels("aborted").inc()
             if exc.retriable:
                 delay = self._retry.next()
                 log.warning(
-                    "transaction aborted (%s); the batch will be read again in %.1f s", exc, delay
-                )
-                for tp, partition in batch.items():
-                    consumer.seek(tp, partition[0].offset)
+                    "transaction aborted (%s); partition %d will be read again in %.1f s",
+                    exc, tp.partition, delay, extra={"topic": tp.topic, "partition": tp.partition},
+                )  # fmt: skip
+                consumer.seek(tp, records[0].offset)
                 await asyncio.sleep(delay)
                 return
             log.warning(
-                "Kafka refused the transaction (%s): routing the batch one record at a time", exc
-            )
-            await self._renew_producer()
-            await self._one_by_one(consumer, batch)
+                "Kafka refused the transaction (%s): routing partition %d one record at a time",
+                exc, tp.partition, extra={"topic": tp.topic, "partition": tp.partition},
+            )  # fmt: skip
+            await self._renew_producer(tp)
+            await self._one_by_one(consumer, tp, records)
             return
         self._retry.reset()
 
-    async def _commit(
-        self, records: list[ConsumerRecord], offsets: dict[TopicPartition, int]
-    ) -> None:
-        """Route ``records`` and move ``offsets`` in one transaction."""
-        producer = self._producer
-        assert producer is not None  # noqa: S101  (run() sets it first)
+    async def _commit(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        """Route ``records`` of ``tp`` and move its offset in one transaction."""
+        producer = self._producers[tp]
         batch = _Batch()
         async with producer.transaction():
             for record in records:
@@ -213,7 +236,9 @@ class Router:
             # aiokafka commits a transaction even when a send in it failed (the record is
             # then lost): wait for every send, so a failure aborts the transaction instead.
             await asyncio.gather(*batch.sends)
-            await producer.send_offsets_to_transaction(offsets, self._cfg.router.group_id)
+            await producer.send_offsets_to_transaction(
+                {tp: records[-1].offset + 1}, self._cfg.router.group_id
+            )
         ROUTER_TRANSACTIONS.labels("committed").inc()
         for key, at_ms in batch.seen.items():
             self._dedup.add(key, at_ms)
@@ -221,26 +246,24 @@ class Router:
             ROUTER_CHILDREN.labels(name).inc(n)
 
     async def _one_by_one(
-        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
     ) -> None:
         """One transaction per record; the one Kafka will not take goes to the DLQ."""
-        for tp, partition in batch.items():
-            for record in partition:
-                try:
-                    await self._commit([record], {tp: record.offset + 1})
-                except ProducerFenced:
-                    raise
-                except KafkaError as exc:
-                    if exc.retriable:  # later: read this partition again from here
-                        consumer.seek(tp, record.offset)
-                        break
-                    await self._renew_producer()
-                    await self._refused(tp, record, exc)
+        for record in records:
+            try:
+                await self._commit(tp, [record])
+            except ProducerFenced:
+                raise
+            except KafkaError as exc:
+                if exc.retriable:  # later: read this partition again from here
+                    consumer.seek(tp, record.offset)
+                    return
+                await self._renew_producer(tp)
+                await self._refused(tp, record, exc)
 
     async def _refused(self, tp: TopicPartition, record: ConsumerRecord, exc: KafkaError) -> None:
         """Dead-letter the input whose outputs Kafka refused, in its own transaction."""
-        producer = self._producer
-        assert producer is not None  # noqa: S101
+        producer = self._producers[tp]
         reason = f"router: Kafka refused the child records of this event: {exc}"
         log.error(reason, extra=_where(record))
         ROUTER_RECORDS.labels("dlq").inc()

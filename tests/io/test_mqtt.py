@@ -21,6 +21,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from pipeline.config import Config, IotdaAuthConfig, MqttConfig, Secret, TlsConfig
+from pipeline.errors import ConfigError
 from pipeline.io import mqtt
 from pipeline.ops.server import Health
 from pipeline.stages.ingest import Ingest
@@ -134,14 +135,13 @@ async def test_reconnects_after_broker_restart(cfg: Config, uid: str, tmp_path: 
     cfg = msgspec.structs.replace(
         cfg, mqtt=msgspec.structs.replace(cfg.mqtt, port=port, reconnect_min=0.1, reconnect_max=1.0)
     )
-    prefix = f"test/{uid}/"
     lost = {"session": "ingest", "reason": "lost"}
     before = REGISTRY.get_sample_value("pipeline_mqtt_reconnects_total", lost) or 0
     with private_mosquitto(tmp_path, port) as broker:
         health = Health()
         async with running(Ingest(cfg, health)) as task:
             await wait_check(health, "ingest.mqtt", task)
-            await replay_messages(cfg.mqtt, messages(uid, 20), topic_prefix=prefix, progress=False)
+            await replay_messages(cfg.mqtt, messages(uid, 20), progress=False)
             await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=20, settle=0.2)
             broker.terminate()
             broker.wait(10)
@@ -150,9 +150,7 @@ async def test_reconnects_after_broker_restart(cfg: Config, uid: str, tmp_path: 
                     await asyncio.sleep(0.05)
             with private_mosquitto(tmp_path, port):
                 await wait_check(health, "ingest.mqtt", task)  # reconnected and subscribed again
-                await replay_messages(
-                    cfg.mqtt, messages(uid, 20, 20), topic_prefix=prefix, progress=False
-                )
+                await replay_messages(cfg.mqtt, messages(uid, 20, 20), progress=False)
                 records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=40)
     assert event_ids(records) == {f"{uid}-{i}" for i in range(40)}
     assert len(records) == 40
@@ -184,7 +182,6 @@ async def test_iotda_device_mode_authenticates(cfg: Config, uid: str, tmp_path: 
             await replay_messages(
                 pub_cfg,
                 messages(uid, 3, gateway=device_id),
-                topic_prefix=f"test/{uid}/",
                 progress=False,
             )
             records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=3)
@@ -194,18 +191,40 @@ async def test_iotda_device_mode_authenticates(cfg: Config, uid: str, tmp_path: 
 
 
 @pytest.mark.services
-async def test_shared_subscription_splits_between_replicas(cfg: Config, uid: str) -> None:
-    shared = msgspec.structs.replace(cfg.mqtt, shared_group=f"ingest-{uid}")
+async def test_shared_subscription_splits_bridged_topics_between_replicas(
+    cfg: Config, uid: str
+) -> None:
+    # Topics an edge bridge mounted under a plain prefix (topic ... in 1 edge/... $oc/...):
+    # not $-topics, so a shared subscription receives them.
+    prefix = f"edge/{uid}/"
+    shared = msgspec.structs.replace(
+        cfg.mqtt, shared_group=f"ingest-{uid}", topic=f"{prefix}$oc/devices/+/sys/events/down"
+    )
     a = msgspec.structs.replace(cfg, mqtt=msgspec.structs.replace(shared, client_id=f"a-{uid}"))
     b = msgspec.structs.replace(cfg, mqtt=msgspec.structs.replace(shared, client_id=f"b-{uid}"))
     async with ingest_on(a), ingest_on(b):
-        await replay_messages(
-            cfg.mqtt, messages(uid, 200), topic_prefix=f"test/{uid}/", progress=False
-        )
+        await replay_messages(cfg.mqtt, messages(uid, 200), topic_prefix=prefix, progress=False)
         records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=200)
     # Each message landed once: the broker gave it to one replica only.
     assert len(records) == 200
     assert event_ids(records) == {f"{uid}-{i}" for i in range(200)}
+
+
+@pytest.mark.services
+async def test_shared_group_on_the_real_topics_is_refused_on_mosquitto(
+    cfg: Config, uid: str
+) -> None:
+    shared = msgspec.structs.replace(cfg.mqtt, shared_group=f"ingest-{uid}")
+    ingest = Ingest(msgspec.structs.replace(cfg, mqtt=shared), Health())
+    with pytest.raises(ConfigError) as refused:
+        async with asyncio.timeout(30):
+            await ingest.run(asyncio.Event())
+    assert str(refused.value) == (
+        "config key mqtt.shared_group: mosquitto version 2.0.11 never delivers $-topics such "
+        "as $oc/devices/+/sys/events/down to a shared subscription, so this ingest would "
+        "receive nothing; split the gateways with mqtt.gateways and mqtt.shard instead, or "
+        "run replicas without a shared group (the router removes duplicates)"
+    )
 
 
 def test_iotda_client_id_is_stable_across_reconnects() -> None:
@@ -301,9 +320,7 @@ async def test_tls_with_custom_ca_and_verification_on(
     )
     with private_mosquitto(tmp_path, port, extra, probe_args=["--cafile", str(ca)]):
         async with ingest_on(secure):
-            await replay_messages(
-                secure.mqtt, messages(uid, 3), topic_prefix=f"test/{uid}/", progress=False
-            )
+            await replay_messages(secure.mqtt, messages(uid, 3), progress=False)
             records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=3)
         assert event_ids(records) == {f"{uid}-{i}" for i in range(3)}
         unverified = msgspec.structs.replace(

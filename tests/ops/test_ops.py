@@ -54,7 +54,7 @@ async def test_run_serves_ops_endpoints_logs_json_and_stops_on_sigterm(
             topic="$oc/devices/gw-ops/sys/events/down",
             payload=orjson.dumps(add_response(f"ops-{uid}", ["ops-sn-1", "ops-sn-2"])),
         )
-        await replay_messages(cfg.mqtt, [message], topic_prefix=f"test/{uid}/", progress=False)
+        await replay_messages(cfg.mqtt, [message], progress=False)
         allocations = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=2)
         assert sorted(r.key for r in allocations) == [b"ops-sn-1", b"ops-sn-2"]
         async with aiohttp.ClientSession() as http:

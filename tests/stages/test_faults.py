@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
+from typing import Any
 
 import msgspec
 import orjson
 import pytest
 
 from pipeline.config import Config
+from pipeline.errors import StageFailed
 from pipeline.io import kafka
 from pipeline.schemas import DownEventRecord
 from pipeline.stages.router import Router
@@ -42,9 +45,7 @@ async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) ->
     ]
     first = await spawn("ingest", cfg, **env)
     await wait_readyz(port, first)  # subscribed: the broker now keeps our messages
-    publisher = asyncio.create_task(
-        replay_messages(cfg.mqtt, messages, topic_prefix=f"test/{uid}/", progress=False)
-    )
+    publisher = asyncio.create_task(replay_messages(cfg.mqtt, messages, progress=False))
     async with asyncio.timeout(120):
         while await kafka.size(cfg.kafka, cfg.kafka.topics.down_events) < total // 4:
             await asyncio.sleep(0.02)
@@ -156,3 +157,48 @@ async def test_sigterm_router_commits_and_exits_zero(cfg: Config, uid: str) -> N
     await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=2)
     assert await terminate(proc) == 0
     assert await kafka.backlog(cfg.kafka, cfg.router.group_id, cfg.kafka.topics.down_events) == 0
+
+
+async def test_a_stalled_router_cannot_commit_for_partitions_it_lost(
+    cfg: Config, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No KIP-447 in aiokafka: a router the group gave up on (it stopped polling inside a
+    transaction) must not write the partitions' children again when it wakes."""
+    events = [
+        (
+            f"gw-{i % 6}",
+            f"ev-{uid}-{i}",
+            add_response(f"ev-{uid}-{i}", [f"{uid}-{i}-a", f"{uid}-{i}-b"]),
+        )
+        for i in range(60)
+    ]
+    await produce_events(cfg, events)
+    stalled, resume = asyncio.Event(), asyncio.Event()
+    stale = Router(cfg)
+    route_one = Router._route_one
+
+    async def stalling(self: Router, *args: Any) -> None:
+        if self is stale and not resume.is_set():
+            stalled.set()
+            await resume.wait()
+        await route_one(self, *args)
+
+    monkeypatch.setattr(Router, "_route_one", stalling)
+    real_consumer = kafka.consumer
+    # The stale router's consumer leaves the group after 3 s without polling.
+    monkeypatch.setattr(
+        kafka, "consumer", functools.partial(real_consumer, max_poll_interval_ms=3000)
+    )
+    stale_run = asyncio.create_task(stale.run(asyncio.Event()))
+    async with asyncio.timeout(60):
+        await stalled.wait()  # inside its transactions, with the batch in hand
+    monkeypatch.setattr(kafka, "consumer", real_consumer)
+    async with running(Router(cfg)):
+        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=120, settle=2)
+        resume.set()  # the stale one wakes and tries to commit what it held
+        with pytest.raises(StageFailed, match="another router took over a partition"):
+            await asyncio.wait_for(stale_run, 60)
+        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=120, settle=2)
+    counts = collections.Counter(r.key for r in added)
+    assert len(counts) == 120
+    assert set(counts.values()) == {1}  # each child exactly once

@@ -73,9 +73,7 @@ async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: st
     health = Health()
     async with running(Ingest(cfg, health)) as task, running(Router(cfg)):
         await wait_check(health, "ingest.mqtt", task)
-        assert await replay(cfg.mqtt, [path], topic_prefix=f"test/{uid}/", progress=False) == len(
-            messages
-        )
+        assert await replay(cfg.mqtt, [path], progress=False) == len(messages)
         topics = cfg.kafka.topics
         landed = await read_topic(cfg.kafka, topics.down_events, expect=len(messages))
         got_added = await read_topic(cfg.kafka, topics.added, expect=len(added))
@@ -86,9 +84,7 @@ async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: st
     decoded = [msgspec.json.decode(r.value, type=DownEventRecord) for r in landed]
     assert sorted(
         (r.key, bytes(d.event), d.mqtt_topic) for r, d in zip(landed, decoded, strict=True)
-    ) == sorted(
-        (m.topic.split("/")[2].encode(), m.payload, f"test/{uid}/{m.topic}") for m in messages
-    )
+    ) == sorted((m.topic.split("/")[2].encode(), m.payload, m.topic) for m in messages)
     assert children(got_added, "device") == added
     assert children(got_failed, "reason") == failed
     for record in got_added + got_failed:
@@ -100,9 +96,7 @@ async def test_seed_example_exact_records(cfg: Config, uid: str) -> None:
     health = Health()
     async with running(Ingest(cfg, health)) as task, running(Router(cfg)):
         await wait_check(health, "ingest.mqtt", task)
-        await replay(
-            cfg.mqtt, [FIXTURES / "seed_example.jsonl"], topic_prefix=f"test/{uid}/", progress=False
-        )
+        await replay(cfg.mqtt, [FIXTURES / "seed_example.jsonl"], progress=False)
         added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=1)
         failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed, expect=1)
     assert [r.key for r in added] == [b"c6b39067b0325db34663d3ef421a42f6_subdevice11"]
@@ -143,7 +137,7 @@ MALFORMED_REASONS = [
     "services: expected `array | null`, got `object`",
     "services[0].service_id: missing required field",
     (
-        "MQTT topic 'test/{uid}/$oc/devices/gw-9/sys/messages/down' does not match "
+        "MQTT topic '$oc/devices/gw-9/sys/messages/down' does not match "
         "$oc/devices/{device_id}/sys/events/down"
     ),
 ]
@@ -154,12 +148,12 @@ async def test_malformed_go_to_dlq_with_reasons(cfg: Config, uid: str) -> None:
     messages = load_fixture(path)
     assert len(messages) == len(MALFORMED_REASONS)
     cfg = msgspec.structs.replace(
-        cfg, mqtt=msgspec.structs.replace(cfg.mqtt, topic=f"test/{uid}/$oc/devices/+/sys/#")
+        cfg, mqtt=msgspec.structs.replace(cfg.mqtt, topic="$oc/devices/+/sys/#")
     )
     health = Health()
     async with running(Ingest(cfg, health)) as task:
         await wait_check(health, "ingest.mqtt", task)
-        await replay(cfg.mqtt, [path], topic_prefix=f"test/{uid}/", progress=False)
+        await replay(cfg.mqtt, [path], progress=False)
         dlq = await read_topic(cfg.kafka, cfg.kafka.topics.down_events_dlq, expect=len(messages))
     landed = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=0, settle=0.2)
     assert landed == []
@@ -171,7 +165,7 @@ async def test_malformed_go_to_dlq_with_reasons(cfg: Config, uid: str) -> None:
         (
             m.payload,
             reason.replace("{uid}", uid),
-            f"test/{uid}/{m.topic}",
+            m.topic,
             None if "messages/down" in m.topic else m.topic.split("/")[2].encode(),
         )
         for m, reason in zip(messages, MALFORMED_REASONS, strict=True)

@@ -20,14 +20,14 @@ pytestmark = pytest.mark.services
 async def test_redrive_down_events_republishes_to_mqtt(cfg: Config, uid: str) -> None:
     # As if an older decoder had refused this payload: it sits in the DLQ with its topic.
     payload = orjson.dumps(add_response(f"redrive-{uid}", ["r1"]))
-    topic = f"test/{uid}/$oc/devices/gw-r/sys/events/down"
+    topic = f"$oc/devices/gw-r-{uid}/sys/events/down"
     t = cfg.kafka.topics
     await kafka.ensure_topics(cfg.kafka, t.all())
     async with kafka.producer(cfg.kafka) as producer:
         await producer.send_and_wait(
             t.down_events_dlq,
             payload,
-            key=b"gw-r",
+            key=f"gw-r-{uid}".encode(),
             headers=[
                 ("error", b"old decoder"),
                 ("mqtt-topic", topic.encode()),
@@ -41,7 +41,7 @@ async def test_redrive_down_events_republishes_to_mqtt(cfg: Config, uid: str) ->
         await wait_check(health, "ingest.mqtt", task)
         assert await redrive(cfg, "down-events") == 1
         landed = await read_topic(cfg.kafka, t.down_events, expect=1)
-    assert [r.key for r in landed] == [b"gw-r"]
+    assert [r.key for r in landed] == [f"gw-r-{uid}".encode()]
     value = json.loads(landed[0].value)
     assert value["mqtt_topic"] == topic
     assert orjson.dumps(value["event"]) == payload

@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from pipeline.config import load_gateways
 from pipeline.core.decode import service_label
 from pipeline.core.landing import Lander, Landing
+from pipeline.errors import ConfigError
 from pipeline.io import kafka, mqtt
 from pipeline.io.aio import Backoff, Pacer, sleep_unless_stopped
 from pipeline.ops.metrics import INGEST_EVENTS, INGEST_INFLIGHT, INGEST_MESSAGES, UNEXPECTED_ERRORS
@@ -127,18 +128,24 @@ class Ingest:
                     self._producer = producer
                     if not await self._learn_limits(stop):
                         continue
-                    async with asyncio.TaskGroup() as tasks:
-                        for session in self._sessions:
-                            tasks.create_task(
-                                session.run(stop, retire=self._retire, abandon=self._renew),
-                                name=f"ingest[{session.who.name}]",
-                            )
+                    await self._run_sessions(stop)
         finally:
             for task in (watcher, summary):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         log.info("ingest stopped")
+
+    async def _run_sessions(self, stop: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for session in self._sessions:
+                    tasks.create_task(
+                        session.run(stop, retire=self._retire, abandon=self._renew),
+                        name=f"ingest[{session.who.name}]",
+                    )
+        except* ConfigError as group:
+            raise group.exceptions[0] from None  # one line for the operator, not a group
 
     async def _learn_limits(self, stop: asyncio.Event) -> bool:
         """The biggest record the topics take; False if stopped before Kafka answered."""
