@@ -131,6 +131,32 @@ def _add_admin(sub: Any) -> None:
     )
     p.set_defaults(handler=_redrive)
 
+    p = sub.add_parser(
+        "bridge-config",
+        help="write a Mosquitto bridge to IoTDA for each gateway (edge broker)",
+        description="Write the Mosquitto configuration of an edge broker's bridges to IoTDA, "
+        "one per gateway, from the gateways' device ids and secrets. Secrets are read from the "
+        "gateways file (file: or env: references) and never printed.",
+    )
+    p.add_argument(
+        "--gateways-file",
+        required=True,
+        metavar="FILE",
+        help="TOML: [[gateway]] device_id = ..., secret = 'file:...' or 'env:...'",
+    )
+    p.add_argument("--host", required=True, help="the IoTDA instance's MQTT access address")
+    p.add_argument("--port", type=int, default=8883, help="its MQTTS port (default: 8883)")
+    p.add_argument(
+        "--ca-file", required=True, metavar="FILE", help="CA bundle of IoTDA's certificate"
+    )
+    p.add_argument("-o", "--output", default="-", help="file to write (mode 0600; default: stdout)")
+    p.add_argument(
+        "--timestamp",
+        metavar="YYYYMMDDHH",
+        help="fixed timestamp of the client ids and passwords (default: now, UTC)",
+    )
+    p.set_defaults(handler=_bridge_config)
+
     p = sub.add_parser("status", help="per stage: lag, throughput, DLQ counts")
     p.set_defaults(handler=_status)
 
@@ -271,6 +297,20 @@ async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
         from_beginning=args.from_beginning,
     )
     print(f"{'would move' if args.dry_run else 'moved'} {moved} records")  # noqa: T201
+    return 0
+
+
+async def _bridge_config(args: argparse.Namespace, _cfg: Config) -> int:
+    from pipeline.config import MqttConfig, load_gateways  # noqa: PLC0415
+    from pipeline.tools.bridge import bridge_config, write_bridge_config  # noqa: PLC0415
+
+    gateways = load_gateways(MqttConfig(gateways_file=args.gateways_file))
+    text = bridge_config(
+        gateways, host=args.host, port=args.port, ca_file=args.ca_file, stamp=args.timestamp
+    )
+    write_bridge_config(text, args.output)
+    where = "stdout" if args.output == "-" else args.output
+    print(f"wrote {len(gateways)} bridges to {where}", file=sys.stderr)  # noqa: T201
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Everything decodes into frozen msgspec Structs that forbid unknown keys, so a typo or a
 wrong type fails at start-up with one line naming the key (:class:`ConfigError`).
-Secret values are :class:`Secret`: their ``repr``/``str`` never show the value, and a
-value of the form ``file:/path`` is read from that file (Docker/Kubernetes secrets).
+Secret values are :class:`Secret`: their ``repr``/``str`` never show the value; a value
+of the form ``file:/path`` is read from that file (Docker/Kubernetes secrets), and
+``env:NAME`` from that environment variable.
 """
 
 from __future__ import annotations
@@ -369,6 +370,12 @@ def _dec_hook(tp: type, obj: Any) -> Any:
                 # The path is not secret; the content is.
                 msg = f"cannot read secret file {path}: {exc.strerror}"
                 raise ValueError(msg) from None
+        if obj.startswith("env:"):
+            name = obj.removeprefix("env:")
+            if (value := os.environ.get(name)) is None:
+                msg = f"environment variable {name} (named by an env: secret) is not set"
+                raise ValueError(msg)
+            return Secret(value)
         return Secret(obj)
     raise NotImplementedError
 

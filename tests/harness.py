@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -242,3 +244,114 @@ async def private_kafka(tmp: Path) -> AsyncIterator[PrivateKafka]:
         yield broker
     finally:
         await broker.stop()
+
+
+@contextlib.contextmanager
+def private_mosquitto(
+    tmp: Path,
+    port: int,
+    extra: str = "",
+    probe: tuple[str, str] | None = None,
+    probe_args: list[str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A broker of this test's own, so it can be stopped without disturbing the others."""
+    (tmp / "data").mkdir(exist_ok=True)
+    conf = tmp / "mosquitto.conf"
+    if "allow_anonymous" not in extra:
+        extra += "allow_anonymous true\n"
+    conf.write_text(
+        f"user root\nlistener {port} 127.0.0.1\npersistence true\n"
+        f"persistence_location {tmp}/data/\nlog_dest file {tmp}/log\n{extra}",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    auth = [*(["-u", probe[0], "-P", probe[1]] if probe else []), *(probe_args or [])]
+    command = [
+        "mosquitto_sub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-t",
+        "$SYS/broker/version",
+        "-C",
+        "1",
+        "-W",
+        "1",
+    ]
+    try:
+        for _ in range(50):
+            if subprocess.run([*command, *auth], capture_output=True, check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            msg = f"private mosquitto on {port} did not answer"
+            raise AssertionError(msg)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def make_certs(tmp: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1."""
+    ca_key, ca, key, csr, cert = (
+        tmp / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
+    run = functools.partial(subprocess.run, check=True, capture_output=True)
+    run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+        ]
+    )
+    run(
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        ]
+    )
+    ext = tmp / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n", encoding="utf-8")
+    run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(cert),
+        ]
+    )
+    return ca, cert, key

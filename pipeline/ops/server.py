@@ -51,9 +51,9 @@ class Health:
             self._optional.discard(name)
         else:
             self._optional.add(name)
-        if ok or detail is None:
+        if detail is None:
             self._details.pop(name, None)
-        else:
+        else:  # why it fails, or what is not quite right while it passes
             self._details[name] = detail
 
     @property
@@ -67,7 +67,7 @@ class Health:
         return dict(self._checks)
 
     def details(self) -> dict[str, str]:
-        """Why each failing check fails, where it said."""
+        """Why a check fails, or what is degraded while it passes (49 of 50 sessions)."""
         return dict(self._details)
 
     def watch(self, stage: str, waiting: Callable[[], bool]) -> None:

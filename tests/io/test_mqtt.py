@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import json
 import shutil
 import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,15 @@ from pipeline.io import mqtt
 from pipeline.ops.server import Health
 from pipeline.stages.ingest import Ingest
 from pipeline.tools.replay import FixtureMessage, replay_messages
-from tests.harness import add_response, free_port, read_topic, running, wait_check
+from tests.harness import (
+    add_response,
+    free_port,
+    make_certs,
+    private_mosquitto,
+    read_topic,
+    running,
+    wait_check,
+)
 
 
 def test_iotda_credentials_worked_example() -> None:
@@ -58,53 +64,6 @@ def test_manual_ack_reaches_the_paho_client() -> None:
         assert client._client._manual_ack is True
 
     asyncio.run(check())
-
-
-@contextlib.contextmanager
-def private_mosquitto(
-    tmp: Path,
-    port: int,
-    extra: str = "",
-    probe: tuple[str, str] | None = None,
-    probe_args: list[str] | None = None,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A broker of this test's own, so it can be stopped without disturbing the others."""
-    (tmp / "data").mkdir(exist_ok=True)
-    conf = tmp / "mosquitto.conf"
-    if "allow_anonymous" not in extra:
-        extra += "allow_anonymous true\n"
-    conf.write_text(
-        f"user root\nlistener {port} 127.0.0.1\npersistence true\n"
-        f"persistence_location {tmp}/data/\nlog_dest file {tmp}/log\n{extra}",
-        encoding="utf-8",
-    )
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
-    auth = [*(["-u", probe[0], "-P", probe[1]] if probe else []), *(probe_args or [])]
-    command = [
-        "mosquitto_sub",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-t",
-        "$SYS/broker/version",
-        "-C",
-        "1",
-        "-W",
-        "1",
-    ]
-    try:
-        for _ in range(50):
-            if subprocess.run([*command, *auth], capture_output=True, check=False).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            msg = f"private mosquitto on {port} did not answer"
-            raise AssertionError(msg)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def messages(uid: str, n: int, start: int = 0, gateway: str = "gw-1") -> list[FixtureMessage]:
@@ -239,70 +198,6 @@ def test_iotda_client_id_is_stable_across_reconnects() -> None:
     first, second = asyncio.run(ids(IotdaAuthConfig(device_id="gw", secret=Secret("s"))))
     assert first == second
     assert first.startswith("gw_0_0_")
-
-
-def make_certs(tmp: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1."""
-    ca_key, ca, key, csr, cert = (
-        tmp / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
-    )
-    run = functools.partial(subprocess.run, check=True, capture_output=True)
-    run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            str(ca_key),
-            "-out",
-            str(ca),
-        ]
-    )
-    run(
-        [
-            "openssl",
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(csr),
-        ]
-    )
-    ext = tmp / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n", encoding="utf-8")
-    run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            str(csr),
-            "-CA",
-            str(ca),
-            "-CAkey",
-            str(ca_key),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            str(ext),
-            "-out",
-            str(cert),
-        ]
-    )
-    return ca, cert, key
 
 
 @pytest.mark.services

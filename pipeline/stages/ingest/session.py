@@ -105,6 +105,7 @@ class Session:
         self.connected = False
         self._bridges: dict[str, bool] = {}
         self._refused_before = False
+        MQTT_CONNECTED.labels(who.name).set(0)
         self._set_health(ok=False, detail="not connected yet")
 
     def _set_health(self, *, ok: bool, detail: str | None = None) -> None:
