@@ -58,7 +58,9 @@ def iotda(tmp: Path, port: int, secrets: dict[str, str]) -> Iterator[Path]:
     for device, secret in secrets.items():
         _, username, password = mqtt.iotda_credentials(device, secret, 0, when)
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), username, password], check=True)
-    acl.write_text("user admin\ntopic readwrite $oc/#\ntopic read $SYS/#\n\npattern readwrite $oc/devices/%u/#\n")
+    acl.write_text(
+        "user admin\ntopic readwrite $oc/#\ntopic read $SYS/#\n\npattern readwrite $oc/devices/%u/#\n"
+    )
     extra = (
         f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
         f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
@@ -223,11 +225,10 @@ async def through_the_edge(
             await read_topic(cfg.kafka, t.down_events, expect=2)
             async with mqtt.connect(cfg.mqtt, client_id=f"gw-software-{a}", persistent=False) as gw:
                 await gw.publish(f"$oc/devices/{a}/sys/events/up", b'{"services": []}', qos=1)
-            seen = []
+            seen: list[str] = []
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
-                    async for message in watcher.messages:
-                        seen.append(message.topic.value)
+                    seen.extend([message.topic.value async for message in watcher.messages])
             assert collections.Counter(seen) == {
                 down(a): 1,
                 down(b): 1,
