@@ -1,5 +1,5 @@
 # The two commands of the README, and their parts.
-.PHONY: install demo test check services-up services-down
+.PHONY: install demo test check test-scale services-up services-down
 
 install:
 	./deploy/local/install.sh
@@ -16,6 +16,10 @@ check: install
 test: check
 	.venv/bin/pipeline schemas export --check
 	.venv/bin/pytest
+
+# A longer scale-out run than the default suite's: 50,000 children, three rounds of churn.
+test-scale: install
+	PIPELINE_SCALE_EVENTS=12500 PIPELINE_SCALE_ROUNDS=3 .venv/bin/pytest -s -p no:cacheprovider tests/stages/test_scale.py
 
 services-up: install
 	./deploy/local/services.sh up

@@ -113,19 +113,31 @@ def worker_env(cfg: Config, **extra: str) -> dict[str, str]:
     return env
 
 
-async def spawn(command: str, cfg: Config, **extra: str) -> asyncio.subprocess.Process:
-    """Start ``python -m pipeline COMMAND`` with this test's configuration."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pipeline",
-        "--log-level",
-        "warning",
-        command,
-        env=worker_env(cfg, **extra),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+async def spawn(
+    command: str, cfg: Config, *args: str, log: Path | None = None, **extra: str
+) -> asyncio.subprocess.Process:
+    """Start ``python -m pipeline COMMAND ARGS`` with this test's configuration.
+
+    Its stderr is a pipe to read at the end, or the file ``log`` (for a long-running
+    worker whose warnings would fill a pipe nobody reads).
+    """
+    sink = None if log is None else log.open("ab")
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pipeline",
+            "--log-level",
+            "warning",
+            command,
+            *args,
+            env=worker_env(cfg, **extra),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE if sink is None else sink,
+        )
+    finally:
+        if sink is not None:
+            sink.close()  # the child has its own copy
 
 
 async def kill(proc: asyncio.subprocess.Process) -> None:
@@ -180,8 +192,8 @@ async def wait_readyz(port: int, proc: asyncio.subprocess.Process) -> None:
     async with aiohttp.ClientSession() as http, asyncio.timeout(60):
         while True:
             if proc.returncode is not None:
-                assert proc.stderr is not None
-                raise AssertionError((await proc.stderr.read()).decode())
+                said = (await proc.stderr.read()).decode() if proc.stderr else "(see its log)"
+                raise AssertionError(f"worker exited with {proc.returncode}: {said}")
             try:
                 async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
                     if response.status == 200:

@@ -141,7 +141,11 @@ class Router:
     async def _start_producer(self, tp: TopicPartition) -> None:
         """Start ``tp``'s producer; this fences (and aborts) a previous owner's transaction."""
         producer = kafka.producer(self._cfg.kafka, transactional_id=self.transactional_id(tp))
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
         self._producers[tp] = producer
 
     async def _stop_producers(self, tps: list[TopicPartition]) -> None:
@@ -173,6 +177,8 @@ class Router:
         # first: the committed offsets read afterwards include the previous owner's last
         # transaction, whether it committed or was aborted by the fencing.
         async with self.lock:
+            # (aiokafka may re-join without a revocation: drop what is not ours any more.)
+            await self._stop_producers([tp for tp in self._producers if tp not in assigned])
             for tp in assigned:
                 if tp not in self._producers:
                     await self._start_producer(tp)
