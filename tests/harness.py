@@ -114,12 +114,18 @@ def worker_env(cfg: Config, **extra: str) -> dict[str, str]:
 
 
 async def spawn(
-    command: str, cfg: Config, *args: str, log: Path | None = None, **extra: str
+    command: str,
+    cfg: Config,
+    *args: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    **extra: str,
 ) -> asyncio.subprocess.Process:
     """Start ``python -m pipeline COMMAND ARGS`` with this test's configuration.
 
-    Its stderr is a pipe to read at the end, or the file ``log`` (for a long-running
-    worker whose warnings would fill a pipe nobody reads).
+    ``env`` and ``extra`` add ``PIPELINE_*`` settings (without the prefix). Its stderr is
+    a pipe to read at the end, or the file ``log`` (for a long-running worker whose
+    warnings would fill a pipe nobody reads).
     """
     sink = None if log is None else log.open("ab")
     try:
@@ -131,7 +137,7 @@ async def spawn(
             "warning",
             command,
             *args,
-            env=worker_env(cfg, **extra),
+            env=worker_env(cfg, **(env or {}), **extra),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE if sink is None else sink,
         )
@@ -193,7 +199,8 @@ async def wait_readyz(port: int, proc: asyncio.subprocess.Process) -> None:
         while True:
             if proc.returncode is not None:
                 said = (await proc.stderr.read()).decode() if proc.stderr else "(see its log)"
-                raise AssertionError(f"worker exited with {proc.returncode}: {said}")
+                msg = f"worker exited with {proc.returncode}: {said}"
+                raise AssertionError(msg)
             try:
                 async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
                     if response.status == 200:

@@ -43,7 +43,7 @@ async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) ->
         )
         for i in range(total)
     ]
-    first = await spawn("ingest", cfg, **env)
+    first = await spawn("ingest", cfg, env=env)
     await wait_readyz(port, first)  # subscribed: the broker now keeps our messages
     publisher = asyncio.create_task(replay_messages(cfg.mqtt, messages, progress=False))
     async with asyncio.timeout(120):
@@ -53,7 +53,7 @@ async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) ->
     landed_before_restart = await kafka.size(cfg.kafka, cfg.kafka.topics.down_events)
     assert landed_before_restart < total  # killed mid-stream, really
     await asyncio.sleep(1)  # the publisher goes on while ingest is dead
-    second = await spawn("ingest", cfg, **env)
+    second = await spawn("ingest", cfg, env=env)
     assert await publisher == total
     records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=total, settle=2)
     assert await terminate(second) == 0

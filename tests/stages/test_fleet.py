@@ -100,7 +100,7 @@ async def test_fifty_gateway_sessions_in_one_ingest(cfg: Config, uid: str, tmp_p
     ]
     publisher = MqttConfig(port=port, username=ADMIN[0], password=Secret(ADMIN[1]))
     with platform(tmp_path, port, secrets):
-        first = await spawn("ingest", cfg, **env)
+        first = await spawn("ingest", cfg, env=env)
         await wait_readyz(metrics, first)
         async with asyncio.timeout(60):  # 49 connected, the wrong secret refused
             while (await readyz(metrics))["details"].get(
@@ -129,7 +129,7 @@ async def test_fifty_gateway_sessions_in_one_ingest(cfg: Config, uid: str, tmp_p
             ):
                 await asyncio.sleep(0.1)
         await kill(first)
-        second = await spawn("ingest", cfg, **env)
+        second = await spawn("ingest", cfg, env=env)
         assert await publishing == len(messages)
         records = await read_topic(
             cfg.kafka, cfg.kafka.topics.down_events, expect=len(messages), settle=3

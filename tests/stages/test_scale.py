@@ -66,7 +66,7 @@ class Fleet:
     async def start(self, name: str) -> None:
         command, args, env = self._args(name)
         self.procs[name] = await spawn(
-            command, self.cfg, *args, log=self.logs / f"{name}.log", **env
+            command, self.cfg, *args, log=self.logs / f"{name}.log", env=env
         )
         self.changes[name.partition("-")[0]] += 1
         if command == "ingest":  # subscribed: from now on its session keeps the messages

@@ -470,7 +470,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_at_most_the_in_fligh
     async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP} for sn in sns]) as emu:
         emu.state.set_faults({"latency_ms": 50})
         cfg = with_emulator(cfg, emu, concurrency=concurrency)
-        first = await spawn("sink", cfg, **env)
+        first = await spawn("sink", cfg, env=env)
         async with stderr_of(first) as first_log:
             await produce_children(cfg, [child(sn) for sn in sns])
             await eventually(
@@ -483,7 +483,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_at_most_the_in_fligh
         killed_at = len(ok_calls(emu))
         assert killed_at < total - 200, "the kill did not hit the middle of the stream"
 
-        second = await spawn("sink", cfg, **env)
+        second = await spawn("sink", cfg, env=env)
         async with (
             stderr_of(second) as second_log,
             Tail(cfg.kafka, cfg.kafka.topics.allocations) as tail,
