@@ -49,7 +49,12 @@ docker info >/dev/null 2>&1 || die "no Docker daemon answers; run deploy/contain
 has_image() { [ "$REBUILD" = 0 ] && docker image inspect "$1" >/dev/null 2>&1; }
 
 # The classic builder is enough for these small Dockerfiles and needs no buildx plugin.
-build() { DOCKER_BUILDKIT=0 docker build -q "$@" >/dev/null; }
+# Debian's CLI (20.10, the daemon's own) when present: a newer CLI prints a deprecation
+# notice for the classic builder.
+build() {
+  local cli=docker; [ -x /usr/bin/docker ] && cli=/usr/bin/docker
+  DOCKER_BUILDKIT=0 "$cli" build -q "$@" >/dev/null
+}
 
 registry_reachable() {  # Docker Hub's registry answers 401 (auth needed) when reachable
   local code
@@ -87,6 +92,23 @@ Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";
 APT
   echo 'Acquire::Languages "none";' > "$dir/etc/apt/apt.conf.d/docker-no-languages"
   echo 'Acquire::GzipIndexes "true";' > "$dir/etc/apt/apt.conf.d/docker-gzip-indexes"
+  # Slim, as debian:bookworm-slim: no documentation, manuals or translations, now or in
+  # any later apt install (man1 stays: openjdk's postinst links into it).
+  cat > "$dir/etc/dpkg/dpkg.cfg.d/docker-slim" <<'DPKG'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/info/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/lintian/overrides/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/man/*
+path-exclude /usr/share/groff/*
+DPKG
+  find "$dir/usr/share/doc" -type f ! -name copyright -delete
+  find "$dir/usr/share/doc" -mindepth 1 -type d -empty -delete
+  rm -rf "$dir"/usr/share/info/* "$dir"/usr/share/locale/* "$dir"/usr/share/man/* \
+         "$dir"/usr/share/groff/* "$dir"/usr/share/lintian/overrides/*
+  mkdir -p "$dir/usr/share/man/man1"
   # Trust the host's extra CAs (if any), the Debian way.
   if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$dir/usr/local/share/ca-certificates/"
