@@ -22,9 +22,9 @@ ENV_FILE="$CACHE/images.env"
 
 compose() {
   local env=(); [ -f "$ENV_FILE" ] && env=(--env-file "$ENV_FILE")
-  # COMPOSE_BAKE=false: build with Compose's own BuildKit client (through the daemon),
-  # without the warning that the buildx plugin, which Bake needs, is not installed.
-  COMPOSE_BAKE="${COMPOSE_BAKE:-false}" docker compose "${env[@]}" -f "$HERE/compose.yaml" "$@"
+  # Builds: without the buildx plugin Compose v2.40 warns that it cannot use Bake and
+  # falls back to its own BuildKit client, through the daemon (works with 20.10).
+  docker compose "${env[@]}" -f "$HERE/compose.yaml" "$@"
 }
 
 images_ready() {
