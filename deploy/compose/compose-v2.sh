@@ -10,6 +10,7 @@
 # Needs Go (>= the version in compose's go.mod; v2.40.3 wants 1.24). COMPOSE_VERSION
 # overrides the version.
 set -o errexit -o pipefail -o nounset
+# shellcheck source=deploy/container/lib.sh
 . "$(dirname "$0")/../container/lib.sh"
 
 COMPOSE_VERSION="${COMPOSE_VERSION:-v2.40.3}"
@@ -17,6 +18,7 @@ DIR="$CACHE/compose/$COMPOSE_VERSION"
 BIN="$DIR/docker-compose"
 PLUGIN_DIR="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
 
+# shellcheck disable=SC2317  # called through timed
 build() {
   command -v go >/dev/null || die "go is not installed (needed to build Compose $COMPOSE_VERSION)"
   log "building Docker Compose $COMPOSE_VERSION from the Go module proxy (several minutes)"

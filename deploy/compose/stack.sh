@@ -17,6 +17,7 @@
 # The Docker daemon keeps running afterwards: deploy/container/docker-down.sh stops it.
 set -o errexit -o pipefail -o nounset
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=deploy/container/lib.sh
 . "$HERE/../container/lib.sh"
 ENV_FILE="$CACHE/images.env"
 

@@ -23,6 +23,7 @@
 # Needs: a running Docker daemon (docker-up.sh), root (debootstrap, apt), Maven + Java.
 set -o errexit -o pipefail -o nounset
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=deploy/container/lib.sh
 . "$HERE/lib.sh"
 
 MODE=auto REBUILD=0
@@ -119,6 +120,7 @@ DPKG
   : > "$dir/etc/resolv.conf"; : > "$dir/etc/hostname"
   rm -rf "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/*.bin "$dir"/var/cache/apt/archives/*.deb \
          "$dir"/var/log/*.log "$dir"/var/log/apt/* "$dir"/tmp/* "$dir"/var/tmp/*
+  # shellcheck disable=SC2016  # expanded by the inner bash
   timed "docker import $DEBIAN_IMAGE" bash -c '
     tar --numeric-owner -C "$1" -c . | docker import \
       --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \

@@ -3,6 +3,7 @@
 # its pid file (a daemon started some other way) this only says so. Running containers
 # are stopped by dockerd itself on SIGTERM (it waits for them, then exits).
 set -o errexit -o pipefail -o nounset
+# shellcheck source=deploy/container/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 PIDFILE="$DOCKER_STATE/dockerd.pid"

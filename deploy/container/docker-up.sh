@@ -14,6 +14,7 @@
 # negotiates the API version down to the daemon's (1.41), and Debian's /usr/bin/docker
 # is the matching 20.10 CLI (the one with BuildKit built in, see build-base.sh).
 set -o errexit -o pipefail -o nounset
+# shellcheck source=deploy/container/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 PIDFILE="$DOCKER_STATE/dockerd.pid"

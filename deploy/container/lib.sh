@@ -1,5 +1,5 @@
 # Shared by the deploy/container and deploy/compose scripts. Source, do not run.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/iot-pipeline"          # built tools, jars, rootfs
 # dockerd is one per machine, so its pid file is too (not per checkout).
