@@ -111,7 +111,7 @@ class Ingest:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, reconnecting with capped jittered backoff."""
-        await kafka.ensure_topics(
+        await kafka.prepare_topics(
             self._cfg.kafka, [self._topics.down_events, self._topics.down_events_dlq]
         )
         liveness = kafka.Liveness(
