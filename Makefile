@@ -1,5 +1,5 @@
 # The two commands of the README, and their parts.
-.PHONY: install demo test check services-up services-down
+.PHONY: install demo test check monitoring-check test-deploy services-up services-down
 
 install:
 	./deploy/local/install.sh
@@ -13,9 +13,22 @@ check: install
 	.venv/bin/mypy
 	.venv/bin/lint-imports
 
-test: check
+test: check monitoring-check
 	.venv/bin/pipeline schemas export --check
 	.venv/bin/pytest
+
+# deploy/monitoring: the rules load, and their unit tests (every alert fires when it
+# should and stays quiet when it should not) pass; the Kubernetes copies are current.
+monitoring-check: install
+	promtool check rules deploy/monitoring/rules/*.yml
+	promtool test rules deploy/monitoring/tests/*.test.yml
+	.venv/bin/python deploy/monitoring/generate.py --check
+
+# The container path for real: Docker (installed/started if need be), Compose v2, the
+# images, the compose stack on ports 2xxxx, the demo through it, SIGTERM, exit codes.
+# Not part of `make test` (minutes, and needs root for apt and dockerd): .ci/run runs it.
+test-deploy: install
+	./deploy/compose/test-deploy.sh
 
 services-up: install
 	./deploy/local/services.sh up
