@@ -31,7 +31,9 @@ PY="$ROOT/.venv/bin/python"
 [ -x "$PY" ] || die "no .venv: run deploy/local/install.sh (make install) first"
 STARTED=$(date +%s)
 
-docker_cli() { if [ -x /usr/bin/docker ]; then /usr/bin/docker "$@"; else docker "$@"; fi; }
+# Debian's 20.10 CLI (the daemon's own: BuildKit built in, no deprecation notice) if present.
+DOCKER_CLI=/usr/bin/docker; [ -x "$DOCKER_CLI" ] || DOCKER_CLI=docker
+docker_cli() { "$DOCKER_CLI" "$@"; }
 compose() { docker compose --env-file "$ENV_FILE" -f "$HERE/compose.yaml" "$@"; }
 
 images_ready() {
@@ -74,9 +76,9 @@ if [ -x /usr/bin/docker ]; then
 else
   timed "build $PIPELINE_IMAGE (BuildKit, compose)" compose build --quiet topics
 fi
-timed "build $PIPELINE_IMAGE-classic (classic builder)" env DOCKER_BUILDKIT=0 "$(command -v docker)" build -q \
+timed "build $PIPELINE_IMAGE-classic (classic builder)" env DOCKER_BUILDKIT=0 "$DOCKER_CLI" build -q \
   --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" -t "$PIPELINE_IMAGE-classic" -f deploy/container/Dockerfile . >/dev/null
-freeze() { docker run --rm --entrypoint /opt/venv/bin/pip "$1" freeze --all --exclude pip --exclude setuptools; }
+freeze() { docker run --rm -e PIP_NO_CACHE_DIR=1 --entrypoint /opt/venv/bin/pip "$1" freeze --all --exclude pip --exclude setuptools; }
 a=$(freeze "$PIPELINE_IMAGE"); b=$(freeze "$PIPELINE_IMAGE-classic")
 [ "$a" = "$b" ] || { diff <(echo "$a") <(echo "$b") >&2; die "BuildKit and classic builds hold different packages"; }
 locked=$(sed -n 's/^\([A-Za-z0-9_.-]*\)==\([^ ]*\).*/\1==\2/p' requirements.lock | tr 'A-Z_' 'a-z-' | sort)

@@ -74,6 +74,21 @@ UNEXPECTED_ERRORS = Counter(
     ["stage"],
 )
 
+# Every known label value starts at 0, so the first increment is a visible increase:
+# Prometheus cannot see the step of a series whose first sample already holds it (the
+# first DLQ record would never fire an alert).
+for _counter, _values in (
+    (INGEST_MESSAGES, ("landed", "dlq")),
+    (ROUTER_RECORDS, ("routed", "dlq")),
+    (ROUTER_CHILDREN, ("added", "failed")),
+    (ROUTER_TRANSACTIONS, ("committed", "aborted")),
+    (SINK_CALLS, ("ok", "rejected", "transient")),
+    (SINK_OUTCOMES, ("allocated", "rejected", "exhausted", "invalid", "already_recorded")),
+    (UNEXPECTED_ERRORS, ("ingest", "route", "sink")),
+):
+    for _value in _values:
+        _counter.labels(_value)
+
 # What deploy/monitoring's alerts read besides the counters above (names and labels are
 # part of the operator contract: tests/ops/test_prometheus.py scrapes them for real).
 CONSUMER_LAG = Gauge(
