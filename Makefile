@@ -20,8 +20,8 @@ test: check monitoring-check
 # deploy/monitoring: the rules load, and their unit tests (every alert fires when it
 # should and stays quiet when it should not) pass; the Kubernetes copies are current.
 monitoring-check: install
-	promtool check rules deploy/monitoring/rules/*.yml
-	promtool test rules deploy/monitoring/tests/*.test.yml
+	promtool check config deploy/monitoring/prometheus.yml
+	promtool test rules deploy/monitoring/*.test.yml
 	.venv/bin/python deploy/monitoring/generate.py --check
 
 # The container path for real: Docker (installed/started if need be), Compose v2, the
