@@ -85,7 +85,7 @@ locked=$(sed -n 's/^\([A-Za-z0-9_.-]*\)==\([^ ]*\).*/\1==\2/p' requirements.lock
 installed=$(echo "$a" | grep -v '^iot-pipeline' | tr 'A-Z_' 'a-z-' | sort)
 [ "$locked" = "$installed" ] || { diff <(echo "$locked") <(echo "$installed") >&2; die "the image's packages differ from requirements.lock"; }
 log "both builds hold exactly requirements.lock ($(echo "$installed" | wc -l) packages) + iot-pipeline"
-docker image rm "$PIPELINE_IMAGE-classic" >/dev/null
+# The classic image stays: it is the classic builder's layer cache for the next run.
 
 # 5: the stack, healthy and ready.
 compose down --volumes --remove-orphans >/dev/null 2>&1 || true  # leftovers of an aborted run
