@@ -89,6 +89,7 @@ def _add_tools(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8085)
     p.add_argument("--devices", metavar="FILE", help="JSON list of devices to preload")
     p.add_argument("--accept-any-sn", action="store_true", help="register every sn on first sight")
+    p.add_argument("--demo", action="store_true", help="preload the bundled demo's devices")
     p.add_argument("--token-ttl", type=int, default=7200, help="access token lifetime, seconds")
     p.set_defaults(handler=_emulator)
 
@@ -160,6 +161,12 @@ def _add_admin(sub: Any) -> None:
     p = sub.add_parser("status", help="per stage: lag, throughput, DLQ counts")
     p.set_defaults(handler=_status)
 
+    text = "exit 0 if the worker here answers /healthz with 200 (a container's HEALTHCHECK)"
+    p = sub.add_parser("healthcheck", help=text, description=text)
+    p.add_argument("--port", type=int, help="default: the first configured metrics port open")
+    p.add_argument("--path", default="/healthz", help="default: /healthz (or /readyz, ...)")
+    p.set_defaults(handler=_healthcheck)
+
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
@@ -176,6 +183,10 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
     stages: tuple[str, ...] = args.stages
     factories = _stage_factories()
     port = getattr(cfg.metrics, f"{args.command}_port")
+    from pipeline.io.kafka import security_problem  # noqa: PLC0415
+
+    if problem := await security_problem(cfg.kafka):  # a wrong password or CA: say so, stop
+        raise ConfigError(problem)
     async with contextlib.AsyncExitStack() as stack:
         if cfg.metrics.enabled:
             await stack.enter_async_context(ops_server(cfg.metrics.host, port, health))
@@ -257,17 +268,21 @@ async def _record(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _emulator(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.dps.emulator import serve  # noqa: PLC0415
+    import importlib.resources  # noqa: PLC0415
 
-    return await serve(
-        host=args.host,
-        port=args.port,
-        devices_file=args.devices,
-        accept_any_sn=args.accept_any_sn,
-        app_key=cfg.sink.dps.app_key,
-        app_secret=cfg.sink.dps.app_secret.reveal(),
-        token_ttl=args.token_ttl,
-    )
+    from pipeline.dps.emulator import serve  # noqa: PLC0415
+    from pipeline.tools.demo import DEMO_DEVICES  # noqa: PLC0415
+
+    with importlib.resources.as_file(DEMO_DEVICES) as demo:
+        return await serve(
+            host=args.host,
+            port=args.port,
+            devices_file=str(demo) if args.demo else args.devices,
+            accept_any_sn=args.accept_any_sn,
+            app_key=cfg.sink.dps.app_key,
+            app_secret=cfg.sink.dps.app_secret.reveal(),
+            token_ttl=args.token_ttl,
+        )
 
 
 async def _topics_create(args: argparse.Namespace, cfg: Config) -> int:
@@ -312,6 +327,14 @@ async def _bridge_config(args: argparse.Namespace, _cfg: Config) -> int:
     where = "stdout" if args.output == "-" else args.output
     print(f"wrote {len(gateways)} bridges to {where}", file=sys.stderr)  # noqa: T201
     return 0
+
+
+async def _healthcheck(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.ops.healthcheck import healthcheck  # noqa: PLC0415
+
+    healthy, line = healthcheck(cfg.metrics, port=args.port, path=args.path)
+    print(f"healthcheck: {line}")  # noqa: T201
+    return 0 if healthy else 1
 
 
 async def _status(_args: argparse.Namespace, cfg: Config) -> int:

@@ -186,6 +186,14 @@ class KafkaConfig(_Section, frozen=True):
     partitions: int = 3
     """Partitions for topics that ``pipeline topics create`` makes."""
     replication_factor: int = 1
+    min_insync_replicas: Count | None = None
+    """``min.insync.replicas`` of the topics ``pipeline topics create`` makes; the broker's
+    default when unset. With ``acks=all``, 2 of 3 replicas keeps writes safe and going
+    while one broker is down."""
+    create_topics: bool = True
+    """Workers create their missing topics at start-up. Set it to false in production,
+    where ``pipeline topics create`` (a one-shot job) makes them with the right settings:
+    a worker then waits for its topics and fails if they do not appear."""
     linger_ms: int = 5
     request_timeout: float = 30.0
     max_record_size: Annotated[int, msgspec.Meta(ge=64 * 1024, le=64 * 1024 * 1024)] = (

@@ -217,17 +217,23 @@ class PrivateKafka:
     state: Path
     port: int
     controller_port: int
+    extra_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """More ``PIPELINE_LOCAL_KAFKA_*`` settings (the SASL_SSL listener, see kafka.sh)."""
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def _env(self) -> dict[str, str]:
-        return os.environ | {
-            "PIPELINE_LOCAL_STATE": str(self.state),
-            "PIPELINE_LOCAL_KAFKA_PORT": str(self.port),
-            "PIPELINE_LOCAL_KAFKA_CONTROLLER_PORT": str(self.controller_port),
-        }
+        return (
+            os.environ
+            | {
+                "PIPELINE_LOCAL_STATE": str(self.state),
+                "PIPELINE_LOCAL_KAFKA_PORT": str(self.port),
+                "PIPELINE_LOCAL_KAFKA_CONTROLLER_PORT": str(self.controller_port),
+            }
+            | self.extra_env
+        )
 
     async def start(self) -> None:
         script = ROOT / "deploy" / "local" / "kafka.sh"
@@ -255,9 +261,12 @@ class PrivateKafka:
 
 
 @contextlib.asynccontextmanager
-async def private_kafka(tmp: Path) -> AsyncIterator[PrivateKafka]:
-    """A fresh single-node Kafka for tests that stop or reconfigure their broker."""
-    broker = PrivateKafka(tmp, free_port(), free_port())
+async def private_kafka(tmp: Path, **env: str) -> AsyncIterator[PrivateKafka]:
+    """A fresh single-node Kafka for tests that stop or reconfigure their broker.
+
+    ``env``: more ``PIPELINE_LOCAL_KAFKA_*`` settings for deploy/local/kafka.sh.
+    """
+    broker = PrivateKafka(tmp, free_port(), free_port(), env)
     await broker.start()
     try:
         yield broker

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the project needs on a fresh Debian machine, idempotently:
 # Mosquitto (Debian package), Java + Maven if absent, the Kafka broker jars from Maven
-# Central (cached outside git), and a Python virtualenv with the project and its dev deps.
+# Central (cached outside git), Prometheus (promtool and the server, for the monitoring
+# tests), and a Python virtualenv with the locked dependencies and the project.
 set -o errexit -o pipefail -o nounset
 . "$(dirname "$0")/lib.sh"
 
@@ -12,6 +13,10 @@ apt_install() {
   command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
   command -v python3 >/dev/null || missing+=(python3 python3-venv)
+  # promtool checks and unit-tests deploy/monitoring's rules; the Prometheus server runs
+  # in tests/ops/test_prometheus.py. No recommends: they would pull in node-exporter.
+  command -v promtool >/dev/null || missing+=(prometheus)
+  command -v openssl >/dev/null || missing+=(openssl)
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing Debian packages: ${missing[*]}"
   local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -28,14 +33,18 @@ kafka_jars() {
 }
 
 python_env() {
-  local marker="$ROOT/.venv/.installed"
-  if [ -f "$marker" ] && [ "$marker" -nt "$ROOT/pyproject.toml" ]; then return 0; fi
+  # Exactly the locked dependency set (hashes checked), then the project itself, editable.
+  # The marker holds a digest of what was installed: a changed lock file reinstalls.
+  local marker="$ROOT/.venv/.installed" digest
+  digest=$(cat "$ROOT/pyproject.toml" "$ROOT/requirements-dev.lock" | sha256sum | cut -c1-16)
+  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$digest" ]; then return 0; fi
   python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python >= 3.11 is required"
-  log "creating the Python environment in .venv"
+  log "creating the Python environment in .venv (requirements-dev.lock)"
   [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
   "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip
-  "$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[dev]"
-  touch "$marker"
+  "$ROOT/.venv/bin/python" -m pip install -q --require-hashes --only-binary :all: -r "$ROOT/requirements-dev.lock"
+  "$ROOT/.venv/bin/python" -m pip install -q --no-deps -e "$ROOT"
+  echo "$digest" > "$marker"
 }
 
 apt_install

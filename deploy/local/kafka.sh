@@ -18,6 +18,35 @@ java_opts() {
   echo "-Djava.awt.headless=true -Dkafka.logs.dir=$DIR/logs -Dlog4j2.configurationFile=$HERE/kafka/log4j2.properties"
 }
 
+# Optional SASL_SSL listener (SCRAM-SHA-512 over TLS), as production clusters have:
+#   PIPELINE_LOCAL_KAFKA_SASL_SSL_PORT  its port on 127.0.0.1 (unset: no such listener)
+#   PIPELINE_LOCAL_KAFKA_KEYSTORE       PEM file: the broker's private key (PKCS#8,
+#                                       unencrypted), its certificate (SAN IP:127.0.0.1)
+#                                       and the CA; the tests make one with openssl
+#   PIPELINE_LOCAL_KAFKA_SCRAM_USERS    user=password[,user=password...], created when the
+#                                       storage is formatted (a fresh state directory)
+# The PLAINTEXT listener stays, on loopback, for the broker itself and the readiness probe.
+SASL_SSL_PORT="${PIPELINE_LOCAL_KAFKA_SASL_SSL_PORT:-}"
+KEYSTORE="${PIPELINE_LOCAL_KAFKA_KEYSTORE:-}"
+SCRAM_USERS="${PIPELINE_LOCAL_KAFKA_SCRAM_USERS:-}"
+
+sasl_ssl_properties() {  # later keys win in a Java properties file
+  [ -n "$SASL_SSL_PORT" ] || return 0
+  [ -f "$KEYSTORE" ] || die "PIPELINE_LOCAL_KAFKA_KEYSTORE: no PEM keystore at '$KEYSTORE'"
+  [ -n "$SCRAM_USERS" ] || die "PIPELINE_LOCAL_KAFKA_SCRAM_USERS is empty"
+  cat <<PROPS
+
+# SASL_SSL listener (PIPELINE_LOCAL_KAFKA_SASL_SSL_PORT)
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_SSL://127.0.0.1:$SASL_SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$SASL_SSL_PORT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.location=$KEYSTORE
+PROPS
+}
+
 start() {
   [ -f "$KAFKA_LIBS/.complete" ] || die "Kafka jars missing at $KAFKA_LIBS; run deploy/local/install.sh"
   if alive "$PIDFILE" && ready 1; then log "kafka already up on 127.0.0.1:$KAFKA_PORT"; return 0; fi
@@ -27,13 +56,20 @@ start() {
   mkdir -p "$DIR/data" "$DIR/logs"
   sed -e "s|@STATE@|$STATE|g" -e "s|@PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
     "$HERE/kafka/server.properties.in" > "$DIR/server.properties"
+  sasl_ssl_properties >> "$DIR/server.properties"
   local cp="$KAFKA_LIBS/*"
   # shellcheck disable=SC2046
   if [ ! -f "$DIR/data/meta.properties" ]; then
     local cid
     cid=$("$PY" -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode().lstrip("-") or "x")')
+    local scram=() user
+    # SCRAM credentials live in the cluster metadata: they are created when it is formatted.
+    if [ -n "$SASL_SSL_PORT" ]; then
+      IFS=, read -r -a users <<< "$SCRAM_USERS"
+      for user in "${users[@]}"; do scram+=(--add-scram "SCRAM-SHA-512=[name=${user%%=*},password=${user#*=}]"); done
+    fi
     java $(java_opts) -cp "$cp" kafka.tools.StorageTool format -t "$cid" -c "$DIR/server.properties" \
-      --ignore-formatted > "$DIR/logs/format.log" 2>&1 || { cat "$DIR/logs/format.log" >&2; die "formatting storage failed"; }
+      --ignore-formatted "${scram[@]}" > "$DIR/logs/format.log" 2>&1 || { cat "$DIR/logs/format.log" >&2; die "formatting storage failed"; }
   fi
   # shellcheck disable=SC2046
   nohup java $(java_opts) -cp "$cp" kafka.Kafka "$DIR/server.properties" > "$DIR/broker.log" 2>&1 &

@@ -23,6 +23,7 @@ from pipeline.dps.protocol import (
     TOKEN_EXPIRED,
     TOKEN_PATH,
     classify,
+    cleartext_remote,
     parse_retry_after,
     sign,
     token_encryption,
@@ -92,6 +93,12 @@ class DpsClient:
         # Verification is always on: the configured CA bundle, or the system store.
         tls = client_context(TlsConfig(enabled=True, ca_file=self._cfg.ca_file))
         connector = aiohttp.TCPConnector(limit=self._pool_size, ssl=tls)
+        if cleartext_remote(self._cfg.base_url):
+            log.warning(
+                "sink.dps.base_url %s is plain http:// to a remote host: the access token and "
+                "signed requests travel unencrypted; use https://",
+                self._cfg.base_url,
+            )
         self._session = aiohttp.ClientSession(connector=connector)
         return self
 

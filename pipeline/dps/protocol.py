@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import hashlib
+import ipaddress
 import math
 import time
+import urllib.parse
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ __all__ = [
     "TOKEN_PATH",
     "Outcome",
     "classify",
+    "cleartext_remote",
     "parse_retry_after",
     "sign",
     "token_encryption",
@@ -139,3 +142,22 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
+
+
+def cleartext_remote(base_url: str) -> bool:
+    """True when ``base_url`` is plain ``http://`` to a host that is not this machine.
+
+    The access token and every signed request would then cross the network unencrypted;
+    fine for the emulator on loopback or a compose network's sidecar, worth a warning
+    everywhere else.
+    """
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme.lower() != "http":
+        return False
+    host = url.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: assume it is remote

@@ -9,12 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+import time
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+    for_code,
+)
 
 from pipeline.errors import StageFailed
 from pipeline.io.tls import client_context
@@ -35,11 +44,14 @@ __all__ = [
     "consumer",
     "ensure_topics",
     "partitions",
+    "prepare_topics",
     "producer",
     "read_range",
     "reader",
     "record_limit",
+    "security_problem",
     "size",
+    "watch_lag",
     "whole",
 ]
 
@@ -113,6 +125,8 @@ async def ensure_topics(
         # Records up to max_record_size (a 1 MiB event plus its envelope); the broker's
         # default (about 1 MB) would refuse the biggest events IoTDA can send.
         configs = {"max.message.bytes": str(cfg.max_record_size)}
+        if cfg.min_insync_replicas is not None:
+            configs["min.insync.replicas"] = str(cfg.min_insync_replicas)
         response = await client.create_topics(
             [
                 NewTopic(
@@ -132,6 +146,43 @@ async def ensure_topics(
                 await asyncio.sleep(0.1)
         log.info("created topics %s", missing)
         return missing
+    finally:
+        await client.close()
+
+
+async def prepare_topics(cfg: KafkaConfig, names: Iterable[str], *, wait: float = 120.0) -> None:
+    """What a worker does with its topics at start-up.
+
+    With ``kafka.create_topics`` (the default, for local runs) the missing ones are
+    created. Without it (production: a one-shot ``pipeline topics create`` makes them with
+    the cluster's replication settings) the worker waits up to ``wait`` seconds for them.
+
+    Raises:
+        StageFailed: a topic still does not exist after ``wait`` seconds.
+    """
+    if cfg.create_topics:
+        await ensure_topics(cfg, names)
+        return
+    wanted = list(dict.fromkeys(names))
+    client = admin(cfg)
+    await client.start()
+    try:
+        deadline = time.monotonic() + wait
+        warned = False
+        while missing := [n for n in wanted if n not in set(await client.list_topics())]:
+            if time.monotonic() > deadline:
+                msg = (
+                    f"topics {', '.join(missing)} do not exist and kafka.create_topics is "
+                    "false: run `pipeline topics create`"
+                )
+                raise StageFailed(msg)
+            if not warned:
+                log.warning(
+                    "waiting up to %g s for topics %s (kafka.create_topics is false; "
+                    "`pipeline topics create` makes them)", wait, ", ".join(missing),
+                )  # fmt: skip
+                warned = True
+            await asyncio.sleep(1.0)
     finally:
         await client.close()
 
@@ -257,6 +308,101 @@ async def whole(client: AIOKafkaConsumer, *topics: str) -> Ranges:
     begins = await client.beginning_offsets(tps)
     ends = await client.end_offsets(tps)
     return {tp: (begins[tp], ends[tp]) for tp in tps}
+
+
+async def watch_lag(
+    client: AIOKafkaConsumer,
+    on_lag: Callable[[dict[tuple[str, int], int]], None],
+    *,
+    interval: float = 5.0,
+) -> None:
+    """Every ``interval`` s until cancelled, tell ``on_lag`` each assigned partition's lag.
+
+    Lag is what ``pipeline status`` and KEDA count: the partition's end offset minus the
+    group's committed offset (its beginning when nothing is committed). On a
+    transactional topic the commit markers take offsets too, so a caught-up partition
+    may show a lag of one. A failed sample (a rebalance, Kafka away) is skipped.
+    """
+    while True:
+        lags: dict[tuple[str, int], int] = {}
+        try:
+            assigned = sorted(client.assignment())
+            if assigned:
+                ends = await client.end_offsets(assigned)
+                begins = await client.beginning_offsets(assigned)
+                for tp in assigned:
+                    committed = await client.committed(tp)
+                    start = begins[tp] if committed is None else committed
+                    lags[(tp.topic, tp.partition)] = max(0, ends[tp] - start)
+        except Exception as exc:  # a rebalance or Kafka away: a gauge must never stop a stage
+            log.debug("lag sample skipped: %s", exc)
+        else:
+            on_lag(lags)
+        await asyncio.sleep(interval)
+
+
+async def security_problem(cfg: KafkaConfig, *, wait: float = 10.0) -> str | None:
+    """Why Kafka refuses this client's TLS or SASL settings, in one line; None if it does not.
+
+    aiokafka reports every failure to connect as ``Unable to bootstrap`` without a cause
+    (a wrong SASL password shows only in its log), so a worker would wait forever for a
+    Kafka that will never accept it. This pre-flight opens one connection to the first
+    bootstrap server that answers, with the configured security settings, and names what
+    will not fix itself: a wrong password or mechanism, a certificate that does not
+    verify against ``kafka.tls.ca_file``, a TLS/plaintext mismatch. A server that does not
+    answer at all is not a security problem (None): the worker waits for it as usual.
+    Nothing to check (None) for PLAINTEXT.
+
+    Args:
+        cfg: the Kafka configuration.
+        wait: seconds to give each bootstrap server.
+    """
+    try:
+        opts = _common(cfg)
+    except (OSError, ssl.SSLError) as exc:  # the CA, certificate or key file
+        return f"kafka.tls: cannot load the TLS files: {exc}"
+    if opts["security_protocol"] == "PLAINTEXT":
+        return None
+    for server in (s.strip() for s in cfg.bootstrap_servers.split(",") if s.strip()):
+        host, _, port = server.rpartition(":")
+        try:
+            async with asyncio.timeout(wait):
+                conn = await create_conn(
+                    host.strip("[]"),
+                    int(port),
+                    client_id=cfg.client_id,
+                    request_timeout_ms=int(wait * 1000),
+                    ssl_context=opts.get("ssl_context"),
+                    security_protocol=opts["security_protocol"],
+                    sasl_mechanism=opts.get("sasl_mechanism"),
+                    sasl_plain_username=opts.get("sasl_plain_username"),
+                    sasl_plain_password=opts.get("sasl_plain_password"),
+                )
+        except (SaslAuthenticationFailed, UnsupportedSaslMechanismError, ssl.SSLError) as exc:
+            return f"Kafka at {server}: {_refusal(exc, cfg)}"
+        except (OSError, TimeoutError, KafkaError) as exc:
+            log.debug("security pre-flight: %s does not answer: %s", server, exc)
+            continue
+        conn.close()
+        return None
+    return None
+
+
+def _refusal(exc: Exception, cfg: KafkaConfig) -> str:
+    """What the operator should look at, for a refusal :func:`security_problem` met."""
+    if isinstance(exc, SaslAuthenticationFailed):
+        return (
+            f"SASL {cfg.sasl_mechanism} authentication of user {cfg.sasl_username!r} failed: "
+            "check kafka.sasl_username and kafka.sasl_password"
+        )
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return f"kafka.sasl_mechanism {cfg.sasl_mechanism} is not enabled on the broker ({exc})"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate verification failed ({exc.verify_message}): check kafka.tls.ca_file"
+        )
+    reason = getattr(exc, "reason", None) or exc
+    return f"TLS handshake failed ({reason}): is it a TLS listener? check kafka.security_protocol"
 
 
 class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

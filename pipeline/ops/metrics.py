@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 __all__ = [
+    "CONSUMER_LAG",
     "INGEST_EVENTS",
     "INGEST_INFLIGHT",
     "INGEST_MESSAGES",
@@ -22,7 +28,10 @@ __all__ = [
     "SINK_OUTCOMES",
     "SINK_PAUSED",
     "SINK_RETRIES",
+    "STAGE_LAST_PROGRESS",
+    "STAGE_WORK_WAITING",
     "UNEXPECTED_ERRORS",
+    "report_lag",
 ]
 
 INGEST_MESSAGES = Counter(
@@ -78,3 +87,45 @@ UNEXPECTED_ERRORS = Counter(
     "Bugs met while handling one message or record (it was dead-lettered; the stage went on)",
     ["stage"],
 )
+
+# Every known label value starts at 0, so the first increment is a visible increase:
+# Prometheus cannot see the step of a series whose first sample already holds it (the
+# first DLQ record would never fire an alert).
+for _counter, _values in (
+    (INGEST_MESSAGES, ("landed", "dlq")),
+    (ROUTER_RECORDS, ("routed", "dlq")),
+    (ROUTER_CHILDREN, ("added", "failed")),
+    (ROUTER_TRANSACTIONS, ("committed", "aborted")),
+    (SINK_CALLS, ("ok", "rejected", "transient")),
+    (SINK_OUTCOMES, ("allocated", "rejected", "exhausted", "invalid", "already_recorded")),
+    (UNEXPECTED_ERRORS, ("ingest", "route", "sink")),
+):
+    for _value in _values:
+        _counter.labels(_value)
+
+# What deploy/monitoring's alerts read besides the counters above (names and labels are
+# part of the operator contract: tests/ops/test_prometheus.py scrapes them for real).
+CONSUMER_LAG = Gauge(
+    "pipeline_consumer_lag",
+    "Records of an assigned partition that the stage's consumer group has not committed",
+    ["stage", "topic", "partition"],
+)
+STAGE_LAST_PROGRESS = Gauge(
+    "pipeline_stage_last_progress_timestamp_seconds",
+    "Unix time of the stage's last progress (a record handled, or an idle poll)",
+    ["stage"],
+)
+STAGE_WORK_WAITING = Gauge(
+    "pipeline_stage_work_waiting", "1 while the stage has work it has not finished", ["stage"]
+)
+
+_lag_reported: dict[str, set[tuple[str, int]]] = {}
+
+
+def report_lag(stage: str, lags: Mapping[tuple[str, int], int]) -> None:
+    """Set ``pipeline_consumer_lag`` for ``stage``'s partitions; forget those it lost."""
+    for topic, partition in _lag_reported.get(stage, set()) - set(lags):
+        CONSUMER_LAG.remove(stage, topic, str(partition))
+    for (topic, partition), lag in lags.items():
+        CONSUMER_LAG.labels(stage, topic, str(partition)).set(lag)
+    _lag_reported[stage] = set(lags)

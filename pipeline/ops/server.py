@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from pipeline.ops.metrics import STAGE_LAST_PROGRESS, STAGE_WORK_WAITING
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
@@ -71,9 +73,18 @@ class Health:
         return dict(self._details)
 
     def watch(self, stage: str, waiting: Callable[[], bool]) -> None:
-        """Register ``stage``; ``waiting()`` tells whether it has work it has not done."""
+        """Register ``stage``; ``waiting()`` tells whether it has work it has not done.
+
+        Both are also exported, read at scrape time: ``pipeline_stage_work_waiting`` and
+        ``pipeline_stage_last_progress_timestamp_seconds`` (the "no progress while work
+        is waiting" alert).
+        """
         self._waiting[stage] = waiting
         self._beats[stage] = time.monotonic()
+        STAGE_WORK_WAITING.labels(stage).set_function(lambda: float(waiting()))
+        STAGE_LAST_PROGRESS.labels(stage).set_function(
+            lambda: time.time() - (time.monotonic() - self._beats[stage])
+        )
 
     def beat(self, stage: str) -> None:
         """``stage`` made progress."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ from pipeline.ops.metrics import (
     ROUTER_SKIPPED,
     ROUTER_TRANSACTIONS,
     UNEXPECTED_ERRORS,
+    report_lag,
 )
 from pipeline.schemas import utc_now
 
@@ -97,7 +99,7 @@ class Router:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; the transaction in flight finishes first."""
         topics = self._topics
-        await kafka.ensure_topics(
+        await kafka.prepare_topics(
             self._cfg.kafka,
             [topics.down_events, topics.added, topics.failed, topics.down_events_dlq],
         )
@@ -109,6 +111,9 @@ class Router:
             consumer.subscribe([topics.down_events], listener=listener)
             log.info("router consuming %s as %s", topics.down_events, self._cfg.router.group_id)
             watcher = asyncio.create_task(liveness.run(), name="router.kafka-liveness")
+            lag = asyncio.create_task(
+                kafka.watch_lag(consumer, functools.partial(report_lag, "route")), name="router.lag"
+            )
             stopped = first_set(stop, listener.failed)
             try:
                 while True:
@@ -128,8 +133,11 @@ class Router:
             finally:
                 stopped.cancel()
                 watcher.cancel()
+                lag.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lag
                 await self._stop_producers(list(self._producers))
         listener.raise_if_failed()
         log.info("router stopped")

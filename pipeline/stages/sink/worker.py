@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from pipeline.core.mapping import Mapper
 from pipeline.dps.client import DpsClient
 from pipeline.io import kafka
 from pipeline.io.aio import Stopped, unless_stopped
-from pipeline.ops.metrics import SINK_INFLIGHT, SINK_OUTCOMES, SINK_PAUSED
+from pipeline.ops.metrics import SINK_INFLIGHT, SINK_OUTCOMES, SINK_PAUSED, report_lag
 from pipeline.stages.sink.allocator import Allocator
 from pipeline.stages.sink.breaker import Breaker
 from pipeline.stages.sink.offsets import OffsetTracker
@@ -98,7 +99,7 @@ class Sink:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then hand back in-flight work and commit."""
         topics = self._topics
-        await kafka.ensure_topics(
+        await kafka.prepare_topics(
             self._cfg.kafka, [topics.added, topics.allocations, topics.allocations_dlq]
         )
         consumer = kafka.consumer(self._cfg.kafka, group_id=self._cfg.sink.group_id)
@@ -123,9 +124,15 @@ class Sink:
                     dps_cfg.base_url,
                 )
             committer = asyncio.create_task(self._commit_loop(stop), name="sink.commit")
+            lag = asyncio.create_task(
+                kafka.watch_lag(consumer, functools.partial(report_lag, "sink")), name="sink.lag"
+            )
             try:
                 await self._consume(consumer, allocator, outcomes, stop)
             finally:
+                lag.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lag
                 await self._shutdown(committer)
         log.info("sink stopped")
 
