@@ -158,7 +158,14 @@ def _add_admin(sub: Any) -> None:
     )
     p.set_defaults(handler=_bridge_config)
 
-    p = sub.add_parser("status", help="per stage: lag, throughput, DLQ counts")
+    p = sub.add_parser("status", help="per stage: lag, throughput, DLQ counts; worker health")
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        metavar="URL",
+        help="a worker's ops server (http://host:port), repeatable; default: this host's "
+        "metrics ports of the configuration",
+    )
     p.set_defaults(handler=_status)
 
     text = "exit 0 if the worker here answers /healthz with 200 (a container's HEALTHCHECK)"
@@ -337,10 +344,10 @@ async def _healthcheck(args: argparse.Namespace, cfg: Config) -> int:
     return 0 if healthy else 1
 
 
-async def _status(_args: argparse.Namespace, cfg: Config) -> int:
+async def _status(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.tools.status import status  # noqa: PLC0415
 
-    return await status(cfg)
+    return await status(cfg, args.endpoint)
 
 
 async def _demo(args: argparse.Namespace, cfg: Config) -> int:

@@ -1,11 +1,16 @@
-"""``pipeline status``: per stage, consumer lag, throughput and DLQ sizes."""
+"""``pipeline status``: per stage, consumer lag, throughput and DLQ sizes; worker health.
+
+Health is what each worker's ``/readyz`` says: failing checks with their reasons, such as
+a DPS code and its hint, or an edge broker's bridge that is down.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from rich.console import Console
 from rich.table import Table
 
@@ -16,7 +21,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import Config
 
-__all__ = ["collect", "status"]
+__all__ = ["collect", "health", "status"]
 
 SAMPLE = 2.0
 
@@ -57,8 +62,55 @@ async def collect(cfg: Config, sample: float = SAMPLE) -> list[dict[str, object]
     return rows
 
 
-async def status(cfg: Config) -> int:
-    """Print the table; exit code 0."""
+async def health(cfg: Config, endpoints: list[str] | None = None) -> dict[str, Any]:
+    """What each worker's ``/readyz`` says: ``{url: body}``, or ``{url: None}`` if silent.
+
+    By default the workers of this configuration on this host (its metrics ports).
+    """
+    if endpoints is None:
+        m = cfg.metrics
+        host = "127.0.0.1" if m.host in ("0.0.0.0", "::") else m.host  # noqa: S104
+        ports = (m.run_port, m.ingest_port, m.route_port, m.sink_port)
+        endpoints = [f"http://{host}:{port}" for port in ports]
+    found: dict[str, Any] = {}
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for url in endpoints:
+            try:
+                async with http.get(f"{url.rstrip('/')}/readyz") as response:
+                    found[url] = await response.json()
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                found[url] = None
+    return found
+
+
+def _health_table(found: dict[str, Any]) -> Table:
+    table = Table(title="workers (/readyz)")
+    for column in ("worker", "ready", "check", "detail"):
+        table.add_column(column)
+    for url, body in found.items():
+        if body is None:
+            table.add_row(url, "-", "", "no worker answers")
+            continue
+        checks: dict[str, bool] = body.get("checks", {})
+        details: dict[str, str] = body.get("details", {})
+        ready = "yes" if body.get("ready") else "[red]no[/red]"
+        notes = sorted(set(details) | {name for name, ok in checks.items() if not ok})
+        if not notes:
+            table.add_row(url, ready, "all checks pass", "")
+        for i, name in enumerate(notes):
+            state = "up" if checks.get(name) else "[red]down[/red]"
+            table.add_row(
+                url if i == 0 else "",
+                ready if i == 0 else "",
+                f"{name}: {state}",
+                details.get(name, ""),
+            )
+    return table
+
+
+async def status(cfg: Config, endpoints: list[str] | None = None) -> int:
+    """Print the tables; exit code 0."""
     rows = await collect(cfg)
     table = Table(title=f"iot-pipeline @ {cfg.kafka.bootstrap_servers}")
     for column in ("stage", "group", "lag", "out/s", "DLQ records"):
@@ -71,5 +123,11 @@ async def status(cfg: Config) -> int:
             str(row["out_per_s"]),
             "-" if row["dlq"] is None else str(row["dlq"]),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    found = await health(cfg, endpoints)
+    if any(body is not None for body in found.values()) or endpoints:
+        console.print(_health_table(found))
+    else:
+        console.print("no worker answers /readyz on this host's metrics ports (--endpoint URL)")
     return 0
