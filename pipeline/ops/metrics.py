@@ -15,11 +15,13 @@ __all__ = [
     "ROUTER_RECORDS",
     "ROUTER_SKIPPED",
     "ROUTER_TRANSACTIONS",
+    "SINK_BREAKER_OPENS",
     "SINK_CALLS",
     "SINK_CALL_SECONDS",
     "SINK_INFLIGHT",
     "SINK_OUTCOMES",
     "SINK_PAUSED",
+    "SINK_RATE",
     "SINK_RETRIES",
 ]
 
@@ -47,7 +49,9 @@ ROUTER_TRANSACTIONS = Counter(
     "pipeline_router_transactions", "Kafka transactions", ["outcome"]
 )  # committed | aborted
 
-SINK_CALLS = Counter("pipeline_sink_calls", "DPS allocate calls", ["result"])
+SINK_CALLS = Counter(
+    "pipeline_sink_calls", "DPS allocate calls", ["result"]
+)  # ok | rejected | transient | throttled
 SINK_CALL_SECONDS = Histogram(
     "pipeline_sink_call_seconds",
     "DPS allocate call latency",
@@ -55,5 +59,13 @@ SINK_CALL_SECONDS = Histogram(
 )
 SINK_OUTCOMES = Counter("pipeline_sink_outcomes", "Records finished", ["outcome"])
 SINK_RETRIES = Counter("pipeline_sink_retries", "Allocate attempts that will be retried")
-SINK_INFLIGHT = Gauge("pipeline_sink_inflight", "Records being allocated")
+SINK_INFLIGHT = Gauge(
+    "pipeline_sink_inflight", "Records in progress (calling, waiting to retry, or queued)"
+)
 SINK_PAUSED = Gauge("pipeline_sink_paused", "1 while consumption is paused because DPS is failing")
+SINK_BREAKER_OPENS = Counter(
+    "pipeline_sink_breaker_opens", "Times the breaker opened because DPS failed for everyone"
+)
+SINK_RATE = Gauge(
+    "pipeline_sink_rate_limit", "Allocate calls per second currently allowed (0: unlimited)"
+)
