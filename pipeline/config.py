@@ -224,8 +224,9 @@ class SinkConfig(_Section, frozen=True):
     give_up_after: Seconds = 3600.0
     """Seconds of transient failures after which a record goes to the DLQ as exhausted."""
     breaker_failures: Count = 20
-    """Different sns whose calls fail in a row, none succeeding in between, that open the
-    breaker (pausing intake); fewer when fewer records are in progress, but at least 2."""
+    """Calls failing in a row, none succeeding in between, for at least two different sns,
+    that open the breaker (pausing intake); a wrong credential or an unreachable
+    ``base_url`` opens it at once."""
     commit_interval: Seconds = 1.0
 
     @property

@@ -3,11 +3,10 @@
 A record's own failures are its own to retry (:mod:`.allocator`, with its own backoff).
 The breaker opens only on evidence that DPS fails for everyone:
 
-- calls for ``failures`` different sns failed in a row, none succeeding in between
-  (fewer when fewer records are in progress, but at least 2). One record that keeps
-  failing among healthy ones never opens it (their successes reset the count, and its
-  own repeats do not add up), nor does a 50 % error rate (20 in a row: about once per
-  million calls);
+- ``failures`` calls failed in a row, none succeeding in between, for at least two
+  different sns. One record that keeps failing never opens it: among healthy ones their
+  successes reset the count, and alone it is one sn. Nor does a 50 % error rate: 20 in
+  a row happen about once per million calls;
 - or at once, on a failure only the operator can cure (a wrong secret, a ``base_url``
   that refuses connections: the failures that carry a hint).
 
@@ -38,8 +37,7 @@ class Breaker:
         backoff: the probe schedule (reset when the breaker closes).
         on_change: called with ``(True, reason)`` when it opens or, while open, when the
             reason changes; with ``(False, None)`` when it closes.
-        failures: different sns failing in a row that open it.
-        in_progress: how many records are in progress (fewer failures open it then).
+        failures: failed calls in a row (of at least two sns) that open it.
         clock: monotonic seconds (tests give their own).
     """
 
@@ -49,15 +47,15 @@ class Breaker:
         on_change: Callable[[bool, str | None], None],
         *,
         failures: int,
-        in_progress: Callable[[], int],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
         self._backoff = backoff
         self._on_change = on_change
         self._failures = failures
-        self._in_progress = in_progress
-        self._failing: set[str] = set()
+        self._run = 0  # failed calls since the last success
+        self._run_sn: str | None = None  # the sn of the first of them
+        self._mixed = False  # whether another sn failed since
         self._open = False
         self._until = 0.0
         self._probe = asyncio.Lock()
@@ -101,7 +99,7 @@ class Breaker:
 
     def succeeded(self, probe: bool) -> None:
         """DPS answered (success, refusal or throttling): it works; close if open."""
-        self._failing.clear()
+        self._reset_run()
         if self._open:
             self._open = False
             self.reason = None
@@ -123,7 +121,7 @@ class Breaker:
 
         Args:
             probe: whether the call was the probe.
-            sn: the device the call was for (its repeats count once).
+            sn: the device the call was for (one sn alone never opens it).
             reason: the failure, for an operator (readiness detail, logs).
             operator: only the operator can cure it (it has a hint): open at once.
             retry_after: the server's ``Retry-After``, the least the next probe waits.
@@ -138,14 +136,22 @@ class Breaker:
                         self.reason = reason
                         self._on_change(True, reason)
                 return
-            self._failing.add(sn)
-            needed = min(self._failures, max(2, self._in_progress()))
-            if operator or len(self._failing) >= needed:
+            self._run += 1
+            if self._run_sn is None:
+                self._run_sn = sn
+            elif sn != self._run_sn:
+                self._mixed = True
+            if operator or (self._mixed and self._run >= self._failures):
                 self._open = True
                 self.reason = reason
-                self._failing.clear()
+                self._reset_run()
                 self._until = self._clock() + self._backoff.next(retry_after)
                 self._on_change(True, reason)
         finally:
             if probe:
                 self._probe.release()
+
+    def _reset_run(self) -> None:
+        self._run = 0
+        self._run_sn = None
+        self._mixed = False

@@ -78,9 +78,8 @@ class Sink:
         self._pending = asyncio.Semaphore(s.pending_limit)
         self._tracker = OffsetTracker()
         self._breaker = Breaker(
-            Backoff(s.retry_initial, s.retry_max), self._dps_state,
-            failures=s.breaker_failures, in_progress=self._in_progress,
-        )  # fmt: skip
+            Backoff(s.retry_initial, s.retry_max), self._dps_state, failures=s.breaker_failures
+        )
         self._limiter = RateLimiter(s.rate_limit)
         self._recovery = Recovery(cfg.kafka, s.group_id, limit=self._hand_back_limit)
         self._consumer: AIOKafkaConsumer | None = None

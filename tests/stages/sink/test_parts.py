@@ -76,7 +76,6 @@ class Clock:
 def breaker(
     changes: list[tuple[bool, str | None]],
     *,
-    in_progress: int = 100,
     failures: int = 20,
     initial: float = 0.1,
     clock: Clock | None = None,
@@ -86,7 +85,6 @@ def breaker(
         Backoff(initial, 30.0),
         lambda failing, reason: changes.append((failing, reason)),
         failures=failures,
-        in_progress=lambda: in_progress,
         **kwargs,
     )
 
@@ -98,23 +96,23 @@ def test_one_record_that_keeps_failing_among_healthy_ones_never_opens_the_breake
     for _ in range(1000):
         b.failed(False, "poison", "DPS code 500: Internal Server Error")
         b.succeeded(False)
-    # ...nor when it retries with nothing else succeeding in between: its repeats count once.
+    # ...nor when it is the only one left: one sn is not evidence that DPS is down.
     for _ in range(100):
         b.failed(False, "poison", "DPS code 500: Internal Server Error")
     assert changes == []
     assert not b.open
 
 
-def test_breaker_opens_when_different_sns_fail_in_a_row() -> None:
+def test_breaker_opens_when_calls_for_different_sns_fail_in_a_row() -> None:
     changes: list[tuple[bool, str | None]] = []
     b = breaker(changes, failures=20)
     for i in range(19):
         b.failed(False, f"sn-{i}", "DPS code 503")
     b.succeeded(False)  # one success: DPS works, the count starts again
     for i in range(19):
-        b.failed(False, f"sn-{i}", "DPS code 503")
+        b.failed(False, f"sn-{i % 3}", "DPS code 503")  # repeats count: three sns, retrying
     assert changes == []
-    b.failed(False, "sn-19", "DPS: HTTP 503 without a DPS envelope")
+    b.failed(False, "sn-0", "DPS: HTTP 503 without a DPS envelope")
     assert changes == [(True, "DPS: HTTP 503 without a DPS envelope")]
     assert b.open
     b.succeeded(False)  # a call that was in flight came back fine
@@ -122,14 +120,14 @@ def test_breaker_opens_when_different_sns_fail_in_a_row() -> None:
     assert not b.open
 
 
-@pytest.mark.parametrize(("in_progress", "needed"), [(0, 2), (1, 2), (2, 2), (5, 5), (500, 20)])
-def test_fewer_records_in_progress_need_fewer_failures(in_progress: int, needed: int) -> None:
+@pytest.mark.parametrize("failures", [1, 2, 5])
+def test_one_sn_alone_never_opens_the_breaker_a_second_one_does(failures: int) -> None:
     changes: list[tuple[bool, str | None]] = []
-    b = breaker(changes, in_progress=in_progress)
-    for i in range(needed - 1):
-        b.failed(False, f"sn-{i}", "down")
+    b = breaker(changes, failures=failures)
+    for _ in range(failures):
+        b.failed(False, "first", "down")
     assert changes == []
-    b.failed(False, "last", "down")
+    b.failed(False, "second", "down")
     assert changes == [(True, "down")]
 
 
@@ -156,7 +154,7 @@ def test_concurrent_failures_do_not_lengthen_the_probe_period() -> None:
 async def test_probe_schedule_doubles_only_on_failed_probes_and_a_success_closes() -> None:
     clock = Clock()
     changes: list[tuple[bool, str | None]] = []
-    b = breaker(changes, in_progress=2, initial=0.1, clock=clock)
+    b = breaker(changes, failures=2, initial=0.1, clock=clock)
     b.failed(False, "a", "down")
     b.failed(False, "b", "down")
     assert b.open
@@ -180,7 +178,7 @@ async def test_probe_schedule_doubles_only_on_failed_probes_and_a_success_closes
 
 async def test_breaker_single_probe_while_open() -> None:
     changes: list[tuple[bool, str | None]] = []
-    b = breaker(changes, in_progress=2, initial=0.05)
+    b = breaker(changes, failures=2, initial=0.05)
     assert await b.acquire() is False  # closed: everyone goes
     b.failed(False, "a", "down")
     b.failed(False, "b", "down")
@@ -196,7 +194,7 @@ async def test_breaker_single_probe_while_open() -> None:
 
 async def test_a_caller_cancelled_while_waiting_for_its_probe_turn_gives_it_back() -> None:
     clock = Clock()
-    b = breaker([], in_progress=2, initial=0.1, clock=clock)
+    b = breaker([], failures=2, initial=0.1, clock=clock)
     b.failed(False, "a", "down")
     b.failed(False, "b", "down")
     clock.now -= 3600  # the probe period seems an hour away: the caller sleeps on it
