@@ -213,6 +213,8 @@ class Sink:
         self, outcomes: Outcomes, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]
     ) -> None:
         self._tracker.start(tp, record.offset)
+        if not self._jobs:
+            self._beat()  # idle until now: the stall clock starts here, not at the last beat
         source = source_header(tp.topic, tp.partition, record.offset)
         task = asyncio.create_task(
             self._handle(outcomes, tp, record, source), name=f"sink {source.decode()}"
