@@ -99,6 +99,10 @@ class Recovery:
                     await self._read_sources(since - _CLOCK_SKEW_MS, found)
             self._recorded = found
             log.info("sink found %d outcomes recorded since the committed offsets", self.known())
+        except TimeoutError as exc:
+            self._failed = True
+            msg = f"reading back the recorded outcomes took longer than {self._limit:g} s"
+            raise TimeoutError(msg) from exc
         except BaseException:
             self._failed = True
             raise

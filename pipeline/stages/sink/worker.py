@@ -110,13 +110,14 @@ class Sink:
         SINK_PAUSED.set(1 if failing else 0)
         if self._health is not None:
             self._health.set("sink.dps", not failing, detail=reason)
-        if failing:
-            if opened:
-                SINK_BREAKER_OPENS.inc()
+        if opened:
+            SINK_BREAKER_OPENS.inc()
             log.warning(
                 "DPS fails for everyone: pausing intake, probing with backoff (%s)", reason,
                 extra={"reason": reason},
             )  # fmt: skip
+        elif failing:
+            log.warning("DPS still fails, now: %s", reason, extra={"reason": reason})
         else:
             log.info("DPS answers again: resuming intake")
         self._sync_intake()

@@ -85,6 +85,29 @@ async def test_a_failed_read_back_ends_the_stage_with_stage_failed(
     assert committed == 3  # and nothing was committed
 
 
+async def test_a_read_back_that_outlasts_its_limit_ends_the_stage(
+    cfg: Config, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It runs in the assignment callback, while the consumer sends no heartbeats: past
+    # the limit, the group would drop the member without a word.
+    async def endless(*_: object) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(Recovery, "_first_uncommitted_time", endless)
+    await prepare(cfg)
+    async with await start_emulator(accept_any_sn=True) as emu:
+        cfg = with_emulator(cfg, emu, timeout=0.5)  # the limit is twice the DPS timeout
+        await produce(cfg, [(b"k", child(f"{uid}-0"))])
+        with pytest.raises(StageFailed) as caught:
+            await asyncio.wait_for(Sink(cfg, Health()).run(asyncio.Event()), 60)
+        calls = list(emu.state.calls)
+    assert str(caught.value) == (
+        "sink stopped: a rebalance callback failed: "
+        "reading back the recorded outcomes took longer than 1 s"
+    )
+    assert calls == []
+
+
 @pytest.mark.slow
 async def test_a_hand_back_longer_than_aiokafkas_default_rebalance_timeout_still_commits(
     cfg: Config, uid: str
