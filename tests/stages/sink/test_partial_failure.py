@@ -171,7 +171,7 @@ async def test_throttled_at_r_calls_per_second_the_sink_gets_at_least_0_9_r(
 
 
 async def test_the_configured_rate_limit_is_never_exceeded(cfg: Config, uid: str) -> None:
-    limit, total = 30.0, 90
+    limit, total = 50.0, 151
     sns = [f"{uid}-{i:03d}" for i in range(total)]
     await prepare(cfg)
     async with await start_emulator(accept_any_sn=True) as emu:
@@ -181,10 +181,11 @@ async def test_the_configured_rate_limit_is_never_exceeded(cfg: Config, uid: str
             await until_allocated(emu, set(sns), task)
         calls = list(emu.state.calls)
     assert len(calls) == total
-    times = sorted(at(c) for c in calls)
-    # Turns are 1/limit apart at least; arrivals can only spread further (the first
-    # call's own delay aside, 0.1 s of slack).
-    assert times[-1] - times[0] >= (total - 1) / limit - 0.1
+    times = sorted(at(c) for c in calls)[1:]  # the first call also waited for the token
+    # Turns come 1/limit s apart; a call may reach DPS a little late, so 20 % slack. Not
+    # limited, these calls take about a tenth of that.
+    span = times[-1] - times[0]
+    assert span >= 0.8 * (len(times) - 1) / limit, f"{len(times)} calls in {span:.2f} s"
 
 
 async def test_after_a_one_second_outage_the_full_rate_is_back_within_2_s(
