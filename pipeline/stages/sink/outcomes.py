@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from pipeline.config import Topics
     from pipeline.core.mapping import Mapped
 
-__all__ = ["GROUP", "SOURCE", "Outcomes", "log_context", "source_header"]
+__all__ = ["GROUP", "SOURCE", "Outcomes", "log_context", "parse_source", "source_header"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,18 @@ _ENCODER = msgspec.json.Encoder()
 def source_header(topic: str, partition: int, offset: int) -> bytes:
     """The ``source`` header of an outcome: where its input record was."""
     return f"{topic}/{partition}/{offset}".encode()
+
+
+def parse_source(header: bytes) -> tuple[str, int, int] | None:
+    """``(topic, partition, offset)`` from a ``source`` header, or None if unreadable.
+
+    Kafka topic names have no ``/``, so the last two fields are the numbers.
+    """
+    try:
+        topic, partition, offset = header.decode().rsplit("/", 2)
+        return topic, int(partition), int(offset)
+    except ValueError:  # also UnicodeDecodeError
+        return None
 
 
 def log_context(record: ConsumerRecord[bytes, bytes], mapped: Mapped | None) -> dict[str, Any]:
@@ -220,9 +232,11 @@ class Outcomes:
                     )
                     raise StageFailed(msg) from exc
                 delay = backoff.next()
+                where = parse_source(source) or ("?", -1, -1)
                 log.warning(
                     "could not record outcome in %s (%s); retrying in %.1f s", topic, exc, delay,
-                    extra={"topic": topic, "source": source.decode()},
+                    extra={"sn": key, "topic": where[0], "partition": where[1],
+                           "offset": where[2], "outcome_topic": topic},
                 )  # fmt: skip
                 await asyncio.sleep(delay)
             else:

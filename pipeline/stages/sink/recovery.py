@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from aiokafka import TopicPartition
 
 from pipeline.io import kafka
-from pipeline.stages.sink.outcomes import GROUP, SOURCE
+from pipeline.stages.sink.outcomes import GROUP, SOURCE, parse_source
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer
@@ -137,18 +137,11 @@ class Recovery:
                 headers = {name: bytes(value) for name, value in record.headers or ()}
                 # Only this group's outcomes: another group is another pipeline.
                 if SOURCE in headers and headers.get(GROUP) == self._group:
-                    where = _parse_source(headers[SOURCE])
-                    if where is not None and where[0] in found:
-                        found[where[0]].add(where[1])
-
-
-def _parse_source(header: bytes) -> tuple[TopicPartition, int] | None:
-    """``topic/partition/offset`` (Kafka topic names have no ``/``), or None if unreadable."""
-    try:
-        topic, partition, offset = header.decode().rsplit("/", 2)
-        return TopicPartition(topic, int(partition)), int(offset)
-    except ValueError:  # also UnicodeDecodeError
-        return None
+                    where = parse_source(headers[SOURCE])
+                    if where is not None:
+                        tp = TopicPartition(where[0], where[1])
+                        if tp in found:
+                            found[tp].add(where[2])
 
 
 async def _timestamp_at(

@@ -11,6 +11,7 @@ from pipeline.io.aio import Backoff
 from pipeline.stages.sink import Breaker, OffsetTracker
 from pipeline.stages.sink.limiter import RateLimiter
 from pipeline.stages.sink.offsets import OutOfOrder
+from pipeline.stages.sink.outcomes import parse_source, source_header
 
 # --------------------------------------------------------------------------------------
 # Offsets
@@ -59,6 +60,24 @@ def test_offset_tracker_refuses_offsets_out_of_order() -> None:
     assert t.take_commits() == {}
     t.done(p, 100)
     assert t.take_commits() == {p: 102}
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (
+            source_header("iotda.subdevices.added.x-1", 2, 105),
+            ("iotda.subdevices.added.x-1", 2, 105),
+        ),
+        (b"no-slashes", None),
+        (b"t/not-a-number/5", None),
+        (b"\xff/1/2", None),
+    ],
+)
+def test_parse_source_reads_what_source_header_writes(
+    header: bytes, expected: tuple[str, int, int] | None
+) -> None:
+    assert parse_source(header) == expected
 
 
 # --------------------------------------------------------------------------------------
