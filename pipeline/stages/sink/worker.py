@@ -222,6 +222,8 @@ class Sink:
         )
         self._jobs[task] = (tp, source)
         SINK_INFLIGHT.inc()
+        if self._breaker.open:
+            self._sync_intake()  # taken in to probe with: pause again
         # A callback, not a `finally`: a task cancelled before it first runs runs no code.
         task.add_done_callback(self._finished)
 

@@ -12,6 +12,7 @@ import msgspec
 import orjson
 import pytest
 from aiokafka import ConsumerRecord
+from prometheus_client import REGISTRY
 
 from pipeline.config import Config, KafkaConfig
 from pipeline.dps.emulator import CallRecord, RunningEmulator
@@ -176,3 +177,8 @@ def check_allocation(
     assert device.status is not None
     assert device.status.current_status == "allocated"
     return value
+
+
+def opens() -> float:
+    """How many times a sink's breaker opened in this process so far."""
+    return REGISTRY.get_sample_value("pipeline_sink_breaker_opens_total") or 0.0

@@ -14,7 +14,6 @@ import time
 
 import msgspec
 import pytest
-from prometheus_client import REGISTRY
 
 from pipeline.config import Config
 from pipeline.dps.emulator import CallRecord, RunningEmulator, start_emulator
@@ -28,17 +27,13 @@ from tests.stages.sink.support import (
     child,
     eventually,
     ok,
+    opens,
     prepare,
     produce_children,
     with_emulator,
 )
 
 pytestmark = pytest.mark.services
-
-
-def opens() -> float:
-    """How many times a breaker opened in this process so far."""
-    return REGISTRY.get_sample_value("pipeline_sink_breaker_opens_total") or 0.0
 
 
 def ok_times(calls: list[CallRecord], sns: set[str]) -> list[float]:

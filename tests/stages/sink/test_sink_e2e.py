@@ -38,6 +38,7 @@ from tests.stages.sink.support import (
     eventually,
     ok,
     ok_calls,
+    opens,
     prepare,
     produce,
     produce_children,
@@ -317,8 +318,12 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_at_most_the_in_fligh
 # 6. Giving up
 
 
+# 20: too few failures to open the breaker, each record retries on its own. 2: the
+# breaker opens, the records give up while it is open, and with none left to probe with
+# the sink takes in the next record to probe.
+@pytest.mark.parametrize("breaker_failures", [20, 2])
 async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
-    cfg: Config, uid: str
+    cfg: Config, uid: str, breaker_failures: int
 ) -> None:
     sns = [f"{uid}-{i}" for i in range(3)]
     late = f"{uid}-late"
@@ -326,9 +331,13 @@ async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
     await prepare(cfg)
     async with await start_emulator(devices=devices) as emu:
         emu.state.set_faults({"outage": True})
-        cfg = with_emulator(cfg, emu, retry_initial=0.2, retry_max=1.0, give_up_after=2.0)
+        cfg = with_emulator(
+            cfg, emu, retry_initial=0.2, retry_max=1.0, give_up_after=2.0,
+            breaker_failures=breaker_failures,
+        )  # fmt: skip
         values = {sn: child(sn) for sn in sns}
         sources = dict(zip(sns, await produce_children(cfg, list(values.values())), strict=True))
+        opened = opens()
         started = time.monotonic()
         async with running(Sink(cfg, Health())):
             dlq = await read_topic(
@@ -342,6 +351,7 @@ async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1, timeout=30)
 
     assert elapsed >= 2.0
+    assert opens() - opened == (1 if breaker_failures == 2 else 0)
     assert sorted(r.key for r in dlq) == sorted(sn.encode() for sn in sns)
     total_attempts = 0
     for record in dlq:
