@@ -210,7 +210,8 @@ class SinkConfig(_Section, frozen=True):
     device_data: dict[str, str] = msgspec.field(default_factory=dict)
     """Master-data identifier -> DeviceInfo field, or ``extension_info.<key>``."""
     concurrency: Count = 32
-    """Allocate calls in flight, at most (a record waiting to retry holds none)."""
+    """Allocate calls in flight (each until its outcome is recorded), at most; a record
+    waiting to retry holds none."""
     max_pending: Count | None = None
     """Records in progress (calling, waiting to retry, or queued), at most; when unset,
     8 times ``concurrency``."""

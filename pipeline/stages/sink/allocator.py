@@ -1,8 +1,10 @@
 """Allocating one added child in DPS: the sn lock, the call slots and the record's retries.
 
 - Never two calls at once for the same sn (a per-sn lock, kept only while in use).
-- At most ``sink.concurrency`` calls in flight. A record waiting to retry holds no call
-  slot, so records that fail on their own do not slow the others down.
+- At most ``sink.concurrency`` calls in flight; a slot is held until the call's outcome
+  is recorded, so a crash loses at most that many outcomes of calls DPS answered. A
+  record waiting to retry holds no slot: records failing on their own do not slow the
+  others down.
 - Each call takes its turn at the :class:`~.limiter.RateLimiter` and passes the
   :class:`~.breaker.Breaker`; how it went is reported to both (throttling to the
   limiter only: it is not a failure).
@@ -127,71 +129,90 @@ class Allocator:
         attempts = 0
         while True:
             attempts += 1
-            try:
-                device, request_id = await self._call(record, source, mapped)
-            except DpsRejected as exc:
-                context = log_context(record, mapped) | {"code": exc.code}
-                log.warning("DPS rejected sn %s: %s", mapped.sn, exc, extra=context)
-                await self._outcomes.dead_letter(
-                    record, source, mapped, kind="rejected", code=exc.code, message=exc.msg,
-                    request_id=exc.request_id, attempts=attempts,
-                )  # fmt: skip
+            # A slot covers a call and the recording of its outcome: a crash can then lose
+            # the outcome of `concurrency` allocations at most (allocated again after it).
+            async with self._slots:
+                delay = await self._attempt(
+                    record, source, mapped, attempts=attempts, first=first, backoff=backoff
+                )
+            if delay is None:
                 return
-            except DpsTransient as exc:
-                if time.monotonic() - first >= self._cfg.give_up_after:
-                    context = log_context(record, mapped) | {"code": exc.code}
-                    log.warning(
-                        "giving up on sn %s after %d attempts: %s", mapped.sn, attempts, exc,
-                        extra=context,
-                    )  # fmt: skip
-                    await self._outcomes.dead_letter(
-                        record, source, mapped, kind="exhausted", code=exc.code,
-                        message=exc.msg, request_id=exc.request_id, attempts=attempts,
-                    )  # fmt: skip
-                    return
-                self.busy.discard(source)  # nothing on the wire while it waits
-                SINK_RETRIES.inc()
-                if exc.throttled and exc.retry_after is not None:
-                    delay = exc.retry_after  # DPS is fine, it said when: no backoff
-                else:
-                    delay = backoff.next(exc.retry_after)
-                log.debug("sn %s: %s; retrying in %.2f s", mapped.sn, exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            await self._outcomes.allocated(
-                record, mapped, device, request_id=request_id, attempts=attempts, source=source
-            )
-            return
+            self.busy.discard(source)  # nothing on the wire while it waits, and no slot held
+            SINK_RETRIES.inc()
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        source: bytes,
+        mapped: Mapped,
+        *,
+        attempts: int,
+        first: float,
+        backoff: Backoff,
+    ) -> float | None:
+        """One call, and the outcome if it settles the record; else the delay before a retry."""
+        try:
+            device, request_id = await self._call(record, source, mapped)
+        except DpsRejected as exc:
+            context = log_context(record, mapped) | {"code": exc.code}
+            log.warning("DPS rejected sn %s: %s", mapped.sn, exc, extra=context)
+            await self._outcomes.dead_letter(
+                record, source, mapped, kind="rejected", code=exc.code, message=exc.msg,
+                request_id=exc.request_id, attempts=attempts,
+            )  # fmt: skip
+            return None
+        except DpsTransient as exc:
+            if time.monotonic() - first >= self._cfg.give_up_after:
+                context = log_context(record, mapped) | {"code": exc.code}
+                log.warning(
+                    "giving up on sn %s after %d attempts: %s", mapped.sn, attempts, exc,
+                    extra=context,
+                )  # fmt: skip
+                await self._outcomes.dead_letter(
+                    record, source, mapped, kind="exhausted", code=exc.code,
+                    message=exc.msg, request_id=exc.request_id, attempts=attempts,
+                )  # fmt: skip
+                return None
+            if exc.throttled and exc.retry_after is not None:
+                delay = exc.retry_after  # DPS is fine, it said when: no backoff
+            else:
+                delay = backoff.next(exc.retry_after)
+            log.debug("sn %s: %s; retrying in %.2f s", mapped.sn, exc, delay)
+            return delay
+        await self._outcomes.allocated(
+            record, mapped, device, request_id=request_id, attempts=attempts, source=source
+        )
+        return None
 
     async def _call(
         self, record: ConsumerRecord[bytes, bytes], source: bytes, mapped: Mapped
     ) -> tuple[msgspec.Raw, str | None]:
-        """One allocate call, in a call slot, paced by the limiter, let through by the breaker."""
-        async with self._slots:
-            taken_at = await self._limiter.wait()
-            probe = await self._breaker.acquire()
-            self.busy.add(source)
-            started = time.monotonic()
-            try:
-                answer = await self._dps.allocate(mapped.org_id, mapped.request)
-            except DpsTransient as exc:
-                self._transient(exc, probe, record, mapped, taken_at)
-                raise
-            except DpsRejected:
-                SINK_CALLS.labels("rejected").inc()
-                self._breaker.succeeded(probe)  # DPS works: it judged the record
-                raise
-            except BaseException:
-                # Cancelled (hand-back, shutdown) or a bug: give the probe's turn back.
-                self._breaker.abandon(probe)
-                raise
-            finally:
-                SINK_CALL_SECONDS.observe(time.monotonic() - started)
-                self._on_answer()
-            SINK_CALLS.labels("ok").inc()
-            self._breaker.succeeded(probe)
-            self._limiter.succeeded()
-            return answer
+        """One allocate call (in a call slot), paced by the limiter, let through by the breaker."""
+        taken_at = await self._limiter.wait()
+        probe = await self._breaker.acquire()
+        self.busy.add(source)
+        started = time.monotonic()
+        try:
+            answer = await self._dps.allocate(mapped.org_id, mapped.request)
+        except DpsTransient as exc:
+            self._transient(exc, probe, record, mapped, taken_at)
+            raise
+        except DpsRejected:
+            SINK_CALLS.labels("rejected").inc()
+            self._breaker.succeeded(probe)  # DPS works: it judged the record
+            raise
+        except BaseException:
+            # Cancelled (hand-back, shutdown) or a bug: give the probe's turn back.
+            self._breaker.abandon(probe)
+            raise
+        finally:
+            SINK_CALL_SECONDS.observe(time.monotonic() - started)
+            self._on_answer()
+        SINK_CALLS.labels("ok").inc()
+        self._breaker.succeeded(probe)
+        self._limiter.succeeded()
+        return answer
 
     def _transient(
         self,

@@ -347,3 +347,4 @@ class Sink:
         # aiokafka fetches for the new partitions while this callback runs: no record may
         # be handled before we know which already have an outcome.
         await self._recovery.learn(consumer, assigned)
+        self._beat()  # the read-back is done: records may move again
