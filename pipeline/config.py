@@ -225,9 +225,16 @@ class DpsConfig(_Section, frozen=True):
     app_key: str = "demo-app-key"
     app_secret: Secret = msgspec.field(default_factory=lambda: Secret("demo-app-secret"))
     ca_file: str | None = None
-    timeout: float = 10.0
+    timeout: Seconds = 10.0
+    """Deadline of one call; a hand-back on rebalance waits up to twice this."""
     token_refresh_margin: float = 300.0
     """Refresh the access token this many seconds before it expires."""
+
+
+_PENDING_PER_CALL = 8
+"""Default records in progress per call slot: with 50 % of calls failing and the default
+retry delays, a record spends about 0.4 s waiting to retry on average, so the waiting
+records outnumber the calls in flight several times over; 8 keeps every slot busy."""
 
 
 class SinkConfig(_Section, frozen=True):
@@ -242,14 +249,31 @@ class SinkConfig(_Section, frozen=True):
     """``node_id``, ``device_id``, or a template such as ``{product_id}-{node_id}``."""
     device_data: dict[str, str] = msgspec.field(default_factory=dict)
     """Master-data identifier -> DeviceInfo field, or ``extension_info.<key>``."""
-    concurrency: int = 32
-    rate_limit: float | None = None
-    """Allocate calls per second, at most; unlimited when unset."""
-    retry_initial: float = 0.5
-    retry_max: float = 30.0
-    give_up_after: float = 3600.0
+    concurrency: Count = 32
+    """Allocate calls in flight (each until its outcome is recorded), at most; a record
+    waiting to retry holds none."""
+    max_pending: Count | None = None
+    """Records in progress (calling, waiting to retry, or queued), at most; when unset,
+    8 times ``concurrency``."""
+    rate_limit: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    """Allocate calls per second, at most; unlimited when unset. Under throttling (HTTP
+    429) the sink learns a lower rate by itself, never above this one."""
+    retry_initial: Seconds = 0.1
+    """First delay before a record's retry, and before the breaker's first probe."""
+    retry_max: Seconds = 30.0
+    """Longest delay between a record's retries, and between the breaker's probes."""
+    give_up_after: Seconds = 3600.0
     """Seconds of transient failures after which a record goes to the DLQ as exhausted."""
-    commit_interval: float = 1.0
+    breaker_failures: Count = 20
+    """Calls failing in a row, none succeeding in between, for at least two different sns,
+    that open the breaker (pausing intake); a wrong credential or an unreachable
+    ``base_url`` opens it at once."""
+    commit_interval: Seconds = 1.0
+
+    @property
+    def pending_limit(self) -> int:
+        """``max_pending``, or its default for ``concurrency``."""
+        return self.max_pending or self.concurrency * _PENDING_PER_CALL
 
 
 class MetricsConfig(_Section, frozen=True):

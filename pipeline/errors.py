@@ -48,6 +48,9 @@ class DpsError(PipelineError):
         msg: the message DPS gave, or a description of the transport failure.
         request_id: DPS's ``requestId`` when it sent one.
         retry_after: seconds the server asked us to wait (``Retry-After``), if any.
+        hint: what the operator should check, when the failure is one only they can fix
+            (credentials, ``base_url``, CA); None when retrying is all it takes.
+        throttled: the server asked us to slow down (HTTP 429), not a failure of DPS.
     """
 
     def __init__(
@@ -57,12 +60,21 @@ class DpsError(PipelineError):
         *,
         request_id: str | None = None,
         retry_after: float | None = None,
+        hint: str | None = None,
+        throttled: bool = False,
     ) -> None:
         super().__init__(f"DPS error {code}: {msg}" if code is not None else f"DPS error: {msg}")
         self.code = code
         self.msg = msg
         self.request_id = request_id
         self.retry_after = retry_after
+        self.hint = hint
+        self.throttled = throttled
+
+    def diagnosis(self) -> str:
+        """One line for an operator: the code, DPS's message, and the hint if there is one."""
+        what = f"DPS code {self.code}" if self.code is not None else "DPS"
+        return f"{what} ({self.msg}): {self.hint}" if self.hint else f"{what}: {self.msg}"
 
 
 class DpsRejected(DpsError):

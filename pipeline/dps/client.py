@@ -19,13 +19,17 @@ import yarl
 
 from pipeline.config import TlsConfig
 from pipeline.dps.protocol import (
+    CONNECT_HINT,
     DEVICE_PATH,
+    TLS_HINT,
     TOKEN_EXPIRED,
     TOKEN_PATH,
     classify,
     cleartext_remote,
+    hint,
     parse_retry_after,
     sign,
+    throttled,
     token_encryption,
 )
 from pipeline.errors import DpsRejected, DpsTransient
@@ -184,13 +188,21 @@ class DpsClient:
         except msgspec.DecodeError as exc:
             msg = f"token service answered HTTP {answer.status}: {_snippet(answer.payload)}"
             raise DpsTransient(
-                answer.status, msg, retry_after=parse_retry_after(answer.retry_after)
+                answer.status,
+                msg,
+                retry_after=parse_retry_after(answer.retry_after),
+                hint=hint(answer.status, None),
+                throttled=throttled(answer.status, None),
             ) from exc
         if response.status != 0:
             reason = response.msg or f"status {response.status}"
             msg = f"token request for app key {cfg.app_key} refused: {reason}"
             raise DpsTransient(
-                response.status, msg, retry_after=parse_retry_after(answer.retry_after)
+                response.status,
+                msg,
+                retry_after=parse_retry_after(answer.retry_after),
+                hint=hint(answer.status, response.status),
+                throttled=throttled(answer.status, response.status),
             )
         if response.data is None:
             msg = f"token service answered status 0 without a token (HTTP {answer.status})"
@@ -277,6 +289,8 @@ class DpsClient:
             msg,
             request_id=request_id,
             retry_after=parse_retry_after(answer.retry_after),
+            hint=hint(answer.status, code),
+            throttled=throttled(answer.status, code),
         )
 
     async def _exchange(
@@ -302,14 +316,14 @@ class DpsClient:
         except aiohttp.ClientConnectorCertificateError as exc:
             reason = exc.certificate_error
             msg = f"{what}: TLS certificate of {url.host}:{url.port} not trusted: {reason}"
-            raise DpsTransient(None, msg) from exc
+            raise DpsTransient(None, msg, hint=TLS_HINT) from exc
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, ConnectionRefusedError):
                 msg = f"{what}: connection refused by {url.host}:{url.port}"
             else:
                 detail = exc.os_error.strerror or str(exc.os_error)
                 msg = f"{what}: cannot connect to {url.host}:{url.port}: {detail}"
-            raise DpsTransient(None, msg) from exc
+            raise DpsTransient(None, msg, hint=CONNECT_HINT) from exc
         except (aiohttp.ClientError, OSError) as exc:
             msg = f"{what} to {url.host}:{url.port} failed: {type(exc).__name__}: {exc}"
             raise DpsTransient(None, msg) from exc

@@ -21,14 +21,18 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = [
+    "CONNECT_HINT",
     "DEVICE_PATH",
+    "TLS_HINT",
     "TOKEN_EXPIRED",
     "TOKEN_PATH",
     "Outcome",
     "classify",
     "cleartext_remote",
+    "hint",
     "parse_retry_after",
     "sign",
+    "throttled",
     "token_encryption",
 ]
 
@@ -115,6 +119,59 @@ def classify(http_status: int, code: int | None) -> Outcome:
     if 200 <= http_status < 300:  # noqa: PLR2004
         return "ok" if code == 0 else "rejected"
     return "rejected"
+
+
+def throttled(http_status: int, code: int | None) -> bool:
+    """Whether an answer asks us to slow down (HTTP 429, or the legacy body code 429).
+
+    Throttling is not DPS failing: the sink lowers its call rate rather than counting it
+    against the breaker.
+    """
+    return http_status == 429 or code == 429  # noqa: PLR2004
+
+
+# What an operator should check when DPS keeps answering this: failures that no retry
+# cures, because they are about this client's configuration, not about the record or a
+# passing fault. The sink pauses at once on them and shows the hint in /readyz.
+_CODE_HINTS: dict[int, str] = {
+    1001: "check sink.dps.app_key (a repeated token request: is the app key shared with "
+    "another client, or this host's clock wrong?)",
+    1002: "check sink.dps.app_key (the API gateway does not know it)",
+    1003: "check sink.dps.app_key and sink.dps.app_secret",
+    1004: "check this host's clock and sink.dps.base_url (the gateway refused a parameter)",
+    1202: "check sink.dps.app_key and sink.dps.app_secret (a parameter was empty)",
+    1204: "check sink.dps.app_key and sink.dps.app_secret (the token refresh failed)",
+    497: "check sink.dps.app_secret and this host's clock (the request signature was refused)",
+}
+_STATUS_HINTS: dict[int, str] = {
+    401: "check sink.dps.app_key and sink.dps.app_secret",
+    403: "check that the application (sink.dps.app_key) may call DPS in sink.org_id",
+    404: "check sink.dps.base_url (no DPS API answers there)",
+}
+CONNECT_HINT = "check sink.dps.base_url and that the API gateway is reachable from here"
+"""The hint for a connection refused, or a host that cannot be resolved or reached."""
+TLS_HINT = "check sink.dps.ca_file (the CA that signed the API gateway's certificate)"
+"""The hint for a gateway certificate that is not trusted."""
+
+
+def hint(http_status: int, code: int | None) -> str | None:
+    """What the operator should check, for an answer no retry will cure; else None.
+
+    Covers the API gateway's authentication codes (1001-1004, 1202, 1204, legacy 497)
+    and, when the body had no DPS envelope (``code`` None), HTTP 401, 403 and 404: a 404
+    without an envelope is a wrong ``base_url``, not DPS judging a record. Server errors,
+    throttling, 1005 and 1203 are cured by retrying and have none.
+
+    Args:
+        http_status: the HTTP status of the response.
+        code: the ``code`` of the JSON envelope (or the token service's ``status``), or
+            None when the body had none.
+    """
+    if code is not None and code in _CODE_HINTS:
+        return _CODE_HINTS[code]
+    if code is None or http_status in (401, 403):
+        return _STATUS_HINTS.get(http_status)
+    return None
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

@@ -22,11 +22,13 @@ __all__ = [
     "ROUTER_RECORDS",
     "ROUTER_SKIPPED",
     "ROUTER_TRANSACTIONS",
+    "SINK_BREAKER_OPENS",
     "SINK_CALLS",
     "SINK_CALL_SECONDS",
     "SINK_INFLIGHT",
     "SINK_OUTCOMES",
     "SINK_PAUSED",
+    "SINK_RATE",
     "SINK_RETRIES",
     "STAGE_LAST_PROGRESS",
     "STAGE_WORK_WAITING",
@@ -71,7 +73,9 @@ ROUTER_TRANSACTIONS = Counter(
     "pipeline_router_transactions", "Kafka transactions", ["outcome"]
 )  # committed | aborted
 
-SINK_CALLS = Counter("pipeline_sink_calls", "DPS allocate calls", ["result"])
+SINK_CALLS = Counter(
+    "pipeline_sink_calls", "DPS allocate calls", ["result"]
+)  # ok | rejected | transient | throttled
 SINK_CALL_SECONDS = Histogram(
     "pipeline_sink_call_seconds",
     "DPS allocate call latency",
@@ -79,8 +83,16 @@ SINK_CALL_SECONDS = Histogram(
 )
 SINK_OUTCOMES = Counter("pipeline_sink_outcomes", "Records finished", ["outcome"])
 SINK_RETRIES = Counter("pipeline_sink_retries", "Allocate attempts that will be retried")
-SINK_INFLIGHT = Gauge("pipeline_sink_inflight", "Records being allocated")
+SINK_INFLIGHT = Gauge(
+    "pipeline_sink_inflight", "Records in progress (calling, waiting to retry, or queued)"
+)
 SINK_PAUSED = Gauge("pipeline_sink_paused", "1 while consumption is paused because DPS is failing")
+SINK_BREAKER_OPENS = Counter(
+    "pipeline_sink_breaker_opens", "Times the breaker opened because DPS failed for everyone"
+)
+SINK_RATE = Gauge(
+    "pipeline_sink_rate_limit", "Allocate calls per second currently allowed (0: unlimited)"
+)
 
 UNEXPECTED_ERRORS = Counter(
     "pipeline_unexpected_errors",
@@ -96,7 +108,7 @@ for _counter, _values in (
     (ROUTER_RECORDS, ("routed", "dlq")),
     (ROUTER_CHILDREN, ("added", "failed")),
     (ROUTER_TRANSACTIONS, ("committed", "aborted")),
-    (SINK_CALLS, ("ok", "rejected", "transient")),
+    (SINK_CALLS, ("ok", "rejected", "transient", "throttled")),
     (SINK_OUTCOMES, ("allocated", "rejected", "exhausted", "invalid", "already_recorded")),
     (UNEXPECTED_ERRORS, ("ingest", "route", "sink")),
 ):

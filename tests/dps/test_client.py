@@ -192,6 +192,11 @@ async def test_wrong_secret_is_transient_and_never_shown(emulator):
     assert caught.value.code == 1003
     assert caught.value.msg == "token request for app key demo-app-key refused: invalid encryption"
     assert caught.value.retriable is True
+    assert caught.value.hint == "check sink.dps.app_key and sink.dps.app_secret"
+    assert caught.value.diagnosis() == (
+        "DPS code 1003 (token request for app key demo-app-key refused: invalid encryption): "
+        "check sink.dps.app_key and sink.dps.app_secret"
+    )
     assert secret not in str(caught.value)
     assert secret not in repr(caught.value)
     assert emulator.state.calls == []
@@ -201,9 +206,10 @@ async def test_unknown_app_key_is_transient(emulator):
     async with DpsClient(dps_cfg(emulator.url, app_key="nobody")) as dps:
         with pytest.raises(DpsTransient) as caught:
             await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
-    assert (caught.value.code, caught.value.msg) == (
+    assert (caught.value.code, caught.value.msg, caught.value.hint) == (
         1002,
         "token request for app key nobody refused: appKey does not exist",
+        "check sink.dps.app_key (the API gateway does not know it)",
     )
 
 
@@ -215,6 +221,7 @@ async def test_throttling_is_transient_with_retry_after(client, emulator):
     assert caught.value.code == 429
     assert caught.value.msg == "Too Many Requests"
     assert caught.value.retry_after == 3.0
+    assert (caught.value.throttled, caught.value.hint) == (True, None)
 
 
 async def test_injected_server_error_is_transient(client, emulator):
@@ -223,6 +230,8 @@ async def test_injected_server_error_is_transient(client, emulator):
         await client.allocate(ORG, AllocateRequest(sn="SN-1"))
     assert (caught.value.code, caught.value.msg) == (502, "Bad Gateway")
     assert caught.value.retry_after is None
+    assert (caught.value.throttled, caught.value.hint) == (False, None)
+    assert caught.value.diagnosis() == "DPS code 502: Bad Gateway"
 
 
 async def test_outage_of_the_token_service_is_transient(client, emulator):
@@ -231,6 +240,7 @@ async def test_outage_of_the_token_service_is_transient(client, emulator):
         await client.allocate(ORG, AllocateRequest(sn="SN-1"))
     assert caught.value.code == 503
     assert caught.value.msg == "token service answered HTTP 503: service unavailable"
+    assert (caught.value.throttled, caught.value.hint) == (False, None)
 
 
 async def test_outage_of_dps_is_transient(client, emulator):
@@ -265,6 +275,28 @@ async def test_connection_refused_is_transient():
     assert caught.value.code is None
     assert caught.value.msg == f"token request: connection refused by {host}"
     assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
+    assert caught.value.diagnosis() == (
+        f"DPS (token request: connection refused by {host}): "
+        "check sink.dps.base_url and that the API gateway is reachable from here"
+    )
+
+
+async def test_a_base_url_without_the_api_says_to_check_it():
+    runner = web.AppRunner(web.Application(), access_log=None)  # answers 404 to everything
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with DpsClient(dps_cfg(url)) as dps:
+            with pytest.raises(DpsTransient) as caught:
+                await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
+    finally:
+        await runner.cleanup()
+    assert (caught.value.code, caught.value.msg, caught.value.hint) == (
+        404,
+        "token service answered HTTP 404: 404: Not Found",
+        "check sink.dps.base_url (no DPS API answers there)",
+    )
 
 
 async def test_client_must_be_opened():

@@ -417,13 +417,14 @@ async def test_calls_are_logged_in_order_and_cleared(http, emu):
 
 
 async def test_faults_merge_and_validate(http, emu):
-    defaults = {
+    defaults: dict[str, object] = {
         "latency_ms": 0.0,
         "error_rate": 0.0,
         "error_status": 500,
         "throttle_rps": None,
         "retry_after": 1.0,
         "outage": False,
+        "fail_sns": [],
     }
     assert await admin(http, emu, "GET", "/_emulator/faults") == (200, defaults)
     await admin(http, emu, "POST", "/_emulator/faults", {"error_status": 502})
@@ -443,6 +444,22 @@ async def test_error_rate_injects_the_status(http, emu):
     assert (answer["code"], answer["msg"]) == (502, "Bad Gateway")
     assert emu.state.devices["SN-1"].allocated_time is None
     assert [(c.http_status, c.code) for c in emu.state.calls] == [(502, 502)]
+
+
+async def test_fail_sns_always_fail_and_the_others_go_through(http, emu):
+    await admin(http, emu, "POST", "/_emulator/faults", {"fail_sns": ["SN-1"], "error_status": 503})
+    answers = [await allocate(http, emu, sn) for sn in ("SN-1", "SN-2", "SN-1")]
+    assert [(status, answer["code"]) for status, answer in answers] == [
+        (503, 503),
+        (200, 0),
+        (503, 503),
+    ]
+    assert emu.state.devices["SN-1"].allocated_time is None
+    assert [(c.sn, c.http_status) for c in emu.state.calls] == [
+        ("SN-1", 503),
+        ("SN-2", 200),
+        ("SN-1", 503),
+    ]
 
 
 async def test_throttle_answers_429_with_retry_after(http, emu):

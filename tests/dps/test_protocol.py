@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.dps.protocol import classify, parse_retry_after, sign, token_encryption
+from pipeline.dps.protocol import (
+    classify,
+    hint,
+    parse_retry_after,
+    sign,
+    throttled,
+    token_encryption,
+)
 from pipeline.schemas import AllocateRequest
 
 ORG = "o15735524440141"
@@ -105,6 +112,69 @@ def test_sign_ignores_parameter_order(params, body):
 )
 def test_classify(http_status, code, outcome):
     assert classify(http_status, code) == outcome
+
+
+KEY_AND_SECRET = "check sink.dps.app_key and sink.dps.app_secret"
+
+
+@pytest.mark.parametrize(
+    ("http_status", "code", "expected"),
+    [
+        # The gateway's authentication codes: only the operator can fix those.
+        (
+            200,
+            1001,
+            (
+                "check sink.dps.app_key (a repeated token request: is the app key shared with "
+                "another client, or this host's clock wrong?)"
+            ),
+        ),
+        (200, 1002, "check sink.dps.app_key (the API gateway does not know it)"),
+        (200, 1003, KEY_AND_SECRET),
+        (
+            401,
+            1004,
+            "check this host's clock and sink.dps.base_url (the gateway refused a parameter)",
+        ),
+        (401, 1202, f"{KEY_AND_SECRET} (a parameter was empty)"),
+        (200, 1204, f"{KEY_AND_SECRET} (the token refresh failed)"),
+        (
+            401,
+            497,
+            "check sink.dps.app_secret and this host's clock (the request signature was refused)",
+        ),
+        # No DPS envelope: the gateway, a proxy, or nothing DPS-like at base_url.
+        (401, None, KEY_AND_SECRET),
+        (403, None, "check that the application (sink.dps.app_key) may call DPS in sink.org_id"),
+        (404, None, "check sink.dps.base_url (no DPS API answers there)"),
+        # Cured by retrying, or DPS judging the record: no hint.
+        (404, 35404, None),
+        (200, 35601, None),
+        (200, 0, None),
+        (500, 500, None),
+        (503, None, None),
+        (429, 429, None),
+        (200, 1005, None),
+        (200, 1203, None),
+    ],
+)
+def test_hint_names_what_the_operator_should_check(http_status, code, expected):
+    assert hint(http_status, code) == expected
+
+
+@pytest.mark.parametrize(
+    ("http_status", "code", "expected"),
+    [
+        (429, 429, True),
+        (429, None, True),
+        (200, 429, True),
+        (503, None, False),
+        (200, 0, False),
+        (500, 500, False),
+    ],
+)
+def test_throttled_is_http_or_legacy_429(http_status, code, expected):
+    assert throttled(http_status, code) is expected
 
 
 @pytest.mark.parametrize(

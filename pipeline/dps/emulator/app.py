@@ -3,8 +3,8 @@
 Every gateway request passes through three middlewares, outermost first:
 
 1. ``ledger``: counts token requests and logs every allocate call with its answer;
-2. ``faults``: injected latency and outage (token service and DPS), then throttling
-   and the random error rate (DPS only);
+2. ``faults``: injected latency and outage (token service and DPS), then throttling,
+   the sns that always fail and the random error rate (DPS only);
 3. ``authenticate``: the gateway's access-token and signature check (DPS only).
 
 The admin API (``/_emulator/...``) is a sub-application that none of them touch.
@@ -102,6 +102,15 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _sn_of(body: bytes) -> str | None:
+    """The ``sn`` of an allocate body, if it has a readable one."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        data = orjson.loads(body)
+        sn = data.get("sn") if isinstance(data, dict) else None
+        return sn if isinstance(sn, str) else None
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # Middlewares
 
@@ -148,7 +157,10 @@ def _faults(state: EmulatorState) -> Middleware:
                 return _reply(
                     429, "Too Many Requests", status=429, headers={"Retry-After": retry_after}
                 )
-            if current.error_rate and random.random() < current.error_rate:
+            failing = allocate and current.fail_sns and _sn_of(await request.read())
+            if failing in current.fail_sns or (
+                current.error_rate and random.random() < current.error_rate
+            ):
                 status = current.error_status
                 return _reply(status, _phrase(status), status=status)
         return await handler(request)

@@ -130,6 +130,9 @@ class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Seconds sent in the ``Retry-After`` header of a 429."""
     outage: bool = False
     """Every token and DPS call is answered HTTP 503 with a non-JSON body."""
+    fail_sns: list[str] = msgspec.field(default_factory=list)
+    """Sns whose allocate calls are always answered with ``error_status`` (a record that
+    keeps failing while the others go through)."""
 
 
 class _Bucket:

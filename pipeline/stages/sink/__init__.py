@@ -4,8 +4,9 @@ One job per module:
 
 - :mod:`.worker`: the loop that ties them (intake and back-pressure, commits, rebalance);
 - :mod:`.offsets`: the contiguous-prefix tracker that says which offsets may be committed;
-- :mod:`.breaker`: pauses the sink while DPS fails, one probe per backoff period;
-- :mod:`.allocator`: per-sn exclusivity, rate limit and the retry loop of one record;
+- :mod:`.breaker`: pauses the sink while DPS fails for everyone, one probe per period;
+- :mod:`.limiter`: the call rate, at most ``sink.rate_limit``, lowered by throttling;
+- :mod:`.allocator`: per-sn exclusivity, call slots and the retry loop of one record;
 - :mod:`.outcomes`: writing allocations and DLQ records, with their ``source`` header;
 - :mod:`.recovery`: reading back the group's recorded outcomes after a crash.
 """

@@ -1,9 +1,18 @@
-"""Allocating one added child in DPS: the sn lock, the rate limit and the retry loop.
+"""Allocating one added child in DPS: the sn lock, the call slots and the record's retries.
 
 - Never two calls at once for the same sn (a per-sn lock, kept only while in use).
-- Transient failures are retried behind the shared :class:`~.breaker.Breaker`, which
-  paces them; after ``sink.give_up_after`` seconds the record is dead-lettered as
-  ``exhausted``. Business refusals are dead-lettered as ``rejected`` at once.
+- At most ``sink.concurrency`` calls in flight; a slot is held until the call's outcome
+  is recorded, so a crash loses at most that many outcomes of calls DPS answered. A
+  record waiting to retry holds no slot: records failing on their own do not slow the
+  others down.
+- Each call takes its turn at the :class:`~.limiter.RateLimiter` and passes the
+  :class:`~.breaker.Breaker`; how it went is reported to both (throttling to the
+  limiter only: it is not a failure).
+- A transient failure is retried after the record's own backoff (``retry_initial``
+  doubling up to ``retry_max``, jittered, at least ``Retry-After``); a throttled call
+  after ``Retry-After``. After ``sink.give_up_after`` seconds the record is
+  dead-lettered as ``exhausted``; business refusals are dead-lettered as ``rejected``
+  at once.
 """
 
 from __future__ import annotations
@@ -15,38 +24,26 @@ import time
 from typing import TYPE_CHECKING
 
 from pipeline.errors import DpsRejected, DpsTransient, MappingError
+from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import SINK_CALL_SECONDS, SINK_CALLS, SINK_RETRIES
+from pipeline.stages.sink.outcomes import log_context
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import msgspec
     from aiokafka import ConsumerRecord
 
     from pipeline.config import SinkConfig
     from pipeline.core.mapping import Mapped, Mapper
     from pipeline.dps.client import DpsClient
     from pipeline.stages.sink.breaker import Breaker
+    from pipeline.stages.sink.limiter import RateLimiter
     from pipeline.stages.sink.outcomes import Outcomes
 
-__all__ = ["Allocator", "RateLimiter"]
+__all__ = ["Allocator"]
 
 log = logging.getLogger(__name__)
-
-
-class RateLimiter:
-    """At most ``rate`` calls per second, spaced evenly; unlimited when ``rate`` is None."""
-
-    def __init__(self, rate: float | None) -> None:
-        self._interval = 1.0 / rate if rate else 0.0
-        self._next = 0.0
-
-    async def wait(self) -> None:
-        """Until this caller's slot comes."""
-        if not self._interval:
-            return
-        now = time.monotonic()
-        slot = max(now, self._next)
-        self._next = slot + self._interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
 
 
 class Allocator:
@@ -57,7 +54,9 @@ class Allocator:
         mapper: sn, orgId and deviceData for a child.
         dps: an open DPS client.
         breaker: shared by every call of this sink.
+        limiter: shared by every call of this sink.
         outcomes: where allocations and DLQ records go.
+        on_answer: called when a DPS call has ended (progress, for liveness).
     """
 
     def __init__(
@@ -67,23 +66,37 @@ class Allocator:
         mapper: Mapper,
         dps: DpsClient,
         breaker: Breaker,
+        limiter: RateLimiter,
         outcomes: Outcomes,
+        on_answer: Callable[[], None],
     ) -> None:
         self._cfg = cfg
         self._mapper = mapper
         self._dps = dps
         self._breaker = breaker
+        self._limiter = limiter
         self._outcomes = outcomes
-        self._limiter = RateLimiter(cfg.rate_limit)
+        self._on_answer = on_answer
+        self._slots = asyncio.Semaphore(cfg.concurrency)
         self._sn_locks: dict[str, asyncio.Lock] = {}
         self._sn_users: collections.Counter[str] = collections.Counter()
+        self.busy: set[bytes] = set()
+        """Sources of the records whose call is on the wire or whose outcome is being
+        written: cancelling one of those could drop an allocation DPS already made."""
 
     async def process(self, record: ConsumerRecord[bytes, bytes], source: bytes) -> None:
         """Map, allocate and record the outcome of ``record``."""
         try:
+            await self._process(record, source)
+        finally:
+            self.busy.discard(source)
+
+    async def _process(self, record: ConsumerRecord[bytes, bytes], source: bytes) -> None:
+        try:
             mapped = self._map(record.value)
         except MappingError as exc:
-            log.warning("record at %s is invalid: %s", source.decode(), exc)
+            log.warning("record is invalid: %s", exc, extra=log_context(record, None))
+            self.busy.add(source)
             await self._outcomes.dead_letter(
                 record, source, None, kind="invalid", code=None, message=str(exc),
                 request_id=None, attempts=0,
@@ -111,48 +124,116 @@ class Allocator:
     async def _allocate(
         self, record: ConsumerRecord[bytes, bytes], source: bytes, mapped: Mapped
     ) -> None:
+        backoff = Backoff(self._cfg.retry_initial, self._cfg.retry_max)
         first = time.monotonic()
         attempts = 0
         while True:
-            probe = await self._breaker.acquire()
-            await self._limiter.wait()
             attempts += 1
-            started = time.monotonic()
-            try:
-                device, request_id = await self._dps.allocate(mapped.org_id, mapped.request)
-            except DpsTransient as exc:
-                SINK_CALLS.labels("transient").inc()
-                self._breaker.release(probe, failed=True, retry_after=exc.retry_after)
-                if time.monotonic() - first >= self._cfg.give_up_after:
-                    log.warning(
-                        "giving up on sn %s after %d attempts: %s", mapped.sn, attempts, exc
-                    )
-                    await self._outcomes.dead_letter(
-                        record, source, mapped, kind="exhausted", code=exc.code, message=exc.msg,
-                        request_id=exc.request_id, attempts=attempts,
-                    )  # fmt: skip
-                    return
-                SINK_RETRIES.inc()
-                log.info("sn %s: %s; will retry", mapped.sn, exc)
-                continue
-            except DpsRejected as exc:
-                SINK_CALLS.labels("rejected").inc()
-                self._breaker.release(probe, failed=False)
-                log.warning("DPS rejected sn %s: %s", mapped.sn, exc)
-                await self._outcomes.dead_letter(
-                    record, source, mapped, kind="rejected", code=exc.code, message=exc.msg,
-                    request_id=exc.request_id, attempts=attempts,
-                )  # fmt: skip
+            # A slot covers a call and the recording of its outcome: a crash can then lose
+            # the outcome of `concurrency` allocations at most (allocated again after it).
+            async with self._slots:
+                delay = await self._attempt(
+                    record, source, mapped, attempts=attempts, first=first, backoff=backoff
+                )
+            if delay is None:
                 return
-            except BaseException:
-                # Cancelled at shutdown, or a bug: give the probe's turn back, no verdict.
-                self._breaker.abandon(probe)
-                raise
-            finally:
-                SINK_CALL_SECONDS.observe(time.monotonic() - started)
-            SINK_CALLS.labels("ok").inc()
-            self._breaker.release(probe, failed=False)
-            await self._outcomes.allocated(
-                mapped, device, request_id=request_id, attempts=attempts, source=source
-            )
+            self.busy.discard(source)  # nothing on the wire while it waits, and no slot held
+            SINK_RETRIES.inc()
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        source: bytes,
+        mapped: Mapped,
+        *,
+        attempts: int,
+        first: float,
+        backoff: Backoff,
+    ) -> float | None:
+        """One call, and the outcome if it settles the record; else the delay before a retry."""
+        try:
+            device, request_id = await self._call(record, source, mapped)
+        except DpsRejected as exc:
+            context = log_context(record, mapped) | {"code": exc.code}
+            log.warning("DPS rejected sn %s: %s", mapped.sn, exc, extra=context)
+            await self._outcomes.dead_letter(
+                record, source, mapped, kind="rejected", code=exc.code, message=exc.msg,
+                request_id=exc.request_id, attempts=attempts,
+            )  # fmt: skip
+            return None
+        except DpsTransient as exc:
+            if time.monotonic() - first >= self._cfg.give_up_after:
+                context = log_context(record, mapped) | {"code": exc.code}
+                log.warning(
+                    "giving up on sn %s after %d attempts: %s", mapped.sn, attempts, exc,
+                    extra=context,
+                )  # fmt: skip
+                await self._outcomes.dead_letter(
+                    record, source, mapped, kind="exhausted", code=exc.code,
+                    message=exc.msg, request_id=exc.request_id, attempts=attempts,
+                )  # fmt: skip
+                return None
+            if exc.throttled and exc.retry_after is not None:
+                delay = exc.retry_after  # DPS is fine, it said when: no backoff
+            else:
+                delay = backoff.next(exc.retry_after)
+            log.debug("sn %s: %s; retrying in %.2f s", mapped.sn, exc, delay)
+            return delay
+        await self._outcomes.allocated(
+            record, mapped, device, request_id=request_id, attempts=attempts, source=source
+        )
+        return None
+
+    async def _call(
+        self, record: ConsumerRecord[bytes, bytes], source: bytes, mapped: Mapped
+    ) -> tuple[msgspec.Raw, str | None]:
+        """One allocate call (in a call slot), paced by the limiter, let through by the breaker."""
+        taken_at = await self._limiter.wait()
+        probe = await self._breaker.acquire()
+        self.busy.add(source)
+        started = time.monotonic()
+        try:
+            answer = await self._dps.allocate(mapped.org_id, mapped.request)
+        except DpsTransient as exc:
+            self._transient(exc, probe, record, mapped, taken_at)
+            raise
+        except DpsRejected:
+            SINK_CALLS.labels("rejected").inc()
+            self._breaker.succeeded(probe)  # DPS works: it judged the record
+            raise
+        except BaseException:
+            # Cancelled (hand-back, shutdown) or a bug: give the probe's turn back.
+            self._breaker.abandon(probe)
+            raise
+        finally:
+            SINK_CALL_SECONDS.observe(time.monotonic() - started)
+            self._on_answer()
+        SINK_CALLS.labels("ok").inc()
+        self._breaker.succeeded(probe)
+        self._limiter.succeeded()
+        return answer
+
+    def _transient(
+        self,
+        exc: DpsTransient,
+        probe: bool,
+        record: ConsumerRecord[bytes, bytes],
+        mapped: Mapped,
+        taken_at: float,
+    ) -> None:
+        if exc.throttled:
+            SINK_CALLS.labels("throttled").inc()
+            self._limiter.throttled(taken_at)
+            self._breaker.succeeded(probe)  # DPS answers; it only wants fewer calls
             return
+        SINK_CALLS.labels("transient").inc()
+        if exc.hint is not None:
+            # Only the operator can cure this: say what to check, at warning level (the
+            # breaker opens on it, so this repeats once per probe period at most).
+            context = log_context(record, mapped) | {"code": exc.code, "hint": exc.hint}
+            log.warning("%s", exc.diagnosis(), extra=context)
+        self._breaker.failed(
+            probe, mapped.sn, exc.diagnosis(), operator=exc.hint is not None,
+            retry_after=exc.retry_after,
+        )  # fmt: skip

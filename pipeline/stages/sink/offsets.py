@@ -8,18 +8,38 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from aiokafka import TopicPartition
 
-__all__ = ["OffsetTracker"]
+__all__ = ["OffsetTracker", "OutOfOrder"]
+
+
+class OutOfOrder(ValueError):
+    """A record was started at or below an offset already started in its partition."""
 
 
 class OffsetTracker:
-    """Per partition, the offset up to which every record's outcome is recorded."""
+    """Per partition, the offset up to which every record's outcome is recorded.
+
+    Offsets must be started in increasing order per partition (as one assignment of a
+    partition delivers them); anything else is refused with :class:`OutOfOrder`, since
+    the safe point is the first unfinished offset only if earlier offsets came first.
+    """
 
     def __init__(self) -> None:
         self._open: dict[TopicPartition, collections.OrderedDict[int, bool]] = {}
+        self._last: dict[TopicPartition, int] = {}
         self._safe: dict[TopicPartition, int] = {}
 
     def start(self, tp: TopicPartition, offset: int) -> None:
-        """A record was handed out (offsets arrive in increasing order per partition)."""
+        """A record was handed out.
+
+        Raises:
+            OutOfOrder: ``offset`` is not above every offset started in ``tp`` since it
+                was last forgotten.
+        """
+        last = self._last.get(tp)
+        if last is not None and offset <= last:
+            msg = f"{tp.topic}/{tp.partition}: offset {offset} started after offset {last}"
+            raise OutOfOrder(msg)
+        self._last[tp] = offset
         self._open.setdefault(tp, collections.OrderedDict())[offset] = False
 
     def done(self, tp: TopicPartition, offset: int) -> None:
@@ -46,7 +66,8 @@ class OffsetTracker:
         return out
 
     def forget(self, tps: list[TopicPartition]) -> None:
-        """Drop revoked partitions."""
+        """Drop revoked partitions (a later assignment starts them afresh)."""
         for tp in tps:
             self._open.pop(tp, None)
+            self._last.pop(tp, None)
             self._safe.pop(tp, None)

@@ -3,27 +3,37 @@
 Every outcome carries two headers: ``source`` (where its input record was, as
 ``topic/partition/offset``) and ``sink-group``. Recovery (:mod:`.recovery`) reads them
 back after a crash, so a record whose outcome is already in Kafka is not allocated again.
+
+Kafka errors that a retry can cure (``retriable``, and timeouts) are retried with
+backoff until Kafka acknowledges. Of the others, an outcome too large for Kafka is
+dead-lettered with the reason (a DLQ record too large is written without the input
+record, which stays readable at its ``source``); anything else ends the stage with
+:class:`~pipeline.errors.StageFailed`: retrying forever would hide it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
+from pipeline.errors import StageFailed
 from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import SINK_OUTCOMES
 from pipeline.schemas import Allocation, AllocationFailure, utc_now
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from aiokafka import AIOKafkaProducer, ConsumerRecord
 
     from pipeline.config import Topics
     from pipeline.core.mapping import Mapped
 
-__all__ = ["GROUP", "SOURCE", "Outcomes", "source_header"]
+__all__ = ["GROUP", "SOURCE", "Outcomes", "log_context", "parse_source", "source_header"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,44 @@ def source_header(topic: str, partition: int, offset: int) -> bytes:
     return f"{topic}/{partition}/{offset}".encode()
 
 
+def parse_source(header: bytes) -> tuple[str, int, int] | None:
+    """``(topic, partition, offset)`` from a ``source`` header, or None if unreadable.
+
+    Kafka topic names have no ``/``, so the last two fields are the numbers.
+    """
+    try:
+        topic, partition, offset = header.decode().rsplit("/", 2)
+        return topic, int(partition), int(offset)
+    except ValueError:  # also UnicodeDecodeError
+        return None
+
+
+def log_context(record: ConsumerRecord[bytes, bytes], mapped: Mapped | None) -> dict[str, Any]:
+    """The JSON fields a log line about ``record`` carries (``extra=``)."""
+    context: dict[str, Any] = {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+    }
+    if mapped is not None:
+        context |= {
+            "sn": mapped.sn,
+            "gateway": mapped.child.gateway_id,
+            "event_id": mapped.child.event_id,
+        }
+    return context
+
+
+class _TooLarge(Exception):
+    """Kafka does not accept a record this large."""
+
+
+def _retriable(exc: Exception) -> bool:
+    # aiokafka's KafkaTimeoutError says retriable = False, but a batch that expired while
+    # a broker was away is worth sending again.
+    return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)
+
+
 class Outcomes:
     """Records outcomes in ``dps.allocations`` and ``dps.allocations.dlq``.
 
@@ -47,15 +95,25 @@ class Outcomes:
         producer: a started producer (idempotent, ``acks=all``).
         topics: the configured topic names.
         group: the sink's consumer group id (the ``sink-group`` header).
+        on_recorded: called when Kafka acknowledged an outcome (progress, for liveness).
     """
 
-    def __init__(self, producer: AIOKafkaProducer, topics: Topics, group: str) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        topics: Topics,
+        group: str,
+        *,
+        on_recorded: Callable[[], None] = lambda: None,
+    ) -> None:
         self._producer = producer
         self._topics = topics
         self._group = group.encode()
+        self._on_recorded = on_recorded
 
     async def allocated(
         self,
+        record: ConsumerRecord[bytes, bytes],
         mapped: Mapped,
         device: msgspec.Raw,
         *,
@@ -63,7 +121,11 @@ class Outcomes:
         attempts: int,
         source: bytes,
     ) -> None:
-        """DPS allocated ``mapped.sn`` and returned ``device``."""
+        """DPS allocated ``mapped.sn`` and returned ``device``.
+
+        Raises:
+            StageFailed: Kafka refused the outcome for a reason no retry cures.
+        """
         child = mapped.child
         allocation = Allocation(
             sn=mapped.sn,
@@ -76,7 +138,23 @@ class Outcomes:
             allocated_at=utc_now(),
             device=device,
         )
-        await self._record(self._topics.allocations, mapped.sn, _ENCODER.encode(allocation), source)
+        value = _ENCODER.encode(allocation)
+        try:
+            await self._record(self._topics.allocations, mapped.sn, value, source)
+        except _TooLarge as exc:
+            log.warning(
+                "the allocation of sn %s is too large for Kafka; dead-lettering it: %s",
+                mapped.sn, exc, extra=log_context(record, mapped),
+            )  # fmt: skip
+            message = (
+                f"DPS allocated the device (requestId {request_id}), but its allocation record "
+                f"({len(value)} bytes) is too large for Kafka: {exc}"
+            )
+            await self.dead_letter(
+                record, source, mapped, kind="invalid", code=None, message=message,
+                request_id=request_id, attempts=attempts,
+            )  # fmt: skip
+            return
         SINK_OUTCOMES.labels("allocated").inc()
 
     async def dead_letter(
@@ -91,7 +169,11 @@ class Outcomes:
         request_id: str | None,
         attempts: int,
     ) -> None:
-        """``record`` failed for good: to ``dps.allocations.dlq`` with the reason."""
+        """``record`` failed for good: to ``dps.allocations.dlq`` with the reason.
+
+        Raises:
+            StageFailed: Kafka refused the DLQ record for a reason no retry cures.
+        """
         child = mapped.child if mapped else None
         failure = AllocationFailure(
             sn=mapped.sn if mapped else None,
@@ -108,11 +190,29 @@ class Outcomes:
             record=_embeddable(record.value),
         )
         key = mapped.sn if mapped else None
-        await self._record(self._topics.allocations_dlq, key, _ENCODER.encode(failure), source)
+        topic = self._topics.allocations_dlq
+        try:
+            await self._record(topic, key, _ENCODER.encode(failure), source)
+        except _TooLarge:
+            # The input record made it too large; it stays readable where `source` says.
+            size = len(record.value or b"")
+            omitted = f"omitted: {size} bytes, too large for Kafka; read it at {source.decode()}"
+            slim = msgspec.structs.replace(failure, record=msgspec.Raw(_ENCODER.encode(omitted)))
+            try:
+                await self._record(topic, key, _ENCODER.encode(slim), source)
+            except _TooLarge as exc:
+                msg = f"cannot record a DLQ record in {topic}: {exc}"
+                raise StageFailed(msg) from exc
         SINK_OUTCOMES.labels(kind).inc()
 
     async def _record(self, topic: str, key: str | None, value: bytes, source: bytes) -> None:
-        """Write an outcome and wait for Kafka's acknowledgement (retrying until it comes)."""
+        """Write an outcome and wait for Kafka's acknowledgement, retrying what may pass.
+
+        Raises:
+            _TooLarge: Kafka does not accept a record this large.
+            StageFailed: another error no retry cures (e.g. a compacted topic refusing a
+                record without a key, a missing authorisation).
+        """
         backoff = Backoff(0.5, 10.0)
         while True:
             try:
@@ -122,13 +222,25 @@ class Outcomes:
                     key=key.encode() if key else None,
                     headers=[(SOURCE, source), (GROUP, self._group)],
                 )
+            except MessageSizeTooLargeError as exc:
+                raise _TooLarge(str(exc)) from exc
             except Exception as exc:
+                if not _retriable(exc):
+                    msg = (
+                        f"cannot record an outcome in {topic}: {type(exc).__name__}: {exc} "
+                        "(not retriable)"
+                    )
+                    raise StageFailed(msg) from exc
                 delay = backoff.next()
+                where = parse_source(source) or ("?", -1, -1)
                 log.warning(
-                    "could not record outcome in %s (%s); retrying in %.1f s", topic, exc, delay
-                )
+                    "could not record outcome in %s (%s); retrying in %.1f s", topic, exc, delay,
+                    extra={"sn": key, "topic": where[0], "partition": where[1],
+                           "offset": where[2], "outcome_topic": topic},
+                )  # fmt: skip
                 await asyncio.sleep(delay)
             else:
+                self._on_recorded()
                 return
 
 

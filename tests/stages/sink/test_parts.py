@@ -1,12 +1,20 @@
-"""The sink's parts on their own: the offset tracker and the breaker."""
+"""The sink's parts on their own: the offset tracker, the breaker and the rate limiter."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiokafka import TopicPartition
 
+from pipeline.io.aio import Backoff
 from pipeline.stages.sink import Breaker, OffsetTracker
+from pipeline.stages.sink.limiter import RateLimiter
+from pipeline.stages.sink.offsets import OutOfOrder
+from pipeline.stages.sink.outcomes import parse_source, source_header
+
+# --------------------------------------------------------------------------------------
+# Offsets
 
 
 def test_offset_tracker_commits_only_contiguous_outcomes() -> None:
@@ -30,19 +38,261 @@ def test_offset_tracker_commits_only_contiguous_outcomes() -> None:
     assert t.take_commits() == {}
 
 
+def test_offset_tracker_refuses_offsets_out_of_order() -> None:
+    # The issue's case, run against the class before the fix: a record of a batch
+    # fetched before the hand-back (105) was started after it, then 100 and 101 were
+    # fetched again from the committed offset; the tracker trusted insertion order and
+    # said 106 was safe with 100 and 101 in flight.
+    t = OffsetTracker()
+    p = TopicPartition("t", 0)
+    t.start(p, 105)
+    for offset in (100, 101, 105):
+        with pytest.raises(OutOfOrder, match=f"t/0: offset {offset} started after offset 105"):
+            t.start(p, offset)
+    assert t.in_flight() == 1  # the refused offsets are not tracked
+    t.done(p, 105)
+    assert t.take_commits() == {p: 106}
+    # A new assignment of the partition starts afresh, from wherever Kafka says.
+    t.forget([p])
+    t.start(p, 100)
+    t.start(p, 101)
+    t.done(p, 101)
+    assert t.take_commits() == {}
+    t.done(p, 100)
+    assert t.take_commits() == {p: 102}
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (
+            source_header("iotda.subdevices.added.x-1", 2, 105),
+            ("iotda.subdevices.added.x-1", 2, 105),
+        ),
+        (b"no-slashes", None),
+        (b"t/not-a-number/5", None),
+        (b"\xff/1/2", None),
+    ],
+)
+def test_parse_source_reads_what_source_header_writes(
+    header: bytes, expected: tuple[str, int, int] | None
+) -> None:
+    assert parse_source(header) == expected
+
+
+# --------------------------------------------------------------------------------------
+# Breaker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker(
+    changes: list[tuple[bool, str | None]],
+    *,
+    failures: int = 20,
+    initial: float = 0.1,
+    clock: Clock | None = None,
+) -> Breaker:
+    kwargs = {} if clock is None else {"clock": clock}
+    return Breaker(
+        Backoff(initial, 30.0),
+        lambda failing, reason: changes.append((failing, reason)),
+        failures=failures,
+        **kwargs,
+    )
+
+
+def test_one_record_that_keeps_failing_among_healthy_ones_never_opens_the_breaker() -> None:
+    # The issue: one always-failing record opened the old breaker 23 times in 4 s.
+    changes: list[tuple[bool, str | None]] = []
+    b = breaker(changes)
+    for _ in range(1000):
+        b.failed(False, "poison", "DPS code 500: Internal Server Error")
+        b.succeeded(False)
+    # ...nor when it is the only one left: one sn is not evidence that DPS is down.
+    for _ in range(100):
+        b.failed(False, "poison", "DPS code 500: Internal Server Error")
+    assert changes == []
+    assert not b.open
+
+
+def test_breaker_opens_when_calls_for_different_sns_fail_in_a_row() -> None:
+    changes: list[tuple[bool, str | None]] = []
+    b = breaker(changes, failures=20)
+    for i in range(19):
+        b.failed(False, f"sn-{i}", "DPS code 503")
+    b.succeeded(False)  # one success: DPS works, the count starts again
+    for i in range(19):
+        b.failed(False, f"sn-{i % 3}", "DPS code 503")  # repeats count: three sns, retrying
+    assert changes == []
+    b.failed(False, "sn-0", "DPS: HTTP 503 without a DPS envelope")
+    assert changes == [(True, "DPS: HTTP 503 without a DPS envelope")]
+    assert b.open
+    b.succeeded(False)  # a call that was in flight came back fine
+    assert changes[-1] == (False, None)
+    assert not b.open
+
+
+@pytest.mark.parametrize("failures", [1, 2, 5])
+def test_one_sn_alone_never_opens_the_breaker_a_second_one_does(failures: int) -> None:
+    changes: list[tuple[bool, str | None]] = []
+    b = breaker(changes, failures=failures)
+    for _ in range(failures):
+        b.failed(False, "first", "down")
+    assert changes == []
+    b.failed(False, "second", "down")
+    assert changes == [(True, "down")]
+
+
+def test_a_failure_only_the_operator_can_cure_opens_the_breaker_at_once() -> None:
+    changes: list[tuple[bool, str | None]] = []
+    b = breaker(changes)
+    reason = "DPS code 1003 (invalid encryption): check sink.dps.app_key and sink.dps.app_secret"
+    b.failed(False, "sn-1", reason, operator=True)
+    assert changes == [(True, reason)]
+
+
+def test_concurrent_failures_do_not_lengthen_the_probe_period() -> None:
+    # The issue: every concurrent failure doubled the old breaker's backoff, so a 1 s blip
+    # at concurrency 32 paused the sink for 24 s. Only the opening and failed probes count.
+    clock = Clock()
+    changes: list[tuple[bool, str | None]] = []
+    b = breaker(changes, initial=0.1, clock=clock)
+    for i in range(32):  # the calls in flight when DPS blipped all fail
+        b.failed(False, f"sn-{i}", "down")
+    assert b.open
+    assert 0.05 <= b.probe_delay() <= 0.1  # the first probe: after retry_initial at most
+
+
+async def test_probe_schedule_doubles_only_on_failed_probes_and_a_success_closes() -> None:
+    clock = Clock()
+    changes: list[tuple[bool, str | None]] = []
+    b = breaker(changes, failures=2, initial=0.1, clock=clock)
+    b.failed(False, "a", "down")
+    b.failed(False, "b", "down")
+    assert b.open
+    ceilings = [0.2, 0.4, 0.8, 1.6]
+    for ceiling in ceilings:
+        clock.now += 10  # the period is over: the next caller probes at once
+        probe = await asyncio.wait_for(b.acquire(), 1)
+        assert probe is True
+        b.failed(probe, "a", "still down")
+        assert ceiling / 2 <= b.probe_delay() <= ceiling
+    # A 1 s blip is over after the probes due by 0.1 + 0.2 + 0.4 + 0.8 = 1.5 s at the
+    # latest; the next one is due at most 1.6 s later: full rate within 2 s of the end.
+    assert changes == [(True, "down"), (True, "still down")]
+    clock.now += 10
+    probe = await asyncio.wait_for(b.acquire(), 1)
+    b.succeeded(probe)
+    assert changes[-1] == (False, None)
+    assert not b.open
+    assert await asyncio.wait_for(b.acquire(), 1) is False
+
+
 async def test_breaker_single_probe_while_open() -> None:
-    changes: list[bool] = []
-    breaker = Breaker(0.05, 0.1, changes.append)
-    assert await breaker.acquire() is False  # closed: everyone goes
-    breaker.release(False, failed=True)
-    assert changes == [True]
-    assert breaker.open
-    probe = await breaker.acquire()
+    changes: list[tuple[bool, str | None]] = []
+    b = breaker(changes, failures=2, initial=0.05)
+    assert await b.acquire() is False  # closed: everyone goes
+    b.failed(False, "a", "down")
+    b.failed(False, "b", "down")
+    probe = await b.acquire()
     assert probe is True
-    waiter = asyncio.create_task(breaker.acquire())
+    waiter = asyncio.create_task(b.acquire())
     await asyncio.sleep(0.2)
     assert not waiter.done()  # only the probe may call while open
-    breaker.release(probe, failed=False)
+    b.succeeded(probe)
     assert await asyncio.wait_for(waiter, 1) is False
-    assert changes == [True, False]
-    assert not breaker.open
+    assert changes == [(True, "down"), (False, None)]
+
+
+async def test_a_caller_cancelled_while_waiting_for_its_probe_turn_gives_it_back() -> None:
+    clock = Clock()
+    b = breaker([], failures=2, initial=0.1, clock=clock)
+    b.failed(False, "a", "down")
+    b.failed(False, "b", "down")
+    clock.now -= 3600  # the probe period seems an hour away: the caller sleeps on it
+    sleeper = asyncio.create_task(b.acquire())
+    await asyncio.sleep(0.05)
+    sleeper.cancel()  # e.g. its record is handed back
+    with pytest.raises(asyncio.CancelledError):
+        await sleeper
+    clock.now += 7200
+    assert await asyncio.wait_for(b.acquire(), 1) is True  # the turn was given back
+    b.abandon(True)
+    assert await asyncio.wait_for(b.acquire(), 1) is True  # ...and again after abandon
+
+
+# --------------------------------------------------------------------------------------
+# Rate limiter
+
+
+async def test_throttling_sets_the_rate_to_the_observed_success_rate_then_probes_up() -> None:
+    clock = Clock()
+    limiter = RateLimiter(None, clock=clock)
+    start = clock.now
+    assert await limiter.wait() == start  # unlimited: no wait
+    for i in range(1, 21):  # 20 successes over 2 s: 10/s got through
+        clock.now = start + i * 0.1
+        limiter.succeeded()
+    limiter.throttled(clock.now - 0.05)
+    assert limiter.rate == 10.0
+    limiter.throttled(clock.now - 0.01)  # taken before the cut: says nothing new
+    assert limiter.rate == 10.0
+    rates = {}
+    for i in range(1, 21):  # 10 successes/s and no 429: +1/s (at least 5 %) each second
+        clock.now = start + 2.0 + i * 0.1
+        limiter.succeeded()
+        rates[i] = limiter.rate
+    assert (rates[5], rates[10], rates[15], rates[20]) == (10.0, 11.0, 11.0, 12.0)
+    # A 429 for a call sent at the higher rate sets it back to what got through.
+    limiter.throttled(clock.now)
+    assert limiter.rate == 10.5  # 21 successes in the last 2 s
+
+
+async def test_the_rate_never_exceeds_the_configured_limit() -> None:
+    clock = Clock()
+    limiter = RateLimiter(11.0, clock=clock)
+    assert limiter.rate == 11.0
+    await limiter.wait()
+    for _ in range(30):
+        clock.now += 0.05
+        limiter.succeeded()
+    limiter.throttled(clock.now)
+    assert limiter.rate == 11.0  # 30 successes in 1.5 s: 20/s observed, capped at 11
+    clock.now += 3
+    limiter.throttled(clock.now)  # nothing got through lately: the floor
+    assert limiter.rate == 1.0
+    for _ in range(200):
+        clock.now += 1
+        limiter.succeeded()
+    assert limiter.rate == 11.0
+
+
+async def test_without_a_limit_the_learned_rate_is_lifted_once_it_limits_nothing() -> None:
+    clock = Clock()
+    limiter = RateLimiter(None, clock=clock)
+    await limiter.wait()
+    limiter.throttled(clock.now)
+    assert limiter.rate == 1.0  # nothing got through yet
+    rates = []
+    for _ in range(8):  # two successes per second: the rate soon exceeds twice that
+        clock.now += 0.5
+        limiter.succeeded()
+        rates.append(limiter.rate)
+    assert rates == [1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, None]
+
+
+async def test_limiter_spaces_calls_evenly() -> None:
+    limiter = RateLimiter(50.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    turns = [await limiter.wait() for _ in range(6)]
+    # Five intervals of 20 ms at least (sleeps never end early); no upper bound is asserted.
+    assert loop.time() - started >= 5 * 0.02 - 0.001
+    assert turns == sorted(turns)

@@ -10,206 +10,43 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime as dt
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Self
+from typing import Any
 
 import msgspec
-import orjson
 import pytest
-from aiokafka import ConsumerRecord
 
-from pipeline.config import Config, KafkaConfig
-from pipeline.dps.emulator import CallRecord, RunningEmulator, start_emulator
+from pipeline.config import Config
+from pipeline.dps.emulator import start_emulator
 from pipeline.io import kafka
 from pipeline.ops.server import Health
-from pipeline.schemas import AddedChild, Allocation, AllocationFailure, PvsDevice
-from pipeline.stages.sink import Breaker, Sink
+from pipeline.schemas import AllocationFailure
+from pipeline.stages.sink import Sink
 from pipeline.stages.sink.allocator import Allocator
 from pipeline.tools.redrive import redrive
 from tests.harness import kill, read_topic, running, spawn, terminate
+from tests.stages.sink.support import (
+    GATEWAY,
+    GROUP,
+    Tail,
+    allocations,
+    at,
+    check_allocation,
+    child,
+    eventually,
+    ok,
+    ok_calls,
+    opens,
+    prepare,
+    produce,
+    produce_children,
+    source_of,
+    with_emulator,
+)
 
 pytestmark = pytest.mark.services
-
-GATEWAY = "gw-e2e"
-GROUP = "group-1"
-
-
-# --------------------------------------------------------------------------------------
-# Helpers
-
-
-def child(sn: str, *, device_id: str | None = None, event_id: str = "ev-1") -> bytes:
-    """An ``iotda.subdevices.added`` value whose sn (node_id) is ``sn``."""
-    device = {"node_id": sn, "device_id": device_id or f"prod_{sn}", "product_id": "prod"}
-    return msgspec.json.encode(
-        AddedChild(
-            gateway_id=GATEWAY,
-            event_id=event_id,
-            event_time=None,
-            event_time_raw=None,
-            device=msgspec.Raw(orjson.dumps(device)),
-        )
-    )
-
-
-def key_of(value: bytes) -> bytes:
-    """The key the router gives an added child: its device_id."""
-    return str(orjson.loads(value)["device"]["device_id"]).encode()
-
-
-async def prepare(cfg: Config) -> None:
-    await kafka.ensure_topics(cfg.kafka, cfg.kafka.topics.all())
-
-
-async def produce(cfg: Config, items: Iterable[tuple[bytes | None, bytes | None]]) -> list[bytes]:
-    """Produce ``(key, value)`` records to the added topic; returns each one's source header."""
-    topic = cfg.kafka.topics.added
-    async with kafka.producer(cfg.kafka) as producer:
-        futures = [await producer.send(topic, value, key=key) for key, value in items]
-        metas = await asyncio.gather(*futures)
-    return [f"{topic}/{m.partition}/{m.offset}".encode() for m in metas]
-
-
-async def produce_children(cfg: Config, values: list[bytes]) -> list[bytes]:
-    return await produce(cfg, [(key_of(v), v) for v in values])
-
-
-def with_emulator(
-    cfg: Config,
-    emu: RunningEmulator,
-    *,
-    concurrency: int = 32,
-    retry_initial: float = 0.2,
-    retry_max: float = 2.0,
-    give_up_after: float = 3600.0,
-    timeout: float = 5.0,
-) -> Config:
-    s = cfg.sink
-    return msgspec.structs.replace(
-        cfg,
-        sink=msgspec.structs.replace(
-            s,
-            dps=msgspec.structs.replace(s.dps, base_url=emu.url, timeout=timeout),
-            concurrency=concurrency,
-            retry_initial=retry_initial,
-            retry_max=retry_max,
-            give_up_after=give_up_after,
-        ),
-    )
-
-
-async def eventually(
-    check: Callable[[], bool],
-    what: Callable[[], str],
-    *,
-    timeout: float,
-    task: asyncio.Task[None] | None = None,
-    interval: float = 0.02,
-) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if task is not None and task.done():
-            task.result()  # raise what killed the worker
-            pytest.fail(f"the worker stopped while waiting for {what()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what()}")
-        await asyncio.sleep(interval)
-
-
-class Tail:
-    """Every record of a topic from the beginning, read incrementally while a test runs."""
-
-    def __init__(self, cfg: KafkaConfig, topic: str) -> None:
-        self._consumer = kafka.consumer(cfg, group_id=None)
-        self._topic = topic
-        self.records: list[ConsumerRecord[bytes, bytes]] = []
-
-    async def __aenter__(self) -> Self:
-        await self._consumer.start()
-        tps = await kafka.partitions(self._consumer, self._topic)
-        assert tps, f"topic {self._topic} does not exist"
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._consumer.stop()
-
-    async def until(
-        self,
-        check: Callable[[list[ConsumerRecord[bytes, bytes]]], bool],
-        what: str,
-        *,
-        timeout: float,
-        alive: Callable[[], Awaitable[None]] | None = None,
-    ) -> list[ConsumerRecord[bytes, bytes]]:
-        deadline = time.monotonic() + timeout
-        while not check(self.records):
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout} s waiting for {what} ({self.summary()})")
-            if alive is not None:
-                await alive()
-            batch = await self._consumer.getmany(timeout_ms=100)
-            self.records.extend(r for rs in batch.values() for r in rs)
-        return self.records
-
-    def keys(self) -> set[bytes]:
-        return {r.key for r in self.records}
-
-    def summary(self) -> str:
-        return f"{len(self.records)} records, {len(self.keys())} keys in {self._topic}"
-
-
-def source_of(record: ConsumerRecord[bytes, bytes]) -> bytes:
-    sources = [bytes(v) for k, v in record.headers or () if k == "source"]
-    assert len(sources) == 1, f"expected one source header, got {record.headers}"
-    return sources[0]
-
-
-def allocations(records: list[ConsumerRecord[bytes, bytes]]) -> list[Allocation]:
-    return [msgspec.json.decode(r.value, type=Allocation) for r in records]
-
-
-def ok(call: CallRecord) -> bool:
-    return call.http_status == 200 and call.code == 0
-
-
-def ok_calls(emu: RunningEmulator) -> list[CallRecord]:
-    return [c for c in emu.state.calls if ok(c)]
-
-
-def at(call: CallRecord) -> float:
-    return dt.datetime.fromisoformat(call.at).timestamp()
-
-
-def check_allocation(
-    cfg: Config, record: ConsumerRecord[bytes, bytes], sn: str, *, attempts: int | None = 1
-) -> Allocation:
-    """An allocation record of a child made by :func:`child`, checked field by field."""
-    assert record.key == sn.encode()
-    value = msgspec.json.decode(record.value, type=Allocation)
-    assert (value.sn, value.org_id, value.device_id, value.gateway_id) == (
-        sn,
-        cfg.sink.org_id,
-        f"prod_{sn}",
-        GATEWAY,
-    )
-    if attempts is not None:
-        assert value.attempts == attempts
-    assert value.request_id
-    assert value.allocated_at.endswith("Z")
-    assert dt.datetime.fromisoformat(value.allocated_at).tzinfo is not None
-    device = msgspec.json.decode(value.device, type=PvsDevice)
-    assert (device.sn, device.org_id, device.group_id) == (sn, cfg.sink.org_id, GROUP)
-    assert device.status is not None
-    assert device.status.current_status == "allocated"
-    return value
-
 
 # --------------------------------------------------------------------------------------
 # 1. Happy path and business errors
@@ -328,13 +165,14 @@ async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
     cfg: Config, uid: str
 ) -> None:
     total, outage = 2000, 20.0
-    concurrency, retry_max = 32, 2.0
+    concurrency, retry_initial, retry_max, breaker_failures = 32, 0.2, 2.0, 20
     sns = [f"{uid}-{i:04d}" for i in range(total)]
     await prepare(cfg)
     async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP} for sn in sns]) as emu:
         cfg = with_emulator(
-            cfg, emu, concurrency=concurrency, retry_initial=0.2, retry_max=retry_max
-        )
+            cfg, emu, concurrency=concurrency, retry_initial=retry_initial, retry_max=retry_max,
+            breaker_failures=breaker_failures,
+        )  # fmt: skip
         health = Health()
         async with running(Sink(cfg, health)) as task:
             await produce_children(cfg, [child(sn) for sn in sns])
@@ -349,7 +187,7 @@ async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
             before = len(emu.state.calls)
             allocated_before = len(ok_calls(emu))
             await asyncio.sleep(outage / 2)
-            ready_during = health.report()
+            ready_during, details_during = health.report(), health.details()
             await asyncio.sleep(outage / 2)
             emu.state.set_faults({"outage": False})
             during = emu.state.calls[before:]
@@ -363,13 +201,18 @@ async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
         calls = list(emu.state.calls)
 
     assert allocated_before < total - 500, "the outage did not hit the middle of the stream"
-    # Every call during the outage failed, and there were few: the in-flight calls, then
-    # one probe per backoff period (at least retry_max / 2 once the backoff is capped).
+    # Every call during the outage failed, and there were few: until the breaker opened
+    # (calls for `breaker_failures` different sns, and those in flight meanwhile), then one
+    # probe per backoff period (retry_initial doubling to retry_max, at least half of it).
     assert during, "no call reached DPS during the outage"
     assert {(c.http_status, c.code) for c in during} == {(503, None)}
-    bound = concurrency + math.ceil(outage / (retry_max / 2)) + 10
+    probes = math.ceil(math.log2(retry_max / retry_initial)) + math.ceil(outage / (retry_max / 2))
+    bound = breaker_failures + concurrency + probes + 1
     assert len(during) <= bound, f"{len(during)} calls during a {outage} s outage"
     assert ready_during == {"sink.kafka": True, "sink.dps": False}  # /readyz says why
+    assert details_during == {
+        "sink.dps": "DPS code 503: HTTP 503 without a DPS envelope: service unavailable"
+    }
     assert ready_after == {"sink.kafka": True, "sink.dps": True}
     # Everything was allocated exactly once, nothing was dead-lettered.
     assert dlq == []
@@ -380,53 +223,6 @@ async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
     # Every call was an attempt of exactly one record: the accounting adds up.
     assert sum(a.attempts for a in allocations(got)) == len(calls)
     assert len(calls) - total == sum(1 for c in calls if c.http_status == 503)
-
-
-# --------------------------------------------------------------------------------------
-# 4. Throttling
-
-
-async def test_throttling_is_honoured(cfg: Config, uid: str) -> None:
-    total, rps, retry_after = 60, 20.0, 1.0
-    sns = [f"{uid}-{i:02d}" for i in range(total)]
-    await prepare(cfg)
-    async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP} for sn in sns]) as emu:
-        emu.state.set_faults({"throttle_rps": rps, "retry_after": retry_after})
-        # A short initial backoff: only Retry-After can hold the sink back for a second.
-        cfg = with_emulator(cfg, emu, retry_initial=0.05, retry_max=2.0)
-        sources = await produce_children(cfg, [child(sn) for sn in sns])
-        async with running(Sink(cfg, Health())):
-            got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=total)
-            dlq = await read_topic(
-                cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0, settle=0.2
-            )
-        calls = list(emu.state.calls)
-
-    assert dlq == []
-    assert sorted(r.key for r in got) == sorted(sn.encode() for sn in sns)
-    assert {source_of(r) for r in got} == set(sources)
-    assert collections.Counter(c.sn for c in calls if ok(c)) == dict.fromkeys(sns, 1)
-    throttled = [c for c in calls if c.http_status == 429]
-    assert throttled, "the emulator never throttled: the test proves nothing"
-    assert len(throttled) + total == len(calls)
-    assert sum(a.attempts for a in allocations(got)) == len(calls)
-    # The sink waited as told: after a 429, no new call for Retry-After seconds (calls
-    # already on the wire when it arrived land within a few ms of it).
-    times = sorted(at(c) for c in calls)
-    for call in throttled:
-        t = at(call)
-        early = [s - t for s in times if t + 0.15 < s < t + retry_after - 0.05]
-        assert not early, f"calls {early} s after a 429 asking to wait {retry_after} s"
-    # ...and it idled only because it was told to: every pause follows a 429 (a sink that
-    # kept waiting after its probe got through would show a pause after a success).
-    ordered = sorted(calls, key=at)
-    pauses = [(a, b) for a, b in itertools.pairwise(ordered) if at(b) - at(a) > retry_after / 2]
-    assert pauses, "the sink never slowed down"
-    assert all(a.http_status == 429 for a, _ in pauses), [
-        (a.http_status, at(b) - at(a)) for a, b in pauses
-    ]
-    # 60 calls through a bucket of 20 refilled at 20/s cannot take less than 2 s.
-    assert times[-1] - times[0] >= total / rps - 1 - 0.1
 
 
 # --------------------------------------------------------------------------------------
@@ -522,8 +318,12 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_at_most_the_in_fligh
 # 6. Giving up
 
 
+# 20: too few failures to open the breaker, each record retries on its own. 2: the
+# breaker opens, the records give up while it is open, and with none left to probe with
+# the sink takes in the next record to probe.
+@pytest.mark.parametrize("breaker_failures", [20, 2])
 async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
-    cfg: Config, uid: str
+    cfg: Config, uid: str, breaker_failures: int
 ) -> None:
     sns = [f"{uid}-{i}" for i in range(3)]
     late = f"{uid}-late"
@@ -531,9 +331,13 @@ async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
     await prepare(cfg)
     async with await start_emulator(devices=devices) as emu:
         emu.state.set_faults({"outage": True})
-        cfg = with_emulator(cfg, emu, retry_initial=0.2, retry_max=1.0, give_up_after=2.0)
+        cfg = with_emulator(
+            cfg, emu, retry_initial=0.2, retry_max=1.0, give_up_after=2.0,
+            breaker_failures=breaker_failures,
+        )  # fmt: skip
         values = {sn: child(sn) for sn in sns}
         sources = dict(zip(sns, await produce_children(cfg, list(values.values())), strict=True))
+        opened = opens()
         started = time.monotonic()
         async with running(Sink(cfg, Health())):
             dlq = await read_topic(
@@ -547,6 +351,7 @@ async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1, timeout=30)
 
     assert elapsed >= 2.0
+    assert opens() - opened == (1 if breaker_failures == 2 else 0)
     assert sorted(r.key for r in dlq) == sorted(sn.encode() for sn in sns)
     total_attempts = 0
     for record in dlq:
@@ -688,13 +493,3 @@ async def test_unexpected_error_dead_letters_the_record_and_the_rest_flows(
         "internal error: RuntimeError('simulated bug')",
     )
     assert bytes(failure.record) == child(bad)
-
-
-async def test_cancelled_probe_gives_its_turn_back() -> None:
-    breaker = Breaker(0.01, 0.01, lambda _: None)
-    breaker.release(False, failed=True)
-    probe = await breaker.acquire()
-    assert probe is True
-    breaker.abandon(probe)  # e.g. cancelled at shutdown
-    assert breaker.open
-    assert await asyncio.wait_for(breaker.acquire(), 1) is True  # the next caller may probe
