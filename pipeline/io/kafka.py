@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.cluster import ClusterMetadata
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    KafkaConnectionError,
     KafkaError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
@@ -213,10 +215,17 @@ async def record_limit(cfg: KafkaConfig, topics: Iterable[str]) -> int:
 
 
 async def partitions(client: AIOKafkaConsumer, *topics: str) -> list[TopicPartition]:
-    """Every partition of ``topics``, from fresh cluster metadata (for manual assignment)."""
-    # The public `topics()` fetches the same metadata but returns only the names, and
-    # `partitions_for_topic()` reads a cache that manual assignment never fills.
-    cluster = await client._client.fetch_all_metadata()  # noqa: SLF001
+    """Every partition of ``topics``, from fresh cluster metadata (for manual assignment).
+
+    Only ``topics`` are asked for: a cluster-wide metadata request costs in proportion
+    to every topic of the cluster (thousands, on a shared one). aiokafka has no public
+    call for it (``topics()`` asks for all and returns only names; the consumer's cache
+    is filled only for subscribed topics).
+    """
+    cluster = ClusterMetadata()
+    if not await client._client._metadata_update(cluster, list(topics)):  # noqa: SLF001
+        msg = f"no broker answered a metadata request for {', '.join(topics)}"
+        raise KafkaConnectionError(msg)
     return [
         TopicPartition(topic, p)
         for topic in topics

@@ -114,9 +114,7 @@ async def test_ingest_route_sink_over_sasl_ssl(cfg: Config, uid: str, tmp_path: 
                 message = FixtureMessage(
                     topic="$oc/devices/gw-tls/sys/events/down", payload=orjson.dumps(event)
                 )
-                await replay_messages(
-                    cfg.mqtt, [message], topic_prefix=f"test/{uid}/", progress=False
-                )
+                await replay_messages(cfg.mqtt, [message], progress=False)
                 allocations = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=2)
                 failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed, expect=1)
     assert sorted(r.key for r in allocations) == [b"tls-sn-1", b"tls-sn-2"]

@@ -26,6 +26,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.dps.emulator import load_devices, start_emulator
+from pipeline.io import mqtt
 from pipeline.tools import demo
 from pipeline.tools.replay import replay
 from tests.harness import (
@@ -104,7 +105,7 @@ def dashboard_exprs(rate_interval: str = "1m", range_: str = "5m") -> list[str]:
 
 def test_the_rules_and_dashboard_read_pipeline_metrics() -> None:
     # The static half: the parsers above find what the live test checks.
-    assert len(rule_exprs()) == 16
+    assert len(rule_exprs()) == 18
     used = set().union(*map(metric_names, rule_exprs() + dashboard_exprs()))
     assert "pipeline_sink_paused" in used
     assert "up" in used
@@ -199,7 +200,19 @@ async def test_prometheus_scrapes_the_metrics_the_rules_and_dashboard_use(
                 device_data={"deviceName": "name", "model": "model"},
             ),
         )
-        env = worker_env(cfg, METRICS__ENABLED="true", METRICS__RUN_PORT=str(port))
+        # An edge broker's bridge notification (retained, as Mosquitto publishes it), on a
+        # plain topic: clients cannot publish under $SYS.
+        bridge_state = f"edge-{uid}/connection/+/state"
+        async with mqtt.connect(cfg.mqtt, client_id=f"edge-{uid}", persistent=False) as edge:
+            await edge.publish(
+                bridge_state.replace("+", f"gw-{uid}_0_0_2026112300"), b"1", qos=1, retain=True
+            )
+        env = worker_env(
+            cfg,
+            METRICS__ENABLED="true",
+            METRICS__RUN_PORT=str(port),
+            MQTT__BRIDGE_STATE=bridge_state,
+        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pipeline", "--log-level", "warning", "run",
             env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
@@ -208,7 +221,7 @@ async def test_prometheus_scrapes_the_metrics_the_rules_and_dashboard_use(
             await wait_readyz(port, proc)
             async with prometheus(tmp_path, f"127.0.0.1:{port}") as prom:
                 await prom.until('up{job="iot-pipeline", component="run"} == 1')
-                await replay(cfg.mqtt, [DEMO_FIXTURE], topic_prefix=f"test/{uid}/", progress=False)
+                await replay(cfg.mqtt, [DEMO_FIXTURE], progress=False)
                 await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=18)
                 await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=2)
                 await _check(prom)
@@ -251,7 +264,7 @@ async def _check(prom: Prometheus) -> None:
     # Every rule evaluates without error.
     groups = (await prom.get("/api/v1/rules"))["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 16
+    assert len(rules) == 18
     assert all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
     # Every dashboard query returns data.
     for expr in dashboard_exprs():

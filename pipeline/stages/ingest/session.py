@@ -106,6 +106,8 @@ class Session:
         self._bridges: dict[str, bool] = {}
         self._refused_before = False
         MQTT_CONNECTED.labels(who.name).set(0)
+        for reason in ("refused", "lost", "kafka"):  # series exist from the start (alerts)
+            MQTT_RECONNECTS.labels(who.name, reason)
         self._set_health(ok=False, detail="not connected yet")
 
     def _set_health(self, *, ok: bool, detail: str | None = None) -> None:
