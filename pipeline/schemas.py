@@ -356,9 +356,20 @@ def format_time(when: dt.datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
+_second: list[object] = [-1, ""]  # the last whole second and its formatted prefix
+
+
 def utc_now() -> str:
-    """The current time, formatted by :func:`format_time`."""
-    return format_time(dt.datetime.fromtimestamp(time.time(), dt.UTC))
+    """The current time, formatted by :func:`format_time` (once per message: kept cheap).
+
+    The ``YYYY-MM-DDTHH:MM:SS.`` prefix is formatted once per second.
+    """
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        _second[0] = second
+    return f"{_second[1]}{int((now - second) * 1000):03d}Z"
 
 
 _EVENT_TIME_FORMATS = ("%Y%m%dT%H%M%SZ", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S.%fZ")

@@ -26,6 +26,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
     for_code,
 )
+from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.errors import StageFailed
 from pipeline.io.tls import client_context
@@ -82,6 +83,32 @@ def _common(cfg: KafkaConfig) -> dict[str, Any]:
     return opts
 
 
+class _KeyPartitioner:
+    """aiokafka's default partitioner, remembered per key.
+
+    Java's murmur2, so keys land where any Kafka client puts them; aiokafka computes it in
+    pure Python, tens of microseconds a record, and the pipeline's keys (gateways,
+    devices, sns) repeat.
+    """
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._known: dict[tuple[bytes, int], int] = {}
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return int(DefaultPartitioner()(key, all_partitions, available))
+        slot = (key, len(all_partitions))
+        partition = self._known.get(slot)
+        if partition is None:
+            if len(self._known) >= self._size:
+                self._known.clear()
+            partition = self._known[slot] = int(
+                DefaultPartitioner()(key, all_partitions, available)
+            )
+        return partition
+
+
 def producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
     """An idempotent producer that waits for all in-sync replicas (``acks=all``)."""
     opts = _common(cfg) | {
@@ -90,6 +117,7 @@ def producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
         "linger_ms": cfg.linger_ms,
         "compression_type": None,
         "max_request_size": cfg.max_record_size,
+        "partitioner": _KeyPartitioner(),
     }
     return AIOKafkaProducer(**(opts | overrides))
 

@@ -6,9 +6,11 @@ import contextlib
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.config import Config
 from pipeline.io import kafka
+from pipeline.io.kafka import _KeyPartitioner
 
 pytestmark = pytest.mark.services
 
@@ -40,3 +42,14 @@ async def test_read_range_skips_markers_and_aborted_records(cfg: Config, uid: st
             first = await anext(records)
         assert first.value == b"a0"
         assert await kafka.whole(reader, topic) == {tp: (0, end)}
+
+
+def test_the_remembered_partitioner_agrees_with_kafkas() -> None:
+    ours, theirs = _KeyPartitioner(size=50), DefaultPartitioner()
+    for n in (1, 3, 6, 12):
+        parts = list(range(n))
+        for i in range(200):  # beyond its size: it forgets and goes on agreeing
+            key = f"gw-{i}".encode()
+            assert ours(key, parts, parts) == theirs(key, parts, parts)
+            assert ours(key, parts, parts) == theirs(key, parts, parts)  # remembered
+    assert ours(None, [0, 1], [1]) == 1  # no key: any available partition

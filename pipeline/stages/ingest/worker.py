@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import KafkaError
 
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["Ingest", "sessions_for"]
 
 log = logging.getLogger(__name__)
+
+_LANDED = INGEST_MESSAGES.labels("landed")
+_DEAD = INGEST_MESSAGES.labels("dlq")
 
 
 def sessions_for(cfg: Config) -> list[tuple[mqtt.Identity, list[str]]]:
@@ -86,6 +89,7 @@ class Ingest:
         )
         self._producer: AIOKafkaProducer | None = None
         self._renew = asyncio.Event()
+        self._events: dict[tuple[str, str], Any] = {}
         pacer = Pacer(cfg.mqtt.connect_rate)
         specs = sessions_for(cfg)
         self._sessions = [
@@ -102,6 +106,7 @@ class Ingest:
         ]
         # Registered now, so /readyz says no until this stage has really subscribed.
         self._set_health("kafka", ok=False)
+        INGEST_INFLIGHT.set_function(lambda: sum(s.pending for s in self._sessions))
         if health is not None:
             health.watch("ingest", lambda: any(s.pending for s in self._sessions))
             if len(specs) > 1:
@@ -197,7 +202,6 @@ class Ingest:
             if _refused(exc):
                 self._renew.set()
             raise KafkaFailedError(str(exc)) from exc
-        INGEST_INFLIGHT.inc()
         future.add_done_callback(functools.partial(self._landed, inbound, landing))
 
     def _landing(self, inbound: Inbound) -> Landing:
@@ -213,7 +217,6 @@ class Ingest:
             )
 
     def _landed(self, inbound: Inbound, landing: Landing, future: asyncio.Future[object]) -> None:
-        INGEST_INFLIGHT.dec()
         exc = asyncio.CancelledError() if future.cancelled() else future.exception()
         if exc is None:
             self._counted(landing)
@@ -226,7 +229,7 @@ class Ingest:
 
     def _counted(self, landing: Landing) -> None:
         if landing.dead:
-            INGEST_MESSAGES.labels("dlq").inc()
+            _DEAD.inc()
             log.warning(
                 "dead-lettered a message from %s: %s",
                 landing.gateway or "an unknown topic",
@@ -234,7 +237,11 @@ class Ingest:
                 extra={"gateway": landing.gateway},
             )
             return
-        INGEST_MESSAGES.labels("landed").inc()
+        _LANDED.inc()
         if landing.event is not None:
             for service in landing.event.services or ():
-                INGEST_EVENTS.labels(*service_label(service)).inc()
+                label = service_label(service)
+                counter = self._events.get(label)
+                if counter is None:
+                    counter = self._events[label] = INGEST_EVENTS.labels(*label)
+                counter.inc()
