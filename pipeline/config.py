@@ -1,20 +1,27 @@
 """Configuration: one TOML file plus ``PIPELINE_<SECTION>__<KEY>`` environment overrides.
 
-Everything decodes into frozen msgspec Structs that forbid unknown keys, so a typo or a
-wrong type fails at start-up with one line naming the key (:class:`ConfigError`).
+Everything decodes into frozen msgspec Structs that forbid unknown keys, so a typo, a
+wrong type or a value out of range fails at start-up with one line naming the key
+(:class:`ConfigError`). Rules that involve several keys (``retry_max >= retry_initial``),
+files the configuration names, and the sink's mapping are checked right after, in
+:func:`load_config`, with the same one line.
 Secret values are :class:`Secret`: their ``repr``/``str`` never show the value, and a
 value of the form ``file:/path`` is read from that file (Docker/Kubernetes secrets).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import os
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from pipeline.core.mapping import Mapper
 from pipeline.core.problems import explain
 from pipeline.errors import ConfigError
 
@@ -48,6 +55,12 @@ Seconds = Annotated[float, msgspec.Meta(gt=0, le=_YEAR)]
 """A positive, finite duration in seconds."""
 Count = Annotated[int, msgspec.Meta(ge=1)]
 """A positive count."""
+Wait = Annotated[float, msgspec.Meta(ge=0, le=_YEAR)]
+"""A finite time to wait, in seconds; 0 means: try once, do not wait."""
+Name = Annotated[str, msgspec.Meta(min_length=1)]
+"""A non-empty string: a host, an id, a group."""
+TopicName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+"""A Kafka topic name: 1 to 249 of ``A-Z a-z 0-9 . _ -``."""
 
 
 class Secret:
@@ -82,22 +95,23 @@ class TlsConfig(_Section, frozen=True):
     """TLS for a client connection; verification is always on."""
 
     enabled: bool = False
-    ca_file: str | None = None
+    ca_file: Name | None = None
     """PEM bundle of trusted CAs; the system store when unset."""
-    cert_file: str | None = None
+    cert_file: Name | None = None
     """Client certificate (mutual TLS)."""
-    key_file: str | None = None
+    key_file: Name | None = None
+    """Its private key, when not in ``cert_file``."""
     key_password: Secret | None = None
 
 
 class IotdaAuthConfig(_Section, frozen=True):
     """IoTDA device-mode credentials: the client id and password are derived from these."""
 
-    device_id: str
+    device_id: Name
     secret: Secret
     sign_type: Literal[0, 1] = 0
     """0: HMAC-SHA256 without the platform's timestamp check; 1: with it."""
-    timestamp: str | None = None
+    timestamp: Annotated[str, msgspec.Meta(pattern=r"^\d{10}$")] | None = None
     """``YYYYMMDDHH`` to use in the client id and HMAC (sign_type 0 only). The broker keys
     the session by client id: a fixed value keeps it across restarts. When unset, the
     time the worker started is used for all its reconnects."""
@@ -106,27 +120,33 @@ class IotdaAuthConfig(_Section, frozen=True):
 class MqttConfig(_Section, frozen=True):
     """The MQTT source of the ingest stage."""
 
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = "iot-pipeline-ingest"
+    host: Name = "127.0.0.1"
+    port: Port = 1883
+    client_id: Name = "iot-pipeline-ingest"
     """Stable, so the broker keeps the session (and queued messages) while ingest is down."""
     username: str | None = None
     password: Secret | None = None
-    topic: str = "$oc/devices/+/sys/events/down"
+    topic: Name = "$oc/devices/+/sys/events/down"
     qos: Literal[0, 1] = 1
-    shared_group: str | None = None
+    shared_group: Annotated[str, msgspec.Meta(pattern=r"^[^/+#]+$")] | None = None
     """Subscribe as ``$share/<group>/<topic>`` so several ingest replicas split the load."""
     protocol: Literal["3.1.1", "5"] = "5"
-    keepalive: int = 60
-    session_expiry: int = 7 * 24 * 3600
-    """Seconds the broker keeps the session after a disconnect (MQTT 5)."""
-    max_inflight: int = 1000
-    """Messages received but not yet acknowledged (waiting for Kafka)."""
+    keepalive: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 60
+    """Seconds between keep-alive pings (MQTT's field is 16 bits; 0, "never", would leave
+    a dead connection undetected)."""
+    session_expiry: Annotated[int, msgspec.Meta(ge=1, le=0xFFFFFFFF)] = 7 * 24 * 3600
+    """Seconds the broker keeps the session after a disconnect (MQTT 5; 0 would drop the
+    messages queued for a stopped ingest)."""
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
+    """Messages received but not yet acknowledged (waiting for Kafka); MQTT 5's Receive
+    Maximum is 16 bits."""
     max_payload: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
     """Bytes; a bigger MQTT payload is dead-lettered before decoding (IoTDA's own limit
     is 1 MiB)."""
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
+    reconnect_min: Seconds = 0.5
+    reconnect_max: Seconds = 30.0
+    startup_timeout: Wait = 60.0
+    """Seconds ``ingest`` waits for the broker to answer at start-up before it exits 1."""
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     iotda: IotdaAuthConfig | None = None
 
@@ -134,12 +154,12 @@ class MqttConfig(_Section, frozen=True):
 class Topics(_Section, frozen=True):
     """Kafka topic names."""
 
-    down_events: str = "iotda.down-events"
-    down_events_dlq: str = "iotda.down-events.dlq"
-    added: str = "iotda.subdevices.added"
-    failed: str = "iotda.subdevices.failed"
-    allocations: str = "dps.allocations"
-    allocations_dlq: str = "dps.allocations.dlq"
+    down_events: TopicName = "iotda.down-events"
+    down_events_dlq: TopicName = "iotda.down-events.dlq"
+    added: TopicName = "iotda.subdevices.added"
+    failed: TopicName = "iotda.subdevices.failed"
+    allocations: TopicName = "dps.allocations"
+    allocations_dlq: TopicName = "dps.allocations.dlq"
 
     def all(self) -> list[str]:
         """Every topic name, in flow order."""
@@ -149,78 +169,82 @@ class Topics(_Section, frozen=True):
 class KafkaConfig(_Section, frozen=True):
     """The Kafka cluster every stage talks to."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    client_id: str = "iot-pipeline"
+    bootstrap_servers: Name = "127.0.0.1:9092"
+    """Comma-separated ``host:port`` list."""
+    client_id: Name = "iot-pipeline"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: Secret | None = None
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     topics: Topics = msgspec.field(default_factory=Topics)
-    partitions: int = 3
+    partitions: Count = 3
     """Partitions for topics that ``pipeline topics create`` makes."""
-    replication_factor: int = 1
-    linger_ms: int = 5
-    request_timeout: float = 30.0
+    replication_factor: Annotated[int, msgspec.Meta(ge=1, le=32767)] = 1
+    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 5
+    request_timeout: Seconds = 30.0
+    startup_timeout: Wait = 60.0
+    """Seconds a worker waits for Kafka to answer at start-up before it exits 1."""
 
 
 class RouterConfig(_Section, frozen=True):
     """The router stage."""
 
-    group_id: str = "iot-pipeline-router"
-    transactional_id: str = "iot-pipeline-router"
+    group_id: Name = "iot-pipeline-router"
+    transactional_id: Name = "iot-pipeline-router"
     """Used as is: give each router replica its own stable value (e.g. the pod name), so a
     restarted replica fences its predecessor's open transaction."""
-    dedup_window: float = 3600.0
+    dedup_window: Seconds = 3600.0
     """Seconds during which a redelivered (gateway, event_id) yields nothing new."""
-    dedup_max_entries: int = 100_000
-    batch_max: int = 500
+    dedup_max_entries: Count = 100_000
+    batch_max: Count = 500
     """Records consumed and committed per transaction, at most."""
 
 
 class DpsConfig(_Section, frozen=True):
     """How to reach EnOS DPS through the API gateway."""
 
-    base_url: str = "http://127.0.0.1:8085"
-    app_key: str = "demo-app-key"
+    base_url: Name = "http://127.0.0.1:8085"
+    """``http://`` or ``https://`` and a host; the API paths are appended."""
+    app_key: Name = "demo-app-key"
     app_secret: Secret = msgspec.field(default_factory=lambda: Secret("demo-app-secret"))
-    ca_file: str | None = None
-    timeout: float = 10.0
-    token_refresh_margin: float = 300.0
+    ca_file: Name | None = None
+    timeout: Seconds = 10.0
+    token_refresh_margin: Annotated[float, msgspec.Meta(ge=0, le=_YEAR)] = 300.0
     """Refresh the access token this many seconds before it expires."""
 
 
 class SinkConfig(_Section, frozen=True):
     """The sink stage: DPS allocate for each added child."""
 
-    group_id: str = "iot-pipeline-sink"
+    group_id: Name = "iot-pipeline-sink"
     dps: DpsConfig = msgspec.field(default_factory=DpsConfig)
-    org_id: str = "o00000000000001"
-    org_overrides: dict[str, str] = msgspec.field(default_factory=dict)
+    org_id: Name = "o00000000000001"
+    org_overrides: dict[Name, Name] = msgspec.field(default_factory=dict)
     """``product_id`` -> orgId for products that belong to another organisation."""
     sn_from: str = "node_id"
     """``node_id``, ``device_id``, or a template such as ``{product_id}-{node_id}``."""
     device_data: dict[str, str] = msgspec.field(default_factory=dict)
     """Master-data identifier -> DeviceInfo field, or ``extension_info.<key>``."""
-    concurrency: int = 32
-    rate_limit: float | None = None
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
+    rate_limit: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
     """Allocate calls per second, at most; unlimited when unset."""
-    retry_initial: float = 0.5
-    retry_max: float = 30.0
-    give_up_after: float = 3600.0
+    retry_initial: Seconds = 0.5
+    retry_max: Seconds = 30.0
+    give_up_after: Seconds = 3600.0
     """Seconds of transient failures after which a record goes to the DLQ as exhausted."""
-    commit_interval: float = 1.0
+    commit_interval: Seconds = 1.0
 
 
 class MetricsConfig(_Section, frozen=True):
     """The /metrics, /healthz and /readyz server every worker runs."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"
-    ingest_port: int = 9101
-    route_port: int = 9102
-    sink_port: int = 9103
-    run_port: int = 9100
+    host: Name = "127.0.0.1"
+    ingest_port: ListenPort = 9101
+    route_port: ListenPort = 9102
+    sink_port: ListenPort = 9103
+    run_port: ListenPort = 9100
     stall_after: Seconds = 120.0
     """``/healthz`` fails when a stage has work waiting and no progress for this long."""
 
@@ -235,15 +259,23 @@ class Config(_Section, frozen=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
 
+_TYPE_NAMES = {"dict": "object", "list": "array", "NoneType": "null"}
+
+
 def _dec_hook(tp: type, obj: Any) -> Any:
-    if tp is Secret and isinstance(obj, str):
+    if tp is Secret:
+        if not isinstance(obj, str):
+            got = type(obj).__name__
+            msg = f"expected `str`, got `{_TYPE_NAMES.get(got, got)}`"
+            raise TypeError(msg)  # msgspec adds the key; the value is never shown
         if obj.startswith("file:"):
             path = Path(obj.removeprefix("file:"))
             try:
                 return Secret(path.read_text(encoding="utf-8").rstrip("\r\n"))
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
                 # The path is not secret; the content is.
-                msg = f"cannot read secret file {path}: {exc.strerror}"
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                msg = f"cannot read secret file {path}: {why}"
                 raise ValueError(msg) from None
         return Secret(obj)
     raise NotImplementedError
@@ -290,8 +322,15 @@ def _env_name(path: str) -> str:
     return ENV_PREFIX + "__".join(p.upper() for p in path.split("."))
 
 
+def _lookup(tree: dict[str, Any], key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Read the TOML file (if any) and the environment into a :class:`Config`.
+    """Read the TOML file (if any) and the environment into a checked :class:`Config`.
 
     Args:
         path: the TOML file; ``pipeline.toml`` in the working directory when it exists.
@@ -310,6 +349,10 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         except FileNotFoundError:
             msg = f"config file {path} does not exist"
             raise ConfigError(msg) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            msg = f"config file {path} cannot be read: {why}"
+            raise ConfigError(msg) from None
         except tomllib.TOMLDecodeError as exc:
             msg = f"config file {path} is not valid TOML: {exc}"
             raise ConfigError(msg) from None
@@ -317,20 +360,133 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     merged = _merge(data, overrides)
     try:
         # strict=False lets environment strings stand for numbers and booleans.
-        return msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
+        cfg = msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
+        _check(cfg)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, overrides)) from None
+        problem = explain(exc)
+        reason = {"missing": "required key is missing", "unknown": "unknown key"}.get(
+            problem.kind, problem.reason
+        )
+        if _is_nan(_lookup(merged, problem.path)):
+            reason = "expected a number, got NaN"
+        raise _at(problem.path or "<root>", reason, overrides) from None
+    except ConfigError as exc:
+        if exc.key is None:
+            raise
+        raise _at(exc.key, exc.reason, overrides) from None
+    return cfg
 
 
-def _explain(exc: msgspec.ValidationError, overrides: dict[str, Any]) -> str:
-    """Turn msgspec's ``... - at `$.mqtt.port``` into ``config key mqtt.port: ...``."""
-    problem = explain(exc)
-    reason = {"missing": "required key is missing", "unknown": "unknown key"}.get(
-        problem.kind, problem.reason
-    )
-    key = problem.path
-    node: Any = overrides
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    source = f" (from {_env_name(key)})" if node is not None else ""
-    return f"config key {key or '<root>'}{source}: {reason}"
+def _is_nan(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"nan", "+nan", "-nan"}
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _at(key: str, reason: str, overrides: dict[str, Any]) -> ConfigError:
+    """``config key mqtt.port (from PIPELINE_MQTT__PORT): reason``."""
+    source = f" (from {_env_name(key)})" if _lookup(overrides, key) is not None else ""
+    return ConfigError(f"config key {key}{source}: {reason}", key=key, reason=reason)
+
+
+def _check(cfg: Config) -> None:
+    """The rules one key's type cannot say: between keys, files named, the sink's mapping.
+
+    Raises:
+        ConfigError: naming the key at fault (:attr:`ConfigError.key`).
+    """
+    _check_mqtt(cfg.mqtt)
+    _check_kafka(cfg.kafka)
+    s = cfg.sink
+    if s.retry_max < s.retry_initial:
+        reason = f"must be >= sink.retry_initial ({s.retry_initial:g})"
+        raise ConfigError.at("sink.retry_max", reason)
+    _check_url("sink.dps.base_url", s.dps.base_url)
+    if not s.dps.app_secret.reveal():
+        raise ConfigError.at("sink.dps.app_secret", "must not be empty")
+    if s.dps.ca_file is not None:
+        _check_readable("sink.dps.ca_file", s.dps.ca_file)
+    # The mapping's own rules (one place: pipeline.core.mapping), now rather than when
+    # the sink starts.
+    Mapper(
+        sn_from=s.sn_from, org_id=s.org_id, org_overrides=s.org_overrides,
+        device_data=s.device_data,
+    )  # fmt: skip
+
+
+def _check_mqtt(m: MqttConfig) -> None:
+    if m.reconnect_max < m.reconnect_min:
+        reason = f"must be >= mqtt.reconnect_min ({m.reconnect_min:g})"
+        raise ConfigError.at("mqtt.reconnect_max", reason)
+    if m.iotda is not None and m.iotda.timestamp is not None:
+        try:
+            dt.datetime.strptime(m.iotda.timestamp, "%Y%m%d%H").replace(tzinfo=dt.UTC)
+        except ValueError:
+            reason = f"{m.iotda.timestamp!r} is not a date and hour (YYYYMMDDHH)"
+            raise ConfigError.at("mqtt.iotda.timestamp", reason) from None
+    if m.tls.enabled:
+        _check_tls("mqtt.tls", m.tls)
+
+
+def _check_kafka(k: KafkaConfig) -> None:
+    for server in k.bootstrap_servers.split(","):
+        _check_address("kafka.bootstrap_servers", server.strip())
+    sasl = k.security_protocol.startswith("SASL_")
+    if sasl and k.sasl_mechanism is None:
+        reason = f"required with kafka.security_protocol {k.security_protocol}"
+        raise ConfigError.at("kafka.sasl_mechanism", reason)
+    if not sasl and k.sasl_mechanism is not None:
+        reason = f"set, but kafka.security_protocol is {k.security_protocol} (not SASL_...)"
+        raise ConfigError.at("kafka.sasl_mechanism", reason)
+    if sasl:
+        for key, value in (("sasl_username", k.sasl_username), ("sasl_password", k.sasl_password)):
+            if not value:
+                reason = f"required with SASL {k.sasl_mechanism}"
+                raise ConfigError.at("kafka." + key, reason)
+    if k.tls.enabled or k.security_protocol.endswith("SSL"):
+        _check_tls("kafka.tls", k.tls)
+    names: dict[str, str] = {}
+    for field in Topics.__struct_fields__:
+        name = getattr(k.topics, field)
+        if name in names:
+            reason = f"{name!r} is also kafka.topics.{names[name]}; every topic needs its own"
+            raise ConfigError.at("kafka.topics." + field, reason)
+        names[name] = field
+
+
+def _check_address(key: str, address: str) -> None:
+    host, colon, port = address.rpartition(":")
+    if not colon:
+        host, port = address, "9092"
+    if not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:  # noqa: PLR2004
+        reason = f"{address!r} is not host:port with a port from 1 to 65535"
+        raise ConfigError.at(key, reason)
+
+
+def _check_url(key: str, url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        reason = f"{url!r} is not an http:// or https:// URL with a host"
+        raise ConfigError.at(key, reason)
+
+
+def _check_tls(key: str, tls: TlsConfig) -> None:
+    if tls.key_file and not tls.cert_file:
+        reason = f"set without {key}.cert_file"
+        raise ConfigError.at(key + ".key_file", reason)
+    for name in ("ca_file", "cert_file", "key_file"):
+        if (path := getattr(tls, name)) is not None:
+            _check_readable(f"{key}.{name}", path)
+
+
+def _check_readable(key: str, path: str) -> None:
+    try:
+        with Path(path).open("rb"):
+            pass
+    except OSError as exc:
+        reason = f"cannot read {path}: {exc.strerror}"
+        raise ConfigError.at(key, reason) from None

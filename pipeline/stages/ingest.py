@@ -74,6 +74,7 @@ class Ingest:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, reconnecting with capped jittered backoff."""
+        await kafka.wait_until_reachable(self._cfg.kafka, stop)
         await kafka.ensure_topics(
             self._cfg.kafka, [self._topics.down_events, self._topics.down_events_dlq]
         )

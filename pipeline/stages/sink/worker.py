@@ -97,6 +97,7 @@ class Sink:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then hand back in-flight work and commit."""
+        await kafka.wait_until_reachable(self._cfg.kafka, stop)
         topics = self._topics
         await kafka.ensure_topics(
             self._cfg.kafka, [topics.added, topics.allocations, topics.allocations_dlq]
