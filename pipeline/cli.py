@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -170,7 +171,8 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
             try:
                 await stack.enter_async_context(ops_server(cfg.metrics.host, port, health))
             except OSError as exc:
-                reason = f"cannot listen on {cfg.metrics.host}:{port}: {exc.strerror or exc}"
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                reason = f"cannot listen on {cfg.metrics.host}:{port}: {why}"
                 raise ConfigError.at(key, reason) from exc
         async with asyncio.TaskGroup() as tg:
             for name in stages:

@@ -281,13 +281,19 @@ def _dec_hook(tp: type, obj: Any) -> Any:
     raise NotImplementedError
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """Nest ``PIPELINE_KAFKA__TOPICS__ADDED=x`` as ``{"kafka": {"topics": {"added": "x"}}}``."""
+def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Nest ``PIPELINE_KAFKA__TOPICS__ADDED=x`` as ``{"kafka": {"topics": {"added": "x"}}}``.
+
+    Returns:
+        The tree, and the variable each dotted key came from (``kafka.topics.added``).
+    """
     tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         parts = name.removeprefix(ENV_PREFIX).lower().split("__")
+        sources[".".join(parts)] = name
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -295,7 +301,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
                 msg = f"{name}: {'.'.join(parts)} conflicts with another override"
                 raise ConfigError(msg)
         node[parts[-1]] = _env_value(value)
-    return tree
+    return tree, sources
 
 
 def _env_value(value: str) -> Any:
@@ -316,10 +322,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def _env_name(path: str) -> str:
-    return ENV_PREFIX + "__".join(p.upper() for p in path.split("."))
 
 
 def _lookup(tree: dict[str, Any], key: str) -> Any:
@@ -356,7 +358,7 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         except tomllib.TOMLDecodeError as exc:
             msg = f"config file {path} is not valid TOML: {exc}"
             raise ConfigError(msg) from None
-    overrides = _env_overrides(environ)
+    overrides, sources = _env_overrides(environ)
     merged = _merge(data, overrides)
     try:
         # strict=False lets environment strings stand for numbers and booleans.
@@ -369,11 +371,11 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         )
         if _is_nan(_lookup(merged, problem.path)):
             reason = "expected a number, got NaN"
-        raise _at(problem.path or "<root>", reason, overrides) from None
+        raise _at(problem.path or "<root>", reason, sources) from None
     except ConfigError as exc:
         if exc.key is None:
             raise
-        raise _at(exc.key, exc.reason, overrides) from None
+        raise _at(exc.key, exc.reason, sources) from None
     return cfg
 
 
@@ -383,9 +385,13 @@ def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _at(key: str, reason: str, overrides: dict[str, Any]) -> ConfigError:
+def _at(key: str, reason: str, sources: dict[str, str]) -> ConfigError:
     """``config key mqtt.port (from PIPELINE_MQTT__PORT): reason``."""
-    source = f" (from {_env_name(key)})" if _lookup(overrides, key) is not None else ""
+    parts = key.split(".")
+    # The key itself, or the table it is in (PIPELINE_SINK__DEVICE_DATA='{ ... }').
+    names = [sources.get(".".join(parts[:n])) for n in range(len(parts), 0, -1)]
+    name = next((n for n in names if n is not None), None)
+    source = f" (from {name})" if name else ""
     return ConfigError(f"config key {key}{source}: {reason}", key=key, reason=reason)
 
 

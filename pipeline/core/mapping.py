@@ -71,10 +71,17 @@ class Mapper:
         self._sn_parts: list[tuple[str, str | None]] = []
         if "{" in sn_from:
             try:
-                self._sn_parts = [(lit, f) for lit, f, _, _ in string.Formatter().parse(sn_from)]
+                parsed = list(string.Formatter().parse(sn_from))
             except ValueError as exc:
                 reason = f"not a valid template ({exc})"
                 raise ConfigError.at("sink.sn_from", reason) from None
+            for _, field, spec, conversion in parsed:
+                if field == "":
+                    raise ConfigError.at("sink.sn_from", "'{}' names no field")
+                if spec or conversion:
+                    reason = f"{{{field}...}}: format specs and conversions are not supported"
+                    raise ConfigError.at("sink.sn_from", reason)
+            self._sn_parts = [(lit, f) for lit, f, _, _ in parsed]
             self._sn_fields = [f for _, f in self._sn_parts if f]
             if not self._sn_fields:
                 raise ConfigError.at("sink.sn_from", "the template names no field")

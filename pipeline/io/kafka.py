@@ -108,6 +108,7 @@ async def probe(cfg: KafkaConfig, limit: float | None = None) -> None:
                     metadata = await conn.send(MetadataRequest([]))
             finally:
                 conn.close()
+                await asyncio.sleep(0)  # let the transport close its socket now
         except (OSError, TimeoutError, KafkaError) as exc:
             reasons.append((f"{host}:{port}", _reason(exc, timeout)))
             continue
