@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -19,14 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
-from aiokafka.errors import (
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
-    NoBrokersAvailable,
-    NodeNotReadyError,
-    RequestTimedOutError,
-)
 
 from pipeline.config import Config, load_config
 from pipeline.errors import (
@@ -257,15 +250,21 @@ async def _record(args: argparse.Namespace, cfg: Config) -> int:
 async def _emulator(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.dps.emulator import serve  # noqa: PLC0415
 
-    return await serve(
-        host=args.host,
-        port=args.port,
-        devices_file=args.devices,
-        accept_any_sn=args.accept_any_sn,
-        app_key=cfg.sink.dps.app_key,
-        app_secret=cfg.sink.dps.app_secret.reveal(),
-        token_ttl=args.token_ttl,
-    )
+    try:
+        return await serve(
+            host=args.host,
+            port=args.port,
+            devices_file=args.devices,
+            accept_any_sn=args.accept_any_sn,
+            app_key=cfg.sink.dps.app_key,
+            app_secret=cfg.sink.dps.app_secret.reveal(),
+            token_ttl=args.token_ttl,
+        )
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        why = os.strerror(exc.errno)
+        return _fail(2, f"pipeline dps-emulator: cannot listen on {args.host}:{args.port}: {why}")
 
 
 async def _topics_create(args: argparse.Namespace, cfg: Config) -> int:
@@ -374,15 +373,6 @@ def _report(exc: Exception, cfg: Config, command: str) -> int:
     return verdicts[0][0]
 
 
-_KAFKA_UNREACHABLE = (
-    KafkaConnectionError,
-    KafkaTimeoutError,
-    NoBrokersAvailable,
-    NodeNotReadyError,
-    RequestTimedOutError,
-)
-
-
 def _verdict(exc: BaseException, cfg: Config) -> tuple[int, str | None]:
     """Exit code and one line for an error; no line: unexpected (log its traceback)."""
     if isinstance(exc, ConfigError | DecodeError | MappingError | ValueError):
@@ -395,6 +385,15 @@ def _verdict(exc: BaseException, cfg: Config) -> tuple[int, str | None]:
 
 def _service_line(exc: BaseException, cfg: Config) -> str | None:
     """The line naming the service (and its address) an error is about, if it is."""
+    from aiokafka import errors  # noqa: PLC0415  (only on the way out)
+
+    unreachable = (
+        errors.KafkaConnectionError,
+        errors.KafkaTimeoutError,
+        errors.NoBrokersAvailable,
+        errors.NodeNotReadyError,
+        errors.RequestTimedOutError,
+    )
     match exc:
         case ServiceUnreachable() | StageFailed():
             return str(exc)
@@ -402,13 +401,13 @@ def _service_line(exc: BaseException, cfg: Config) -> str | None:
             return f"DPS {cfg.sink.dps.base_url}: {exc}"
         case aiomqtt.MqttError():
             return f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}"
-        case KafkaError():
+        case errors.KafkaError():
             text = str(exc.args[0]) if exc.args else ""
             if text.startswith("Unable to bootstrap"):
                 text = "no bootstrap server answered (aiokafka logs why at debug)"
             reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-            unreachable = " not reachable" if isinstance(exc, _KAFKA_UNREACHABLE) else ""
-            return f"Kafka {cfg.kafka.bootstrap_servers}{unreachable}: {reason}"
+            what = " not reachable" if isinstance(exc, unreachable) else ""
+            return f"Kafka {cfg.kafka.bootstrap_servers}{what}: {reason}"
         case ConnectionError() if exc.errno is None and exc.args:
             return str(exc)  # our own words (demo: the services are not there)
     return None

@@ -282,3 +282,16 @@ def test_connection_error_from_the_os_is_not_called_bad_input(report: Report) ->
         logs[0]["msg"]
         == "pipeline run failed: ConnectionResetError(104, 'Connection reset by peer')"
     )
+
+
+def test_emulator_port_in_use_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _pipeline("dps-emulator", "--port", str(port), env=_env())
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2,
+        "",
+        f"pipeline dps-emulator: cannot listen on 127.0.0.1:{port}: Address already in use\n",
+    )
