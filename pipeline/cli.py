@@ -273,7 +273,7 @@ async def _topics_create(args: argparse.Namespace, cfg: Config) -> int:
     await kafka.wait_until_reachable(cfg.kafka, within=0)
     topics = cfg.kafka.topics.all()
     created = await kafka.ensure_topics(cfg.kafka, topics, partitions=args.partitions)
-    for name in cfg.kafka.topics.all():
+    for name in topics:
         print(f"{name}: {'created' if name in created else 'exists'}")  # noqa: T201
     return 0
 

@@ -224,7 +224,7 @@ class SinkConfig(_Section, frozen=True):
     """``product_id`` -> orgId for products that belong to another organisation."""
     sn_from: str = "node_id"
     """``node_id``, ``device_id``, or a template such as ``{product_id}-{node_id}``."""
-    device_data: dict[str, str] = msgspec.field(default_factory=dict)
+    device_data: dict[Name, str] = msgspec.field(default_factory=dict)
     """Master-data identifier -> DeviceInfo field, or ``extension_info.<key>``."""
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
     rate_limit: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
