@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import ssl
 import tomllib
 import urllib.parse
 from pathlib import Path
@@ -487,6 +488,19 @@ def _check_tls(key: str, tls: TlsConfig) -> None:
     for name in ("ca_file", "cert_file", "key_file"):
         if (path := getattr(tls, name)) is not None:
             _check_readable(f"{key}.{name}", path)
+    # Readable is not enough: load them as the client will (pipeline.io.tls).
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+    except ssl.SSLError as exc:
+        reason = f"not a PEM bundle of CA certificates ({exc.reason or exc})"
+        raise ConfigError.at(key + ".ca_file", reason) from None
+    if tls.cert_file:
+        password = tls.key_password.reveal() if tls.key_password else None
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file, password=password)
+        except ssl.SSLError as exc:
+            reason = f"no usable certificate and key ({exc.reason or exc})"
+            raise ConfigError.at(key + ".cert_file", reason) from None
 
 
 def _check_readable(key: str, path: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import Config, Secret, load_config
 from pipeline.errors import ConfigError
-from tests.harness import ROOT
+from tests.harness import ROOT, make_certs
 
 SECRET = "s3cr3t-do-not-print-1234"
 
@@ -273,14 +273,30 @@ def test_bad_value_names_the_key(
     assert str(info.value) == message
 
 
-def test_files_named_are_checked_only_when_used(tmp_path: Path) -> None:
-    """A TLS file of a section whose TLS is off is not read (the example lists them)."""
+def test_tls_files_are_checked_when_tls_is_on(tmp_path: Path) -> None:
+    """Readable, and loadable as the client will load them; not read while TLS is off."""
     cfg = load_config(write(tmp_path, "[mqtt.tls]\nca_file = '/nonexistent/ca.pem'\n"), {})
     assert cfg.mqtt.tls.ca_file == "/nonexistent/ca.pem"
-    ca = tmp_path / "ca.pem"
-    ca.write_text("not checked for content here", encoding="utf-8")
-    cfg = load_config(write(tmp_path, f"[mqtt.tls]\nenabled = true\nca_file = '{ca}'\n"), {})
-    assert cfg.mqtt.tls.enabled
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[mqtt.tls]\nenabled = true\nca_file = '{junk}'\n"), {})
+    assert str(info.value) == (
+        "config key mqtt.tls.ca_file: not a PEM bundle of CA certificates "
+        "(NO_CERTIFICATE_OR_CRL_FOUND)"
+    )
+    env = {"PIPELINE_KAFKA__SECURITY_PROTOCOL": "SSL", "PIPELINE_KAFKA__TLS__CERT_FILE": str(junk)}
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=env)
+    assert str(info.value).startswith(
+        "config key kafka.tls.cert_file (from PIPELINE_KAFKA__TLS__CERT_FILE): "
+        "no usable certificate and key ([SSL] PEM lib"
+    )
+    ca, cert, key = make_certs(tmp_path)
+    toml = (
+        f"[mqtt.tls]\nenabled = true\nca_file = '{ca}'\ncert_file = '{cert}'\nkey_file = '{key}'\n"
+    )
+    assert load_config(write(tmp_path, toml), {}).mqtt.tls.cert_file == str(cert)
 
 
 def test_missing_file_and_bad_toml(tmp_path: Path) -> None:

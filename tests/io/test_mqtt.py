@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import json
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from pipeline.ops.metrics import MQTT_RECONNECTS
 from pipeline.ops.server import Health
 from pipeline.stages.ingest import Ingest
 from pipeline.tools.replay import FixtureMessage, replay_messages
-from tests.harness import add_response, free_port, read_topic, running, wait_check
+from tests.harness import add_response, free_port, make_certs, read_topic, running, wait_check
 
 
 def test_iotda_credentials_worked_example() -> None:
@@ -217,70 +216,6 @@ def test_iotda_client_id_is_stable_across_reconnects() -> None:
     first, second = asyncio.run(ids(IotdaAuthConfig(device_id="gw", secret=Secret("s"))))
     assert first == second
     assert first.startswith("gw_0_0_")
-
-
-def make_certs(tmp: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1."""
-    ca_key, ca, key, csr, cert = (
-        tmp / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
-    )
-    run = functools.partial(subprocess.run, check=True, capture_output=True)
-    run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            str(ca_key),
-            "-out",
-            str(ca),
-        ]
-    )
-    run(
-        [
-            "openssl",
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(csr),
-        ]
-    )
-    ext = tmp / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n", encoding="utf-8")
-    run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            str(csr),
-            "-CA",
-            str(ca),
-            "-CAkey",
-            str(ca_key),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            str(ext),
-            "-out",
-            str(cert),
-        ]
-    )
-    return ca, cert, key
 
 
 @pytest.mark.services
