@@ -57,6 +57,7 @@ _RETRY_MESSAGES = frozenset(
         "Heartbeat session expired - marking coordinator dead",
         "No broker metadata found in MetadataResponse -- ignoring.",
         "Topic %s is not available during auto-create initialization",
+        "Topic %s not found in cluster metadata",  # just created: metadata still spreading
         "Got error produce response on topic-partition %s, retrying. Error: %s",
     }
 )

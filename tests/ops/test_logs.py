@@ -48,6 +48,9 @@ TRANSIENT = [
      (1, NodeNotReadyError("Attempt to send a request to node which is not ready (node id 1)."))),
     ("aiokafka.producer.sender", logging.WARNING, "Cannot send %r to %s: %r",
      ("AddPartitionsToTxnRequest", 1, NodeNotReadyError())),
+    # A topic just created, not yet in the metadata (`make demo` on a fresh broker).
+    ("aiokafka.cluster", logging.ERROR, "Topic %s not found in cluster metadata",
+     ("iotda.down-events",)),
     # Leader changes, and produce retries (the router's NotEnoughReplicas).
     ("aiokafka.producer.sender", logging.WARNING,
      "Got error produce response on topic-partition %s, retrying. Error: %s",
