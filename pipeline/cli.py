@@ -1,11 +1,19 @@
-"""The ``pipeline`` command line: one entry point, one sub-command per job."""
+"""The ``pipeline`` command line: one entry point, one sub-command per job.
+
+Exit codes (README): 0 success; 2 bad configuration or input, with one line on stderr
+naming the key or the file:line; 1 a service could not be reached (one line naming it
+and its address), a stage stopped because it could not go on safely, or an unexpected
+error (its traceback logged as one JSON line).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,11 +22,19 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 
 from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import (
+    ConfigError,
+    DecodeError,
+    DpsError,
+    MappingError,
+    ServiceUnreachable,
+    StageFailed,
+)
+from pipeline.io.aio import Stopped
 from pipeline.ops.logs import setup_logging
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Iterator
 
 __all__ = ["main"]
 
@@ -189,14 +205,20 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
     health = Health(cfg.metrics.stall_after)
     stages: tuple[str, ...] = args.stages
     factories = _stage_factories()
-    port = getattr(cfg.metrics, f"{args.command}_port")
+    key = f"metrics.{args.command}_port"
+    port = getattr(cfg.metrics, key.removeprefix("metrics."))
     from pipeline.io.kafka import security_problem  # noqa: PLC0415
 
     if problem := await security_problem(cfg.kafka):  # a wrong password or CA: say so, stop
         raise ConfigError(problem)
     async with contextlib.AsyncExitStack() as stack:
         if cfg.metrics.enabled:
-            await stack.enter_async_context(ops_server(cfg.metrics.host, port, health))
+            try:
+                await stack.enter_async_context(ops_server(cfg.metrics.host, port, health))
+            except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                reason = f"cannot listen on {cfg.metrics.host}:{port}: {why}"
+                raise ConfigError.at(key, reason) from exc
         async with asyncio.TaskGroup() as tg:
             for name in stages:
                 worker = (
@@ -204,13 +226,21 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
                     if name == "ingest"
                     else factories[name](cfg, health)
                 )
-                tg.create_task(_until_stopped(worker, stop), name=f"pipeline.{name}")
+                tg.create_task(_until_stopped(name, worker, cfg, stop), name=f"pipeline.{name}")
     return 0
 
 
-async def _until_stopped(worker: Any, stop: asyncio.Event) -> None:
+async def _until_stopped(name: str, worker: Any, cfg: Config, stop: asyncio.Event) -> None:
+    from pipeline.io import mqtt  # noqa: PLC0415
+
     try:
+        if name == "ingest":
+            # Ingest reconnects to MQTT for ever once running; at start-up a broker that
+            # never answers is a failure to report (each stage waits for Kafka itself).
+            await mqtt.wait_until_reachable(cfg.mqtt, stop)
         await worker.run(stop)
+    except Stopped:
+        pass  # stopped while waiting for a service at start-up: nothing to hand back
     finally:
         stop.set()  # one stage ending (or failing) stops the others in `run`
 
@@ -230,8 +260,7 @@ async def _replay(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.tools.replay import replay  # noqa: PLC0415
 
     if not args.files and not args.demo:
-        print("pipeline replay: give fixture FILEs, or --demo", file=sys.stderr)  # noqa: T201
-        return 2
+        return _fail(2, "pipeline replay: give fixture FILEs, or --demo")
     with importlib.resources.as_file(DEMO_FIXTURE) as demo:
         count = await replay(
             cfg.mqtt,
@@ -280,23 +309,31 @@ async def _emulator(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.dps.emulator import serve  # noqa: PLC0415
     from pipeline.tools.demo import DEMO_DEVICES  # noqa: PLC0415
 
-    with importlib.resources.as_file(DEMO_DEVICES) as demo:
-        return await serve(
-            host=args.host,
-            port=args.port,
-            devices_file=str(demo) if args.demo else args.devices,
-            accept_any_sn=args.accept_any_sn,
-            app_key=cfg.sink.dps.app_key,
-            app_secret=cfg.sink.dps.app_secret.reveal(),
-            token_ttl=args.token_ttl,
-        )
+    try:
+        with importlib.resources.as_file(DEMO_DEVICES) as demo:
+            return await serve(
+                host=args.host,
+                port=args.port,
+                devices_file=str(demo) if args.demo else args.devices,
+                accept_any_sn=args.accept_any_sn,
+                app_key=cfg.sink.dps.app_key,
+                app_secret=cfg.sink.dps.app_secret.reveal(),
+                token_ttl=args.token_ttl,
+            )
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        why = os.strerror(exc.errno)
+        return _fail(2, f"pipeline dps-emulator: cannot listen on {args.host}:{args.port}: {why}")
 
 
 async def _topics_create(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.io.kafka import ensure_topics  # noqa: PLC0415
+    from pipeline.io import kafka  # noqa: PLC0415
 
-    created = await ensure_topics(cfg.kafka, cfg.kafka.topics.all(), partitions=args.partitions)
-    for name in cfg.kafka.topics.all():
+    await kafka.wait_until_reachable(cfg.kafka, within=0)
+    topics = cfg.kafka.topics.all()
+    created = await kafka.ensure_topics(cfg.kafka, topics, partitions=args.partitions)
+    for name in topics:
         print(f"{name}: {'created' if name in created else 'exists'}")  # noqa: T201
     return 0
 
@@ -308,8 +345,10 @@ async def _schemas_export(args: argparse.Namespace, _cfg: Config) -> int:
 
 
 async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.io import kafka  # noqa: PLC0415
     from pipeline.tools.redrive import redrive  # noqa: PLC0415
 
+    await kafka.wait_until_reachable(cfg.kafka, within=0)
     moved = await redrive(
         cfg,
         args.dlq,
@@ -345,8 +384,10 @@ async def _healthcheck(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _status(args: argparse.Namespace, cfg: Config) -> int:
+    from pipeline.io import kafka  # noqa: PLC0415
     from pipeline.tools.status import status  # noqa: PLC0415
 
+    await kafka.wait_until_reachable(cfg.kafka, within=0)
     return await status(cfg, args.endpoint)
 
 
@@ -371,21 +412,84 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        print(f"pipeline: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
+        return _fail(2, f"pipeline: {exc}")
     handler: Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]] = args.handler
     try:
         code: int = asyncio.run(handler(args, cfg))
     except KeyboardInterrupt:
         return 130
-    except TimeoutError:
-        print("pipeline: timed out", file=sys.stderr)  # noqa: T201
-        return 1
-    except (PipelineError, ValueError, OSError) as exc:
-        # Bad input (a fixture, a devices file) or an unreachable service: one line.
-        print(f"pipeline: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    except aiomqtt.MqttError as exc:
-        print(f"pipeline: MQTT: {exc}", file=sys.stderr)  # noqa: T201
-        return 1
+    except Exception as exc:  # every error ends here, as one line
+        return _report(exc, cfg, args.command)
     return code
+
+
+def _fail(code: int, line: str) -> int:
+    print(line, file=sys.stderr)  # noqa: T201
+    return code
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The errors inside (nested) exception groups, as the stages' TaskGroup raises them."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _report(exc: Exception, cfg: Config, command: str) -> int:
+    """Print the one line for ``exc`` (or log its traceback) and return the exit code."""
+    verdicts = [(*_verdict(leaf, cfg), leaf) for leaf in _leaves(exc)]
+    # Bad input first (the operator's fix), then what names a service, then the rest.
+    verdicts.sort(key=lambda v: (-v[0], v[1] is None))
+    shown: set[str] = set()
+    for _, line, leaf in verdicts:
+        if line is None:
+            log.error("pipeline %s failed: %r", command, leaf, exc_info=leaf)
+        elif not shown:
+            print(f"pipeline: {line}", file=sys.stderr)  # noqa: T201
+        elif line not in shown:
+            log.error("also: %s", line)  # several stages failed differently (`run`)
+        if line is not None:
+            shown.add(line)
+    return verdicts[0][0]
+
+
+def _verdict(exc: BaseException, cfg: Config) -> tuple[int, str | None]:
+    """Exit code and one line for an error; no line: unexpected (log its traceback)."""
+    if isinstance(exc, ConfigError | DecodeError | MappingError | ValueError):
+        return 2, str(exc)  # ValueError: a fixture line, a devices file, an argument
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return 2, f"{exc.filename}: {exc.strerror or exc}"
+    line = _service_line(exc, cfg)
+    return 1, line
+
+
+def _service_line(exc: BaseException, cfg: Config) -> str | None:
+    """The line naming the service (and its address) an error is about, if it is."""
+    from aiokafka import errors  # noqa: PLC0415  (only on the way out)
+
+    unreachable = (
+        errors.KafkaConnectionError,
+        errors.KafkaTimeoutError,
+        errors.NoBrokersAvailable,
+        errors.NodeNotReadyError,
+        errors.RequestTimedOutError,
+    )
+    match exc:
+        case ServiceUnreachable() | StageFailed():
+            return str(exc)
+        case DpsError():
+            return f"DPS {cfg.sink.dps.base_url}: {exc}"
+        case aiomqtt.MqttError():
+            return f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}"
+        case errors.KafkaError():
+            text = str(exc.args[0]) if exc.args else ""
+            if text.startswith("Unable to bootstrap"):
+                text = "no bootstrap server answered (aiokafka logs why at debug)"
+            reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            what = " not reachable" if isinstance(exc, unreachable) else ""
+            return f"Kafka {cfg.kafka.bootstrap_servers}{what}: {reason}"
+        case ConnectionError() if exc.errno is None and exc.args:
+            return str(exc)  # our own words (demo: the services are not there)
+    return None

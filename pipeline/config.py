@@ -1,7 +1,10 @@
 """Configuration: one TOML file plus ``PIPELINE_<SECTION>__<KEY>`` environment overrides.
 
-Everything decodes into frozen msgspec Structs that forbid unknown keys, so a typo or a
-wrong type fails at start-up with one line naming the key (:class:`ConfigError`).
+Everything decodes into frozen msgspec Structs that forbid unknown keys, so a typo, a
+wrong type or a value out of range fails at start-up with one line naming the key
+(:class:`ConfigError`). Rules that involve several keys (``retry_max >= retry_initial``),
+files the configuration names, and the sink's mapping are checked right after, in
+:func:`load_config`, with the same one line.
 Secret values are :class:`Secret`: their ``repr``/``str`` never show the value; a value
 of the form ``file:/path`` is read from that file (Docker/Kubernetes secrets), and
 ``env:NAME`` from that environment variable.
@@ -9,15 +12,20 @@ of the form ``file:/path`` is read from that file (Docker/Kubernetes secrets), a
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import os
 import re
+import ssl
 import tomllib
+import urllib.parse
 import zlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from pipeline.core.mapping import Mapper
 from pipeline.core.problems import explain
 from pipeline.errors import ConfigError
 
@@ -54,6 +62,12 @@ Seconds = Annotated[float, msgspec.Meta(gt=0, le=_YEAR)]
 """A positive, finite duration in seconds."""
 Count = Annotated[int, msgspec.Meta(ge=1)]
 """A positive count."""
+Wait = Annotated[float, msgspec.Meta(ge=0, le=_YEAR)]
+"""A finite time to wait, in seconds; 0 means: try once, do not wait."""
+Name = Annotated[str, msgspec.Meta(min_length=1)]
+"""A non-empty string: a host, an id, a group."""
+TopicName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+"""A Kafka topic name: 1 to 249 of ``A-Z a-z 0-9 . _ -``."""
 
 
 class Secret:
@@ -88,11 +102,12 @@ class TlsConfig(_Section, frozen=True):
     """TLS for a client connection; verification is always on."""
 
     enabled: bool = False
-    ca_file: str | None = None
+    ca_file: Name | None = None
     """PEM bundle of trusted CAs; the system store when unset."""
-    cert_file: str | None = None
+    cert_file: Name | None = None
     """Client certificate (mutual TLS)."""
-    key_file: str | None = None
+    key_file: Name | None = None
+    """Its private key, when not in ``cert_file``."""
     key_password: Secret | None = None
 
 
@@ -104,11 +119,11 @@ class IotdaAuthConfig(_Section, frozen=True):
     session per gateway.
     """
 
-    device_id: str | None = None
+    device_id: Name | None = None
     secret: Secret | None = None
     sign_type: Literal[0, 1] = 0
     """0: HMAC-SHA256 without the platform's timestamp check; 1: with it."""
-    timestamp: str | None = None
+    timestamp: Annotated[str, msgspec.Meta(pattern=r"^\d{10}$")] | None = None
     """``YYYYMMDDHH`` to use in the client id and HMAC (sign_type 0 only). The broker keys
     the session by client id: a fixed value keeps it across restarts. When unset, the
     time the worker started is used for all its reconnects."""
@@ -117,27 +132,33 @@ class IotdaAuthConfig(_Section, frozen=True):
 class MqttConfig(_Section, frozen=True):
     """The MQTT source of the ingest stage."""
 
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = "iot-pipeline-ingest"
+    host: Name = "127.0.0.1"
+    port: Port = 1883
+    client_id: Name = "iot-pipeline-ingest"
     """Stable, so the broker keeps the session (and queued messages) while ingest is down."""
     username: str | None = None
     password: Secret | None = None
-    topic: str = "$oc/devices/+/sys/events/down"
+    topic: Name = "$oc/devices/+/sys/events/down"
     qos: Literal[0, 1] = 1
-    shared_group: str | None = None
+    shared_group: Annotated[str, msgspec.Meta(pattern=r"^[^/+#]+$")] | None = None
     """Subscribe as ``$share/<group>/<topic>`` so several ingest replicas split the load."""
     protocol: Literal["3.1.1", "5"] = "5"
-    keepalive: int = 60
-    session_expiry: int = 7 * 24 * 3600
-    """Seconds the broker keeps the session after a disconnect (MQTT 5)."""
-    max_inflight: int = 1000
-    """Messages received but not yet acknowledged (waiting for Kafka)."""
+    keepalive: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 60
+    """Seconds between keep-alive pings (MQTT's field is 16 bits; 0, "never", would leave
+    a dead connection undetected)."""
+    session_expiry: Annotated[int, msgspec.Meta(ge=1, le=0xFFFFFFFF)] = 7 * 24 * 3600
+    """Seconds the broker keeps the session after a disconnect (MQTT 5; 0 would drop the
+    messages queued for a stopped ingest)."""
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
+    """Messages received but not yet acknowledged (waiting for Kafka); MQTT 5's Receive
+    Maximum is 16 bits."""
     max_payload: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
     """Bytes; a bigger MQTT payload is dead-lettered before decoding (IoTDA's own limit
     is 1 MiB)."""
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
+    reconnect_min: Seconds = 0.5
+    reconnect_max: Seconds = 30.0
+    startup_timeout: Wait = 60.0
+    """Seconds ``ingest`` waits for the broker to answer at start-up before it exits 1."""
     gateways: list[str] = msgspec.field(default_factory=list)
     """Only these gateways: one subscription each (``topic`` with ``+`` replaced by the
     device id) instead of the wildcard. Replicas that split a fleet each get their own."""
@@ -160,12 +181,12 @@ class MqttConfig(_Section, frozen=True):
 class Topics(_Section, frozen=True):
     """Kafka topic names."""
 
-    down_events: str = "iotda.down-events"
-    down_events_dlq: str = "iotda.down-events.dlq"
-    added: str = "iotda.subdevices.added"
-    failed: str = "iotda.subdevices.failed"
-    allocations: str = "dps.allocations"
-    allocations_dlq: str = "dps.allocations.dlq"
+    down_events: TopicName = "iotda.down-events"
+    down_events_dlq: TopicName = "iotda.down-events.dlq"
+    added: TopicName = "iotda.subdevices.added"
+    failed: TopicName = "iotda.subdevices.failed"
+    allocations: TopicName = "dps.allocations"
+    allocations_dlq: TopicName = "dps.allocations.dlq"
 
     def all(self) -> list[str]:
         """Every topic name, in flow order."""
@@ -175,17 +196,18 @@ class Topics(_Section, frozen=True):
 class KafkaConfig(_Section, frozen=True):
     """The Kafka cluster every stage talks to."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    client_id: str = "iot-pipeline"
+    bootstrap_servers: Name = "127.0.0.1:9092"
+    """Comma-separated ``host:port`` list."""
+    client_id: Name = "iot-pipeline"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: Secret | None = None
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     topics: Topics = msgspec.field(default_factory=Topics)
-    partitions: int = 3
+    partitions: Count = 3
     """Partitions for topics that ``pipeline topics create`` makes."""
-    replication_factor: int = 1
+    replication_factor: Annotated[int, msgspec.Meta(ge=1, le=32767)] = 1
     min_insync_replicas: Count | None = None
     """``min.insync.replicas`` of the topics ``pipeline topics create`` makes; the broker's
     default when unset. With ``acks=all``, 2 of 3 replicas keeps writes safe and going
@@ -194,8 +216,10 @@ class KafkaConfig(_Section, frozen=True):
     """Workers create their missing topics at start-up. Set it to false in production,
     where ``pipeline topics create`` (a one-shot job) makes them with the right settings:
     a worker then waits for its topics and fails if they do not appear."""
-    linger_ms: int = 5
-    request_timeout: float = 30.0
+    linger_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 5
+    request_timeout: Seconds = 30.0
+    startup_timeout: Wait = 60.0
+    """Seconds a worker waits for Kafka to answer at start-up before it exits 1."""
     max_record_size: Annotated[int, msgspec.Meta(ge=64 * 1024, le=64 * 1024 * 1024)] = (
         2 * 1024 * 1024
     )
@@ -206,28 +230,29 @@ class KafkaConfig(_Section, frozen=True):
 class RouterConfig(_Section, frozen=True):
     """The router stage."""
 
-    group_id: str = "iot-pipeline-router"
-    transactional_id: str = "iot-pipeline-router"
+    group_id: Name = "iot-pipeline-router"
+    transactional_id: Name = "iot-pipeline-router"
     """The prefix of the transactional ids, the same for every replica: each input
     partition is written by ``{prefix}-{topic}-{partition}``, so whoever takes a partition
     over fences the previous owner's open transaction."""
-    dedup_window: float = 3600.0
+    dedup_window: Seconds = 3600.0
     """Seconds during which a redelivered (gateway, event_id) yields nothing new."""
-    dedup_max_entries: int = 100_000
-    batch_max: int = 500
+    dedup_max_entries: Count = 100_000
+    batch_max: Count = 500
     """Records consumed and committed per transaction, at most."""
 
 
 class DpsConfig(_Section, frozen=True):
     """How to reach EnOS DPS through the API gateway."""
 
-    base_url: str = "http://127.0.0.1:8085"
-    app_key: str = "demo-app-key"
+    base_url: Name = "http://127.0.0.1:8085"
+    """``http://`` or ``https://`` and a host; the API paths are appended."""
+    app_key: Name = "demo-app-key"
     app_secret: Secret = msgspec.field(default_factory=lambda: Secret("demo-app-secret"))
-    ca_file: str | None = None
+    ca_file: Name | None = None
     timeout: Seconds = 10.0
     """Deadline of one call; a hand-back on rebalance waits up to twice this."""
-    token_refresh_margin: float = 300.0
+    token_refresh_margin: Annotated[float, msgspec.Meta(ge=0, le=_YEAR)] = 300.0
     """Refresh the access token this many seconds before it expires."""
 
 
@@ -240,22 +265,22 @@ records outnumber the calls in flight several times over; 8 keeps every slot bus
 class SinkConfig(_Section, frozen=True):
     """The sink stage: DPS allocate for each added child."""
 
-    group_id: str = "iot-pipeline-sink"
+    group_id: Name = "iot-pipeline-sink"
     dps: DpsConfig = msgspec.field(default_factory=DpsConfig)
-    org_id: str = "o00000000000001"
-    org_overrides: dict[str, str] = msgspec.field(default_factory=dict)
+    org_id: Name = "o00000000000001"
+    org_overrides: dict[Name, Name] = msgspec.field(default_factory=dict)
     """``product_id`` -> orgId for products that belong to another organisation."""
     sn_from: str = "node_id"
     """``node_id``, ``device_id``, or a template such as ``{product_id}-{node_id}``."""
-    device_data: dict[str, str] = msgspec.field(default_factory=dict)
+    device_data: dict[Name, str] = msgspec.field(default_factory=dict)
     """Master-data identifier -> DeviceInfo field, or ``extension_info.<key>``."""
-    concurrency: Count = 32
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
     """Allocate calls in flight (each until its outcome is recorded), at most; a record
     waiting to retry holds none."""
     max_pending: Count | None = None
     """Records in progress (calling, waiting to retry, or queued), at most; when unset,
     8 times ``concurrency``."""
-    rate_limit: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    rate_limit: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
     """Allocate calls per second, at most; unlimited when unset. Under throttling (HTTP
     429) the sink learns a lower rate by itself, never above this one."""
     retry_initial: Seconds = 0.1
@@ -280,11 +305,11 @@ class MetricsConfig(_Section, frozen=True):
     """The /metrics, /healthz and /readyz server every worker runs."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"
-    ingest_port: int = 9101
-    route_port: int = 9102
-    sink_port: int = 9103
-    run_port: int = 9100
+    host: Name = "127.0.0.1"
+    ingest_port: ListenPort = 9101
+    route_port: ListenPort = 9102
+    sink_port: ListenPort = 9103
+    run_port: ListenPort = 9100
     stall_after: Seconds = 120.0
     """``/healthz`` fails when a stage has work waiting and no progress for this long."""
 
@@ -330,18 +355,15 @@ def load_gateways(cfg: MqttConfig) -> list[Gateway]:
     seen: set[str] = set()
     for gateway in gateways:
         if gateway.device_id in seen:
-            msg = f"config key mqtt.gateways: gateway {gateway.device_id} is listed twice"
-            raise ConfigError(msg)
+            raise ConfigError.at("mqtt.gateways", f"gateway {gateway.device_id} is listed twice")
         seen.add(gateway.device_id)
     if cfg.shard is None:
         return gateways
     index, _, count = cfg.shard.partition("/")
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        msg = f"config key mqtt.shard: expected i/n with 0 <= i < n, got {cfg.shard!r}"
-        raise ConfigError(msg)
+        raise ConfigError.at("mqtt.shard", f"expected i/n with 0 <= i < n, got {cfg.shard!r}")
     if not gateways:
-        msg = "config key mqtt.shard: needs mqtt.gateways or mqtt.gateways_file to split"
-        raise ConfigError(msg)
+        raise ConfigError.at("mqtt.shard", "needs mqtt.gateways or mqtt.gateways_file to split")
     return [g for g in gateways if shard_of(g.device_id, int(count)) == int(index)]
 
 
@@ -349,8 +371,7 @@ def _read_gateways(path: Path) -> list[Gateway]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        msg = f"config key mqtt.gateways_file: cannot read {path}: {exc.strerror}"
-        raise ConfigError(msg) from None
+        raise ConfigError.at("mqtt.gateways_file", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         msg = f"gateways file {path} is not valid TOML: {exc}"
         raise ConfigError(msg) from None
@@ -365,42 +386,48 @@ def _read_gateways(path: Path) -> list[Gateway]:
         raise ConfigError(msg) from None
 
 
-def _check_mqtt(cfg: MqttConfig) -> None:
-    """Rules across MQTT keys (one line naming the key at fault)."""
+def _check_gateways(cfg: MqttConfig) -> None:
+    """The gateway list and device mode's credentials (one line naming the key at fault)."""
     gateways = load_gateways(cfg)
     if cfg.iotda is not None:
         device_id, secret = cfg.iotda.device_id, cfg.iotda.secret
         if device_id is not None and secret is None:
-            msg = "config key mqtt.iotda.secret: required key is missing"
-            raise ConfigError(msg)
+            raise ConfigError.at("mqtt.iotda.secret", "required key is missing")
         if device_id is None and (secret is not None or not gateways):
-            msg = "config key mqtt.iotda.device_id: required key is missing"
+            reason = "required key is missing"
             if not gateways:
-                msg += " (or list the gateways and their secrets in mqtt.gateways_file)"
-            raise ConfigError(msg)
+                reason += " (or list the gateways and their secrets in mqtt.gateways_file)"
+            raise ConfigError.at("mqtt.iotda.device_id", reason)
         if device_id is not None and gateways:
-            msg = (
-                "config key mqtt.iotda.device_id: one gateway here, "
-                "or many in mqtt.gateways_file, not both"
-            )
-            raise ConfigError(msg)
+            reason = "one gateway here, or many in mqtt.gateways_file, not both"
+            raise ConfigError.at("mqtt.iotda.device_id", reason)
         if missing := [g.device_id for g in gateways if g.secret is None]:
-            msg = f"config key mqtt.gateways_file: device mode needs a secret for {missing[0]}"
-            raise ConfigError(msg)
+            raise ConfigError.at(
+                "mqtt.gateways_file", f"device mode needs a secret for {missing[0]}"
+            )
     if cfg.gateways and "+" not in cfg.topic:
-        msg = f"config key mqtt.topic: {cfg.topic!r} has no + to put each gateway's device id in"
-        raise ConfigError(msg)
+        raise ConfigError.at(
+            "mqtt.topic", f"{cfg.topic!r} has no + to put each gateway's device id in"
+        )
+
+
+_TYPE_NAMES = {"dict": "object", "list": "array", "NoneType": "null"}
 
 
 def _dec_hook(tp: type, obj: Any) -> Any:
-    if tp is Secret and isinstance(obj, str):
+    if tp is Secret:
+        if not isinstance(obj, str):
+            got = type(obj).__name__
+            msg = f"expected `str`, got `{_TYPE_NAMES.get(got, got)}`"
+            raise TypeError(msg)  # msgspec adds the key; the value is never shown
         if obj.startswith("file:"):
             path = Path(obj.removeprefix("file:"))
             try:
                 return Secret(path.read_text(encoding="utf-8").rstrip("\r\n"))
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
                 # The path is not secret; the content is.
-                msg = f"cannot read secret file {path}: {exc.strerror}"
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                msg = f"cannot read secret file {path}: {why}"
                 raise ValueError(msg) from None
         if obj.startswith("env:"):
             name = obj.removeprefix("env:")
@@ -412,13 +439,19 @@ def _dec_hook(tp: type, obj: Any) -> Any:
     raise NotImplementedError
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """Nest ``PIPELINE_KAFKA__TOPICS__ADDED=x`` as ``{"kafka": {"topics": {"added": "x"}}}``."""
+def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Nest ``PIPELINE_KAFKA__TOPICS__ADDED=x`` as ``{"kafka": {"topics": {"added": "x"}}}``.
+
+    Returns:
+        The tree, and the variable each dotted key came from (``kafka.topics.added``).
+    """
     tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         parts = name.removeprefix(ENV_PREFIX).lower().split("__")
+        sources[".".join(parts)] = name
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -426,7 +459,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
                 msg = f"{name}: {'.'.join(parts)} conflicts with another override"
                 raise ConfigError(msg)
         node[parts[-1]] = _env_value(value)
-    return tree
+    return tree, sources
 
 
 def _env_value(value: str) -> Any:
@@ -449,12 +482,15 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _env_name(path: str) -> str:
-    return ENV_PREFIX + "__".join(p.upper() for p in path.split("."))
+def _lookup(tree: dict[str, Any], key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Read the TOML file (if any) and the environment into a :class:`Config`.
+    """Read the TOML file (if any) and the environment into a checked :class:`Config`.
 
     Args:
         path: the TOML file; ``pipeline.toml`` in the working directory when it exists.
@@ -473,29 +509,162 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         except FileNotFoundError:
             msg = f"config file {path} does not exist"
             raise ConfigError(msg) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            msg = f"config file {path} cannot be read: {why}"
+            raise ConfigError(msg) from None
         except tomllib.TOMLDecodeError as exc:
             msg = f"config file {path} is not valid TOML: {exc}"
             raise ConfigError(msg) from None
-    overrides = _env_overrides(environ)
+    overrides, sources = _env_overrides(environ)
     merged = _merge(data, overrides)
     try:
         # strict=False lets environment strings stand for numbers and booleans.
         cfg = msgspec.convert(merged, Config, strict=False, dec_hook=_dec_hook)
+        _check(cfg)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, overrides)) from None
-    _check_mqtt(cfg.mqtt)
+        problem = explain(exc)
+        reason = {"missing": "required key is missing", "unknown": "unknown key"}.get(
+            problem.kind, problem.reason
+        )
+        if _is_nan(_lookup(merged, problem.path)):
+            reason = "expected a number, got NaN"
+        raise _at(problem.path or "<root>", reason, sources) from None
+    except ConfigError as exc:
+        if exc.key is None:
+            raise
+        raise _at(exc.key, exc.reason, sources) from None
     return cfg
 
 
-def _explain(exc: msgspec.ValidationError, overrides: dict[str, Any]) -> str:
-    """Turn msgspec's ``... - at `$.mqtt.port``` into ``config key mqtt.port: ...``."""
-    problem = explain(exc)
-    reason = {"missing": "required key is missing", "unknown": "unknown key"}.get(
-        problem.kind, problem.reason
-    )
-    key = problem.path
-    node: Any = overrides
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    source = f" (from {_env_name(key)})" if node is not None else ""
-    return f"config key {key or '<root>'}{source}: {reason}"
+def _is_nan(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"nan", "+nan", "-nan"}
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _at(key: str, reason: str, sources: dict[str, str]) -> ConfigError:
+    """``config key mqtt.port (from PIPELINE_MQTT__PORT): reason``."""
+    parts = key.split(".")
+    # The key itself, or the table it is in (PIPELINE_SINK__DEVICE_DATA='{ ... }').
+    names = [sources.get(".".join(parts[:n])) for n in range(len(parts), 0, -1)]
+    name = next((n for n in names if n is not None), None)
+    source = f" (from {name})" if name else ""
+    return ConfigError(f"config key {key}{source}: {reason}", key=key, reason=reason)
+
+
+def _check(cfg: Config) -> None:
+    """The rules one key's type cannot say: between keys, files named, the sink's mapping.
+
+    Raises:
+        ConfigError: naming the key at fault (:attr:`ConfigError.key`).
+    """
+    _check_mqtt(cfg.mqtt)
+    _check_kafka(cfg.kafka)
+    s = cfg.sink
+    if s.retry_max < s.retry_initial:
+        reason = f"must be >= sink.retry_initial ({s.retry_initial:g})"
+        raise ConfigError.at("sink.retry_max", reason)
+    _check_url("sink.dps.base_url", s.dps.base_url)
+    if not s.dps.app_secret.reveal():
+        raise ConfigError.at("sink.dps.app_secret", "must not be empty")
+    if s.dps.ca_file is not None:
+        _check_readable("sink.dps.ca_file", s.dps.ca_file)
+    # The mapping's own rules (one place: pipeline.core.mapping), now rather than when
+    # the sink starts.
+    Mapper(
+        sn_from=s.sn_from, org_id=s.org_id, org_overrides=s.org_overrides,
+        device_data=s.device_data,
+    )  # fmt: skip
+
+
+def _check_mqtt(m: MqttConfig) -> None:
+    _check_gateways(m)
+    if m.reconnect_max < m.reconnect_min:
+        reason = f"must be >= mqtt.reconnect_min ({m.reconnect_min:g})"
+        raise ConfigError.at("mqtt.reconnect_max", reason)
+    if m.iotda is not None and m.iotda.timestamp is not None:
+        try:
+            dt.datetime.strptime(m.iotda.timestamp, "%Y%m%d%H").replace(tzinfo=dt.UTC)
+        except ValueError:
+            reason = f"{m.iotda.timestamp!r} is not a date and hour (YYYYMMDDHH)"
+            raise ConfigError.at("mqtt.iotda.timestamp", reason) from None
+    if m.tls.enabled:
+        _check_tls("mqtt.tls", m.tls)
+
+
+def _check_kafka(k: KafkaConfig) -> None:
+    for server in k.bootstrap_servers.split(","):
+        _check_address("kafka.bootstrap_servers", server.strip())
+    sasl = k.security_protocol.startswith("SASL_")
+    if sasl and k.sasl_mechanism is None:
+        reason = f"required with kafka.security_protocol {k.security_protocol}"
+        raise ConfigError.at("kafka.sasl_mechanism", reason)
+    if not sasl and k.sasl_mechanism is not None:
+        reason = f"set, but kafka.security_protocol is {k.security_protocol} (not SASL_...)"
+        raise ConfigError.at("kafka.sasl_mechanism", reason)
+    if sasl:
+        for key, value in (("sasl_username", k.sasl_username), ("sasl_password", k.sasl_password)):
+            if not value:
+                reason = f"required with SASL {k.sasl_mechanism}"
+                raise ConfigError.at("kafka." + key, reason)
+    if k.tls.enabled or k.security_protocol.endswith("SSL"):
+        _check_tls("kafka.tls", k.tls)
+    names: dict[str, str] = {}
+    for field in Topics.__struct_fields__:
+        name = getattr(k.topics, field)
+        if name in names:
+            reason = f"{name!r} is also kafka.topics.{names[name]}; every topic needs its own"
+            raise ConfigError.at("kafka.topics." + field, reason)
+        names[name] = field
+
+
+def _check_address(key: str, address: str) -> None:
+    host, colon, port = address.rpartition(":")
+    if not colon:
+        host, port = address, "9092"
+    if not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:  # noqa: PLR2004
+        reason = f"{address!r} is not host:port with a port from 1 to 65535"
+        raise ConfigError.at(key, reason)
+
+
+def _check_url(key: str, url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        reason = f"{url!r} is not an http:// or https:// URL with a host"
+        raise ConfigError.at(key, reason)
+
+
+def _check_tls(key: str, tls: TlsConfig) -> None:
+    if tls.key_file and not tls.cert_file:
+        reason = f"set without {key}.cert_file"
+        raise ConfigError.at(key + ".key_file", reason)
+    for name in ("ca_file", "cert_file", "key_file"):
+        if (path := getattr(tls, name)) is not None:
+            _check_readable(f"{key}.{name}", path)
+    # Readable is not enough: load them as the client will (pipeline.io.tls).
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+    except ssl.SSLError as exc:
+        reason = f"not a PEM bundle of CA certificates ({exc.reason or exc})"
+        raise ConfigError.at(key + ".ca_file", reason) from None
+    if tls.cert_file:
+        password = tls.key_password.reveal() if tls.key_password else None
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file, password=password)
+        except ssl.SSLError as exc:
+            reason = f"no usable certificate and key ({exc.reason or exc})"
+            raise ConfigError.at(key + ".cert_file", reason) from None
+
+
+def _check_readable(key: str, path: str) -> None:
+    try:
+        with Path(path).open("rb"):
+            pass
+    except OSError as exc:
+        reason = f"cannot read {path}: {exc.strerror}"
+        raise ConfigError.at(key, reason) from None

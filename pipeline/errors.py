@@ -10,6 +10,7 @@ __all__ = [
     "DpsTransient",
     "MappingError",
     "PipelineError",
+    "ServiceUnreachable",
     "StageFailed",
 ]
 
@@ -29,7 +30,53 @@ class StageFailed(PipelineError):
 
 
 class ConfigError(PipelineError):
-    """The configuration is invalid; the message is one line naming the key."""
+    """The configuration is invalid; the message is one line naming the key.
+
+    Attributes:
+        key: the dotted key at fault (``sink.sn_from``), when one is.
+        reason: what is wrong with it, without the key.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.reason = reason or message
+
+    @classmethod
+    def at(cls, key: str, reason: str) -> ConfigError:
+        """``config key {key}: {reason}``."""
+        return cls(f"config key {key}: {reason}", key=key, reason=reason)
+
+
+class ServiceUnreachable(PipelineError):
+    """A service (Kafka, MQTT) did not answer, or refused us; the message says which.
+
+    One line naming the service, its address and why:
+    ``Kafka 127.0.0.1:9092 not reachable: connection refused``.
+
+    Attributes:
+        service: ``Kafka`` or ``MQTT``.
+        address: where it was looked for (``127.0.0.1:9092``).
+        reason: the last error, in words (``connection refused``).
+    """
+
+    retriable = True
+
+    def __init__(
+        self,
+        service: str,
+        address: str,
+        reason: str,
+        *,
+        waited: float | None = None,
+        refused: bool = False,
+    ) -> None:
+        within = f" within {waited:g} s" if waited else ""
+        what = "refused the connection" if refused else f"not reachable{within}"
+        super().__init__(f"{service} {address} {what}: {reason}")
+        self.service = service
+        self.address = address
+        self.reason = reason
 
 
 class DecodeError(PipelineError):

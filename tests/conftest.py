@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 import uuid
+from collections.abc import Callable, Iterator
 
 import msgspec
 import pytest
 
 from pipeline.config import Config, KafkaConfig, MqttConfig, Topics, load_config
+from pipeline.ops.logs import setup_logging
 from tests.harness import ROOT
 
 
@@ -56,3 +60,21 @@ def mqtt_cfg(cfg: Config) -> MqttConfig:
 @pytest.fixture
 def kafka_cfg(cfg: Config) -> KafkaConfig:
     return cfg.kafka
+
+
+@pytest.fixture
+def json_logs() -> Iterator[Callable[[str], io.StringIO]]:
+    """``setup_logging(level)`` into a fresh buffer; the logging setup is restored after."""
+    root = logging.getLogger()
+    names = ("aiokafka", "aiohttp.access")
+    saved = root.handlers[:], root.level, [logging.getLogger(n).level for n in names]
+
+    def setup(level: str) -> io.StringIO:
+        stream = io.StringIO()
+        setup_logging(level, stream)
+        return stream
+
+    yield setup
+    root.handlers[:], root.level = saved[0], saved[1]
+    for name, level in zip(names, saved[2], strict=True):
+        logging.getLogger(name).setLevel(level)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from pipeline.config import Config, Secret, load_config
 from pipeline.errors import ConfigError
-from tests.harness import ROOT
+from tests.harness import ROOT, make_certs
 
 SECRET = "s3cr3t-do-not-print-1234"
 
@@ -91,6 +94,211 @@ def test_bad_config_names_the_key(
     assert "\n" not in str(info.value)
 
 
+FIELDS = (
+    "description, device_id, fw_version, manufacturer_id, model, name, node_id, "
+    "parent_device_id, product_id, status, sw_version"
+)
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        # durations: negative, zero, NaN, infinite
+        (
+            "[sink]\nretry_initial = -1\n",
+            {},
+            "config key sink.retry_initial: expected `float` > 0.0",
+        ),
+        (
+            "[kafka]\nrequest_timeout = 0\n",
+            {},
+            "config key kafka.request_timeout: expected `float` > 0.0",
+        ),
+        ("[sink]\nretry_max = nan\n", {}, "config key sink.retry_max: expected a number, got NaN"),
+        (
+            "",
+            {"PIPELINE_SINK__DPS__TIMEOUT": "NaN"},
+            "config key sink.dps.timeout (from PIPELINE_SINK__DPS__TIMEOUT): expected a number, got NaN",
+        ),
+        (
+            "[router]\ndedup_window = inf\n",
+            {},
+            "config key router.dedup_window: expected `float` <= 31536000.0",
+        ),
+        (
+            "[kafka]\nstartup_timeout = -1\n",
+            {},
+            "config key kafka.startup_timeout: expected `float` >= 0.0",
+        ),
+        (
+            "[metrics]\nstall_after = -0.5\n",
+            {},
+            "config key metrics.stall_after: expected `float` > 0.0",
+        ),
+        # ports
+        ("[mqtt]\nport = 99999\n", {}, "config key mqtt.port: expected `int` <= 65535"),
+        ("[mqtt]\nport = 0\n", {}, "config key mqtt.port: expected `int` >= 1"),
+        ("[metrics]\nsink_port = -1\n", {}, "config key metrics.sink_port: expected `int` >= 0"),
+        (
+            "[kafka]\nbootstrap_servers = 'a:9092,b:99999'\n",
+            {},
+            "config key kafka.bootstrap_servers: 'b:99999' is not host:port with a port from 1 to 65535",
+        ),
+        (
+            "[sink.dps]\nbase_url = 'http://dps:99999'\n",
+            {},
+            "config key sink.dps.base_url: 'http://dps:99999' is not an http:// or https:// URL with a host",
+        ),
+        # counts
+        ("[sink]\nconcurrency = 0\n", {}, "config key sink.concurrency: expected `int` >= 1"),
+        (
+            "",
+            {"PIPELINE_SINK__CONCURRENCY": "-5"},
+            "config key sink.concurrency (from PIPELINE_SINK__CONCURRENCY): expected `int` >= 1",
+        ),
+        ("[router]\nbatch_max = 0\n", {}, "config key router.batch_max: expected `int` >= 1"),
+        ("[kafka]\npartitions = -3\n", {}, "config key kafka.partitions: expected `int` >= 1"),
+        (
+            "[mqtt]\nmax_inflight = 70000\n",
+            {},
+            "config key mqtt.max_inflight: expected `int` <= 65535",
+        ),
+        ("[sink]\nrate_limit = 0.0\n", {}, "config key sink.rate_limit: expected `float` > 0.0"),
+        # secrets of the wrong type (the value is never shown)
+        (
+            "[sink.dps]\napp_secret = 5\n",
+            {},
+            "config key sink.dps.app_secret: expected `str`, got `int`",
+        ),
+        (
+            "[mqtt]\npassword = { a = 1 }\n",
+            {},
+            "config key mqtt.password: expected `str`, got `object`",
+        ),
+        ("[sink.dps]\napp_secret = ''\n", {}, "config key sink.dps.app_secret: must not be empty"),
+        # the sink's mapping, checked at load time
+        (
+            "[sink]\nsn_from = '{product_id'\n",
+            {},
+            "config key sink.sn_from: not a valid template (expected '}' before end of string)",
+        ),
+        (
+            "",
+            {"PIPELINE_SINK__DEVICE_DATA": '{ siteName = "site" }'},
+            (
+                "config key sink.device_data.siteName (from PIPELINE_SINK__DEVICE_DATA): "
+                f"'site' is neither a DeviceInfo field ({FIELDS}) nor extension_info.<key>"
+            ),
+        ),
+        ("[sink]\norg_id = ''\n", {}, "config key sink.org_id: expected `str` of length >= 1"),
+        # names
+        (
+            "[kafka]\nclient_id = ''\n",
+            {},
+            "config key kafka.client_id: expected `str` of length >= 1",
+        ),
+        (
+            "[kafka.topics]\nadded = 'my topic'\n",
+            {},
+            "config key kafka.topics.added: expected `str` matching regex '^[A-Za-z0-9._-]{1,249}$'",
+        ),
+        (
+            "[mqtt]\nshared_group = 'a/b'\n",
+            {},
+            "config key mqtt.shared_group: expected `str` matching regex '^[^/+#]+$'",
+        ),
+        # rules between keys
+        (
+            "[sink]\nretry_initial = 40\n",
+            {},
+            "config key sink.retry_max: must be >= sink.retry_initial (40)",
+        ),
+        (
+            "[mqtt]\nreconnect_min = 5\nreconnect_max = 1\n",
+            {},
+            "config key mqtt.reconnect_max: must be >= mqtt.reconnect_min (5)",
+        ),
+        (
+            "[kafka.topics]\nallocations = 'iotda.subdevices.added'\n",
+            {},
+            (
+                "config key kafka.topics.allocations: 'iotda.subdevices.added' is also "
+                "kafka.topics.added; every topic needs its own"
+            ),
+        ),
+        (
+            "[kafka]\nsecurity_protocol = 'SASL_PLAINTEXT'\n",
+            {},
+            "config key kafka.sasl_mechanism: required with kafka.security_protocol SASL_PLAINTEXT",
+        ),
+        (
+            "[kafka]\nsasl_mechanism = 'PLAIN'\n",
+            {},
+            "config key kafka.sasl_mechanism: set, but kafka.security_protocol is PLAINTEXT (not SASL_...)",
+        ),
+        (
+            "[kafka]\nsecurity_protocol = 'SASL_SSL'\nsasl_mechanism = 'SCRAM-SHA-512'\n",
+            {},
+            "config key kafka.sasl_username: required with SASL SCRAM-SHA-512",
+        ),
+        (
+            "[mqtt.iotda]\ndevice_id = 'gw'\nsecret = 'x'\ntimestamp = '2025133199'\n",
+            {},
+            "config key mqtt.iotda.timestamp: '2025133199' is not a date and hour (YYYYMMDDHH)",
+        ),
+        # files the configuration names
+        (
+            "[mqtt.tls]\nenabled = true\nca_file = '/nonexistent/ca.pem'\n",
+            {},
+            "config key mqtt.tls.ca_file: cannot read /nonexistent/ca.pem: No such file or directory",
+        ),
+        (
+            "[kafka]\nsecurity_protocol = 'SSL'\n[kafka.tls]\nkey_file = 'k.pem'\n",
+            {},
+            "config key kafka.tls.key_file: set without kafka.tls.cert_file",
+        ),
+        # enum
+        (
+            "[kafka]\nsecurity_protocol = 'TLS'\n",
+            {},
+            "config key kafka.security_protocol: invalid enum value 'TLS'",
+        ),
+    ],
+)
+def test_bad_value_names_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, toml), env)
+    assert str(info.value) == message
+
+
+def test_tls_files_are_checked_when_tls_is_on(tmp_path: Path) -> None:
+    """Readable, and loadable as the client will load them; not read while TLS is off."""
+    cfg = load_config(write(tmp_path, "[mqtt.tls]\nca_file = '/nonexistent/ca.pem'\n"), {})
+    assert cfg.mqtt.tls.ca_file == "/nonexistent/ca.pem"
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[mqtt.tls]\nenabled = true\nca_file = '{junk}'\n"), {})
+    assert str(info.value) == (
+        "config key mqtt.tls.ca_file: not a PEM bundle of CA certificates "
+        "(NO_CERTIFICATE_OR_CRL_FOUND)"
+    )
+    env = {"PIPELINE_KAFKA__SECURITY_PROTOCOL": "SSL", "PIPELINE_KAFKA__TLS__CERT_FILE": str(junk)}
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=env)
+    assert str(info.value).startswith(
+        "config key kafka.tls.cert_file (from PIPELINE_KAFKA__TLS__CERT_FILE): "
+        "no usable certificate and key ([SSL] PEM lib"
+    )
+    ca, cert, key = make_certs(tmp_path)
+    toml = (
+        f"[mqtt.tls]\nenabled = true\nca_file = '{ca}'\ncert_file = '{cert}'\nkey_file = '{key}'\n"
+    )
+    assert load_config(write(tmp_path, toml), {}).mqtt.tls.cert_file == str(cert)
+
+
 def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^config file .*nope.toml does not exist$"):
         load_config(tmp_path / "nope.toml", {})
@@ -144,6 +352,11 @@ def test_secret_not_in_error_message(tmp_path: Path) -> None:
     assert SECRET not in str(info.value)
 
 
+def _pythonpath() -> dict[str, str]:
+    """Keep PYTHONPATH, so the subprocess runs this checkout's package."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+
+
 def test_cli_bad_config_one_line_exit_2(tmp_path: Path) -> None:
     path, env = _secret_config(tmp_path)
     text = path.read_text(encoding="utf-8") + "[kafka]\npartitions = 'x'\n"
@@ -152,7 +365,7 @@ def test_cli_bad_config_one_line_exit_2(tmp_path: Path) -> None:
         [sys.executable, "-m", "pipeline", "--config", str(path), "topics", "create"],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", **env},
+        env={"PATH": "/usr/bin:/bin", **_pythonpath(), **env},
         check=False,
     )
     assert proc.returncode == 2
@@ -178,3 +391,39 @@ def test_config_is_frozen() -> None:
 def test_example_config_is_the_defaults() -> None:
     example = ROOT / "pipeline.example.toml"
     assert load_config(example, {}) == load_config(environ={})
+
+
+def _keys(struct: type[msgspec.Struct], prefix: str) -> list[tuple[str, str]]:
+    """(table, key) for every scalar key of ``struct``; tables are recursed into."""
+    out = []
+    for field in msgspec.structs.fields(struct):
+        name, kind = field.name, field.type
+        inner = next((t for t in getattr(kind, "__args__", (kind,)) if isinstance(t, type)), kind)
+        if isinstance(inner, type) and issubclass(inner, msgspec.Struct):
+            out += _keys(inner, f"{prefix}.{name}".lstrip("."))
+        elif getattr(kind, "__origin__", None) is dict:
+            out.append((f"{prefix}.{name}".lstrip("."), ""))  # a table of its own
+        else:
+            out.append((prefix, name))
+    return out
+
+
+def test_example_config_lists_every_key() -> None:
+    """Each key appears in its table, set or commented out (`# key = ...`)."""
+    text = (ROOT / "pipeline.example.toml").read_text(encoding="utf-8")
+    tables: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        header = re.match(r"^#?\s*\[([a-z_.]+)\]\s*$", line)
+        if header:
+            current = header[1]
+            tables.setdefault(current, [])
+        elif current is not None and (key := re.match(r"^#?\s*([a-z_]+)\s*=", line)):
+            tables[current].append(key[1])
+    missing = [
+        f"{table}.{key}" if key else f"[{table}]"
+        for table, key in _keys(Config, "")
+        if table not in tables or (key and key not in tables[table])
+    ]
+    assert missing == []
+    assert len(_keys(Config, "")) > 60  # the walk itself found the keys

@@ -31,11 +31,11 @@ class Mapped(msgspec.Struct, frozen=True, kw_only=True):
 def _check_source(source: str, key: str) -> None:
     if source in _FIELDS or (source.startswith(_EXTENSION) and len(source) > len(_EXTENSION)):
         return
-    msg = (
-        f"config key {key}: {source!r} is neither a DeviceInfo field "
+    reason = (
+        f"{source!r} is neither a DeviceInfo field "
         f"({', '.join(sorted(_FIELDS))}) nor extension_info.<key>"
     )
-    raise ConfigError(msg)
+    raise ConfigError.at(key, reason)
 
 
 def _lookup(device: DeviceInfo, source: str) -> Any:
@@ -71,14 +71,20 @@ class Mapper:
         self._sn_parts: list[tuple[str, str | None]] = []
         if "{" in sn_from:
             try:
-                self._sn_parts = [(lit, f) for lit, f, _, _ in string.Formatter().parse(sn_from)]
+                parsed = list(string.Formatter().parse(sn_from))
             except ValueError as exc:
-                msg = f"config key sink.sn_from: not a valid template ({exc})"
-                raise ConfigError(msg) from None
+                reason = f"not a valid template ({exc})"
+                raise ConfigError.at("sink.sn_from", reason) from None
+            for _, field, spec, conversion in parsed:
+                if field == "":
+                    raise ConfigError.at("sink.sn_from", "'{}' names no field")
+                if spec or conversion:
+                    reason = f"{{{field}...}}: format specs and conversions are not supported"
+                    raise ConfigError.at("sink.sn_from", reason)
+            self._sn_parts = [(lit, f) for lit, f, _, _ in parsed]
             self._sn_fields = [f for _, f in self._sn_parts if f]
             if not self._sn_fields:
-                msg = "config key sink.sn_from: the template names no field"
-                raise ConfigError(msg)
+                raise ConfigError.at("sink.sn_from", "the template names no field")
             for field in self._sn_fields:
                 _check_source(field, "sink.sn_from")
             self._template: str | None = sn_from
@@ -89,8 +95,7 @@ class Mapper:
         for ident, source in device_data.items():
             _check_source(source, f"sink.device_data.{ident}")
         if not org_id:
-            msg = "config key sink.org_id: must not be empty"
-            raise ConfigError(msg)
+            raise ConfigError.at("sink.org_id", "must not be empty")
         self._org_id = org_id
         self._org_overrides = dict(org_overrides)
         self._device_data = dict(device_data)

@@ -1,17 +1,31 @@
-"""Small asyncio helpers shared by the stages: stop-aware waits and the one backoff."""
+"""Small asyncio helpers: stop-aware waits, the one backoff, the one start-up wait."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
+import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:
-    from collections.abc import Coroutine
+from pipeline.errors import ServiceUnreachable
 
-__all__ = ["Backoff", "Pacer", "Stopped", "first_set", "sleep_unless_stopped", "unless_stopped"]
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Awaitable, Callable, Coroutine
+
+__all__ = [
+    "Backoff",
+    "Pacer",
+    "Stopped",
+    "first_set",
+    "sleep_unless_stopped",
+    "unless_stopped",
+    "wait_for_service",
+    "why_unreachable",
+]
 
 T = TypeVar("T")
 
@@ -107,3 +121,94 @@ class Pacer:
         self._next = slot + self._interval
         if slot > now:
             await asyncio.sleep(slot - now)
+
+
+WAIT_LOG_EVERY = 5.0
+"""Seconds between two "waiting for ..." warnings about the same service, at least."""
+
+
+async def wait_for_service(
+    probe: Callable[[float | None], Awaitable[None]],
+    *,
+    service: str,
+    address: str,
+    within: float,
+    stop: asyncio.Event | None,
+    log: logging.Logger,
+) -> None:
+    """Call ``probe`` until it succeeds, for up to ``within`` seconds.
+
+    Between attempts: capped, jittered backoff (0.25 s doubling to 2 s). Each failure
+    is logged at warning as ``waiting for {service} at {address}: {reason}``, at most
+    every :data:`WAIT_LOG_EVERY` seconds; success after a warning is logged at info.
+
+    Args:
+        probe: one attempt, given the seconds it may take (``None``: its own limit);
+            raises :class:`~pipeline.errors.ServiceUnreachable` with the reason.
+        service: ``Kafka``, ``MQTT``.
+        address: where, as configured.
+        within: seconds to keep trying; 0 tries once.
+        stop: when set, stop waiting and raise :class:`Stopped`.
+        log: the caller's logger.
+
+    Raises:
+        ServiceUnreachable: still failing after ``within`` seconds.
+        Stopped: ``stop`` was set first.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    backoff = Backoff(0.25, 2.0)
+    logged_at: float | None = None
+    stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    try:
+        while True:
+            left = deadline - loop.time()
+            try:
+                attempt = probe(max(left, 1.0) if within else None)
+                if stopped is not None:
+                    await unless_stopped(stopped, _awaited(attempt))
+                else:
+                    await attempt
+            except ServiceUnreachable as exc:
+                reason = exc.reason
+            else:
+                if logged_at is not None:
+                    log.info("%s at %s answers", service, address)
+                return
+            now = loop.time()
+            if now >= deadline:
+                raise ServiceUnreachable(service, address, reason, waited=within) from None
+            if logged_at is None or now - logged_at >= WAIT_LOG_EVERY:
+                log.warning("waiting for %s at %s: %s", service, address, reason)
+                logged_at = now
+            pause = asyncio.sleep(min(backoff.next(), deadline - now))
+            if stopped is not None:
+                await unless_stopped(stopped, pause)
+            else:
+                await pause
+    finally:
+        if stopped is not None:
+            stopped.cancel()
+
+
+async def _awaited(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
+def why_unreachable(exc: BaseException, timeout: float) -> str:
+    """Why a connection attempt failed, in a few words (for ``... not reachable: <why>``)."""
+    why = str(exc) or type(exc).__name__
+    match exc:
+        case ConnectionRefusedError():
+            why = "connection refused"
+        case TimeoutError():
+            why = f"no answer within {timeout:g} s"
+        case socket.gaierror():
+            why = f"cannot resolve the host name ({exc.strerror})"
+        case ssl.SSLCertVerificationError():
+            why = f"TLS certificate verification failed ({exc.verify_message})"
+        case ssl.SSLError():
+            why = f"TLS failed ({exc.reason or exc})"
+        case OSError() if exc.strerror:
+            why = exc.strerror[:1].lower() + exc.strerror[1:]
+    return why

@@ -1,7 +1,8 @@
 """Kafka connections, wrapped once: producers, consumers, topic administration and reads.
 
 aiokafka is only partly annotated; this module is the typed boundary the stages use.
-Every "read the records of a topic between two offsets" goes through :func:`read_range`.
+Every "read the records of a topic between two offsets" goes through :func:`read_range`,
+and every "is Kafka there?" through :func:`probe` / :func:`wait_until_reachable`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.cluster import ClusterMetadata
-from aiokafka.conn import create_conn
+from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
@@ -27,8 +28,10 @@ from aiokafka.errors import (
     for_code,
 )
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.protocol.metadata import MetadataRequest
 
-from pipeline.errors import StageFailed
+from pipeline.errors import ServiceUnreachable, StageFailed
+from pipeline.io.aio import wait_for_service, why_unreachable
 from pipeline.io.tls import client_context
 
 if TYPE_CHECKING:
@@ -48,12 +51,14 @@ __all__ = [
     "ensure_topics",
     "partitions",
     "prepare_topics",
+    "probe",
     "producer",
     "read_range",
     "reader",
     "record_limit",
     "security_problem",
     "size",
+    "wait_until_reachable",
     "watch_lag",
     "whole",
 ]
@@ -107,6 +112,93 @@ class _KeyPartitioner:
                 DefaultPartitioner()(key, all_partitions, available)
             )
         return partition
+
+
+async def probe(cfg: KafkaConfig, limit: float | None = None) -> None:
+    """One attempt to reach Kafka the way the clients will, without their retry loops.
+
+    Each bootstrap server in turn: connect (TLS and SASL as configured), ApiVersions, and
+    a metadata request that must list at least one broker (a broker still starting lists
+    none). aiokafka's own bootstrap failure says only "Unable to bootstrap" and logs the
+    cause; here the cause is in the error.
+
+    Args:
+        cfg: the Kafka section.
+        limit: seconds for each server, at most (``kafka.request_timeout`` otherwise).
+
+    Raises:
+        ServiceUnreachable: no server answered; the reason says why, per server.
+    """
+    timeout = min(cfg.request_timeout, limit) if limit else cfg.request_timeout
+    opts = _common(cfg)
+    reasons: list[tuple[str, str]] = []
+    for host, port, _ in collect_hosts(cfg.bootstrap_servers, randomize=False):
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await create_conn(
+                    host,
+                    port,
+                    client_id=cfg.client_id,
+                    request_timeout_ms=int(timeout * 1000),
+                    ssl_context=opts.get("ssl_context"),
+                    security_protocol=opts["security_protocol"],
+                    sasl_mechanism=opts.get("sasl_mechanism"),
+                    sasl_plain_username=opts.get("sasl_plain_username"),
+                    sasl_plain_password=opts.get("sasl_plain_password"),
+                )
+            try:
+                async with asyncio.timeout(timeout):
+                    metadata = await conn.send(MetadataRequest([]))
+            finally:
+                conn.close()
+                await asyncio.sleep(0)  # let the transport close its socket now
+        except (OSError, TimeoutError, KafkaError) as exc:
+            reasons.append((f"{host}:{port}", _reason(exc, timeout)))
+            continue
+        if metadata.brokers:
+            return
+        reasons.append((f"{host}:{port}", "the broker is starting (it lists no broker yet)"))
+    if len(reasons) == 1:
+        reason = reasons[0][1]
+    else:
+        reason = "; ".join(f"{address}: {why}" for address, why in reasons)
+    raise ServiceUnreachable("Kafka", cfg.bootstrap_servers, reason)
+
+
+def _reason(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, KafkaError):
+        text = str(exc.args[0]) if exc.args else ""
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return why_unreachable(exc, timeout)
+
+
+async def wait_until_reachable(
+    cfg: KafkaConfig, stop: asyncio.Event | None = None, *, within: float | None = None
+) -> None:
+    """Return once Kafka answers (:func:`probe`), waiting up to ``kafka.startup_timeout``.
+
+    Every stage calls this before it starts its clients, so a worker started together
+    with Kafka waits for it instead of dying. While waiting it says so at warning, in the
+    pipeline's own words (``waiting for Kafka at 127.0.0.1:9092: connection refused``),
+    at most every few seconds.
+
+    Args:
+        cfg: the Kafka section.
+        stop: set (SIGTERM) to give up waiting at once.
+        within: seconds to wait instead of ``cfg.startup_timeout``; 0 tries once.
+
+    Raises:
+        ServiceUnreachable: Kafka did not answer in time; one line naming the address.
+        Stopped: ``stop`` was set first.
+    """
+    await wait_for_service(
+        lambda limit: probe(cfg, limit),
+        service="Kafka",
+        address=cfg.bootstrap_servers,
+        within=cfg.startup_timeout if within is None else within,
+        stop=stop,
+        log=log,
+    )
 
 
 def producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:

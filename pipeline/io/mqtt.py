@@ -10,18 +10,23 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import re
+import ssl
 from typing import TYPE_CHECKING
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt 2.x
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pipeline.config import Secret
+from pipeline.errors import ServiceUnreachable
+from pipeline.io.aio import wait_for_service, why_unreachable
 from pipeline.io.tls import client_context
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from pipeline.config import Gateway, MqttConfig
 
@@ -32,13 +37,19 @@ __all__ = [
     "ack",
     "broker_version",
     "connect",
+    "connected",
     "end_session",
     "identity",
     "iotda_credentials",
     "manual_ack",
+    "probe",
     "subscribe",
     "subscription_topic",
+    "wait_until_reachable",
 ]
+
+_PROBE_TIMEOUT = 10.0
+_CODE = re.compile(r"^\[code:\d+\] ")
 
 log = logging.getLogger(__name__)
 
@@ -271,3 +282,75 @@ class InOrderAcks:
                 log.debug("could not acknowledge mid %d: %s", message.mid, exc)
             acked += 1
         return acked
+
+
+def _address(cfg: MqttConfig) -> str:
+    return f"{cfg.host}:{cfg.port}"
+
+
+@contextlib.asynccontextmanager
+async def connected(cfg: MqttConfig, client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
+    """Enter ``client`` (from :func:`connect`); a failure to connect names the broker.
+
+    Raises:
+        ServiceUnreachable: the broker could not be reached, or refused the connection
+            (``refused``: bad credentials, a client id it does not accept).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(client)
+        except MqttConnectError as exc:  # CONNACK with a failure code
+            reason = _CODE.sub("", str(exc))  # "[code:135] Not authorized"
+            raise ServiceUnreachable("MQTT", _address(cfg), reason, refused=True) from exc
+        except aiomqtt.MqttError as exc:
+            reason = str(exc)
+            if "Connection refused" in reason and "Errno" in reason:
+                reason = "connection refused"  # "[Errno 111] Connection refused"
+            raise ServiceUnreachable("MQTT", _address(cfg), reason) from exc
+        yield client
+
+
+async def probe(cfg: MqttConfig, limit: float | None = None) -> None:
+    """One attempt to open a connection to the broker (TCP, and TLS when configured).
+
+    No MQTT CONNECT: connecting as the ingest client id would take over its session, and
+    another id would be refused in IoTDA device mode. This proves the broker is there;
+    the client's own connect then says whether it accepts us.
+
+    Raises:
+        ServiceUnreachable: naming the broker and why.
+    """
+    timeout = min(_PROBE_TIMEOUT, limit) if limit else _PROBE_TIMEOUT
+    context = client_context(cfg.tls) if cfg.tls.enabled else None
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(
+                cfg.host, cfg.port, ssl=context, server_hostname=cfg.host if context else None
+            )
+    except (OSError, TimeoutError) as exc:
+        reason = why_unreachable(exc, timeout)
+    else:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+        return
+    raise ServiceUnreachable("MQTT", _address(cfg), reason)
+
+
+async def wait_until_reachable(
+    cfg: MqttConfig, stop: asyncio.Event | None = None, *, within: float | None = None
+) -> None:
+    """Return once the broker accepts a connection, waiting up to ``mqtt.startup_timeout``.
+
+    Raises:
+        ServiceUnreachable: the broker did not answer in time.
+        Stopped: ``stop`` was set first.
+    """
+    await wait_for_service(
+        lambda limit: probe(cfg, limit),
+        service="MQTT",
+        address=_address(cfg),
+        within=cfg.startup_timeout if within is None else within,
+        stop=stop,
+        log=log,
+    )

@@ -98,6 +98,7 @@ class Router:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; the transaction in flight finishes first."""
+        await kafka.wait_until_reachable(self._cfg.kafka, stop)
         topics = self._topics
         await kafka.prepare_topics(
             self._cfg.kafka,

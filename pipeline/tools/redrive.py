@@ -59,9 +59,10 @@ async def redrive(
         producer = await stack.enter_async_context(kafka.producer(cfg.kafka))
         client = None
         if dlq == "down-events" and not dry_run:
-            client = await stack.enter_async_context(
-                mqtt.connect(cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-redrive", persistent=False)
+            client = mqtt.connect(
+                cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-redrive", persistent=False
             )
+            await stack.enter_async_context(mqtt.connected(cfg.mqtt, client))
         tps = await kafka.partitions(consumer, source)
         ends = await consumer.end_offsets(tps)
         starts = await _starts(consumer, tps, from_beginning=from_beginning)

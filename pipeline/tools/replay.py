@@ -221,7 +221,8 @@ async def replay(
 
     Raises:
         ValueError: a fixture line is malformed, or ``rate`` is not positive.
-        aiomqtt.MqttError: the broker could not be reached or refused a publish.
+        ServiceUnreachable: the broker could not be reached or refused the connection.
+        aiomqtt.MqttError: the broker refused a publish or went away.
     """
     if rate is not None and rate <= 0:
         msg = f"rate must be > 0 messages/s, got {rate}"
@@ -258,7 +259,7 @@ async def replay_messages(
         client = mqtt.connect(cfg, client_id=client_id, persistent=False)
         # Many publishes awaiting their PUBACK is the point here, not a warning sign.
         client.pending_calls_threshold = limit
-        async with client:
+        async with mqtt.connected(cfg, client):
 
             async def publish(message: FixtureMessage) -> None:
                 nonlocal published
@@ -328,7 +329,8 @@ async def record(
 
     Raises:
         ValueError: ``count`` or ``duration`` is negative.
-        aiomqtt.MqttError: the broker could not be reached or refused the subscription.
+        ServiceUnreachable: the broker could not be reached or refused the connection.
+        aiomqtt.MqttError: the broker refused the subscription or went away.
     """
     if count is not None and count < 0:
         msg = f"count must be >= 0, got {count}"
@@ -349,7 +351,8 @@ async def record(
         )
         advance = stack.enter_context(_progress(progress, f"record {filter_}", count))
         try:
-            async with mqtt.connect(cfg, client_id=client_id, persistent=False) as client:
+            client = mqtt.connect(cfg, client_id=client_id, persistent=False)
+            async with mqtt.connected(cfg, client):
                 await client.subscribe(filter_, qos=1)
                 log.info("recording %s as %s", filter_, client_id)
                 if ready is not None:

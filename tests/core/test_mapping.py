@@ -89,6 +89,15 @@ def test_unmappable_device_data_and_template() -> None:
             "config key sink.device_data.a: 'extension_info.' is",
         ),
         ({"org_id": ""}, "config key sink.org_id: must not be empty"),
+        ({"sn_from": "{}-{node_id}"}, "config key sink.sn_from: '{}' names no field"),
+        (
+            {"sn_from": "{node_id:>12}"},
+            "config key sink.sn_from: {node_id...}: format specs and conversions are not supported",
+        ),
+        (
+            {"sn_from": "{node_id!r}"},
+            "config key sink.sn_from: {node_id...}: format specs and conversions are not supported",
+        ),
     ],
 )
 def test_bad_mapping_config(kw: dict[str, object], message: str) -> None:

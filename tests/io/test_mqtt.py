@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from pipeline.config import Config, IotdaAuthConfig, MqttConfig, Secret, TlsConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ServiceUnreachable
 from pipeline.io import mqtt
 from pipeline.ops.server import Health
 from pipeline.stages.ingest import Ingest
@@ -145,8 +145,9 @@ async def test_iotda_device_mode_authenticates(cfg: Config, uid: str, tmp_path: 
             )
             records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=3)
         assert event_ids(records) == {f"{uid}-{i}" for i in range(3)}
-        with pytest.raises(aiomqtt.MqttError):
+        with pytest.raises(ServiceUnreachable) as refused:
             await replay_messages(wrong, messages(uid, 1), progress=False)
+        assert str(refused.value) == f"MQTT 127.0.0.1:{port} refused the connection: Not authorized"
 
 
 @pytest.mark.services
@@ -221,7 +222,10 @@ async def test_tls_with_custom_ca_and_verification_on(
         unverified = msgspec.structs.replace(
             secure.mqtt, tls=TlsConfig(enabled=True)
         )  # system CAs only
-        with pytest.raises(aiomqtt.MqttError):
+        with pytest.raises(
+            ServiceUnreachable,
+            match=rf"^MQTT 127\.0\.0\.1:{port} not reachable: .*CERTIFICATE_VERIFY_FAILED",
+        ):
             await replay_messages(unverified, messages(uid, 1), progress=False)
 
 

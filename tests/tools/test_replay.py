@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from pipeline.config import Config, MqttConfig
+from pipeline.errors import ServiceUnreachable
 from pipeline.io import mqtt
 from pipeline.tools.replay import FixtureMessage, load_fixture, record, replay
 from tests.harness import DEMO_FIXTURE, FIXTURE_FILES, FIXTURES, worker_env
@@ -178,11 +179,12 @@ async def test_record_rejects_bad_limits(tmp_path: Path) -> None:
     assert out.getvalue() == ""
 
 
-async def test_unreachable_broker_raises_mqtt_error(tmp_path: Path) -> None:
+async def test_unreachable_broker_is_named(tmp_path: Path) -> None:
     path = _write(tmp_path, '{"topic": "t", "payload": 1}\n')
-    with pytest.raises(aiomqtt.MqttError):
+    unreachable = r"^MQTT 127\.0\.0\.1:9 not reachable: connection refused$"
+    with pytest.raises(ServiceUnreachable, match=unreachable):
         await replay(MqttConfig(port=9), [path], progress=False)
-    with pytest.raises(aiomqtt.MqttError):
+    with pytest.raises(ServiceUnreachable, match=unreachable):
         await record(MqttConfig(port=9), tmp_path / "out.jsonl", count=1, progress=False)
     assert (tmp_path / "out.jsonl").read_text() == ""
 

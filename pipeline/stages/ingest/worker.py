@@ -118,6 +118,7 @@ class Ingest:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; each session reconnects by itself."""
+        await kafka.wait_until_reachable(self._cfg.kafka, stop)
         await kafka.prepare_topics(
             self._cfg.kafka, [self._topics.down_events, self._topics.down_events_dlq]
         )

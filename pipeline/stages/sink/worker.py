@@ -146,6 +146,7 @@ class Sink:
         Raises:
             StageFailed: a rebalance callback failed, or Kafka refused an outcome for good.
         """
+        await kafka.wait_until_reachable(self._cfg.kafka, stop)
         topics = self._topics
         await kafka.prepare_topics(
             self._cfg.kafka, [topics.added, topics.allocations, topics.allocations_dlq]
