@@ -207,10 +207,6 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
     factories = _stage_factories()
     key = f"metrics.{args.command}_port"
     port = getattr(cfg.metrics, key.removeprefix("metrics."))
-    from pipeline.io.kafka import security_problem  # noqa: PLC0415
-
-    if problem := await security_problem(cfg.kafka):  # a wrong password or CA: say so, stop
-        raise ConfigError(problem)
     async with contextlib.AsyncExitStack() as stack:
         if cfg.metrics.enabled:
             try:

@@ -30,7 +30,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.protocol.metadata import MetadataRequest
 
-from pipeline.errors import ServiceUnreachable, StageFailed
+from pipeline.errors import ConfigError, ServiceUnreachable, StageFailed
 from pipeline.io.aio import wait_for_service, why_unreachable
 from pipeline.io.tls import client_context
 
@@ -56,7 +56,6 @@ __all__ = [
     "read_range",
     "reader",
     "record_limit",
-    "security_problem",
     "size",
     "wait_until_reachable",
     "watch_lag",
@@ -128,9 +127,16 @@ async def probe(cfg: KafkaConfig, limit: float | None = None) -> None:
 
     Raises:
         ServiceUnreachable: no server answered; the reason says why, per server.
+        ConfigError: a server refused our TLS or SASL settings (a wrong password or
+            mechanism, a certificate that does not verify against ``kafka.tls.ca_file``,
+            TLS against a plaintext listener): one line saying what to check.
     """
     timeout = min(cfg.request_timeout, limit) if limit else cfg.request_timeout
-    opts = _common(cfg)
+    try:
+        opts = _common(cfg)
+    except (OSError, ssl.SSLError) as exc:  # the CA, certificate or key file
+        msg = f"kafka.tls: cannot load the TLS files: {exc}"
+        raise ConfigError(msg) from exc
     reasons: list[tuple[str, str]] = []
     for host, port, _ in collect_hosts(cfg.bootstrap_servers, randomize=False):
         try:
@@ -152,6 +158,10 @@ async def probe(cfg: KafkaConfig, limit: float | None = None) -> None:
             finally:
                 conn.close()
                 await asyncio.sleep(0)  # let the transport close its socket now
+        except (SaslAuthenticationFailed, UnsupportedSaslMechanismError, ssl.SSLError) as exc:
+            # Waiting will not fix a wrong password, mechanism or CA: say so and stop.
+            msg = f"Kafka at {host}:{port}: {_refusal(exc, cfg)}"
+            raise ConfigError(msg) from exc
         except (OSError, TimeoutError, KafkaError) as exc:
             reasons.append((f"{host}:{port}", _reason(exc, timeout)))
             continue
@@ -470,55 +480,8 @@ async def watch_lag(
         await asyncio.sleep(interval)
 
 
-async def security_problem(cfg: KafkaConfig, *, wait: float = 10.0) -> str | None:
-    """Why Kafka refuses this client's TLS or SASL settings, in one line; None if it does not.
-
-    aiokafka reports every failure to connect as ``Unable to bootstrap`` without a cause
-    (a wrong SASL password shows only in its log), so a worker would wait forever for a
-    Kafka that will never accept it. This pre-flight opens one connection to the first
-    bootstrap server that answers, with the configured security settings, and names what
-    will not fix itself: a wrong password or mechanism, a certificate that does not
-    verify against ``kafka.tls.ca_file``, a TLS/plaintext mismatch. A server that does not
-    answer at all is not a security problem (None): the worker waits for it as usual.
-    Nothing to check (None) for PLAINTEXT.
-
-    Args:
-        cfg: the Kafka configuration.
-        wait: seconds to give each bootstrap server.
-    """
-    try:
-        opts = _common(cfg)
-    except (OSError, ssl.SSLError) as exc:  # the CA, certificate or key file
-        return f"kafka.tls: cannot load the TLS files: {exc}"
-    if opts["security_protocol"] == "PLAINTEXT":
-        return None
-    for server in (s.strip() for s in cfg.bootstrap_servers.split(",") if s.strip()):
-        host, _, port = server.rpartition(":")
-        try:
-            async with asyncio.timeout(wait):
-                conn = await create_conn(
-                    host.strip("[]"),
-                    int(port),
-                    client_id=cfg.client_id,
-                    request_timeout_ms=int(wait * 1000),
-                    ssl_context=opts.get("ssl_context"),
-                    security_protocol=opts["security_protocol"],
-                    sasl_mechanism=opts.get("sasl_mechanism"),
-                    sasl_plain_username=opts.get("sasl_plain_username"),
-                    sasl_plain_password=opts.get("sasl_plain_password"),
-                )
-        except (SaslAuthenticationFailed, UnsupportedSaslMechanismError, ssl.SSLError) as exc:
-            return f"Kafka at {server}: {_refusal(exc, cfg)}"
-        except (OSError, TimeoutError, KafkaError) as exc:
-            log.debug("security pre-flight: %s does not answer: %s", server, exc)
-            continue
-        conn.close()
-        return None
-    return None
-
-
 def _refusal(exc: Exception, cfg: KafkaConfig) -> str:
-    """What the operator should look at, for a refusal :func:`security_problem` met."""
+    """What the operator should look at, for a refusal :func:`probe` met."""
     if isinstance(exc, SaslAuthenticationFailed):
         return (
             f"SASL {cfg.sasl_mechanism} authentication of user {cfg.sasl_username!r} failed: "
