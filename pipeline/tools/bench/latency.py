@@ -1,0 +1,211 @@
+"""End to end: the sustained rate, latency against offered load, and memory after a burst.
+
+The three workers run as separate processes on one set of topics, as deployed. Each
+message is an add_sub_device_response with 4 children whose ``event_id`` carries the
+time it was published (:func:`~.workload.e2e_message`); every allocation record repeats
+that ``event_id``, and ``dps.allocations`` is broker-stamped, so a child's latency is
+*append time of its allocation record - publish time of its message*.
+
+1. warm-up: a few messages through, so connections, groups and tokens are settled;
+2. sustained rate: a backlog published as fast as possible; allocations per second from
+   the first to the last of them, divided by 4, is the message rate the pipeline sustains;
+3. latency: messages published at fractions of that rate for a fixed time each; p50 and
+   p99 of the children's latencies per rate;
+4. burst: many messages published as fast as possible while everything runs; each
+   worker's peak and current RSS once ingest has landed them all, the router has routed
+   them all, and the sink has had a while longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from pipeline.io import kafka, mqtt
+from pipeline.tools.bench import procs, workload
+from pipeline.tools.bench.measure import Output, rate, span
+from pipeline.tools.replay import MAX_CONCURRENT_PUBLISHES, replay_messages
+
+if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
+
+    from pipeline.config import Config
+    from pipeline.tools.bench.context import Context
+
+__all__ = ["Burst", "E2E", "Step", "end_to_end", "percentile"]
+
+_WARMUP = 20
+
+
+class _Allocation(msgspec.Struct):
+    event_id: str
+
+
+_allocation = msgspec.json.Decoder(_Allocation)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Step:
+    """Latency at one offered load."""
+
+    fraction: float
+    """Of the sustained rate."""
+    offered: float
+    """Messages per second published."""
+    messages: int
+    latencies_ms: list[float]
+    """One per child allocation."""
+
+    @property
+    def p50(self) -> float:
+        """Median latency, ms."""
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p99(self) -> float:
+        """99th percentile latency, ms."""
+        return percentile(self.latencies_ms, 99)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Burst:
+    """A burst and each worker's memory after it."""
+
+    messages: int
+    landed: int
+    allocated: int
+    seconds: float
+    memory: dict[str, procs.Memory]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class E2E:
+    """The end-to-end results."""
+
+    sustained: float
+    """Messages per second (of 4 children each) the pipeline sustains."""
+    steps: list[Step]
+    sustained_memory: dict[str, procs.Memory]
+    burst: Burst | None
+
+
+async def _publish(cfg: Config, prefix: str, count: int, phase: str, per_s: float | None) -> float:
+    """Publish ``count`` e2e messages at ``per_s`` (or as fast as possible); returns msg/s."""
+    limit = max(1, min(MAX_CONCURRENT_PUBLISHES, cfg.mqtt.max_inflight))
+    slots = asyncio.Semaphore(limit)
+    client = mqtt.connect(cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-pub-{phase}", persistent=False)
+    client.pending_calls_threshold = limit
+    started = time.monotonic()
+    async with client, asyncio.TaskGroup() as tg:
+
+        async def publish(message: workload.FixtureMessage) -> None:
+            try:
+                await client.publish(prefix + message.topic, message.payload, qos=1)
+            finally:
+                slots.release()
+
+        for seq in range(count):
+            if per_s is not None and (wait := started + seq / per_s - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            await slots.acquire()
+            tg.create_task(publish(workload.e2e_message(seq, phase)), name=f"bench.publish-{seq}")
+    return count / max(time.monotonic() - started, 1e-3)
+
+
+def _latencies(records: list[ConsumerRecord[bytes, bytes]]) -> list[float]:
+    out = []
+    for record in records:
+        sent = workload.sent_ns(_allocation.decode(record.value).event_id)
+        if sent is not None:
+            out.append(record.timestamp - sent / 1e6)
+    return out
+
+
+class _Pipeline:
+    def __init__(self, ctx: Context, cfg: Config, workers: dict[str, procs.Proc]) -> None:
+        self.ctx, self.cfg, self.workers = ctx, cfg, workers
+        self.prefix = ctx.mqtt_prefix(cfg)
+
+    def alive(self) -> None:
+        for proc in self.workers.values():
+            proc.check()
+
+    async def through(
+        self, count: int, phase: str, per_s: float | None, limit: float
+    ) -> tuple[float, list[ConsumerRecord[bytes, bytes]]]:
+        """Publish ``count`` messages; their allocation records once all are in."""
+        out = Output(self.cfg, self.cfg.kafka.topics.allocations)
+        await out.start()
+        offered = await _publish(self.cfg, self.prefix, count, phase, per_s)
+        records = await out.wait(count * workload.CHILDREN, limit=limit, alive=self.alive)
+        return offered, records
+
+    def memory(self) -> dict[str, procs.Memory]:
+        return {name: proc.memory() for name, proc in self.workers.items()}
+
+    async def burst(self, count: int) -> Burst:
+        o, cfg, t = self.ctx.options, self.cfg, self.cfg.kafka.topics
+        landed, allocated = Output(cfg, t.down_events), Output(cfg, t.allocations)
+        await landed.start()
+        await allocated.start()
+        started = time.monotonic()
+        batch = [workload.e2e_message(seq, "b") for seq in range(count)]
+        await replay_messages(cfg.mqtt, batch, topic_prefix=self.prefix, progress=False)
+        await landed.wait(count, limit=o.limit, alive=self.alive)
+        async with asyncio.timeout(o.limit):
+            while await kafka.backlog(cfg.kafka, cfg.router.group_id, t.down_events):
+                self.alive()
+                await asyncio.sleep(0.5)
+        deadline = time.monotonic() + o.burst_settle
+        while time.monotonic() < deadline and await allocated.count() < count * workload.CHILDREN:
+            self.alive()
+            await asyncio.sleep(0.5)
+        return Burst(
+            messages=count,
+            landed=await landed.count(),
+            allocated=await allocated.count(),
+            seconds=time.monotonic() - started,
+            memory=self.memory(),
+        )
+
+
+async def end_to_end(ctx: Context) -> E2E:
+    """Run the whole pipeline and measure it (see the module's docstring)."""
+    o = ctx.options
+    cfg = ctx.config("e2e")
+    await ctx.topics_for(cfg, *cfg.kafka.topics.__struct_fields__)
+    await ctx.session_for(cfg)
+    workers: dict[str, procs.Proc] = {}
+    try:
+        for command in ("ingest", "route", "sink"):
+            workers[command] = await ctx.worker(command, cfg, f"e2e-{command}")
+        pipe = _Pipeline(ctx, cfg, workers)
+        await pipe.through(_WARMUP, "w", None, o.limit)
+        _, records = await pipe.through(o.sustain, "s", None, o.limit)
+        sustained = rate(len(records), *span(records)) / workload.CHILDREN
+        steps = []
+        for i, fraction in enumerate(o.rates):
+            per_s = fraction * sustained
+            count = max(2, round(per_s * o.rate_seconds))
+            offered, records = await pipe.through(
+                count, f"r{i}", per_s, o.limit + 4 * o.rate_seconds
+            )
+            steps.append(Step(fraction, offered, count, _latencies(records)))
+        sustained_memory = pipe.memory()
+        burst = await pipe.burst(o.burst) if o.burst else None
+    finally:
+        for proc in workers.values():
+            await proc.stop()
+    return E2E(sustained, steps, sustained_memory, burst)
