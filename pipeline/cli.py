@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 
 from pipeline.config import Config, load_config
-from pipeline.tools.bench.options import Options as BenchOptions
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.ops.logs import setup_logging
+from pipeline.tools.bench.options import Options as BenchOptions
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -157,7 +157,8 @@ def _fractions(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+        msg = f"not a list of numbers: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
     if not values or any(not 0 < v <= 10 for v in values):  # noqa: PLR2004
         raise argparse.ArgumentTypeError("each rate is a fraction in (0, 10]")
     return values

@@ -1,4 +1,4 @@
-"""The ceilings: minimal loops of the same clients, with the same settings, doing only the transport.
+"""The ceilings: minimal loops of the same clients and settings, doing only the transport.
 
 A stage's figure means little alone on a shared 2-core machine; next to the fastest loop
 the same client library manages on the same input, in the same run, it says how much the
@@ -138,7 +138,9 @@ async def transactional(cfg: Config, count: int, children: int, child_bytes: int
             if not batch:
                 continue
             first = first or time.time()
-            await _transaction(producer, batch, out, group, children, child_bytes)
+            await _transaction(
+                producer, batch, out, group, children=children, child_bytes=child_bytes
+            )
             consumed += sum(len(records) for records in batch.values())
     return {"count": consumed * children, "first": first, "last": time.time()}
 
@@ -148,6 +150,7 @@ async def _transaction(
     batch: dict[Any, list[Any]],
     out: str,
     group: str,
+    *,
     children: int,
     child_bytes: int,
 ) -> None:
@@ -247,7 +250,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         case "transactional":
             return await transactional(cfg, args.count, args.children, args.child_bytes)
         case _:
-            requests = _REQUESTS.decode(Path(args.requests).read_bytes())
+            requests = _REQUESTS.decode(await asyncio.to_thread(Path(args.requests).read_bytes))
             return await allocate(cfg, requests, args.concurrency)
 
 

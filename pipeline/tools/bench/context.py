@@ -55,10 +55,12 @@ class Context:
                 session_expiry=_SESSION_EXPIRY,
             ),
             kafka=replace(b.kafka, topics=Topics(**(names | topics))),
-            router=replace(b.router, group_id=ident, transactional_id=ident),
+            # One group per stage: a router and a sink sharing a group would rebalance
+            # each other (end to end runs both on one set of topics).
+            router=replace(b.router, group_id=f"{ident}-route", transactional_id=f"{ident}-route"),
             sink=replace(
                 b.sink,
-                group_id=ident,
+                group_id=f"{ident}-sink",
                 dps=replace(b.sink.dps, base_url=self.dps_url or b.sink.dps.base_url),
                 device_data={"deviceName": "name", "model": "model"},
             ),

@@ -29,7 +29,7 @@ import msgspec
 from pipeline.io import kafka, mqtt
 from pipeline.tools.bench import procs, workload
 from pipeline.tools.bench.measure import Output, rate, span
-from pipeline.tools.replay import MAX_CONCURRENT_PUBLISHES, replay_messages
+from pipeline.tools.replay import MAX_CONCURRENT_PUBLISHES, FixtureMessage, replay_messages
 
 if TYPE_CHECKING:
     from aiokafka import ConsumerRecord
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from pipeline.config import Config
     from pipeline.tools.bench.context import Context
 
-__all__ = ["Burst", "E2E", "Step", "end_to_end", "percentile"]
+__all__ = ["E2E", "Burst", "Step", "end_to_end", "percentile"]
 
 _WARMUP = 20
 
@@ -110,7 +110,7 @@ async def _publish(cfg: Config, prefix: str, count: int, phase: str, per_s: floa
     started = time.monotonic()
     async with client, asyncio.TaskGroup() as tg:
 
-        async def publish(message: workload.FixtureMessage) -> None:
+        async def publish(message: FixtureMessage) -> None:
             try:
                 await client.publish(prefix + message.topic, message.payload, qos=1)
             finally:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from pipeline.tools.bench.latency import percentile
 from pipeline.tools.bench.stages import STAGES
 
 if TYPE_CHECKING:
@@ -127,9 +126,11 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
         }
         for step in e2e.steps
     ]
-    judged = [s for s in steps if s["fraction"] == LATENCY_FRACTION]
+    judged = [step for step in e2e.steps if step.fraction == LATENCY_FRACTION]
     for name, limit in LATENCY_TARGETS.items():
-        value = judged[0][f"{name}_ms"] if judged else None
+        value: float | None = None
+        if judged:
+            value = judged[0].p50 if name == "p50" else judged[0].p99
         targets.append(
             _target(
                 f"e2e {name} at {LATENCY_FRACTION:g} x sustained, ms",
@@ -157,48 +158,10 @@ def _rate(value: float) -> str:
 
 def table(console: Console, doc: dict[str, Any]) -> None:
     """Print the results: throughput, latency, memory, targets."""
-    rounds = doc["meta"]["options"]["rounds"]
-    t = Table(title=f"throughput: medians of {rounds} interleaved rounds, [min-max]")
-    for column, justify in (("measure", "left"), ("median", "right"), ("range", "right"),
-                            ("ratio", "right")):  # fmt: skip
-        t.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for stage, entry in [("decode", doc["decode"]), *doc["stages"].items()]:
-        for kind, summary in entry["measures"].items():
-            ratio = entry["ratios"].get(kind)
-            label = f"{stage} {kind}" if kind != "stage" else f"{stage}"
-            t.add_row(
-                f"{label} ({entry['unit']})"
-                if kind in ("stage", "decode_down")
-                else f"  ceiling: {label}",
-                _rate(summary["median"]),
-                f"[{_rate(summary['min'])}-{_rate(summary['max'])}]",
-                f"{ratio:.2f}" if ratio is not None else "",
-            )
-    console.print(t)
+    console.print(_throughput(doc))
     if "e2e" in doc:
-        e = doc["e2e"]
-        lat = Table(
-            title=f"end to end (4 children per message): sustained {e['sustained_msg_per_s']:,.0f} msg/s"
-        )
-        for column in ("offered load", "msg/s", "children", "p50 ms", "p99 ms"):
-            lat.add_column(column, justify="right")
-        for step in e["steps"]:
-            lat.add_row(
-                f"{step['fraction']:g} x",
-                f"{step['offered_msg_per_s']:,.0f}",
-                f"{len(step['latencies_ms']):,}",
-                f"{step['p50_ms']:,.0f}",
-                f"{step['p99_ms']:,.0f}",
-            )
-        console.print(lat)
-    mem = Table(title="peak RSS per worker process, MB (VmHWM)")
-    mem.add_column("worker")
-    columns = ("rounds_peak_mb", "sustained_peak_mb", "burst_peak_mb", "burst_rss_after_mb")
-    for column in ("throughput rounds", "e2e sustained", "burst", "RSS after burst"):
-        mem.add_column(column, justify="right")
-    for stage, figures in doc["memory"].items():
-        mem.add_row(stage, *(f"{figures[c]:.0f}" if c in figures else "-" for c in columns))
-    console.print(mem)
+        console.print(_latency(doc["e2e"]))
+    console.print(_memory(doc["memory"]))
     if "burst" in doc.get("e2e", {}):
         b = doc["e2e"]["burst"]
         console.print(
@@ -206,21 +169,78 @@ def table(console: Console, doc: dict[str, Any]) -> None:
             f"{b['landed']:,} landed, {b['allocated']:,} of {b['messages'] * 4:,} children "
             f"allocated when memory was read, {b['seconds']:.0f} s after it began"
         )
-    goals = Table(title="targets")
+    console.print(_targets(doc["targets"]))
+
+
+def _throughput(doc: dict[str, Any]) -> Table:
+    rounds = doc["meta"]["options"]["rounds"]
+    t = Table(title=f"throughput: medians of {rounds} interleaved rounds, [min-max]")
+    t.add_column("measure")
+    for column in ("median", "range", "ratio"):
+        t.add_column(column, justify="right")
+    for stage, entry in [("decode", doc["decode"]), *doc["stages"].items()]:
+        for i, (kind, summary) in enumerate(entry["measures"].items()):
+            ratio = entry["ratios"].get(kind)
+            label = (
+                f"{stage if stage != 'decode' else kind} ({entry['unit']})"
+                if i == 0
+                else f"  ceiling: {kind}"
+            )
+            t.add_row(
+                label,
+                _rate(summary["median"]),
+                f"[{_rate(summary['min'])}-{_rate(summary['max'])}]",
+                f"{ratio:.2f}" if ratio is not None else "",
+            )
+    return t
+
+
+def _latency(e2e: dict[str, Any]) -> Table:
+    sustained = e2e["sustained_msg_per_s"]
+    t = Table(title=f"end to end, 4 children per message: sustained {sustained:,.0f} msg/s")
+    for column in ("offered load", "msg/s", "children", "p50 ms", "p99 ms"):
+        t.add_column(column, justify="right")
+    for step in e2e["steps"]:
+        t.add_row(
+            f"{step['fraction']:g} x",
+            _rate(step["offered_msg_per_s"]),
+            f"{len(step['latencies_ms']):,}",
+            _rate(step["p50_ms"]),
+            _rate(step["p99_ms"]),
+        )
+    return t
+
+
+def _memory(memory: dict[str, dict[str, float]]) -> Table:
+    t = Table(title="peak RSS per worker process, MB (VmHWM)")
+    t.add_column("worker")
+    columns = {
+        "rounds_peak_mb": "throughput rounds",
+        "sustained_peak_mb": "e2e sustained",
+        "burst_peak_mb": "burst",
+        "burst_rss_after_mb": "RSS after burst",
+    }
+    for title in columns.values():
+        t.add_column(title, justify="right")
+    for stage, figures in memory.items():
+        t.add_row(stage, *(f"{figures[c]:.0f}" if c in figures else "-" for c in columns))
+    return t
+
+
+def _targets(targets: list[dict[str, Any]]) -> Table:
+    t = Table(title="targets")
     for column in ("target", "value", "wanted", "met"):
-        goals.add_column(column)
-    for target in doc["targets"]:
+        t.add_column(column)
+    verdicts = {None: "not measured", True: "[green]met[/green]", False: "[red]not met[/red]"}
+    for target in targets:
         value = target["value"]
-        met = target["met"]
-        goals.add_row(
+        t.add_row(
             target["what"],
             "-" if value is None else f"{value:,.2f}",
             target["target"],
-            "not measured"
-            if met is None
-            else ("[green]met[/green]" if met else "[red]not met[/red]"),
+            verdicts[target["met"]],
         )
-    console.print(goals)
+    return t
 
 
 def chart(doc: dict[str, Any], path: Path) -> None:
@@ -233,7 +253,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(3, 2))
     groups = [("decode", doc["decode"]), *doc["stages"].items()]
     colours = ("#1f6fb4", "#9a9a9a", "#c8c8c8")
-    for g, (stage, entry) in enumerate(groups):
+    for g, (_, entry) in enumerate(groups):
         kinds = list(entry["measures"])
         width = 0.8 / len(kinds)
         for k, kind in enumerate(kinds):
@@ -245,9 +265,9 @@ def chart(doc: dict[str, Any], path: Path) -> None:
                      label=label if g == 1 else None)  # fmt: skip
             left.annotate(kind, (x, s["min"] * 0.9), ha="center", va="top", fontsize=7,
                           rotation=90)  # fmt: skip
-        ratios = ", ".join(f"{r:.2f}" for r in entry["ratios"].values())
+        ratios = "\n".join(f"{r:.2f} of {kind}" for kind, r in entry["ratios"].items())
         top = max(m["max"] for m in entry["measures"].values())
-        left.annotate(f"x{ratios}", (g, top * 1.15), ha="center", fontsize=8)
+        left.annotate(ratios, (g, top * 1.15), ha="center", fontsize=8)
     left.set_yscale("log")
     left.set_xticks(range(len(groups)), [f"{s}\n({e['unit']})" for s, e in groups])
     left.set_ylabel("throughput (log scale), median with min-max")
@@ -255,12 +275,14 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     left.legend(loc="lower left", fontsize=8)
     if "e2e" in doc:
         e = doc["e2e"]
-        x = [s["offered_msg_per_s"] for s in e["steps"]]
+        offered = [step["offered_msg_per_s"] for step in e["steps"]]
         for name, style in (("p50", "o-"), ("p99", "s--")):
-            right.plot(x, [s[f"{name}_ms"] for s in e["steps"]], style, label=name)
+            right.plot(offered, [step[f"{name}_ms"] for step in e["steps"]], style, label=name)
         for name, limit in LATENCY_TARGETS.items():
             right.axhline(limit, color="grey", linewidth=0.8, linestyle=":")
-            right.annotate(f"{name} target {limit:g} ms", (x[0], limit), fontsize=7, va="bottom")
+            right.annotate(
+                f"{name} target {limit:g} ms", (offered[0], limit), fontsize=7, va="bottom"
+            )
         right.axvline(e["sustained_msg_per_s"], color="#b44", linewidth=0.8)
         right.annotate("sustained", (e["sustained_msg_per_s"], right.get_ylim()[1]), fontsize=7,
                        color="#b44", ha="right", va="top", rotation=90)  # fmt: skip
@@ -278,8 +300,3 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def latency_summary(latencies: list[float]) -> tuple[float, float]:
-    """p50 and p99 of ``latencies``."""
-    return percentile(latencies, 50), percentile(latencies, 99)

@@ -78,21 +78,22 @@ async def run(
     }
     report.table(console, doc)
     if out is not None:
-        out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        await asyncio.to_thread(out.write_bytes, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
         console.print(f"figures written to {out}")
     if chart is not None:
-        report.chart(doc, chart)
+        await asyncio.to_thread(report.chart, doc, chart)
         console.print(f"chart drawn in {chart}")
     return 0
 
 
-def _meta(options: Options) -> dict[str, Any]:
+def _meta(ctx: Context) -> dict[str, Any]:
     return {
+        "run_id": ctx.run_id,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "libraries": {name: importlib.metadata.version(name) for name in _LIBRARIES},
-        "options": dataclasses.asdict(options),
+        "options": dataclasses.asdict(ctx.options),
     }
 
 
@@ -119,7 +120,7 @@ async def _measure(console: Console, ctx: Context) -> dict[str, Any]:
             e2e = await end_to_end(ctx)
     finally:
         await emulator.stop()
-    return report.document(_meta(o), decode, stages.samples, e2e)
+    return report.document(_meta(ctx), decode, stages.samples, e2e)
 
 
 async def _emulator(ctx: Context) -> procs.Proc:

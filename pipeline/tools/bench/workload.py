@@ -1,4 +1,4 @@
-"""The bench's input: one set of messages, records and requests, fed alike to a stage and its ceiling.
+"""The bench's input: messages, records and requests, fed alike to a stage and its ceiling.
 
 Every MQTT message is an ``add_sub_device_response`` adding :data:`CHILDREN` children, as
 IoTDA sends it. From those messages come, by the project's own pure functions, the
