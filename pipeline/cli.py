@@ -150,6 +150,13 @@ def _add_tools(sub: Any) -> None:
         type=Path,
         help="draw throughput and latency (needs the bench extra: matplotlib)",
     )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="one more round with py-spy attached to each stage worker; "
+        "stacks in DIR, top costs printed (needs py-spy)",
+    )
     p.set_defaults(handler=_bench)  # fmt: skip
 
 
@@ -351,7 +358,10 @@ async def _bench(args: argparse.Namespace, cfg: Config) -> int:
         allocations=args.allocations, sustain=args.sustain, rates=args.rates,
         rate_seconds=args.rate_seconds, burst=args.burst,
     )  # fmt: skip
-    return await run(cfg, options, config_path=args.config, out=args.out, chart=args.chart)
+    return await run(
+        cfg, options, config_path=args.config, out=args.out, chart=args.chart,
+        profile_dir=args.profile,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

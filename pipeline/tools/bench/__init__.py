@@ -33,8 +33,11 @@ async def run(
     config_path: str | None = None,
     out: Path | None = None,
     chart: Path | None = None,
+    profile_dir: Path | None = None,
 ) -> int:
     """Run the bench (:func:`.runner.run`); imported on use, so ``pipeline --help`` stays fast."""
     from pipeline.tools.bench.runner import run as run_bench  # noqa: PLC0415
 
-    return await run_bench(cfg, options, config_path=config_path, out=out, chart=chart)
+    return await run_bench(
+        cfg, options, config_path=config_path, out=out, chart=chart, profile_dir=profile_dir
+    )

@@ -12,8 +12,8 @@ that ``event_id``, and ``dps.allocations`` is broker-stamped, so a child's laten
 3. latency: messages published at fractions of that rate for a fixed time each; p50 and
    p99 of the children's latencies per rate;
 4. burst: many messages published as fast as possible while everything runs; each
-   worker's peak and current RSS once ingest has landed them all, the router has routed
-   them all, and the sink has had a while longer.
+   worker's peak and current RSS ``burst_settle`` seconds after ingest has landed them
+   all (the router and the sink are then still working through the backlog).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from pipeline.tools.bench.measure import Output, rate, span
 from pipeline.tools.replay import MAX_CONCURRENT_PUBLISHES, FixtureMessage, replay_messages
 
 if TYPE_CHECKING:
-    from aiokafka import ConsumerRecord
+    from collections.abc import Callable
+
+    from aiokafka import ConsumerRecord, TopicPartition
 
     from pipeline.config import Config
     from pipeline.tools.bench.context import Context
@@ -81,12 +83,18 @@ class Step:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Burst:
-    """A burst and each worker's memory after it."""
+    """A burst, how far each stage had got, and each worker's memory then."""
 
     messages: int
     landed: int
+    landed_seconds: float
+    """From the first publish until ingest had landed them all."""
+    routed: int
+    """Down events the router had committed when memory was read."""
     allocated: int
+    """Children allocated when memory was read."""
     seconds: float
+    """From the first publish until memory was read."""
     memory: dict[str, procs.Memory]
 
 
@@ -152,6 +160,16 @@ class _Pipeline:
         records = await out.wait(count * workload.CHILDREN, limit=limit, alive=self.alive)
         return offered, records
 
+    async def _routed(self, since: dict[TopicPartition, int]) -> int:
+        """Down events the router has committed since the offsets ``since``."""
+        client = kafka.admin(self.cfg.kafka)
+        await client.start()
+        try:
+            done = await client.list_consumer_group_offsets(self.cfg.router.group_id)
+        finally:
+            await client.close()
+        return sum(max(0, done[tp].offset - start) for tp, start in since.items() if tp in done)
+
     def memory(self) -> dict[str, procs.Memory]:
         return {name: proc.memory() for name, proc in self.workers.items()}
 
@@ -160,28 +178,30 @@ class _Pipeline:
         landed, allocated = Output(cfg, t.down_events), Output(cfg, t.allocations)
         await landed.start()
         await allocated.start()
+        since = await landed.ends()
         started = time.monotonic()
         batch = [workload.e2e_message(seq, "b") for seq in range(count)]
         await replay_messages(cfg.mqtt, batch, topic_prefix=self.prefix, progress=False)
         await landed.wait(count, limit=o.limit, alive=self.alive)
-        async with asyncio.timeout(o.limit):
-            while await kafka.backlog(cfg.kafka, cfg.router.group_id, t.down_events):
-                self.alive()
-                await asyncio.sleep(0.5)
-        deadline = time.monotonic() + o.burst_settle
-        while time.monotonic() < deadline and await allocated.count() < count * workload.CHILDREN:
+        landed_after = time.monotonic() - started
+        # The router and the sink work on through the backlog the burst left; their
+        # memory is read while they do, ingest's once it has been idle for a while.
+        settle = time.monotonic() + o.burst_settle
+        while time.monotonic() < settle:
             self.alive()
             await asyncio.sleep(0.5)
         return Burst(
             messages=count,
             landed=await landed.count(),
+            landed_seconds=landed_after,
+            routed=await self._routed(since),
             allocated=await allocated.count(),
             seconds=time.monotonic() - started,
             memory=self.memory(),
         )
 
 
-async def end_to_end(ctx: Context) -> E2E:
+async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
     """Run the whole pipeline and measure it (see the module's docstring)."""
     o = ctx.options
     cfg = ctx.config("e2e")
@@ -195,6 +215,9 @@ async def end_to_end(ctx: Context) -> E2E:
         await pipe.through(_WARMUP, "w", None, o.limit)
         _, records = await pipe.through(o.sustain, "s", None, o.limit)
         sustained = rate(len(records), *span(records)) / workload.CHILDREN
+        say(
+            f"  sustained: {sustained:,.0f} msg/s ({sustained * workload.CHILDREN:,.0f} children/s)"
+        )
         steps = []
         for i, fraction in enumerate(o.rates):
             per_s = fraction * sustained
@@ -202,9 +225,15 @@ async def end_to_end(ctx: Context) -> E2E:
             offered, records = await pipe.through(
                 count, f"r{i}", per_s, o.limit + 4 * o.rate_seconds
             )
-            steps.append(Step(fraction, offered, count, _latencies(records)))
+            step = Step(fraction, offered, count, _latencies(records))
+            steps.append(step)
+            p50, p99 = step.p50, step.p99
+            say(f"  {fraction:g} x: {offered:,.0f} msg/s, p50 {p50:,.0f} ms, p99 {p99:,.0f} ms")
         sustained_memory = pipe.memory()
-        burst = await pipe.burst(o.burst) if o.burst else None
+        burst = None
+        if o.burst:
+            say(f"  burst of {o.burst:,} messages")
+            burst = await pipe.burst(o.burst)
     finally:
         for proc in workers.values():
             await proc.stop()

@@ -24,7 +24,7 @@ from pipeline.tools.bench.procs import BenchError
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from aiokafka import ConsumerRecord
+    from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
     from pipeline.config import Config, KafkaConfig, MqttConfig
 
@@ -124,7 +124,7 @@ class Output:
     def __init__(self, cfg: Config, topic: str) -> None:
         self._cfg = cfg.kafka
         self.topic = topic
-        self._begin: dict[object, int] = {}
+        self._begin: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
         """Note where the topic ends now: what comes after is the measurement's."""
@@ -132,13 +132,18 @@ class Output:
             tps = await kafka.partitions(reader, self.topic)
             self._begin = dict(await reader.end_offsets(tps))
 
+    async def ends(self) -> dict[TopicPartition, int]:
+        """Where the topic ends now, per partition."""
+        async with kafka.reader(self._cfg) as reader:
+            return dict(await reader.end_offsets(list(self._begin)))
+
     async def count(self) -> int:
         """Offsets written since :meth:`start` (records, plus markers if transactional)."""
         async with kafka.reader(self._cfg) as reader:
             return await self._count(reader)
 
-    async def _count(self, reader: object) -> int:
-        ends = await reader.end_offsets(list(self._begin))  # type: ignore[attr-defined]
+    async def _count(self, reader: AIOKafkaConsumer) -> int:
+        ends = await reader.end_offsets(list(self._begin))
         return int(sum(ends[tp] - begin for tp, begin in self._begin.items()))
 
     async def wait(

@@ -146,6 +146,8 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
         out["burst"] = {
             "messages": b.messages,
             "landed": b.landed,
+            "landed_seconds": b.landed_seconds,
+            "routed": b.routed,
             "allocated": b.allocated,
             "seconds": b.seconds,
         }
@@ -165,11 +167,14 @@ def table(console: Console, doc: dict[str, Any]) -> None:
     if "burst" in doc.get("e2e", {}):
         b = doc["e2e"]["burst"]
         console.print(
-            f"burst: {b['messages']:,} messages published while the workers ran; "
-            f"{b['landed']:,} landed, {b['allocated']:,} of {b['messages'] * 4:,} children "
-            f"allocated when memory was read, {b['seconds']:.0f} s after it began"
+            f"burst: {b['messages']:,} messages published while the workers ran, all landed "
+            f"by ingest in {b['landed_seconds']:.0f} s; memory read {b['seconds']:.0f} s after "
+            f"the first publish, when the router had routed {b['routed']:,} of them and the "
+            f"sink allocated {b['allocated']:,} of {b['messages'] * 4:,} children"
         )
     console.print(_targets(doc["targets"]))
+    for stage, summary in doc.get("profiles", {}).items():
+        console.print(_profile(stage, summary))
 
 
 def _throughput(doc: dict[str, Any]) -> Table:
@@ -240,6 +245,17 @@ def _targets(targets: list[dict[str, Any]]) -> Table:
             target["target"],
             verdicts[target["met"]],
         )
+    return t
+
+
+def _profile(stage: str, summary: dict[str, Any]) -> Table:
+    t = Table(title=f"{stage}: py-spy, {summary['samples']:,} samples of busy time")
+    for column in ("own time", "%", "including callees", "% "):
+        t.add_column(column, justify="right" if column.startswith("%") else "left")
+    for (own, own_share), (inc, inc_share) in zip(
+        summary["own"], summary["inclusive"], strict=False
+    ):
+        t.add_row(own, f"{own_share:.1%}", inc, f"{inc_share:.1%}")
     return t
 
 

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from rich.console import Console
 
-from pipeline.tools.bench import procs, report
+from pipeline.tools.bench import procs, profile, report
 from pipeline.tools.bench.context import Context
 from pipeline.tools.bench.latency import end_to_end
 from pipeline.tools.bench.stages import Stages, decode_rates
@@ -47,13 +47,20 @@ async def run(
     config_path: str | None = None,
     out: Path | None = None,
     chart: Path | None = None,
+    profile_dir: Path | None = None,
 ) -> int:
-    """Run the bench; print the tables; write ``out`` (JSON) and ``chart`` (PNG) if given."""
+    """Run the bench; print the tables; write ``out`` (JSON) and ``chart`` (PNG) if given.
+
+    With ``profile_dir``, one more round profiles each stage worker (:mod:`.profile`).
+    """
     if chart is not None and not chart_available():
         print(  # noqa: T201
             "pipeline bench: --chart needs matplotlib: pip install 'iot-pipeline[bench]'",
             file=sys.stderr,
         )
+        return 2
+    if profile_dir is not None and not profile.available():
+        print("pipeline bench: --profile needs py-spy: pip install py-spy", file=sys.stderr)  # noqa: T201
         return 2
     console = Console(stderr=True)
     started, load = time.monotonic(), os.getloadavg()
@@ -63,7 +70,7 @@ async def run(
     log_dir = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     ctx = Context(cfg, options, config_path=config_path, log_dir=log_dir)
     try:
-        doc = await _measure(console, ctx)
+        doc = await _measure(console, ctx, profile_dir)
     except procs.BenchError as exc:
         console.print(f"[red]pipeline bench: {exc}[/red]\n(process logs in {log_dir})")
         return 1
@@ -97,7 +104,7 @@ def _meta(ctx: Context) -> dict[str, Any]:
     }
 
 
-async def _measure(console: Console, ctx: Context) -> dict[str, Any]:
+async def _measure(console: Console, ctx: Context, profile_dir: Path | None) -> dict[str, Any]:
     o = ctx.options
     emulator = await _emulator(ctx)
     try:
@@ -111,16 +118,24 @@ async def _measure(console: Console, ctx: Context) -> dict[str, Any]:
                 f"route {o.events * 4:,} children, sink {o.allocations:,} allocations"
             )
             await stages.round(i)
+        profiles = None
+        if profile_dir is not None:
+            console.print(f"profile round: each stage with py-spy attached, into {profile_dir}")
+            await asyncio.to_thread(profile_dir.mkdir, parents=True, exist_ok=True)
+            profiles = await stages.profile(o.rounds, profile_dir)
         e2e = None
         if o.sustain:
             console.print(
                 f"end to end: {o.sustain:,} messages for the sustained rate, then "
                 f"{len(o.rates)} rates x {o.rate_seconds:g} s, then a burst of {o.burst:,}"
             )
-            e2e = await end_to_end(ctx)
+            e2e = await end_to_end(ctx, console.print)
     finally:
         await emulator.stop()
-    return report.document(_meta(ctx), decode, stages.samples, e2e)
+    doc = report.document(_meta(ctx), decode, stages.samples, e2e)
+    if profiles is not None:
+        doc["profiles"] = profiles
+    return doc
 
 
 async def _emulator(ctx: Context) -> procs.Proc:

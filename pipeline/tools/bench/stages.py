@@ -18,19 +18,20 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
 
 from pipeline.core.decode import decode_down
 from pipeline.dps.emulator import DEMO_GROUP
-from pipeline.tools.bench import ceilings, measure, workload
+from pipeline.tools.bench import ceilings, measure, profile, workload
 from pipeline.tools.bench.measure import Output, rate, span
 from pipeline.tools.replay import replay_messages
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from pathlib import Path
 
     from pipeline.config import Config
     from pipeline.tools.bench.context import Context
@@ -101,6 +102,7 @@ class Stages:
         self._route_in = ""
         self._sink_in = ""
         self._requests = ctx.log_dir / "requests.json"
+        self._recording: Path | None = None
         self.samples: dict[str, dict[str, list[Sample]]] = {
             stage: {kind: [] for kind in kinds} for stage, (_, kinds) in STAGES.items()
         }
@@ -143,13 +145,32 @@ class Stages:
             for kind in _rotated(STAGES[stage][1], round_no):
                 self.samples[stage][kind].append(await measure_one(kind, round_no))
 
+    async def profile(self, round_no: int, directory: Path) -> dict[str, dict[str, Any]]:
+        """One more round of the stages alone, each with py-spy attached; their summaries."""
+        out = {}
+        for stage, measure_one in (
+            ("ingest", self._ingest),
+            ("route", self._route),
+            ("sink", self._sink),
+        ):
+            self._recording = directory / f"{stage}.txt"
+            await measure_one("stage", round_no)
+            out[stage] = profile.summarize(self._recording)
+        self._recording = None
+        return out
+
     async def _worker(self, command: str, cfg: Config, name: str, out: Output, n: int) -> Sample:
         await out.start()
         proc = await self._ctx.worker(command, cfg, name)
+        recording = None
         try:
+            if self._recording is not None:
+                recording = await profile.Recording.attach(proc.pid, self._recording)
             records = await out.wait(n, limit=self._ctx.options.limit, alive=proc.check)
             memory = proc.memory()
         finally:
+            if recording is not None:
+                await recording.stop()
             await proc.stop()
         return _sample(len(records), *span(records), memory)
 
