@@ -108,10 +108,15 @@ class Proc:
         return ""
 
     def check(self) -> None:
-        """Raise :class:`BenchError` if the process has exited."""
+        """Raise :class:`BenchError` if the process has exited (a worker never should)."""
         if self.process.returncode is not None:
             msg = f"{self.name} exited with code {self.process.returncode}: {self.tail()}"
             raise BenchError(msg)
+
+    def check_failed(self) -> None:
+        """Raise :class:`BenchError` if the process has failed (a ceiling ends with 0)."""
+        if self.process.returncode not in (None, 0):
+            self.check()
 
     async def result(self, limit: float) -> dict[str, Any]:
         """Wait for a ceiling to finish; its one JSON line on stdout."""

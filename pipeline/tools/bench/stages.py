@@ -185,7 +185,7 @@ class Stages:
             result = await proc.result(limit)
             return _sample(int(result["count"]), float(result["first"]), float(result["last"]))
         try:
-            records = await out.wait(n, limit=limit, alive=proc.check)
+            records = await out.wait(n, limit=limit, alive=proc.check_failed)
         except BaseException:
             await proc.stop()
             raise
