@@ -1,11 +1,13 @@
 """``pipeline bench --profile DIR``: where each worker spends its CPU under the bench load.
 
 After the measured rounds, one more round runs each stage worker with py-spy attached
-(``py-spy record --pid``; sampling pauses the process, so this round's figures are not
-kept). The raw collapsed stacks go to ``DIR/<stage>.txt`` (feed them to any flame graph
-tool); the bench prints, per stage, the functions with the largest share of samples,
-by own time and including callees. Idle time (waiting in the event loop's ``select``)
-is not sampled, so shares are of the time the worker was busy.
+from its first output record on (``py-spy record --pid``; sampling pauses the process,
+so this round's figures are not kept). The raw collapsed stacks go to
+``DIR/<stage>.txt`` (feed them to any flame graph tool); the bench prints, per stage,
+the functions with the largest share of samples, by own time and including callees
+(the interpreter's and the event loop's frames, on every stack, left out). Idle time
+(waiting in the event loop's ``select``) is not sampled, so shares are of the time the
+worker was busy.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["PY_SPY", "Recording", "available", "summarize"]
 
 PY_SPY = "py-spy"
-_RATE = 200
+_RATE = 500
 _LINE = re.compile(r" \(([^:()]*):\d+\)$")
+_TRUNK = ("<frozen", "asyncio/", "runpy", "pipeline/__main__.py", "pipeline/cli.py")
+"""Frames on every stack (the interpreter's and the event loop's): left out of "inclusive"."""
 
 
 def available() -> bool:
@@ -57,7 +61,11 @@ def summarize(path: Path, top: int = 12) -> dict[str, Any]:
     return {
         "samples": total,
         "own": [[f, share(n)] for f, n in own.most_common(top)],
-        "inclusive": [[f, share(n)] for f, n in inclusive.most_common(top)],
+        "inclusive": [
+            [f, share(n)]
+            for f, n in inclusive.most_common()
+            if not any(t in f for t in _TRUNK) and f != "<module> (<string>)"
+        ][:top],
     }
 
 
