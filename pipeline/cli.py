@@ -138,6 +138,12 @@ def _add_tools(sub: Any) -> None:
         help=f"seconds of load per rate (default {o.rate_seconds:g})",
     )
     p.add_argument(
+        "--latency-rounds",
+        type=int,
+        default=o.latency_rounds,
+        help=f"rounds over the rates, in rotating order (default {o.latency_rounds})",
+    )
+    p.add_argument(
         "--burst",
         type=int,
         default=o.burst,
@@ -356,7 +362,7 @@ async def _bench(args: argparse.Namespace, cfg: Config) -> int:
     options = BenchOptions(
         rounds=args.rounds, messages=args.messages, events=args.events,
         allocations=args.allocations, sustain=args.sustain, rates=args.rates,
-        rate_seconds=args.rate_seconds, burst=args.burst,
+        rate_seconds=args.rate_seconds, latency_rounds=args.latency_rounds, burst=args.burst,
     )  # fmt: skip
     return await run(
         cfg, options, config_path=args.config, out=args.out, chart=args.chart,

@@ -33,6 +33,7 @@ TINY = Options(
     sustain=60,
     rates=(0.5, 1.0),
     rate_seconds=1.0,
+    latency_rounds=2,
     burst=200,
     burst_settle=1.0,
     limit=90.0,
@@ -97,6 +98,7 @@ async def test_bench_runs_end_to_end_and_reports_consistent_figures(
     assert [s["fraction"] for s in e2e["steps"]] == list(TINY.rates)
     for step in e2e["steps"]:
         assert len(step["latencies_ms"]) == step["messages"] * workload.CHILDREN
+        assert len(step["round_p50_ms"]) == len(step["round_p99_ms"]) == TINY.latency_rounds
         assert all(_positive(v) for v in step["latencies_ms"])
         assert step["p50_ms"] == percentile(step["latencies_ms"], 50)
         assert step["p99_ms"] == percentile(step["latencies_ms"], 99)

@@ -9,8 +9,9 @@ that ``event_id``, and ``dps.allocations`` is broker-stamped, so a child's laten
 1. warm-up: a few messages through, so connections, groups and tokens are settled;
 2. sustained rate: a backlog published as fast as possible; allocations per second from
    the first to the last of them, divided by 4, is the message rate the pipeline sustains;
-3. latency: messages published at fractions of that rate for a fixed time each; p50 and
-   p99 of the children's latencies per rate;
+3. latency: messages published at fractions of that rate for a fixed time each, the
+   rates in a rotating order over several rounds; p50 and p99 of the children's
+   latencies per rate, all rounds pooled, and each round's;
 4. burst: many messages published as fast as possible while everything runs; each
    worker's peak and current RSS ``burst_settle`` seconds after ingest has landed them
    all (the router and the sink are then still working through the backlog).
@@ -60,25 +61,31 @@ def percentile(values: list[float], p: float) -> float:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Step:
-    """Latency at one offered load."""
+    """Latency at one offered load, over the latency rounds."""
 
     fraction: float
     """Of the sustained rate."""
-    offered: float
-    """Messages per second published."""
-    messages: int
-    latencies_ms: list[float]
-    """One per child allocation."""
+    offered: list[float] = dataclasses.field(default_factory=list)
+    """Messages per second published, per round."""
+    messages: list[int] = dataclasses.field(default_factory=list)
+    """Messages published, per round."""
+    latencies_ms: list[list[float]] = dataclasses.field(default_factory=list)
+    """Per round, one per child allocation."""
+
+    @property
+    def pooled(self) -> list[float]:
+        """Every round's latencies together."""
+        return [v for values in self.latencies_ms for v in values]
 
     @property
     def p50(self) -> float:
-        """Median latency, ms."""
-        return percentile(self.latencies_ms, 50)
+        """Median latency of all rounds, ms."""
+        return percentile(self.pooled, 50)
 
     @property
     def p99(self) -> float:
-        """99th percentile latency, ms."""
-        return percentile(self.latencies_ms, 99)
+        """99th percentile latency of all rounds, ms."""
+        return percentile(self.pooled, 99)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -218,17 +225,21 @@ async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
         say(
             f"  sustained: {sustained:,.0f} msg/s ({sustained * workload.CHILDREN:,.0f} children/s)"
         )
-        steps = []
-        for i, fraction in enumerate(o.rates):
-            per_s = fraction * sustained
-            count = max(2, round(per_s * o.rate_seconds))
-            offered, records = await pipe.through(
-                count, f"r{i}", per_s, o.limit + 4 * o.rate_seconds
-            )
-            step = Step(fraction, offered, count, _latencies(records))
-            steps.append(step)
-            p50, p99 = step.p50, step.p99
-            say(f"  {fraction:g} x: {offered:,.0f} msg/s, p50 {p50:,.0f} ms, p99 {p99:,.0f} ms")
+        steps = {fraction: Step(fraction) for fraction in o.rates}
+        for r in range(o.latency_rounds):
+            k = r % len(o.rates)  # rotate the order from round to round
+            for i, fraction in [*enumerate(o.rates)][k:] + [*enumerate(o.rates)][:k]:
+                per_s = fraction * sustained
+                count = max(2, round(per_s * o.rate_seconds))
+                offered, records = await pipe.through(
+                    count, f"r{r}{i}", per_s, o.limit + 4 * o.rate_seconds
+                )
+                step, latencies = steps[fraction], _latencies(records)
+                step.offered.append(offered)
+                step.messages.append(count)
+                step.latencies_ms.append(latencies)
+                p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+                say(f"  {fraction:g} x: {offered:,.0f} msg/s, p50 {p50:,.0f} ms, p99 {p99:,.0f} ms")
         sustained_memory = pipe.memory()
         burst = None
         if o.burst:
@@ -237,4 +248,4 @@ async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
     finally:
         for proc in workers.values():
             await proc.stop()
-    return E2E(sustained, steps, sustained_memory, burst)
+    return E2E(sustained, list(steps.values()), sustained_memory, burst)

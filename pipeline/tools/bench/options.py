@@ -18,7 +18,8 @@ class Options:
     decode_reps: int = 7
     sustain: int = 1500
     rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    rate_seconds: float = 6.0
+    rate_seconds: float = 5.0
+    latency_rounds: int = 2
     burst: int = 25_000
     burst_settle: float = 10.0
     limit: float = 180.0

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from pipeline.tools.bench.latency import percentile
 from pipeline.tools.bench.stages import STAGES
 
 if TYPE_CHECKING:
@@ -118,11 +119,14 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
     steps = [
         {
             "fraction": step.fraction,
-            "offered_msg_per_s": step.offered,
-            "messages": step.messages,
+            "offered_msg_per_s": statistics.median(step.offered),
+            "offered_rounds": step.offered,
+            "messages": sum(step.messages),
             "p50_ms": step.p50,
             "p99_ms": step.p99,
-            "latencies_ms": step.latencies_ms,
+            "round_p50_ms": [percentile(values, 50) for values in step.latencies_ms],
+            "round_p99_ms": [percentile(values, 99) for values in step.latencies_ms],
+            "latencies_ms": step.pooled,
         }
         for step in e2e.steps
     ]
@@ -202,7 +206,10 @@ def _throughput(doc: dict[str, Any]) -> Table:
 
 def _latency(e2e: dict[str, Any]) -> Table:
     sustained = e2e["sustained_msg_per_s"]
-    t = Table(title=f"end to end, 4 children per message: sustained {sustained:,.0f} msg/s")
+    t = Table(
+        title=f"end to end, 4 children per message: sustained {sustained:,.0f} msg/s; "
+        "latency of all rounds [each round's]"
+    )
     for column in ("offered load", "msg/s", "children", "p50 ms", "p99 ms"):
         t.add_column(column, justify="right")
     for step in e2e["steps"]:
@@ -210,8 +217,8 @@ def _latency(e2e: dict[str, Any]) -> Table:
             f"{step['fraction']:g} x",
             _rate(step["offered_msg_per_s"]),
             f"{len(step['latencies_ms']):,}",
-            _rate(step["p50_ms"]),
-            _rate(step["p99_ms"]),
+            f"{_rate(step['p50_ms'])} [{', '.join(map(_rate, step['round_p50_ms']))}]",
+            f"{_rate(step['p99_ms'])} [{', '.join(map(_rate, step['round_p99_ms']))}]",
         )
     return t
 
@@ -293,7 +300,13 @@ def chart(doc: dict[str, Any], path: Path) -> None:
         e = doc["e2e"]
         offered = [step["offered_msg_per_s"] for step in e["steps"]]
         for name, style in (("p50", "o-"), ("p99", "s--")):
-            right.plot(offered, [step[f"{name}_ms"] for step in e["steps"]], style, label=name)
+            values = [step[f"{name}_ms"] for step in e["steps"]]
+            rounds = [step[f"round_{name}_ms"] for step in e["steps"]]
+            err = [
+                [v - min(r) for v, r in zip(values, rounds, strict=True)],
+                [max(r) - v for v, r in zip(values, rounds, strict=True)],
+            ]
+            right.errorbar(offered, values, yerr=err, fmt=style, capsize=3, label=f"{name}")
         for name, limit in LATENCY_TARGETS.items():
             right.axhline(limit, color="grey", linewidth=0.8, linestyle=":")
             right.annotate(
@@ -305,7 +318,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
         right.set_yscale("log")
         right.set_xlabel("offered load, messages/s (4 children each)")
         right.set_ylabel("publish -> allocation record, ms (log scale)")
-        right.set_title("end-to-end latency against offered load")
+        right.set_title("end-to-end latency against offered load (all rounds; bars: each round)")
         right.legend(fontsize=8)
     meta = doc["meta"]
     fig.suptitle(
