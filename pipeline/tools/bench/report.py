@@ -64,7 +64,7 @@ def document(
     (own, own_v), (ceiling, ceiling_v) = decode.items()
     ratio = statistics.median(own_v) / statistics.median(ceiling_v)
     doc["decode"] = {
-        "unit": "msg/s",
+        "unit": "msg/CPU-s",
         "measures": {own: _summary(own_v), ceiling: _summary(ceiling_v)},
         "ratios": {ceiling: ratio},
         "round_ratios": {ceiling: [a / b for a, b in zip(own_v, ceiling_v, strict=True)]},
