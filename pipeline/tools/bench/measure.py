@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOG_APPEND_TIME",
+    "Incomplete",
     "Output",
     "close_session",
     "create_topics",
@@ -43,6 +44,10 @@ LOG_APPEND_TIME = 1
 """``ConsumerRecord.timestamp_type`` of a broker-stamped record."""
 
 _POLL = 0.2
+
+
+class Incomplete(BenchError):
+    """Fewer records arrived than expected within the time allowed."""
 
 
 def rate(count: int, first: float, last: float) -> float:
@@ -157,7 +162,8 @@ class Output:
             alive: raises if the process producing them died (checked on every poll).
 
         Raises:
-            BenchError: fewer than ``n`` records within ``limit``, or ``alive`` raised.
+            Incomplete: fewer than ``n`` records within ``limit``.
+            BenchError: ``alive`` raised.
         """
         deadline = time.monotonic() + limit
         records: list[ConsumerRecord[bytes, bytes]] = []
@@ -175,7 +181,7 @@ class Output:
                 if time.monotonic() > deadline:
                     got = len(records) or await self._count(reader)
                     msg = f"{self.topic}: {got} of {n} records after {limit:g} s"
-                    raise BenchError(msg)
+                    raise Incomplete(msg)
                 await asyncio.sleep(_POLL)
 
 

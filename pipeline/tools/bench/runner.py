@@ -76,7 +76,8 @@ async def run(
         return 1
     finally:
         await ctx.cleanup()
-    shutil.rmtree(log_dir, ignore_errors=True)
+    if "e2e_error" not in doc:
+        shutil.rmtree(log_dir, ignore_errors=True)
     doc["meta"] |= {
         "started_at": started_at,
         "seconds": round(time.monotonic() - started, 1),
@@ -90,7 +91,7 @@ async def run(
     if chart is not None:
         await asyncio.to_thread(report.chart, doc, chart)
         console.print(f"chart drawn in {chart}")
-    return 0
+    return 1 if "e2e_error" in doc else 0
 
 
 def _meta(ctx: Context) -> dict[str, Any]:
@@ -123,16 +124,22 @@ async def _measure(console: Console, ctx: Context, profile_dir: Path | None) -> 
             console.print(f"profile round: each stage with py-spy attached, into {profile_dir}")
             await asyncio.to_thread(profile_dir.mkdir, parents=True, exist_ok=True)
             profiles = await stages.profile(o.rounds, profile_dir)
-        e2e = None
+        e2e, failure = None, None
         if o.sustain:
             console.print(
                 f"end to end: {o.sustain:,} messages for the sustained rate, then "
                 f"{len(o.rates)} rates x {o.rate_seconds:g} s, then a burst of {o.burst:,}"
             )
-            e2e = await end_to_end(ctx, console.print)
+            try:
+                e2e = await end_to_end(ctx, console.print)
+            except procs.BenchError as exc:  # keep what the rounds measured
+                console.print(f"[red]end to end failed: {exc}[/red] (logs in {ctx.log_dir})")
+                failure = str(exc)
     finally:
         await emulator.stop()
     doc = report.document(_meta(ctx), decode, stages.samples, e2e)
+    if failure is not None:
+        doc["e2e_error"] = failure
     if profiles is not None:
         doc["profiles"] = profiles
     return doc
