@@ -30,6 +30,8 @@ _RATE = 500
 _LINE = re.compile(r" \(([^:()]*):\d+\)$")
 _TRUNK = ("<frozen", "asyncio/", "runpy", "pipeline/__main__.py", "pipeline/cli.py")
 """Frames on every stack (the interpreter's and the event loop's): left out of "inclusive"."""
+_IDLE = frozenset({"_worker (concurrent/futures/thread.py)"})
+"""Leaf frames py-spy samples as busy that are waiting: a thread pool's idle worker."""
 
 
 def available() -> bool:
@@ -53,6 +55,8 @@ def summarize(path: Path, top: int = 12) -> dict[str, Any]:
             continue
         n = int(count)
         frames = [_function(f) for f in stack.split(";")]
+        if frames[-1] in _IDLE:
+            continue
         total += n
         own[frames[-1]] += n
         for frame in set(frames):
