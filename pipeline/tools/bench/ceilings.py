@@ -67,6 +67,23 @@ _ADD = msgspec.json.Decoder(PARAS[SUB_DEVICE_MANAGER, ADD_RESPONSE])
 _REQUESTS = msgspec.json.Decoder(list[Request])
 
 
+class _Clock:
+    """Wall and CPU time from the first completion to the end of the loop."""
+
+    def __init__(self) -> None:
+        self.first = 0.0
+        self._cpu = 0.0
+
+    def start(self) -> None:
+        if not self.first:
+            self.first, self._cpu = time.time(), time.process_time()
+
+    def result(self, count: int) -> dict[str, Any]:
+        last = time.time()
+        cpu = (time.process_time() - self._cpu) / max(last - self.first, 1e-3)
+        return {"count": count, "first": self.first, "last": last, "cpu": cpu}
+
+
 def typed_decode(payload: bytes) -> DownEvent:
     """Decode a down event and every add_sub_device_response in it: msgspec alone."""
     event = _ENVELOPE.decode(payload)
@@ -81,17 +98,17 @@ async def drain(cfg: Config, count: int) -> dict[str, Any]:
     client = mqtt.connect(cfg.mqtt)
     mqtt.manual_ack(client)
     received = 0
-    first = 0.0
+    clock = _Clock()
     async with client:
         await mqtt.subscribe(client, cfg.mqtt)
         async for message in client.messages:
             mqtt.ack(client, message)
             received += 1
             if received == 1:
-                first = time.time()
+                clock.start()
             if received == count:
                 break
-    return {"count": received, "first": first, "last": time.time()}
+    return clock.result(received)
 
 
 async def naive(cfg: Config, count: int) -> dict[str, Any]:
@@ -100,7 +117,7 @@ async def naive(cfg: Config, count: int) -> dict[str, Any]:
     client = mqtt.connect(cfg.mqtt)
     mqtt.manual_ack(client)
     received = 0
-    first = 0.0
+    clock = _Clock()
     async with kafka.producer(cfg.kafka) as producer, client:
         await mqtt.subscribe(client, cfg.mqtt)
         async for message in client.messages:
@@ -110,12 +127,12 @@ async def naive(cfg: Config, count: int) -> dict[str, Any]:
             future.add_done_callback(functools.partial(_ack, client, message))
             received += 1
             if received == 1:
-                first = time.time()
+                clock.start()
             if received == count:
                 break
         await producer.flush()
         await asyncio.sleep(0)  # let the last completion callbacks run
-    return {"count": received, "first": first, "last": time.time()}
+    return clock.result(received)
 
 
 def _ack(client: aiomqtt.Client, message: aiomqtt.Message, future: asyncio.Future[Any]) -> None:
@@ -130,19 +147,19 @@ async def transactional(cfg: Config, count: int, children: int, child_bytes: int
     consumer = kafka.consumer(cfg.kafka, group_id=group)
     producer = kafka.producer(cfg.kafka, transactional_id=cfg.router.transactional_id)
     consumed = 0
-    first = 0.0
+    clock = _Clock()
     async with consumer, producer:
         consumer.subscribe([cfg.kafka.topics.down_events])
         while consumed < count:
             batch = await consumer.getmany(timeout_ms=1000, max_records=cfg.router.batch_max)
             if not batch:
                 continue
-            first = first or time.time()
+            clock.start()
             await _transaction(
                 producer, batch, out, group, children=children, child_bytes=child_bytes
             )
             consumed += sum(len(records) for records in batch.values())
-    return {"count": consumed * children, "first": first, "last": time.time()}
+    return clock.result(consumed * children)
 
 
 async def _transaction(
@@ -174,13 +191,13 @@ async def allocate(cfg: Config, requests: list[Request], concurrency: int) -> di
     pending = iter(requests)
     done = 0
     failed: list[str] = []
-    first = 0.0
+    clock = _Clock()
     connector = aiohttp.TCPConnector(limit=POOL_SIZE)
     async with aiohttp.ClientSession(connector=connector) as session:
         token = await _token(session, base, dps.app_key, secret)
 
         async def worker() -> None:
-            nonlocal done, first
+            nonlocal done
             for request in pending:
                 params = {"action": "allocate", "orgId": request.org_id}
                 body = request.body.encode()
@@ -197,7 +214,7 @@ async def allocate(cfg: Config, requests: list[Request], concurrency: int) -> di
                 if response.status != 200 or b'"code":0,' not in answer:  # noqa: PLR2004
                     failed.append(f"HTTP {response.status}: {answer[:200]!r}")
                 done += 1
-                first = first or time.time()
+                clock.start()
 
         async with asyncio.TaskGroup() as tg:
             for i in range(concurrency):
@@ -205,7 +222,7 @@ async def allocate(cfg: Config, requests: list[Request], concurrency: int) -> di
     if failed:
         msg = f"{len(failed)} of {done} allocations failed, e.g. {failed[0]}"
         raise RuntimeError(msg)
-    return {"count": done, "first": first, "last": time.time()}
+    return clock.result(done)
 
 
 async def _token(session: aiohttp.ClientSession, base: yarl.URL, key: str, secret: str) -> str:

@@ -137,6 +137,13 @@ class Output:
             tps = await kafka.partitions(reader, self.topic)
             self._begin = dict(await reader.end_offsets(tps))
 
+    async def first(self, alive: Callable[[], None], poll: float = 0.02) -> None:
+        """Until the first record (or transaction marker) arrives, on one connection."""
+        async with kafka.reader(self._cfg) as reader:
+            while not await self._count(reader):
+                alive()
+                await asyncio.sleep(poll)
+
     async def ends(self) -> dict[TopicPartition, int]:
         """Where the topic ends now, per partition."""
         async with kafka.reader(self._cfg) as reader:

@@ -101,6 +101,16 @@ class Proc:
             raise BenchError(msg)
         return Memory(fields["VmHWM"], fields["VmRSS"])
 
+    def cpu_seconds(self) -> float:
+        """CPU time the process has used so far (user + system), from ``/proc``."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            self.check()
+            raise
+        # After the command name: state is field 3, utime and stime are fields 14 and 15.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def tail(self) -> str:
         """The end of what the process wrote to stderr."""
         with contextlib.suppress(OSError):

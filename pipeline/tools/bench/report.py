@@ -81,6 +81,7 @@ def document(
             entry["measures"][kind] = _summary(rates) | {
                 "counts": [s.count for s in measured[kind]],
                 "seconds": [s.seconds for s in measured[kind]],
+                "cpu": [s.cpu for s in measured[kind]],
             }
             if kind == "stage":
                 entry["measures"][kind]["peak_mb"] = [s.peak_mb for s in measured[kind]]
@@ -194,7 +195,7 @@ def _throughput(doc: dict[str, Any]) -> Table:
     rounds = doc["meta"]["options"]["rounds"]
     t = Table(title=f"throughput: medians of {rounds} interleaved rounds, [min-max]")
     t.add_column("measure")
-    for column in ("median", "range", "ratio"):
+    for column in ("median", "range", "ratio", "CPU of a core"):
         t.add_column(column, justify="right")
     for stage, entry in [("decode", doc["decode"]), *doc["stages"].items()]:
         for i, (kind, summary) in enumerate(entry["measures"].items()):
@@ -209,8 +210,14 @@ def _throughput(doc: dict[str, Any]) -> Table:
                 _rate(summary["median"]),
                 f"[{_rate(summary['min'])}-{_rate(summary['max'])}]",
                 f"{ratio:.2f}" if ratio is not None else "",
+                _cpu(summary.get("cpu")),
             )
     return t
+
+
+def _cpu(values: list[float | None] | None) -> str:
+    known = [v for v in values or () if v is not None]
+    return f"{statistics.median(known):.0%}" if known else ""
 
 
 def _latency(e2e: dict[str, Any]) -> Table:

@@ -15,7 +15,6 @@ in the machine's load does not favour one side.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import statistics
 import time
@@ -60,6 +59,10 @@ class Sample:
     seconds: float
     peak_mb: float | None = None
     """Peak RSS of the worker (stages only; ceilings are not judged on memory)."""
+    cpu: float | None = None
+    """CPU seconds per second the process used from its first output on (a ceiling
+    reports its own): near 1.0 it is bound by its core, or by its share of the two
+    cores; well below, it waits on something."""
 
 
 def _rotated(kinds: Sequence[str], round_no: int) -> list[str]:
@@ -178,19 +181,19 @@ class Stages:
         proc = await self._ctx.worker(command, cfg, name)
         recording = None
         try:
+            # From the first output on: start-up (imports, connections) is not the load.
+            await out.first(proc.check)
+            started, cpu = time.monotonic(), proc.cpu_seconds()
             if self._recording is not None:
-                # From the first output on: start-up (imports, connections) is not the load.
-                while not await out.count():
-                    proc.check()
-                    await asyncio.sleep(0.02)
                 recording = await profile.Recording.attach(proc.pid, self._recording)
             records = await out.wait(n, limit=self._ctx.options.limit, alive=proc.check)
+            busy = (proc.cpu_seconds() - cpu) / max(time.monotonic() - started, 1e-3)
             memory = proc.memory()
         finally:
             if recording is not None:
                 await recording.stop()
             await proc.stop()
-        return _sample(len(records), *span(records), memory)
+        return dataclasses.replace(_sample(len(records), *span(records), memory), cpu=busy)
 
     async def _ceiling(
         self, loop: str, cfg: Config, name: str, out: Output | None, n: int, *args: str
@@ -201,14 +204,16 @@ class Stages:
         limit = self._ctx.options.limit
         if out is None:
             result = await proc.result(limit)
-            return _sample(int(result["count"]), float(result["first"]), float(result["last"]))
-        try:
-            records = await out.wait(n, limit=limit, alive=proc.check_failed)
-        except BaseException:
-            await proc.stop()
-            raise
-        await proc.result(limit)
-        return _sample(len(records), *span(records))
+            sample = _sample(int(result["count"]), float(result["first"]), float(result["last"]))
+        else:
+            try:
+                records = await out.wait(n, limit=limit, alive=proc.check_failed)
+            except BaseException:
+                await proc.stop()
+                raise
+            result = await proc.result(limit)
+            sample = _sample(len(records), *span(records))
+        return dataclasses.replace(sample, cpu=float(result["cpu"]))
 
     async def _ingest(self, kind: str, round_no: int) -> Sample:
         ctx, n = self._ctx, len(self._messages)
