@@ -334,11 +334,13 @@ def chart(doc: dict[str, Any], path: Path) -> None:
         right.set_yscale("log")
         right.set_xlabel("offered load, messages/s (4 children each)")
         right.set_ylabel("publish -> allocation record, ms (log scale)")
-        right.set_title("end-to-end latency against offered load (all rounds; bars: each round)")
+        right.set_title("end-to-end latency against offered load (bars: each round)")
         right.legend(fontsize=8)
     meta = doc["meta"]
+    start, end = meta["loadavg_start"][0], meta["loadavg_end"][0]
     fig.suptitle(
-        f"pipeline bench, {meta['started_at']} - {meta['cpus']} shared cores; "
+        f"pipeline bench, {meta['started_at']} - {meta['cpus']} shared cores, load average "
+        f"{start:.1f} at the start, {end:.1f} at the end; "
         f"{meta['options']['rounds']} interleaved rounds",
         fontsize=10,
     )

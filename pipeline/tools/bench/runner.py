@@ -76,7 +76,13 @@ async def run(
         return 1
     finally:
         await ctx.cleanup()
-    if "e2e_error" not in doc:
+    logged = _logged(log_dir)
+    if logged:
+        doc["meta"]["worker_logs"] = logged
+        console.print(f"[yellow]processes logged warnings or errors (kept in {log_dir}):[/yellow]")
+        for name, (count, first) in logged.items():
+            console.print(f"  {name}: {count} lines, first: {first[:160]}")
+    elif "e2e_error" not in doc:
         shutil.rmtree(log_dir, ignore_errors=True)
     doc["meta"] |= {
         "started_at": started_at,
@@ -92,6 +98,16 @@ async def run(
         await asyncio.to_thread(report.chart, doc, chart)
         console.print(f"chart drawn in {chart}")
     return 1 if "e2e_error" in doc else 0
+
+
+def _logged(log_dir: Path) -> dict[str, tuple[int, str]]:
+    """Per process that wrote to stderr (warnings and errors only): lines, and the first."""
+    out = {}
+    for log in sorted(log_dir.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        if lines:
+            out[log.stem] = (len(lines), lines[0])
+    return out
 
 
 def _meta(ctx: Context) -> dict[str, Any]:
