@@ -52,6 +52,33 @@ def _check_summary(summary: dict[str, Any], rounds: int) -> None:
     assert summary["min"] == min(samples) <= summary["median"] <= max(samples) == summary["max"]
 
 
+def _check_stages(doc: dict[str, Any]) -> None:
+    expected_counts = {
+        "ingest": TINY.messages,
+        "route": TINY.events * workload.CHILDREN,
+        "sink": TINY.allocations,
+    }
+    assert list(doc["stages"]) == list(STAGES)
+    for stage, (unit, kinds) in STAGES.items():
+        entry = doc["stages"][stage]
+        assert entry["unit"] == unit
+        assert list(entry["measures"]) == list(kinds)
+        for kind in kinds:
+            summary = entry["measures"][kind]
+            _check_summary(summary, TINY.rounds)
+            # Every stage and ceiling completed exactly the work it was given.
+            assert summary["counts"] == [expected_counts[stage]] * TINY.rounds
+            assert all(_positive(s) for s in summary["seconds"])
+            # CPU shares: /proc counts in 10 ms ticks, so a tiny run may read 0.
+            assert all(math.isfinite(cpu) and cpu >= 0 for cpu in summary["cpu"])
+            assert all(math.isfinite(us) and us >= 0 for us in summary["cpu_us_per_unit"])
+        assert all(_positive(mb) for mb in entry["measures"]["stage"]["peak_mb"])
+        stage_median = entry["measures"]["stage"]["median"]
+        assert set(entry["ratios"]) == set(kinds[1:])
+        for kind, ratio in entry["ratios"].items():
+            assert ratio == pytest.approx(stage_median / entry["measures"][kind]["median"])
+
+
 @pytest.mark.services
 async def test_bench_runs_end_to_end_and_reports_consistent_figures(
     cfg: Config, tmp_path: Path
@@ -71,29 +98,7 @@ async def test_bench_runs_end_to_end_and_reports_consistent_figures(
     medians = [s["median"] for s in decode["measures"].values()]
     assert decode["ratios"]["msgspec typed decode"] == pytest.approx(medians[0] / medians[1])
 
-    expected_counts = {
-        "ingest": TINY.messages,
-        "route": TINY.events * workload.CHILDREN,
-        "sink": TINY.allocations,
-    }
-    assert list(doc["stages"]) == list(STAGES)
-    for stage, (unit, kinds) in STAGES.items():
-        entry = doc["stages"][stage]
-        assert entry["unit"] == unit
-        assert list(entry["measures"]) == list(kinds)
-        for kind in kinds:
-            summary = entry["measures"][kind]
-            _check_summary(summary, TINY.rounds)
-            # Every stage and ceiling completed exactly the work it was given.
-            assert summary["counts"] == [expected_counts[stage]] * TINY.rounds
-            assert all(_positive(s) for s in summary["seconds"])
-            # CPU shares: /proc counts in 10 ms ticks, so a tiny run may read 0.
-            assert all(math.isfinite(cpu) and cpu >= 0 for cpu in summary["cpu"])
-        assert all(_positive(mb) for mb in entry["measures"]["stage"]["peak_mb"])
-        stage_median = entry["measures"]["stage"]["median"]
-        assert set(entry["ratios"]) == set(kinds[1:])
-        for kind, ratio in entry["ratios"].items():
-            assert ratio == pytest.approx(stage_median / entry["measures"][kind]["median"])
+    _check_stages(doc)
 
     e2e = doc["e2e"]
     assert _positive(e2e["sustained_msg_per_s"])

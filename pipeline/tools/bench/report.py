@@ -82,6 +82,10 @@ def document(
                 "counts": [s.count for s in measured[kind]],
                 "seconds": [s.seconds for s in measured[kind]],
                 "cpu": [s.cpu for s in measured[kind]],
+                # CPU per unit depends little on how much of a core the process got.
+                "cpu_us_per_unit": [
+                    None if s.cpu is None else s.cpu / s.rate * 1e6 for s in measured[kind]
+                ],
             }
             if kind == "stage":
                 entry["measures"][kind]["peak_mb"] = [s.peak_mb for s in measured[kind]]
@@ -195,7 +199,7 @@ def _throughput(doc: dict[str, Any]) -> Table:
     rounds = doc["meta"]["options"]["rounds"]
     t = Table(title=f"throughput: medians of {rounds} interleaved rounds, [min-max]")
     t.add_column("measure")
-    for column in ("median", "range", "ratio", "CPU of a core"):
+    for column in ("median", "range", "ratio", "CPU of a core", "CPU µs per unit"):
         t.add_column(column, justify="right")
     for stage, entry in [("decode", doc["decode"]), *doc["stages"].items()]:
         for i, (kind, summary) in enumerate(entry["measures"].items()):
@@ -210,14 +214,15 @@ def _throughput(doc: dict[str, Any]) -> Table:
                 _rate(summary["median"]),
                 f"[{_rate(summary['min'])}-{_rate(summary['max'])}]",
                 f"{ratio:.2f}" if ratio is not None else "",
-                _cpu(summary.get("cpu")),
+                _median(summary.get("cpu"), "{:.0%}"),
+                _median(summary.get("cpu_us_per_unit"), "{:,.0f}"),
             )
     return t
 
 
-def _cpu(values: list[float | None] | None) -> str:
+def _median(values: list[float | None] | None, form: str) -> str:
     known = [v for v in values or () if v is not None]
-    return f"{statistics.median(known):.0%}" if known else ""
+    return form.format(statistics.median(known)) if known else ""
 
 
 def _latency(e2e: dict[str, Any]) -> Table:
