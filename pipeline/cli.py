@@ -32,6 +32,7 @@ from pipeline.errors import (
 )
 from pipeline.io.aio import Stopped
 from pipeline.ops.logs import setup_logging
+from pipeline.tools.bench.options import Options as BenchOptions
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterator
@@ -113,11 +114,92 @@ def _add_tools(sub: Any) -> None:
     p.add_argument("--fixture", help="replay fixture (default: the bundled demo)")
     p.set_defaults(handler=_demo)
 
-    p = sub.add_parser("bench", help="measure throughput and memory of each stage")
-    p.add_argument("--messages", type=int, default=5000, help="MQTT messages to ingest")
-    p.add_argument("--children", type=int, default=2000, help="children to allocate")
-    p.add_argument("--runs", type=int, default=3, help="repetitions (medians are reported)")
-    p.set_defaults(handler=_bench)
+    p = sub.add_parser(
+        "bench",
+        help="each stage against its raw ceiling, end-to-end latency, memory",
+        description="Each stage against its raw ceiling (a minimal loop of the same client "
+        "doing only the transport), interleaved over rounds; then end-to-end latency "
+        "against offered load and each worker's peak RSS. Medians, min-max, ratios.",
+    )
+    o = BenchOptions()
+    p.add_argument(
+        "--rounds", type=int, default=o.rounds, help=f"interleaved rounds (default {o.rounds})"
+    )
+    p.add_argument(
+        "--messages",
+        type=int,
+        default=o.messages,
+        help=f"MQTT messages per ingest measurement (default {o.messages})",
+    )
+    p.add_argument(
+        "--events",
+        type=int,
+        default=o.events,
+        help=f"down events per route measurement, 4 children each (default {o.events})",
+    )
+    p.add_argument(
+        "--allocations",
+        type=int,
+        default=o.allocations,
+        help=f"children per sink measurement (default {o.allocations})",
+    )
+    p.add_argument(
+        "--sustain",
+        type=int,
+        default=o.sustain,
+        help=f"messages for the sustained rate; 0 skips end to end (default {o.sustain})",
+    )
+    p.add_argument(
+        "--rates",
+        type=_fractions,
+        default=o.rates,
+        metavar="F,F,...",
+        help="offered loads, as fractions of the sustained rate (default 0.25,0.5,1,2)",
+    )
+    p.add_argument(
+        "--rate-seconds",
+        type=float,
+        default=o.rate_seconds,
+        help=f"seconds of load per rate (default {o.rate_seconds:g})",
+    )
+    p.add_argument(
+        "--latency-rounds",
+        type=int,
+        default=o.latency_rounds,
+        help=f"rounds over the rates, in rotating order (default {o.latency_rounds})",
+    )
+    p.add_argument(
+        "--burst",
+        type=int,
+        default=o.burst,
+        help=f"messages of the burst; 0 skips it (default {o.burst})",
+    )
+    p.add_argument("--out", metavar="FILE.json", type=Path, help="write every figure as JSON")
+    p.add_argument(
+        "--chart",
+        metavar="FILE.png",
+        type=Path,
+        help="draw throughput and latency (needs the bench extra: matplotlib)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="one more round with py-spy attached to each stage worker; "
+        "stacks in DIR, top costs printed (needs py-spy)",
+    )
+    p.set_defaults(handler=_bench)  # fmt: skip
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        msg = f"not a list of numbers: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not values or any(not 0 < v <= 10 for v in values):  # noqa: PLR2004
+        raise argparse.ArgumentTypeError("each rate is a fraction in (0, 10]")
+    return values
 
 
 def _add_admin(sub: Any) -> None:
@@ -396,7 +478,15 @@ async def _demo(args: argparse.Namespace, cfg: Config) -> int:
 async def _bench(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.tools.bench import run  # noqa: PLC0415
 
-    return await run(cfg, messages=args.messages, children=args.children, runs=args.runs)
+    options = BenchOptions(
+        rounds=args.rounds, messages=args.messages, events=args.events,
+        allocations=args.allocations, sustain=args.sustain, rates=args.rates,
+        rate_seconds=args.rate_seconds, latency_rounds=args.latency_rounds, burst=args.burst,
+    )  # fmt: skip
+    return await run(
+        cfg, options, config_path=args.config, out=args.out, chart=args.chart,
+        profile_dir=args.profile,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

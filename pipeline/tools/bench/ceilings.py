@@ -1,0 +1,284 @@
+"""The ceilings: minimal loops of the same clients and settings, doing only the transport.
+
+A stage's figure means little alone on a shared 2-core machine; next to the fastest loop
+the same client library manages on the same input, in the same run, it says how much the
+stage's own work costs. Each loop here is deliberately naive and short, so a reader can
+check that it does the transport and nothing else:
+
+- :func:`drain`: aiomqtt, QoS 1, **manual** PUBACK of each message as soon as it arrives
+  (the same client options as ingest: :func:`pipeline.io.mqtt.connect`);
+- :func:`naive`: the same drain plus one aiokafka ``send`` per message on the ingest
+  producer (``acks=all``, idempotent, same linger); each message is acknowledged from its
+  send's completion callback, in completion order, with no decoding and no record
+  envelope (the payload is the value, the MQTT topic the key);
+- :func:`transactional`: aiokafka read-process-write, the router's consumer and
+  transactional producer, ``router.batch_max`` records per transaction; per input record
+  it sends the same number of child records of the same size (slices of the input value),
+  without decoding anything;
+- :func:`allocate`: aiohttp with ``concurrency`` requests in flight against DPS (the
+  emulator) allocate, each with a fresh timestamp and signature
+  (:func:`pipeline.dps.protocol.sign`) over the very bodies the sink sends, on a pool as
+  large as the DPS client's; success is checked (HTTP 200 and code 0), nothing is parsed;
+- :func:`typed_decode`: msgspec typed decode of the same Structs as
+  :func:`pipeline.core.decode.decode_down`, without its checks and error translation.
+
+Run one alone (it prints one JSON line)::
+
+    python -m pipeline.tools.bench.ceilings [--config FILE] drain --count 3000
+
+with the measurement's topics, client id and groups in ``PIPELINE_...`` variables,
+as :mod:`pipeline.tools.bench.procs` sets them. The loops resume an MQTT session that
+already holds the messages (``drain``, ``naive``), or read a topic from the beginning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+import orjson
+import yarl
+
+from pipeline.config import Config, load_config
+from pipeline.dps.protocol import DEVICE_PATH, TOKEN_PATH, sign, token_encryption
+from pipeline.io import kafka, mqtt
+from pipeline.ops.logs import setup_logging
+from pipeline.schemas import ADD_RESPONSE, PARAS, SUB_DEVICE_MANAGER, DownEvent
+from pipeline.tools.bench.workload import Request
+
+if TYPE_CHECKING:
+    import aiomqtt
+    from aiokafka import AIOKafkaProducer
+
+__all__ = ["allocate", "drain", "main", "naive", "transactional", "typed_decode"]
+
+POOL_SIZE = 100
+"""Connections the DPS client keeps (``DpsClient(pool_size=100)``); the ceiling uses as many."""
+
+_ENVELOPE = msgspec.json.Decoder(DownEvent)
+_ADD = msgspec.json.Decoder(PARAS[SUB_DEVICE_MANAGER, ADD_RESPONSE])
+_REQUESTS = msgspec.json.Decoder(list[Request])
+
+
+class _Clock:
+    """Wall and CPU time from the first completion to the end of the loop."""
+
+    def __init__(self) -> None:
+        self.first = 0.0
+        self._cpu = 0.0
+
+    def start(self) -> None:
+        if not self.first:
+            self.first, self._cpu = time.time(), time.process_time()
+
+    def result(self, count: int) -> dict[str, Any]:
+        last = time.time()
+        cpu = (time.process_time() - self._cpu) / max(last - self.first, 1e-3)
+        return {"count": count, "first": self.first, "last": last, "cpu": cpu}
+
+
+def typed_decode(payload: bytes) -> DownEvent:
+    """Decode a down event and every add_sub_device_response in it: msgspec alone."""
+    event = _ENVELOPE.decode(payload)
+    for service in event.services or ():
+        if service.service_id == SUB_DEVICE_MANAGER and service.event_type == ADD_RESPONSE:
+            _ADD.decode(service.paras)
+    return event
+
+
+async def drain(cfg: Config, count: int) -> dict[str, Any]:
+    """Receive ``count`` QoS 1 messages, acknowledging each on arrival."""
+    client = mqtt.connect(cfg.mqtt)
+    mqtt.manual_ack(client)
+    received = 0
+    clock = _Clock()
+    async with client:
+        await mqtt.subscribe(client, cfg.mqtt)
+        async for message in client.messages:
+            mqtt.ack(client, message)
+            received += 1
+            if received == 1:
+                clock.start()
+            if received == count:
+                break
+    return clock.result(received)
+
+
+async def naive(cfg: Config, count: int) -> dict[str, Any]:
+    """Receive ``count`` messages; one Kafka send each; acknowledge when Kafka has it."""
+    topic = cfg.kafka.topics.down_events
+    client = mqtt.connect(cfg.mqtt)
+    mqtt.manual_ack(client)
+    received = 0
+    clock = _Clock()
+    async with kafka.producer(cfg.kafka) as producer, client:
+        await mqtt.subscribe(client, cfg.mqtt)
+        async for message in client.messages:
+            payload = message.payload
+            assert isinstance(payload, bytes)  # noqa: S101  (received messages are bytes)
+            future = await producer.send(topic, payload, key=message.topic.value.encode())
+            future.add_done_callback(functools.partial(_ack, client, message))
+            received += 1
+            if received == 1:
+                clock.start()
+            if received == count:
+                break
+        await producer.flush()
+        await asyncio.sleep(0)  # let the last completion callbacks run
+    return clock.result(received)
+
+
+def _ack(client: aiomqtt.Client, message: aiomqtt.Message, future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        mqtt.ack(client, message)
+
+
+async def transactional(cfg: Config, count: int, children: int, child_bytes: int) -> dict[str, Any]:
+    """Consume ``count`` records; per record ``children`` sends, in Kafka transactions."""
+    group = cfg.router.group_id
+    out = cfg.kafka.topics.added
+    consumer = kafka.consumer(cfg.kafka, group_id=group)
+    producer = kafka.producer(cfg.kafka, transactional_id=cfg.router.transactional_id)
+    consumed = 0
+    clock = _Clock()
+    async with consumer, producer:
+        consumer.subscribe([cfg.kafka.topics.down_events])
+        while consumed < count:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=cfg.router.batch_max)
+            if not batch:
+                continue
+            clock.start()
+            await _transaction(
+                producer, batch, out, group, children=children, child_bytes=child_bytes
+            )
+            consumed += sum(len(records) for records in batch.values())
+    return clock.result(consumed * children)
+
+
+async def _transaction(
+    producer: AIOKafkaProducer,
+    batch: dict[Any, list[Any]],
+    out: str,
+    group: str,
+    *,
+    children: int,
+    child_bytes: int,
+) -> None:
+    async with producer.transaction():
+        sends = []
+        for records in batch.values():
+            for record in records:
+                for i in range(children):
+                    key = record.key + b"%d" % i
+                    sends.append(await producer.send(out, record.value[:child_bytes], key=key))
+        await asyncio.gather(*sends)
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+        await producer.send_offsets_to_transaction(offsets, group)
+
+
+async def allocate(cfg: Config, requests: list[Request], concurrency: int) -> dict[str, Any]:
+    """Every request once, ``concurrency`` at a time; returns when all have answered."""
+    dps = cfg.sink.dps
+    secret = dps.app_secret.reveal()
+    base = yarl.URL(dps.base_url)
+    pending = iter(requests)
+    done = 0
+    failed: list[str] = []
+    clock = _Clock()
+    connector = aiohttp.TCPConnector(limit=POOL_SIZE)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        token = await _token(session, base, dps.app_key, secret)
+
+        async def worker() -> None:
+            nonlocal done
+            for request in pending:
+                params = {"action": "allocate", "orgId": request.org_id}
+                body = request.body.encode()
+                stamp = time.time_ns() // 1_000_000
+                headers = {
+                    "apim-accesstoken": token,
+                    "apim-timestamp": str(stamp),
+                    "apim-signature": sign(token, params, body, stamp, secret),
+                    "Content-Type": "application/json",
+                }
+                url = (base / DEVICE_PATH).with_query(params)
+                async with session.post(url, data=body, headers=headers) as response:
+                    answer = await response.read()
+                if response.status != 200 or b'"code":0,' not in answer:  # noqa: PLR2004
+                    failed.append(f"HTTP {response.status}: {answer[:200]!r}")
+                done += 1
+                clock.start()
+
+        async with asyncio.TaskGroup() as tg:
+            for i in range(concurrency):
+                tg.create_task(worker(), name=f"ceiling.allocate-{i}")
+    if failed:
+        msg = f"{len(failed)} of {done} allocations failed, e.g. {failed[0]}"
+        raise RuntimeError(msg)
+    return clock.result(done)
+
+
+async def _token(session: aiohttp.ClientSession, base: yarl.URL, key: str, secret: str) -> str:
+    stamp = time.time_ns() // 1_000_000
+    body = {"appKey": key, "encryption": token_encryption(key, stamp, secret), "timestamp": stamp}
+    async with session.post(base / TOKEN_PATH, json=body) as response:
+        answer = orjson.loads(await response.read())
+    token: str = answer["data"]["accessToken"]
+    return token
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.tools.bench.ceilings",
+        description="One ceiling loop of `pipeline bench`; prints one JSON line.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration")
+    sub = parser.add_subparsers(dest="loop", required=True)
+    for name, text in (
+        ("drain", "aiomqtt drain, manual PUBACK on arrival"),
+        ("naive", "aiomqtt drain + one aiokafka send per message, PUBACK after Kafka"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--count", type=int, required=True, help="messages to receive")
+    p = sub.add_parser("transactional", help="aiokafka transactional consume -> produce")
+    p.add_argument("--count", type=int, required=True, help="input records to consume")
+    p.add_argument("--children", type=int, required=True, help="records produced per input")
+    p.add_argument("--child-bytes", type=int, required=True, help="size of each produced value")
+    p = sub.add_parser("allocate", help="aiohttp, N allocate calls in flight")
+    p.add_argument("--requests", required=True, help="JSON list of {org_id, body}")
+    p.add_argument("--concurrency", type=int, default=32)
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_config(args.config)
+    match args.loop:
+        case "drain":
+            return await drain(cfg, args.count)
+        case "naive":
+            return await naive(cfg, args.count)
+        case "transactional":
+            return await transactional(cfg, args.count, args.children, args.child_bytes)
+        case _:
+            requests = _REQUESTS.decode(await asyncio.to_thread(Path(args.requests).read_bytes))
+            return await allocate(cfg, requests, args.concurrency)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ceiling loop; print its result as one JSON line on stdout."""
+    args = _parser().parse_args(argv)
+    setup_logging("warning")
+    result = asyncio.run(_run(args))
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The sizes of a bench run (no imports beyond the standard library: the CLI reads the defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["Options"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Options:
+    """Sizes of a bench run (``pipeline bench --help`` describes each)."""
+
+    rounds: int = 3
+    messages: int = 3000
+    events: int = 2500
+    allocations: int = 2000
+    decode_reps: int = 7
+    sustain: int = 1500
+    rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    rate_seconds: float = 5.0
+    latency_rounds: int = 2
+    burst: int = 25_000
+    burst_settle: float = 10.0
+    limit: float = 180.0
+    """Seconds any one measurement may take before the bench gives up."""

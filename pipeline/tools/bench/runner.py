@@ -1,0 +1,190 @@
+"""The bench run: prepare, measure, report (``pipeline bench``; see the package's docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from rich.console import Console
+
+from pipeline.tools.bench import procs, profile, report
+from pipeline.tools.bench.context import Context
+from pipeline.tools.bench.latency import end_to_end
+from pipeline.tools.bench.stages import Stages, decode_rates
+from pipeline.tools.services import ensure_services
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.tools.bench.options import Options
+
+__all__ = ["chart_available", "run"]
+
+_LIBRARIES = ("aiomqtt", "paho-mqtt", "aiokafka", "aiohttp", "msgspec")
+
+
+def chart_available() -> bool:
+    """Whether matplotlib (the ``bench`` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+async def run(
+    cfg: Config,
+    options: Options,
+    *,
+    config_path: str | None = None,
+    out: Path | None = None,
+    chart: Path | None = None,
+    profile_dir: Path | None = None,
+) -> int:
+    """Run the bench; print the tables; write ``out`` (JSON) and ``chart`` (PNG) if given.
+
+    With ``profile_dir``, one more round profiles each stage worker (:mod:`.profile`).
+    """
+    if chart is not None and not chart_available():
+        print(  # noqa: T201
+            "pipeline bench: --chart needs matplotlib: pip install 'iot-pipeline[bench]'",
+            file=sys.stderr,
+        )
+        return 2
+    if profile_dir is not None and not profile.available():
+        print("pipeline bench: --profile needs py-spy: pip install py-spy", file=sys.stderr)  # noqa: T201
+        return 2
+    console = Console(stderr=True)
+    started, load = time.monotonic(), os.getloadavg()
+    started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    with console.status("checking Mosquitto and Kafka (starting deploy/local if need be)"):
+        await ensure_services(cfg)
+    log_dir = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+    ctx = Context(cfg, options, config_path=config_path, log_dir=log_dir)
+    try:
+        doc = await _measure(console, ctx, profile_dir)
+    except procs.BenchError as exc:
+        console.print(f"[red]pipeline bench: {exc}[/red]\n(process logs in {log_dir})")
+        return 1
+    finally:
+        await ctx.cleanup()
+    logged = _logged(log_dir)
+    if logged:
+        doc["meta"]["worker_logs"] = logged
+        console.print(f"[yellow]processes logged warnings or errors (kept in {log_dir}):[/yellow]")
+        for name, (count, first) in logged.items():
+            console.print(f"  {name}: {count} lines, first: {first[:160]}")
+    elif "e2e_error" not in doc:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    doc["meta"] |= {
+        "started_at": started_at,
+        "seconds": round(time.monotonic() - started, 1),
+        "loadavg_start": load,
+        "loadavg_end": os.getloadavg(),
+    }
+    report.table(console, doc)
+    if out is not None:
+        await asyncio.to_thread(out.write_bytes, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        console.print(f"figures written to {out}")
+    if chart is not None:
+        await asyncio.to_thread(report.chart, doc, chart)
+        console.print(f"chart drawn in {chart}")
+    return 1 if "e2e_error" in doc else 0
+
+
+def _logged(log_dir: Path) -> dict[str, tuple[int, str]]:
+    """Per process that wrote to stderr (warnings and errors only): lines, and the first."""
+    out = {}
+    for log in sorted(log_dir.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        if lines:
+            out[log.stem] = (len(lines), lines[0])
+    return out
+
+
+def _meta(ctx: Context) -> dict[str, Any]:
+    return {
+        "run_id": ctx.run_id,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "libraries": {name: importlib.metadata.version(name) for name in _LIBRARIES},
+        "options": dataclasses.asdict(ctx.options),
+    }
+
+
+async def _measure(console: Console, ctx: Context, profile_dir: Path | None) -> dict[str, Any]:
+    o = ctx.options
+    emulator = await _emulator(ctx)
+    try:
+        stages = Stages(ctx)
+        await stages.prepare()
+        console.print(f"decode: {len(stages.payloads):,} messages x {o.decode_reps}")
+        decode = decode_rates(stages.payloads, o.decode_reps)
+        for i in range(o.rounds):
+            console.print(
+                f"round {i + 1}/{o.rounds}: ingest {o.messages:,} messages, "
+                f"route {o.events * 4:,} children, sink {o.allocations:,} allocations"
+            )
+            await stages.round(i)
+        profiles = None
+        if profile_dir is not None:
+            console.print(f"profile round: each stage with py-spy attached, into {profile_dir}")
+            await asyncio.to_thread(profile_dir.mkdir, parents=True, exist_ok=True)
+            profiles = await stages.profile(o.rounds, profile_dir)
+        e2e, failure = None, None
+        if o.sustain:
+            console.print(
+                f"end to end: {o.sustain:,} messages for the sustained rate, then "
+                f"{len(o.rates)} rates x {o.rate_seconds:g} s, then a burst of {o.burst:,}"
+            )
+            try:
+                e2e = await end_to_end(ctx, console.print)
+            except procs.BenchError as exc:  # keep what the rounds measured
+                console.print(f"[red]end to end failed: {exc}[/red] (logs in {ctx.log_dir})")
+                failure = str(exc)
+    finally:
+        await emulator.stop()
+    doc = report.document(_meta(ctx), decode, stages.samples, e2e)
+    if failure is not None:
+        doc["e2e_error"] = failure
+    if profiles is not None:
+        doc["profiles"] = profiles
+    return doc
+
+
+async def _emulator(ctx: Context) -> procs.Proc:
+    """The DPS emulator in its own process (``pipeline dps-emulator --accept-any-sn``)."""
+    port = procs.free_port()
+    proc = await procs.start(
+        "dps-emulator",
+        ["pipeline", "--log-level", "warning", "dps-emulator", "--port", str(port),
+         "--accept-any-sn"],
+        env=dict(os.environ),
+        log_dir=ctx.log_dir,
+        config_path=ctx.config_path,
+    )  # fmt: skip
+    ctx.dps_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as http:
+        while True:
+            proc.check()
+            try:
+                async with http.get(f"{ctx.dps_url}/_emulator/faults") as response:
+                    if response.status == 200:  # noqa: PLR2004
+                        return proc
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                await proc.stop()
+                msg = f"the DPS emulator did not answer on port {port}: {proc.tail()}"
+                raise procs.BenchError(msg)
+            await asyncio.sleep(0.1)

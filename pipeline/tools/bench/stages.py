@@ -1,0 +1,269 @@
+"""Each stage and its ceilings, interleaved, on the same input; and the decoder against msgspec.
+
+A round measures, for each stage, the real worker (``pipeline ingest|route|sink`` in its
+own process) and its ceilings (:mod:`.ceilings`, each in its own process) one after the
+other on identical input, in an order that rotates from round to round so that a drift
+in the machine's load does not favour one side.
+
+- ingest: the same N messages are queued in a fresh persistent MQTT session for each
+  measurement; the process resumes it and drains the backlog into Kafka;
+- route: every measurement reads the same preloaded ``iotda.down-events`` topic (a new
+  consumer group each time) and writes its own output topic;
+- sink: every measurement allocates the same children (the same sns, already registered
+  in the emulator), from the same preloaded ``iotda.subdevices.added`` topic for the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+
+from pipeline.core.decode import decode_down
+from pipeline.dps.emulator import DEMO_GROUP
+from pipeline.tools.bench import ceilings, measure, profile, workload
+from pipeline.tools.bench.measure import Output, rate, span
+from pipeline.tools.replay import replay_messages
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
+    from pipeline.config import Config
+    from pipeline.tools.bench.context import Context
+    from pipeline.tools.bench.procs import Memory
+
+__all__ = ["STAGES", "Sample", "Stages", "decode_rates"]
+
+_DECODE_BLOCK = 250
+"""Messages decoded by one loop before the other takes its turn."""
+
+STAGES = {
+    "ingest": ("msg/s", ("stage", "naive", "drain")),
+    "route": ("children/s", ("stage", "transactional")),
+    "sink": ("allocations/s", ("stage", "aiohttp")),
+}
+"""Per stage: its unit, and what is measured (the stage first, then its ceilings)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sample:
+    """One measurement: a rate over ``count`` completions, and the process's peak memory."""
+
+    rate: float
+    count: int
+    seconds: float
+    peak_mb: float | None = None
+    """Peak RSS of the worker (stages only; ceilings are not judged on memory)."""
+    cpu: float | None = None
+    """CPU seconds per second the process used from its first output on (a ceiling
+    reports its own): near 1.0 it is bound by its core, or by its share of the two
+    cores; well below, it waits on something."""
+
+
+def _rotated(kinds: Sequence[str], round_no: int) -> list[str]:
+    k = round_no % len(kinds)
+    return [*kinds[k:], *kinds[:k]]
+
+
+def _sample(count: int, first: float, last: float, memory: Memory | None = None) -> Sample:
+    return Sample(rate(count, first, last), count, last - first, memory.peak_mb if memory else None)
+
+
+def decode_rates(payloads: list[bytes], reps: int) -> dict[str, list[float]]:
+    """Messages per CPU second of :func:`decode_down` and of the bare typed decode.
+
+    Both are timed on this thread's CPU clock (``time.thread_time``), so time the
+    machine gives to other processes does not count, and they alternate every
+    :data:`_DECODE_BLOCK` messages, so both see the same caches and clock speed.
+    """
+    loops: dict[str, Callable[[bytes], object]] = {
+        "decode_down": decode_down,
+        "msgspec typed decode": ceilings.typed_decode,
+    }
+    blocks = [payloads[i : i + _DECODE_BLOCK] for i in range(0, len(payloads), _DECODE_BLOCK)]
+    out: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(reps):
+        spent = dict.fromkeys(loops, 0.0)
+        for b, block in enumerate(blocks):
+            for name in _rotated(list(loops), b):
+                decode = loops[name]
+                started = time.thread_time()
+                for payload in block:
+                    decode(payload)
+                spent[name] += time.thread_time() - started
+        for name, seconds in spent.items():
+            out[name].append(len(payloads) / seconds)
+    return out
+
+
+class Stages:
+    """The three stages' inputs, prepared once, and one round of measurements at a time."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        o = ctx.options
+        self._messages = workload.messages(o.messages, "in")
+        self._events = workload.down_records(workload.messages(o.events, "rt"))
+        per = workload.CHILDREN
+        sink_events = workload.down_records(workload.messages(-(-o.allocations // per), "sk"))
+        children = workload.child_records(sink_events)
+        self._children = children[: o.allocations]
+        self._child_bytes = round(
+            statistics.mean(len(v) for _, v in workload.child_records(self._events))
+        )
+        self._route_in = ""
+        self._sink_in = ""
+        self._requests = ctx.log_dir / "requests.json"
+        self._recording: Path | None = None
+        self.samples: dict[str, dict[str, list[Sample]]] = {
+            stage: {kind: [] for kind in kinds} for stage, (_, kinds) in STAGES.items()
+        }
+
+    @property
+    def payloads(self) -> list[bytes]:
+        """The ingest messages' payloads (the decoder is measured on them too)."""
+        return [m.payload for m in self._messages]
+
+    async def prepare(self) -> None:
+        """Preload the route and sink inputs; register the sink's sns in the emulator."""
+        ctx = self._ctx
+        cfg = ctx.config("input")
+        await ctx.topics_for(cfg, "down_events", "added")
+        self._route_in, self._sink_in = cfg.kafka.topics.down_events, cfg.kafka.topics.added
+        await measure.preload(cfg.kafka, self._route_in, self._events)
+        await measure.preload(cfg.kafka, self._sink_in, self._children)
+        requests = workload.requests(cfg, self._children)
+        self._requests.write_bytes(msgspec.json.encode(requests))
+        devices = [
+            {"sn": msgspec.json.decode(r.body)["sn"], "group_id": DEMO_GROUP} for r in requests
+        ]
+        await self._emulator("POST", "devices", devices)
+
+    async def _emulator(self, method: str, path: str, body: object = None) -> None:
+        url = f"{self._ctx.dps_url}/_emulator/{path}"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(method, url, json=body) as response,
+        ):
+            response.raise_for_status()
+
+    async def round(self, round_no: int) -> None:
+        """One round: every stage and its ceilings, each in the rotating order."""
+        for stage, measure_one in (
+            ("ingest", self._ingest),
+            ("route", self._route),
+            ("sink", self._sink),
+        ):
+            for kind in _rotated(STAGES[stage][1], round_no):
+                self.samples[stage][kind].append(await measure_one(kind, round_no))
+
+    async def profile(self, round_no: int, directory: Path) -> dict[str, dict[str, Any]]:
+        """One more round of the stages alone, each with py-spy attached; their summaries."""
+        out = {}
+        for stage, measure_one in (
+            ("ingest", self._ingest),
+            ("route", self._route),
+            ("sink", self._sink),
+        ):
+            self._recording = directory / f"{stage}.txt"
+            await measure_one("stage", round_no)
+            out[stage] = profile.summarize(self._recording)
+        self._recording = None
+        return out
+
+    async def _worker(self, command: str, cfg: Config, name: str, out: Output, n: int) -> Sample:
+        await out.start()
+        proc = await self._ctx.worker(command, cfg, name)
+        recording = None
+        try:
+            # From the first output on: start-up (imports, connections) is not the load.
+            await out.first(proc.check)
+            started, cpu = time.monotonic(), proc.cpu_seconds()
+            if self._recording is not None:
+                recording = await profile.Recording.attach(proc.pid, self._recording)
+            records = await out.wait(n, limit=self._ctx.options.limit, alive=proc.check)
+            busy = (proc.cpu_seconds() - cpu) / max(time.monotonic() - started, 1e-3)
+            memory = proc.memory()
+        finally:
+            if recording is not None:
+                await recording.stop()
+            await proc.stop()
+        return dataclasses.replace(_sample(len(records), *span(records), memory), cpu=busy)
+
+    async def _ceiling(
+        self, loop: str, cfg: Config, name: str, out: Output | None, n: int, *args: str
+    ) -> Sample:
+        if out is not None:
+            await out.start()
+        proc = await self._ctx.ceiling(loop, cfg, name, *args)
+        limit = self._ctx.options.limit
+        if out is None:
+            result = await proc.result(limit)
+            sample = _sample(int(result["count"]), float(result["first"]), float(result["last"]))
+        else:
+            try:
+                records = await out.wait(n, limit=limit, alive=proc.check_failed)
+            except BaseException:
+                await proc.stop()
+                raise
+            result = await proc.result(limit)
+            sample = _sample(len(records), *span(records))
+        return dataclasses.replace(sample, cpu=float(result["cpu"]))
+
+    async def _ingest(self, kind: str, round_no: int) -> Sample:
+        ctx, n = self._ctx, len(self._messages)
+        name = f"i{round_no}{kind[0]}"
+        cfg = ctx.config(name)
+        await ctx.topics_for(cfg, "down_events", "down_events_dlq")
+        await ctx.session_for(cfg)
+        await replay_messages(
+            cfg.mqtt, self._messages, topic_prefix=ctx.mqtt_prefix(cfg), progress=False
+        )
+        out = Output(cfg, cfg.kafka.topics.down_events)
+        try:
+            match kind:
+                case "stage":
+                    return await self._worker("ingest", cfg, name, out, n)
+                case "naive":
+                    return await self._ceiling("naive", cfg, name, out, n, "--count", str(n))
+                case _:
+                    return await self._ceiling("drain", cfg, name, None, n, "--count", str(n))
+        finally:
+            await measure.close_session(cfg.mqtt)
+
+    async def _route(self, kind: str, round_no: int) -> Sample:
+        ctx = self._ctx
+        n = len(self._events) * workload.CHILDREN
+        name = f"r{round_no}{kind[0]}"
+        cfg = ctx.config(name, down_events=self._route_in)
+        await ctx.topics_for(cfg, "added", "failed", "down_events_dlq")
+        out = Output(cfg, cfg.kafka.topics.added)
+        if kind == "stage":
+            return await self._worker("route", cfg, name, out, n)
+        return await self._ceiling(
+            "transactional", cfg, name, out, n,
+            "--count", str(len(self._events)), "--children", str(workload.CHILDREN),
+            "--child-bytes", str(self._child_bytes),
+        )  # fmt: skip
+
+    async def _sink(self, kind: str, round_no: int) -> Sample:
+        ctx = self._ctx
+        n = len(self._children)
+        name = f"s{round_no}{kind[0]}"
+        cfg = ctx.config(name, added=self._sink_in)
+        await ctx.topics_for(cfg, "allocations", "allocations_dlq")
+        try:
+            if kind == "stage":
+                out = Output(cfg, cfg.kafka.topics.allocations)
+                return await self._worker("sink", cfg, name, out, n)
+            return await self._ceiling(
+                "allocate", cfg, name, None, n,
+                "--requests", str(self._requests), "--concurrency", str(cfg.sink.concurrency),
+            )  # fmt: skip
+        finally:
+            await self._emulator("DELETE", "calls")  # the emulator's call log stays small

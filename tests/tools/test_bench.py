@@ -1,0 +1,158 @@
+"""`pipeline bench`, run end to end with tiny sizes: the shape of its figures, not their values.
+
+No timing thresholds here: the targets are judged in the bench's own output. What is
+checked is that every stage and ceiling was measured on the input it was given, that
+every figure is a positive number, that each ratio is the stage's median over its
+ceiling's, and that the run leaves nothing behind on the shared brokers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline import cli
+from pipeline.config import Config
+from pipeline.io import kafka
+from pipeline.tools.bench import Options, run, runner, workload
+from pipeline.tools.bench.latency import percentile
+from pipeline.tools.bench.measure import rate
+from pipeline.tools.bench.stages import STAGES
+
+TINY = Options(
+    rounds=1,
+    messages=200,
+    events=50,
+    allocations=120,
+    decode_reps=2,
+    sustain=60,
+    rates=(0.5, 1.0),
+    rate_seconds=1.0,
+    latency_rounds=2,
+    burst=200,
+    burst_settle=1.0,
+    limit=90.0,
+)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _check_summary(summary: dict[str, Any], rounds: int) -> None:
+    samples = summary["samples"]
+    assert len(samples) == rounds
+    assert all(_positive(v) for v in samples)
+    assert summary["median"] == statistics.median(samples)
+    assert summary["min"] == min(samples) <= summary["median"] <= max(samples) == summary["max"]
+
+
+def _check_stages(doc: dict[str, Any]) -> None:
+    expected_counts = {
+        "ingest": TINY.messages,
+        "route": TINY.events * workload.CHILDREN,
+        "sink": TINY.allocations,
+    }
+    assert list(doc["stages"]) == list(STAGES)
+    for stage, (unit, kinds) in STAGES.items():
+        entry = doc["stages"][stage]
+        assert entry["unit"] == unit
+        assert list(entry["measures"]) == list(kinds)
+        for kind in kinds:
+            summary = entry["measures"][kind]
+            _check_summary(summary, TINY.rounds)
+            # Every stage and ceiling completed exactly the work it was given.
+            assert summary["counts"] == [expected_counts[stage]] * TINY.rounds
+            assert all(_positive(s) for s in summary["seconds"])
+            # CPU shares: /proc counts in 10 ms ticks, so a tiny run may read 0.
+            assert all(math.isfinite(cpu) and cpu >= 0 for cpu in summary["cpu"])
+            assert all(math.isfinite(us) and us >= 0 for us in summary["cpu_us_per_unit"])
+        assert all(_positive(mb) for mb in entry["measures"]["stage"]["peak_mb"])
+        stage_median = entry["measures"]["stage"]["median"]
+        assert set(entry["ratios"]) == set(kinds[1:])
+        for kind, ratio in entry["ratios"].items():
+            assert ratio == pytest.approx(stage_median / entry["measures"][kind]["median"])
+
+
+@pytest.mark.services
+async def test_bench_runs_end_to_end_and_reports_consistent_figures(
+    cfg: Config, tmp_path: Path
+) -> None:
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+
+    assert await run(cfg, TINY, out=out, chart=chart) == 0
+
+    doc = orjson.loads(out.read_bytes())
+    assert set(doc) == {"meta", "decode", "stages", "e2e", "memory", "targets"}
+    assert doc["meta"]["options"]["rounds"] == 1
+
+    decode = doc["decode"]
+    assert list(decode["measures"]) == ["decode_down", "msgspec typed decode"]
+    for summary in decode["measures"].values():
+        _check_summary(summary, TINY.decode_reps)
+    medians = [s["median"] for s in decode["measures"].values()]
+    assert decode["ratios"]["msgspec typed decode"] == pytest.approx(medians[0] / medians[1])
+
+    _check_stages(doc)
+
+    e2e = doc["e2e"]
+    assert _positive(e2e["sustained_msg_per_s"])
+    assert [s["fraction"] for s in e2e["steps"]] == list(TINY.rates)
+    for step in e2e["steps"]:
+        assert len(step["latencies_ms"]) == step["messages"] * workload.CHILDREN
+        assert len(step["round_p50_ms"]) == len(step["round_p99_ms"]) == TINY.latency_rounds
+        assert all(_positive(v) for v in step["latencies_ms"])
+        assert step["p50_ms"] == percentile(step["latencies_ms"], 50)
+        assert step["p99_ms"] == percentile(step["latencies_ms"], 99)
+        assert _positive(step["offered_msg_per_s"])
+    assert e2e["burst"]["messages"] == e2e["burst"]["landed"] == TINY.burst
+
+    assert set(doc["memory"]) == set(STAGES)
+    for figures in doc["memory"].values():
+        assert set(figures) == {
+            "rounds_peak_mb", "sustained_peak_mb", "burst_peak_mb", "burst_rss_after_mb"
+        }  # fmt: skip
+        assert all(_positive(v) for v in figures.values())
+
+    for target in doc["targets"]:
+        assert _positive(target["value"])
+        assert isinstance(target["met"], bool)
+    assert len(doc["targets"]) == 1 + 4 + 2 + 3  # decode, 4 ratios, 2 latencies, 3 RSS
+
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+    # Nothing left on the shared broker: every topic of the run is deleted.
+    run_id = doc["meta"]["run_id"]
+    client = kafka.admin(cfg.kafka)
+    await client.start()
+    try:
+        left = [t for t in await client.list_topics() if t.startswith(f"bench.{run_id}.")]
+    finally:
+        await client.close()
+    assert left == []
+
+
+def test_chart_without_matplotlib_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(runner, "chart_available", lambda: False)
+
+    code = cli.main(["bench", "--chart", str(tmp_path / "x.png")])
+
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pipeline bench: --chart needs matplotlib: pip install 'iot-pipeline[bench]'"
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_rate_and_percentile() -> None:
+    assert rate(11, 100.0, 101.0) == 10.0
+    assert rate(1, 5.0, 5.0) == 1000.0  # one completion: at most the clock's resolution
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
+    assert percentile(list(map(float, range(1, 101))), 99) == 99.0
+    assert percentile([7.0], 99) == 7.0
