@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.config import Config, KafkaConfig, MqttConfig, Topics, load_config
 from pipeline.ops.logs import setup_logging
+from tests import harness
 from tests.harness import ROOT
 
 
@@ -22,6 +23,13 @@ def local_services() -> None:
     script = ROOT / "deploy" / "local" / "services.sh"
     if subprocess.run([script, "status"], capture_output=True, check=False).returncode != 0:
         subprocess.run([script, "up"], check=True)
+
+
+@pytest.fixture(autouse=True)
+def reap_workers() -> Iterator[None]:
+    """No worker a test started outlives it, even when the test fails half way."""
+    yield
+    harness.reap()
 
 
 @pytest.fixture

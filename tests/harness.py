@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import os
@@ -113,6 +114,16 @@ def worker_env(cfg: Config, **extra: str) -> dict[str, str]:
     return env
 
 
+SPAWNED: list[asyncio.subprocess.Process] = []
+"""Workers started by :func:`spawn`; the ``reap_workers`` fixture kills the survivors."""
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies, even by SIGKILL (Linux)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 async def spawn(
     command: str,
     cfg: Config,
@@ -129,7 +140,7 @@ async def spawn(
     """
     sink = None if log is None else log.open("ab")
     try:
-        return await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "pipeline",
@@ -140,10 +151,31 @@ async def spawn(
             env=worker_env(cfg, **(env or {}), **extra),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE if sink is None else sink,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
+        SPAWNED.append(proc)
+        return proc
     finally:
         if sink is not None:
             sink.close()  # the child has its own copy
+
+
+def reap() -> list[int]:
+    """SIGKILL every spawned worker still running; returns their pids.
+
+    For after a test, when its event loop may be gone: plain ``os`` calls.
+    """
+    survivors = []
+    for proc in SPAWNED:
+        try:
+            if os.waitpid(proc.pid, os.WNOHANG) == (0, 0):
+                os.kill(proc.pid, signal.SIGKILL)
+                os.waitpid(proc.pid, 0)
+                survivors.append(proc.pid)
+        except ChildProcessError:
+            pass  # already reaped by the test's loop
+    SPAWNED.clear()
+    return survivors
 
 
 async def kill(proc: asyncio.subprocess.Process) -> None:
