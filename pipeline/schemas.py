@@ -372,20 +372,17 @@ def utc_now() -> str:
     return f"{_second[1]}{int((now - second) * 1000):03d}Z"
 
 
-_EVENT_TIME_FORMATS = ("%Y%m%dT%H%M%SZ", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def normalise_event_time(raw: str | None) -> str | None:
-    """IoTDA ``event_time`` as RFC 3339, or None when absent or unreadable.
+    """IoTDA ``event_time`` as RFC 3339 in UTC, or None when absent or unreadable.
 
     The docs give ``20151212T121212Z``; the official device SDK sends
-    ``2015-12-12T12:12:12Z``. Both are UTC.
+    ``2015-12-12T12:12:12Z``. Both are UTC; any ISO 8601 time with a zone is read, one
+    without a zone is unreadable (the zone would be a guess).
     """
     if not raw:
         return None
-    for fmt in _EVENT_TIME_FORMATS:
-        try:
-            return format_time(dt.datetime.strptime(raw, fmt).replace(tzinfo=dt.UTC))
-        except ValueError:
-            continue
-    return None
+    try:
+        when = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return None if when.tzinfo is None else format_time(when)

@@ -66,35 +66,47 @@ def decode_down(payload: bytes) -> DownEvent:
     Other events (known or not) are decoded only as far as the envelope: they are
     counted and skipped downstream, never dead-lettered.
 
+    The well-formed path is msgspec's decode and one ASCII scan; what is wrong with a
+    payload (empty, a byte-order mark, not UTF-8...) is worked out only once msgspec
+    refuses it, so the common case pays for nothing else.
+
     Raises:
         DecodeError: the payload is empty, not UTF-8, not JSON, not an object, nests too
             deeply, or breaks the documented types or mandatory fields of an
             add_sub_device_response.
     """
-    if not payload.strip():
-        raise DecodeError("payload is empty" if not payload else "payload is only whitespace")
-    if (problem := _encoding_problem(payload)) is not None:
-        raise DecodeError(problem)
     try:
         event = _ENVELOPE.decode(payload)
     except msgspec.ValidationError as exc:
-        raise DecodeError(_explain(exc, "")) from None
+        raise DecodeError(_encoding_problem(payload) or _explain(exc, "")) from None
     except msgspec.DecodeError as exc:
-        raise DecodeError(json_problem(exc, payload)) from None
+        raise DecodeError(_syntax_problem(exc, payload)) from None
+    except UnicodeDecodeError:  # in a string msgspec decoded
+        raise DecodeError(_encoding_problem(payload) or "payload is not valid UTF-8") from None
     except RecursionError:
         raise DecodeError(_TOO_DEEP) from None
+    # msgspec checks UTF-8 only in the strings it decodes, not in skipped fields or paras.
+    if not payload.isascii() and (problem := _encoding_problem(payload)) is not None:
+        raise DecodeError(problem)
     for i, service in enumerate(event.services or ()):
-        if (service.service_id, service.event_type) == (SUB_DEVICE_MANAGER, ADD_RESPONSE):
+        if service.service_id == SUB_DEVICE_MANAGER and service.event_type == ADD_RESPONSE:
             _validate_add_response(i, service)
     return event
 
 
+_NULL = msgspec.Raw(b"null")
 _TOO_DEEP = "payload nests deeper than the decoder allows (about 1,000 levels)"
 _BOMS = {
     b"\xef\xbb\xbf": "payload starts with a UTF-8 byte-order mark, which JSON does not allow",
     b"\xff\xfe": "payload is UTF-16 (little-endian byte-order mark), not UTF-8",
     b"\xfe\xff": "payload is UTF-16 (big-endian byte-order mark), not UTF-8",
 }
+
+
+def _syntax_problem(exc: msgspec.DecodeError, payload: bytes) -> str:
+    if not payload.strip():
+        return "payload is empty" if not payload else "payload is only whitespace"
+    return _encoding_problem(payload) or json_problem(exc, payload)
 
 
 def _encoding_problem(payload: bytes) -> str | None:
@@ -129,12 +141,15 @@ def _validate_add_response(i: int, service: ServiceEvent) -> None:
     if service.event_id is None:
         msg = f"services[{i}].event_id: missing (mandatory for {ADD_RESPONSE})"
         raise DecodeError(msg)
-    if not service.paras or bytes(service.paras) == b"null":
-        msg = f"services[{i}].paras: missing (mandatory for {ADD_RESPONSE})"
-        raise DecodeError(msg)
     try:
         _ADD_DECODER.decode(service.paras)
-    except msgspec.ValidationError as exc:
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+        if not service.paras or service.paras == _NULL:  # absent (empty Raw) or null
+            msg = f"services[{i}].paras: missing (mandatory for {ADD_RESPONSE})"
+            raise DecodeError(msg) from None
+        if not isinstance(exc, msgspec.ValidationError):  # not reached: the envelope parsed it
+            msg = f"services[{i}].paras: {exc}"
+            raise DecodeError(msg) from None
         raise DecodeError(_explain(exc, f".services[{i}].paras")) from None
     except RecursionError:
         raise DecodeError(_TOO_DEEP) from None

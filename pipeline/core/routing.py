@@ -19,11 +19,9 @@ from pipeline.schemas import (
     ADD_RESPONSE,
     SUB_DEVICE_MANAGER,
     AddedChild,
-    DeviceInfo,
     DownEvent,
     DownEventRecord,
     FailedChild,
-    Reason,
     normalise_event_time,
 )
 
@@ -36,12 +34,36 @@ class _AddParas(msgspec.Struct):
     failed_devices: list[msgspec.Raw]
 
 
+class _DeviceKey(msgspec.Struct):
+    # Of a child ingest validated as a DeviceInfo: only the key is needed here.
+    device_id: str
+
+
+class _ReasonKey(msgspec.Struct):
+    # Of a failure ingest validated as a Reason.
+    node_id: str
+
+
 _RECORD = msgspec.json.Decoder(DownEventRecord)
 _EVENT = msgspec.json.Decoder(DownEvent)
 _PARAS = msgspec.json.Decoder(_AddParas)
-_DEVICE = msgspec.json.Decoder(DeviceInfo)
-_REASON = msgspec.json.Decoder(Reason)
+_DEVICE = msgspec.json.Decoder(_DeviceKey)
+_REASON = msgspec.json.Decoder(_ReasonKey)
 _ENCODER = msgspec.json.Encoder()
+
+
+_MARK = msgspec.Raw(b"0")
+
+
+def _head(record: AddedChild | FailedChild) -> bytes:
+    """The encoding of ``record`` up to its last field's value (the child, kept raw).
+
+    Every child of a response shares it: its record is ``head + child + b"}"``, the
+    bytes msgspec would write for the whole record (pinned in test_routing).
+    """
+    encoded = _ENCODER.encode(record)
+    assert encoded.endswith(b":0}")  # noqa: S101 - the child is the last field
+    return encoded[:-2]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,36 +106,28 @@ def route(value: bytes) -> Routed:
             paras = _PARAS.decode(service.paras)
             gateway, event_id, raw_time = record.gateway_id, service.event_id, service.event_time
             event_time = normalise_event_time(raw_time)
-            added = [
-                (
-                    _DEVICE.decode(raw).device_id.encode(),
-                    _ENCODER.encode(
-                        AddedChild(
-                            gateway_id=gateway,
-                            event_id=event_id,
-                            event_time=event_time,
-                            event_time_raw=raw_time,
-                            device=raw,
-                        )
-                    ),
-                )
-                for raw in paras.successful_devices
-            ]
-            failed = [
-                (
-                    _REASON.decode(raw).node_id.encode(),
-                    _ENCODER.encode(
-                        FailedChild(
-                            gateway_id=gateway,
-                            event_id=event_id,
-                            event_time=event_time,
-                            event_time_raw=raw_time,
-                            reason=raw,
-                        )
-                    ),
-                )
-                for raw in paras.failed_devices
-            ]
+            if paras.successful_devices:
+                head = _head(AddedChild(
+                    gateway_id=gateway, event_id=event_id, event_time=event_time,
+                    event_time_raw=raw_time, device=_MARK,
+                ))  # fmt: skip
+                added = [
+                    (_DEVICE.decode(raw).device_id.encode(), b"".join((head, raw, b"}")))
+                    for raw in paras.successful_devices
+                ]
+            else:
+                added = []
+            if paras.failed_devices:
+                head = _head(FailedChild(
+                    gateway_id=gateway, event_id=event_id, event_time=event_time,
+                    event_time_raw=raw_time, reason=_MARK,
+                ))  # fmt: skip
+                failed = [
+                    (_REASON.decode(raw).node_id.encode(), b"".join((head, raw, b"}")))
+                    for raw in paras.failed_devices
+                ]
+            else:
+                failed = []
             responses.append(Response(service.event_id, added, failed))
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         msg = f"not a down-event record: {exc}"

@@ -100,7 +100,7 @@ async def drain(cfg: Config, count: int) -> dict[str, Any]:
     received = 0
     clock = _Clock()
     async with client:
-        await mqtt.subscribe(client, cfg.mqtt)
+        await mqtt.subscribe(client, cfg.mqtt, mqtt.subscription_topic(cfg.mqtt))
         async for message in client.messages:
             mqtt.ack(client, message)
             received += 1
@@ -119,7 +119,7 @@ async def naive(cfg: Config, count: int) -> dict[str, Any]:
     received = 0
     clock = _Clock()
     async with kafka.producer(cfg.kafka) as producer, client:
-        await mqtt.subscribe(client, cfg.mqtt)
+        await mqtt.subscribe(client, cfg.mqtt, mqtt.subscription_topic(cfg.mqtt))
         async for message in client.messages:
             payload = message.payload
             assert isinstance(payload, bytes)  # noqa: S101  (received messages are bytes)

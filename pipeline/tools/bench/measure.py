@@ -111,7 +111,7 @@ async def open_session(cfg: MqttConfig) -> None:
     with the same client id, resumes the session and receives it as a backlog.
     """
     async with mqtt.connect(cfg) as client:
-        await mqtt.subscribe(client, cfg)
+        await mqtt.subscribe(client, cfg, mqtt.subscription_topic(cfg))
 
 
 async def close_session(cfg: MqttConfig) -> None:
