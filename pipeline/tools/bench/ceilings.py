@@ -13,8 +13,10 @@ check that it does the transport and nothing else:
   envelope (the payload is the value, the MQTT topic the key);
 - :func:`transactional`: aiokafka read-process-write, the router's consumer and
   transactional producer, ``router.batch_max`` records per transaction; per input record
-  it sends the same number of child records of the same size (slices of the input value),
-  without decoding anything;
+  it sends the same number of child records of the same size (slices of the input value)
+  under keys as long as the children's and as distinct (each child has its own device id,
+  so the partitioner hashes every key: with a few repeated keys it would not), without
+  decoding anything;
 - :func:`allocate`: aiohttp with ``concurrency`` requests in flight against DPS (the
   emulator) allocate, each with a fresh timestamp and signature
   (:func:`pipeline.dps.protocol.sign`) over the very bodies the sink sends, on a pool as
@@ -140,7 +142,9 @@ def _ack(client: aiomqtt.Client, message: aiomqtt.Message, future: asyncio.Futur
         mqtt.ack(client, message)
 
 
-async def transactional(cfg: Config, count: int, children: int, child_bytes: int) -> dict[str, Any]:
+async def transactional(
+    cfg: Config, count: int, children: int, child_bytes: int, key_bytes: int
+) -> dict[str, Any]:
     """Consume ``count`` records; per record ``children`` sends, in Kafka transactions."""
     group = cfg.router.group_id
     out = cfg.kafka.topics.added
@@ -156,8 +160,9 @@ async def transactional(cfg: Config, count: int, children: int, child_bytes: int
                 continue
             clock.start()
             await _transaction(
-                producer, batch, out, group, children=children, child_bytes=child_bytes
-            )
+                producer, batch, out, group,
+                children=children, child_bytes=child_bytes, key_bytes=key_bytes,
+            )  # fmt: skip
             consumed += sum(len(records) for records in batch.values())
     return clock.result(consumed * children)
 
@@ -170,13 +175,14 @@ async def _transaction(
     *,
     children: int,
     child_bytes: int,
+    key_bytes: int,
 ) -> None:
     async with producer.transaction():
         sends = []
-        for records in batch.values():
+        for tp, records in batch.items():
             for record in records:
                 for i in range(children):
-                    key = record.key + b"%d" % i
+                    key = (b"%d-%d-%d-" % (tp.partition, record.offset, i)).ljust(key_bytes, b"k")
                     sends.append(await producer.send(out, record.value[:child_bytes], key=key))
         await asyncio.gather(*sends)
         offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
@@ -251,6 +257,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, required=True, help="input records to consume")
     p.add_argument("--children", type=int, required=True, help="records produced per input")
     p.add_argument("--child-bytes", type=int, required=True, help="size of each produced value")
+    p.add_argument("--key-bytes", type=int, required=True, help="size of each produced key")
     p = sub.add_parser("allocate", help="aiohttp, N allocate calls in flight")
     p.add_argument("--requests", required=True, help="JSON list of {org_id, body}")
     p.add_argument("--concurrency", type=int, default=32)
@@ -265,7 +272,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         case "naive":
             return await naive(cfg, args.count)
         case "transactional":
-            return await transactional(cfg, args.count, args.children, args.child_bytes)
+            return await transactional(
+                cfg, args.count, args.children, args.child_bytes, args.key_bytes
+            )
         case _:
             requests = _REQUESTS.decode(await asyncio.to_thread(Path(args.requests).read_bytes))
             return await allocate(cfg, requests, args.concurrency)

@@ -113,9 +113,9 @@ class Stages:
         sink_events = workload.down_records(workload.messages(-(-o.allocations // per), "sk"))
         children = workload.child_records(sink_events)
         self._children = children[: o.allocations]
-        self._child_bytes = round(
-            statistics.mean(len(v) for _, v in workload.child_records(self._events))
-        )
+        routed = workload.child_records(self._events)
+        self._child_bytes = round(statistics.mean(len(v) for _, v in routed))
+        self._key_bytes = round(statistics.mean(len(k) for k, _ in routed))
         self._route_in = ""
         self._sink_in = ""
         self._requests = ctx.log_dir / "requests.json"
@@ -248,7 +248,7 @@ class Stages:
         return await self._ceiling(
             "transactional", cfg, name, out, n,
             "--count", str(len(self._events)), "--children", str(workload.CHILDREN),
-            "--child-bytes", str(self._child_bytes),
+            "--child-bytes", str(self._child_bytes), "--key-bytes", str(self._key_bytes),
         )  # fmt: skip
 
     async def _sink(self, kind: str, round_no: int) -> Sample:
