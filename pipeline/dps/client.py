@@ -84,6 +84,7 @@ class DpsClient:
     def __init__(self, cfg: DpsConfig, *, pool_size: int = 100) -> None:
         self._cfg = cfg
         self._base = yarl.URL(cfg.base_url)
+        self._device_url = self._base / DEVICE_PATH
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
@@ -103,7 +104,9 @@ class DpsClient:
                 "signed requests travel unencrypted; use https://",
                 self._cfg.base_url,
             )
-        self._session = aiohttp.ClientSession(connector=connector)
+        # aiohttp's deadline covers connecting, sending and reading the whole answer.
+        timeout = aiohttp.ClientTimeout(total=self._cfg.timeout)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         return self
 
     async def __aexit__(
@@ -221,7 +224,7 @@ class DpsClient:
     async def _call(
         self, method: str, params: dict[str, str], body: bytes, *, sn: str
     ) -> tuple[msgspec.Raw, str | None]:
-        url = (self._base / DEVICE_PATH).with_query(params)
+        url = self._device_url.with_query(params)
         action = params["action"]
         refreshed = False
         while True:
@@ -243,15 +246,16 @@ class DpsClient:
             except msgspec.DecodeError:
                 envelope = None
             code = envelope.code if envelope is not None else None
-            log.debug(
-                "DPS %s sn=%s -> HTTP %d code %s requestId %s in %.1f ms",
-                action,
-                sn,
-                answer.status,
-                code,
-                envelope.request_id if envelope is not None else None,
-                (time.monotonic() - started) * 1000,
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "DPS %s sn=%s -> HTTP %d code %s requestId %s in %.1f ms",
+                    action,
+                    sn,
+                    answer.status,
+                    code,
+                    envelope.request_id if envelope is not None else None,
+                    (time.monotonic() - started) * 1000,
+                )
             if code == TOKEN_EXPIRED and not refreshed:
                 # The gateway may retire a token before the expiry it announced.
                 self._invalidate(token)
@@ -300,18 +304,14 @@ class DpsClient:
         if self._session is None:
             msg = "DpsClient is not open: use it as `async with DpsClient(cfg) as dps:`"
             raise RuntimeError(msg)
-        timeout = self._cfg.timeout
         try:
-            async with (
-                asyncio.timeout(timeout),
-                self._session.request(
-                    method, url, data=body or None, headers=headers, allow_redirects=False
-                ) as response,
-            ):
+            async with self._session.request(
+                method, url, data=body or None, headers=headers, allow_redirects=False
+            ) as response:
                 payload = await response.read()
                 return _Answer(response.status, response.headers.get("Retry-After"), payload)
-        except TimeoutError as exc:
-            msg = f"{what} to {url.host}:{url.port} timed out after {timeout} s"
+        except TimeoutError as exc:  # the session's deadline (aiohttp's are TimeoutErrors too)
+            msg = f"{what} to {url.host}:{url.port} timed out after {self._cfg.timeout} s"
             raise DpsTransient(None, msg) from exc
         except aiohttp.ClientConnectorCertificateError as exc:
             reason = exc.certificate_error

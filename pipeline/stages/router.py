@@ -149,7 +149,10 @@ class Router:
 
     async def _start_producer(self, tp: TopicPartition) -> None:
         """Start ``tp``'s producer; this fences (and aborts) a previous owner's transaction."""
-        producer = kafka.producer(self._cfg.kafka, transactional_id=self.transactional_id(tp))
+        # A transaction waits for its sends before it commits: a linger would only delay it.
+        producer = kafka.producer(
+            self._cfg.kafka, transactional_id=self.transactional_id(tp), linger_ms=0
+        )
         try:
             await producer.start()
         except BaseException:

@@ -45,6 +45,8 @@ __all__ = ["Allocator"]
 
 log = logging.getLogger(__name__)
 
+_CALLED_OK = SINK_CALLS.labels("ok")  # once, not per call
+
 
 class Allocator:
     """Turns one ``iotda.subdevices.added`` record into exactly one recorded outcome.
@@ -209,7 +211,7 @@ class Allocator:
         finally:
             SINK_CALL_SECONDS.observe(time.monotonic() - started)
             self._on_answer()
-        SINK_CALLS.labels("ok").inc()
+        _CALLED_OK.inc()
         self._breaker.succeeded(probe)
         self._limiter.succeeded()
         return answer

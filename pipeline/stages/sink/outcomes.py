@@ -43,6 +43,7 @@ GROUP = "sink-group"
 """Header: the sink consumer group that recorded the outcome."""
 
 _ENCODER = msgspec.json.Encoder()
+_ALLOCATED = SINK_OUTCOMES.labels("allocated")  # once, not per outcome
 
 
 def source_header(topic: str, partition: int, offset: int) -> bytes:
@@ -155,7 +156,7 @@ class Outcomes:
                 request_id=request_id, attempts=attempts,
             )  # fmt: skip
             return
-        SINK_OUTCOMES.labels("allocated").inc()
+        _ALLOCATED.inc()
 
     async def dead_letter(
         self,
@@ -213,7 +214,7 @@ class Outcomes:
             StageFailed: another error no retry cures (e.g. a compacted topic refusing a
                 record without a key, a missing authorisation).
         """
-        backoff = Backoff(0.5, 10.0)
+        backoff: Backoff | None = None
         while True:
             try:
                 await self._producer.send_and_wait(
@@ -231,6 +232,7 @@ class Outcomes:
                         "(not retriable)"
                     )
                     raise StageFailed(msg) from exc
+                backoff = backoff or Backoff(0.5, 10.0)
                 delay = backoff.next()
                 where = parse_source(source) or ("?", -1, -1)
                 log.warning(

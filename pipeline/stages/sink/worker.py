@@ -32,7 +32,7 @@ from pipeline.core.mapping import Mapper
 from pipeline.dps.client import DpsClient
 from pipeline.errors import StageFailed
 from pipeline.io import kafka
-from pipeline.io.aio import Backoff, Stopped, first_set, unless_stopped
+from pipeline.io.aio import Backoff, first_set
 from pipeline.ops.metrics import (
     SINK_BREAKER_OPENS,
     SINK_INFLIGHT,
@@ -102,6 +102,7 @@ class Sink:
             health.set("sink.kafka", False)
             health.set("sink.dps", False)
             health.watch("sink", lambda: self._in_progress() > 0)
+        SINK_INFLIGHT.set_function(self._in_progress)  # read when scraped
 
     def _in_progress(self) -> int:
         return len(self._jobs)
@@ -158,7 +159,10 @@ class Sink:
             self._cfg.kafka, group_id=self._cfg.sink.group_id,
             rebalance_timeout_ms=timeout_ms, session_timeout_ms=timeout_ms,
         )  # fmt: skip
-        producer = kafka.producer(self._cfg.kafka)
+        # Every outcome is awaited as soon as it is sent (its call slot waits for it): a
+        # linger would only delay it. Under load, records still share a request: those
+        # sent while one is on the wire go together in the next.
+        producer = kafka.producer(self._cfg.kafka, linger_ms=0)
         self._consumer = consumer
         listener = kafka.Rebalance("sink", revoked=self.hand_back, assigned=self.recover)
         async with producer, consumer, DpsClient(self._cfg.sink.dps) as dps:
@@ -209,26 +213,31 @@ class Sink:
     async def _consume(
         self, consumer: AIOKafkaConsumer, outcomes: Outcomes, stopped: asyncio.Task[None]
     ) -> None:
-        limit = self._cfg.sink.pending_limit
+        """Take records until ``stopped``; then the intake is cancelled where it waits."""
+        intake = asyncio.create_task(self._intake(consumer, outcomes), name="sink.intake")
         try:
-            while True:
-                batch = await unless_stopped(
-                    stopped, consumer.getmany(timeout_ms=500, max_records=limit)
-                )
-                epochs = {tp: self._epochs[tp] for tp in batch}
-                for tp, records in batch.items():
-                    for record in records:
-                        # Capacity first: this is where back-pressure stops intake. A record
-                        # not started is not committed: it is consumed again next time.
-                        await unless_stopped(stopped, self._pending.acquire())
-                        if tp not in self._owned or self._epochs[tp] != epochs[tp]:
-                            # Handed back while this batch waited: whoever owns the
-                            # partition now reads these records from the committed offset.
-                            self._pending.release()
-                            break
-                        self._start(outcomes, tp, record)
-        except Stopped:
-            pass
+            await asyncio.wait({intake, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            intake.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await intake  # an error of the intake's own is raised here
+
+    async def _intake(self, consumer: AIOKafkaConsumer, outcomes: Outcomes) -> None:
+        limit = self._cfg.sink.pending_limit
+        while True:
+            batch = await consumer.getmany(timeout_ms=500, max_records=limit)
+            epochs = {tp: self._epochs[tp] for tp in batch}
+            for tp, records in batch.items():
+                for record in records:
+                    # Capacity first: this is where back-pressure stops intake. A record
+                    # not started is not committed: it is consumed again next time.
+                    await self._pending.acquire()
+                    if tp not in self._owned or self._epochs[tp] != epochs[tp]:
+                        # Handed back while this batch waited: whoever owns the
+                        # partition now reads these records from the committed offset.
+                        self._pending.release()
+                        break
+                    self._start(outcomes, tp, record)
 
     def _start(
         self, outcomes: Outcomes, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]
@@ -241,7 +250,6 @@ class Sink:
             self._handle(outcomes, tp, record, source), name=f"sink {source.decode()}"
         )
         self._jobs[task] = (tp, source)
-        SINK_INFLIGHT.inc()
         if self._breaker.open:
             self._sync_intake()  # taken in to probe with: pause again
         # A callback, not a `finally`: a task cancelled before it first runs runs no code.
@@ -249,7 +257,6 @@ class Sink:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         del self._jobs[task]
-        SINK_INFLIGHT.dec()
         self._pending.release()
 
     async def _handle(

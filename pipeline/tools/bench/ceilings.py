@@ -149,7 +149,9 @@ async def transactional(
     group = cfg.router.group_id
     out = cfg.kafka.topics.added
     consumer = kafka.consumer(cfg.kafka, group_id=group)
-    producer = kafka.producer(cfg.kafka, transactional_id=cfg.router.transactional_id)
+    producer = kafka.producer(
+        cfg.kafka, transactional_id=cfg.router.transactional_id, linger_ms=0
+    )  # as the router's
     consumed = 0
     clock = _Clock()
     async with consumer, producer:
