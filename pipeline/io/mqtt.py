@@ -12,7 +12,7 @@ import hmac
 import logging
 import re
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt 2.x
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Identity",
     "InOrderAcks",
+    "IntakeLimit",
     "Received",
     "ack",
     "broker_version",
@@ -282,6 +283,87 @@ class InOrderAcks:
                 log.debug("could not acknowledge mid %d: %s", message.mid, exc)
             acked += 1
         return acked
+
+
+_Reader = tuple["Callable[..., object]", tuple[object, ...]]  # an event-loop reader
+
+
+class IntakeLimit:
+    """Stops reading from the broker while ``limit`` received messages wait to be taken.
+
+    An MQTT 5 broker keeps at most Receive Maximum unacknowledged QoS 1 messages out to a
+    client. Mosquitto 2.0.11 (Debian 12's) does not: a PUBACK for the oldest message in
+    flight moves up to Receive Maximum more from the session's queue into flight
+    (``db__message_delete_outgoing``; fixed in 2.0.13, eclipse/mosquitto#2306), so with
+    in-order acknowledgements a backlog arrives nearly all at once and waits in the
+    client's memory: 15,000 messages and +125 MB of ingest RSS in a 25,000-message burst.
+    MQTT 3.1.1 has no Receive Maximum at all. This bounds the client side, whatever the
+    broker does: once ``limit`` messages wait, the socket is not read (TCP flow control
+    then holds the broker back) until half of them have been taken.
+
+    aiomqtt reads the socket with an event-loop reader and has no pause, so this removes
+    and later restores that reader, reaching the loop's selector for it; a test pins it
+    down. Should a loop lack one (uvloop), the limit stays off and says so once.
+    One per connection, created inside it; call :meth:`took` for each message taken.
+    """
+
+    _warned: ClassVar[bool] = False
+
+    def __init__(self, client: aiomqtt.Client, limit: int) -> None:
+        self._paho = client._client  # noqa: SLF001
+        self._queue = client._queue  # noqa: SLF001  (what aiomqtt has received, not taken)
+        self._high = max(1, limit)
+        self._low = self._high // 2
+        self._loop = asyncio.get_running_loop()
+        self._paused: tuple[object, int, _Reader] | None = None
+        self.pauses = 0
+        inner = self._paho.on_message
+        assert inner is not None  # noqa: S101  (aiomqtt sets it when it creates the client)
+
+        def on_message(paho: Any, userdata: Any, message: Any) -> None:
+            inner(paho, userdata, message)
+            if self._paused is None and self._queue.qsize() >= self._high:
+                self._pause()
+
+        self._paho.on_message = on_message
+
+    @property
+    def paused(self) -> bool:
+        """Whether the socket is not being read now."""
+        return self._paused is not None
+
+    def took(self) -> None:
+        """A message was taken from the client: read again once half are gone."""
+        if self._paused is not None and self._queue.qsize() <= self._low:
+            self._resume()
+
+    def _pause(self) -> None:
+        sock = self._paho.socket()
+        selector = getattr(self._loop, "_selector", None)
+        if sock is None or selector is None:
+            if selector is None and not IntakeLimit._warned:
+                IntakeLimit._warned = True
+                log.warning("this event loop has no selector: MQTT intake is not bounded")
+            return
+        fd = sock.fileno()
+        try:
+            reader = selector.get_key(fd).data[0]
+        except (KeyError, ValueError):  # not registered (closing): nothing to pause
+            return
+        if reader is None:
+            return
+        callback = (reader._callback, reader._args)  # noqa: SLF001  (removing cancels it)
+        self._loop.remove_reader(fd)
+        self._paused = (sock, fd, callback)
+        self.pauses += 1
+
+    def _resume(self) -> None:
+        assert self._paused is not None  # noqa: S101
+        sock, fd, (callback, args) = self._paused
+        self._paused = None
+        # Only the same, still open connection: a closed socket's descriptor may be reused.
+        if self._paho.socket() is sock and getattr(sock, "fileno", lambda: -1)() == fd:
+            self._loop.add_reader(fd, callback, *args)
 
 
 def _address(cfg: MqttConfig) -> str:

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import json
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -266,3 +267,55 @@ def test_a_failed_acknowledgement_does_not_stop_the_window() -> None:
     assert acks.done(second) == 0
     assert acks.done(first) == 2
     assert sent == [2]
+
+
+async def test_intake_limit_stops_reading_while_messages_wait(
+    mqtt_cfg: MqttConfig, uid: str
+) -> None:
+    # The broker may send up to Receive Maximum (500 here) unacknowledged messages, and
+    # Mosquitto 2.0.11 sends more; the intake limit (40) holds what waits in memory.
+    topic = f"$oc/devices/{uid}-gw/sys/events/down"
+    cfg = msgspec.structs.replace(mqtt_cfg, max_inflight=500)
+    count, limit = 1500, 40
+    client = mqtt.connect(cfg)
+    mqtt.manual_ack(client)
+    async with client:
+        await client.subscribe(topic, qos=1)
+        intake = mqtt.IntakeLimit(client, limit)
+        async with mqtt.connect(cfg, client_id=f"pub-{uid}", persistent=False) as publisher:
+            await asyncio.gather(
+                *(publisher.publish(topic, str(n).encode(), qos=1) for n in range(count))
+            )
+        got: list[int] = []
+        most_waiting = 0
+        async with asyncio.timeout(60):
+            async for message in client.messages:
+                most_waiting = max(most_waiting, client.messages.__len__() + 1)
+                intake.took()
+                got.append(int(bytes(message.payload)))
+                mqtt.ack(client, message)
+                if len(got) % 50 == 0:
+                    await asyncio.sleep(0.01)  # a slow consumer: the backlog builds up
+                if len(got) == count:
+                    break
+        await mqtt.end_session(client, cfg, mqtt.identity(cfg))
+    assert got == list(range(count))  # nothing lost or reordered by pausing
+    assert intake.pauses > 0
+    assert most_waiting <= limit + 1
+    assert not intake.paused
+
+
+def test_intake_limit_reaches_the_event_loop_reader() -> None:
+    # It restores aiomqtt's socket reader from the loop's selector; pin that down so an
+    # asyncio or aiomqtt change fails here rather than silently unbounding the intake.
+    async def check() -> None:
+        loop = asyncio.get_running_loop()
+        selector = loop._selector  # type: ignore[attr-defined]
+        left, right = socket.socketpair()
+        with left, right:
+            loop.add_reader(left.fileno(), print)
+            handle = selector.get_key(left.fileno()).data[0]
+            assert handle._callback is print
+            loop.remove_reader(left.fileno())
+
+    asyncio.run(check())

@@ -166,8 +166,9 @@ class Session:
             if self.cfg.bridge_state:
                 await client.subscribe(self.cfg.bridge_state, qos=1)
             self._up()
+            intake = mqtt.IntakeLimit(client, self.cfg.max_inflight)
             receive = asyncio.create_task(
-                self._receive(client), name=f"ingest[{self.who.name}].receive"
+                self._receive(client, intake), name=f"ingest[{self.who.name}].receive"
             )
             waits = {
                 receive,
@@ -228,11 +229,12 @@ class Session:
             version or "unknown",
         )
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
+    async def _receive(self, client: aiomqtt.Client, intake: mqtt.IntakeLimit) -> None:
         acks = self._acks
         assert acks is not None  # noqa: S101
         bridge_state = self.cfg.bridge_state
         async for message in client.messages:
+            intake.took()
             payload = message.payload
             if not isinstance(payload, bytes):  # aiomqtt gives bytes for received messages
                 payload = str(payload).encode()
