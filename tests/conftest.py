@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import subprocess
@@ -27,9 +28,24 @@ def local_services() -> None:
 
 @pytest.fixture(autouse=True)
 def reap_workers() -> Iterator[None]:
-    """No worker a test started outlives it, even when the test fails half way."""
+    """No worker a test started outlives it, even when the test fails half way.
+
+    Then the test's cyclic garbage is collected here, where its finalizers run safely.
+    Left to a later collection, one can land inside ``ast.parse`` (pytest rewriting a
+    module it imports late, such as hypothesis's at the session's end); a finalizer that
+    logs a traceback (an asyncio task's exception never retrieved) makes CPython 3.11
+    parse again, for the caret marks, and the outer parse fails with "SystemError: AST
+    constructor recursion depth mismatch" (cpython gh-106905: its AST state is shared,
+    and 3.11.7 and Debian's 3.11.2 predate the fix), ending the whole run.
+    """
     yield
     harness.reap()
+    gc.collect()
+
+
+def pytest_sessionfinish() -> None:
+    """What the last test left is collected before the plugins' end-of-run imports."""
+    gc.collect()
 
 
 @pytest.fixture
