@@ -59,7 +59,8 @@ def _mosquitto(tmp: Path, port: int, devices: list[str]) -> Iterator[None]:
         f"allow_anonymous false\npassword_file {tmp}/passwd\nacl_file {tmp}/acl\n"
         "max_connections -1\n"
     )
-    proc = subprocess.Popen(["mosquitto", "-c", str(tmp / "mosquitto.conf")])  # noqa: S603, S607
+    conf = str(tmp / "mosquitto.conf")
+    proc = subprocess.Popen(["mosquitto", "-c", conf], stderr=subprocess.DEVNULL)  # noqa: S603, S607
     probe = ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-u", "admin", "-P"]
     probe += ["admin-pass", "-t", "$SYS/broker/version", "-C", "1", "-W", "1"]
     try:
