@@ -174,6 +174,12 @@ def _add_tools(sub: Any) -> None:
         default=o.burst,
         help=f"messages of the burst; 0 skips it (default {o.burst})",
     )
+    p.add_argument(
+        "--replicas",
+        action="store_true",
+        help="instead: throughput of 1, 2 and 4 sink replicas and of 1 and 2 ingest "
+        "replicas (uses --rounds, --messages and --allocations)",
+    )
     p.add_argument("--out", metavar="FILE.json", type=Path, help="write every figure as JSON")
     p.add_argument(
         "--chart",
@@ -482,6 +488,7 @@ async def _bench(args: argparse.Namespace, cfg: Config) -> int:
         rounds=args.rounds, messages=args.messages, events=args.events,
         allocations=args.allocations, sustain=args.sustain, rates=args.rates,
         rate_seconds=args.rate_seconds, latency_rounds=args.latency_rounds, burst=args.burst,
+        replicas=args.replicas,
     )  # fmt: skip
     return await run(
         cfg, options, config_path=args.config, out=args.out, chart=args.chart,

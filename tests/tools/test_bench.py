@@ -8,6 +8,7 @@ ceiling's, and that the run leaves nothing behind on the shared brokers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from pipeline import cli
 from pipeline.config import Config
 from pipeline.io import kafka
-from pipeline.tools.bench import Options, run, runner, workload
+from pipeline.tools.bench import Options, replicas, run, runner, workload
 from pipeline.tools.bench.latency import percentile
 from pipeline.tools.bench.measure import rate
 from pipeline.tools.bench.stages import STAGES
@@ -135,6 +136,32 @@ async def test_bench_runs_end_to_end_and_reports_consistent_figures(
     finally:
         await client.close()
     assert left == []
+
+
+async def test_bench_replicas_measures_every_count_on_the_same_input(
+    cfg: Config, tmp_path: Path
+) -> None:
+    out = tmp_path / "replicas.json"
+    options = dataclasses.replace(TINY, replicas=True, messages=100, allocations=80)
+
+    assert await run(cfg, options, out=out) == 0
+
+    doc = orjson.loads(out.read_bytes())
+    assert set(doc) == {"meta", "replicas"}
+    sink, ingest = doc["replicas"]["sink"], doc["replicas"]["ingest"]
+    assert list(sink["replicas"]) == [str(n) for n in replicas.SINKS]
+    assert list(ingest["replicas"]) == [str(n) for n in replicas.INGESTS]
+    for entry in (sink, ingest):
+        one = entry["replicas"]["1"]["median"]
+        for figures in entry["replicas"].values():
+            assert len(figures["rates"]) == options.rounds
+            assert all(_positive(r) for r in figures["rates"])
+            assert figures["speedup"] == pytest.approx(figures["median"] / one)
+            assert _positive(figures["peak_mb"])
+    # The gateways split between two ingest replicas covers every message once.
+    assert sum(ingest["split"]["2"]) == options.messages
+    assert ingest["split"]["1"] == [options.messages]
+    assert all(share > 0 for share in ingest["split"]["2"])
 
 
 def test_chart_without_matplotlib_is_one_line(

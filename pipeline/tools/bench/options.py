@@ -22,5 +22,7 @@ class Options:
     latency_rounds: int = 2
     burst: int = 25_000
     burst_settle: float = 10.0
+    replicas: bool = False
+    """Measure throughput against the number of replicas instead (:mod:`.replicas`)."""
     limit: float = 180.0
     """Seconds any one measurement may take before the bench gives up."""

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from rich.console import Console
 
-from pipeline.tools.bench import procs, profile, report
+from pipeline.tools.bench import procs, profile, replicas, report
 from pipeline.tools.bench.context import Context
 from pipeline.tools.bench.latency import end_to_end
 from pipeline.tools.bench.stages import Stages, decode_rates
@@ -90,11 +90,14 @@ async def run(
         "loadavg_start": load,
         "loadavg_end": os.getloadavg(),
     }
-    report.table(console, doc)
+    if "replicas" in doc:
+        replicas.table(console, doc)
+    else:
+        report.table(console, doc)
     if out is not None:
         await asyncio.to_thread(out.write_bytes, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
         console.print(f"figures written to {out}")
-    if chart is not None:
+    if chart is not None and "replicas" not in doc:
         await asyncio.to_thread(report.chart, doc, chart)
         console.print(f"chart drawn in {chart}")
     return 1 if "e2e_error" in doc else 0
@@ -127,6 +130,8 @@ async def _measure(console: Console, ctx: Context, profile_dir: Path | None) -> 
     try:
         stages = Stages(ctx)
         await stages.prepare()
+        if o.replicas:
+            return await _replicas(console, ctx, stages)
         console.print(f"decode: {len(stages.payloads):,} messages x {o.decode_reps}")
         decode = decode_rates(stages.payloads, o.decode_reps)
         for i in range(o.rounds):
@@ -159,6 +164,19 @@ async def _measure(console: Console, ctx: Context, profile_dir: Path | None) -> 
     if profiles is not None:
         doc["profiles"] = profiles
     return doc
+
+
+async def _replicas(console: Console, ctx: Context, stages: Stages) -> dict[str, Any]:
+    o = ctx.options
+    measured = replicas.Replicas(ctx, stages.messages, stages.children)
+    for i in range(o.rounds):
+        console.print(
+            f"round {i + 1}/{o.rounds}: {', '.join(map(str, replicas.SINKS))} sinks on "
+            f"{o.allocations:,} allocations, {', '.join(map(str, replicas.INGESTS))} ingests "
+            f"on {o.messages:,} messages"
+        )
+        await measured.round(i)
+    return {"meta": _meta(ctx), "replicas": replicas.document(measured)}
 
 
 async def _emulator(ctx: Context) -> procs.Proc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -27,7 +27,7 @@ from pipeline.core.decode import decode_down
 from pipeline.dps.emulator import DEMO_GROUP
 from pipeline.tools.bench import ceilings, measure, profile, workload
 from pipeline.tools.bench.measure import Output, rate, span
-from pipeline.tools.replay import replay_messages
+from pipeline.tools.replay import FixtureMessage, replay_messages
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from pipeline.tools.bench.context import Context
     from pipeline.tools.bench.procs import Memory
 
-__all__ = ["STAGES", "Sample", "Stages", "decode_rates"]
+__all__ = ["STAGES", "Sample", "Stages", "decode_rates", "rotated", "sample_of"]
 
+_T = TypeVar("_T")
 _DECODE_BLOCK = 250
 """Messages decoded by one loop before the other takes its turn."""
 
@@ -65,12 +66,14 @@ class Sample:
     cores; well below, it waits on something."""
 
 
-def _rotated(kinds: Sequence[str], round_no: int) -> list[str]:
+def rotated(kinds: Sequence[_T], round_no: int) -> list[_T]:
+    """``kinds`` started at a different one each round (``round_no`` modulo their number)."""
     k = round_no % len(kinds)
     return [*kinds[k:], *kinds[:k]]
 
 
-def _sample(count: int, first: float, last: float, memory: Memory | None = None) -> Sample:
+def sample_of(count: int, first: float, last: float, memory: Memory | None = None) -> Sample:
+    """The :class:`Sample` of ``count`` completions between ``first`` and ``last``."""
     return Sample(rate(count, first, last), count, last - first, memory.peak_mb if memory else None)
 
 
@@ -90,7 +93,7 @@ def decode_rates(payloads: list[bytes], reps: int) -> dict[str, list[float]]:
     for _ in range(reps):
         spent = dict.fromkeys(loops, 0.0)
         for b, block in enumerate(blocks):
-            for name in _rotated(list(loops), b):
+            for name in rotated(list(loops), b):
                 decode = loops[name]
                 started = time.thread_time()
                 for payload in block:
@@ -123,6 +126,16 @@ class Stages:
         self.samples: dict[str, dict[str, list[Sample]]] = {
             stage: {kind: [] for kind in kinds} for stage, (_, kinds) in STAGES.items()
         }
+
+    @property
+    def messages(self) -> list[FixtureMessage]:
+        """The ingest messages, as published."""
+        return self._messages
+
+    @property
+    def children(self) -> list[tuple[bytes, bytes]]:
+        """The sink's input records (key, value), their sns registered by :meth:`prepare`."""
+        return self._children
 
     @property
     def payloads(self) -> list[bytes]:
@@ -159,7 +172,7 @@ class Stages:
             ("route", self._route),
             ("sink", self._sink),
         ):
-            for kind in _rotated(STAGES[stage][1], round_no):
+            for kind in rotated(STAGES[stage][1], round_no):
                 self.samples[stage][kind].append(await measure_one(kind, round_no))
 
     async def profile(self, round_no: int, directory: Path) -> dict[str, dict[str, Any]]:
@@ -193,7 +206,7 @@ class Stages:
             if recording is not None:
                 await recording.stop()
             await proc.stop()
-        return dataclasses.replace(_sample(len(records), *span(records), memory), cpu=busy)
+        return dataclasses.replace(sample_of(len(records), *span(records), memory), cpu=busy)
 
     async def _ceiling(
         self, loop: str, cfg: Config, name: str, out: Output | None, n: int, *args: str
@@ -204,7 +217,7 @@ class Stages:
         limit = self._ctx.options.limit
         if out is None:
             result = await proc.result(limit)
-            sample = _sample(int(result["count"]), float(result["first"]), float(result["last"]))
+            sample = sample_of(int(result["count"]), float(result["first"]), float(result["last"]))
         else:
             try:
                 records = await out.wait(n, limit=limit, alive=proc.check_failed)
@@ -212,7 +225,7 @@ class Stages:
                 await proc.stop()
                 raise
             result = await proc.result(limit)
-            sample = _sample(len(records), *span(records))
+            sample = sample_of(len(records), *span(records))
         return dataclasses.replace(sample, cpu=float(result["cpu"]))
 
     async def _ingest(self, kind: str, round_no: int) -> Sample:
