@@ -7,7 +7,9 @@ import collections
 import contextlib
 import datetime as dt
 import json
+import resource
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,25 @@ async def test_fifty_gateway_sessions_in_one_ingest(cfg: Config, uid: str, tmp_p
     refused = [line for line in log if line["level"] == "warning" and line.get("gateway") == wrong]
     assert len(refused) == 1  # said once, not on every retry
     assert "check its credentials" in refused[0]["msg"]
+
+
+def test_ingest_lifts_the_open_file_limit_for_its_sessions() -> None:
+    # A process started with a low soft limit (a shell's `ulimit -n 100`) and a higher
+    # hard one: ingest lifts the soft limit so 500 sessions fit, and no further.
+    script = (
+        "import resource\n"
+        "from pipeline.stages.ingest.worker import ensure_descriptors\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "print(ensure_descriptors(500), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+
+    def lower() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], preexec_fn=lower, capture_output=True, check=True
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    expected = 564 if hard == resource.RLIM_INFINITY else min(hard, 564)
+    assert done.stdout.split() == [str(expected).encode()] * 2

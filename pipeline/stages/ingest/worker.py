@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import resource
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import KafkaError
@@ -34,12 +35,14 @@ if TYPE_CHECKING:
     from pipeline.config import Config
     from pipeline.ops.server import Health
 
-__all__ = ["Ingest", "sessions_for"]
+__all__ = ["Ingest", "ensure_descriptors", "sessions_for"]
 
 log = logging.getLogger(__name__)
 
 _LANDED = INGEST_MESSAGES.labels("landed")
 _DEAD = INGEST_MESSAGES.labels("dlq")
+_SPARE_DESCRIPTORS = 64
+"""Open files beyond the MQTT sockets: Kafka connections, the ops server, logs."""
 
 
 def sessions_for(cfg: Config) -> list[tuple[mqtt.Identity, list[str]]]:
@@ -61,6 +64,31 @@ def sessions_for(cfg: Config) -> list[tuple[mqtt.Identity, list[str]]]:
     if gateways:
         return [(who, [mqtt.subscription_topic(m, g.device_id) for g in gateways])]
     return [(who, [mqtt.subscription_topic(m)])]
+
+
+def ensure_descriptors(sessions: int) -> int:
+    """Raise the soft open-file limit so ``sessions`` MQTT sockets fit; returns the limit.
+
+    One descriptor per session, plus a margin for Kafka, the ops server and the like.
+    Debian's default soft limit (1,024) stops a fleet of about a thousand gateways while
+    the hard limit (often 524,288) allows far more, so lift the soft one as servers
+    commonly do; when even the hard limit is too low, say so (the sessions beyond it
+    would fail to connect, each with "Too many open files").
+    """
+    need = sessions + _SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft
+    target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < need:
+        log.warning(
+            "%d gateway sessions need about %d open files, and this process may open at "
+            "most %d: raise its limit (LimitNOFILE=, ulimit -n) or split the gateways "
+            "between replicas (mqtt.shard)",
+            sessions, need, target,
+        )  # fmt: skip
+    return target
 
 
 def _refused(exc: BaseException) -> bool:
@@ -92,6 +120,7 @@ class Ingest:
         self._events: dict[tuple[str, str], Any] = {}
         pacer = Pacer(cfg.mqtt.connect_rate)
         specs = sessions_for(cfg)
+        ensure_descriptors(len(specs))
         self._sessions = [
             Session(
                 cfg.mqtt,
