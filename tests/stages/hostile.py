@@ -11,36 +11,15 @@ from typing import Any
 
 import orjson
 
+from tests.harness import add_response
+
 ADD = {"service_id": "$sub_device_manager", "event_type": "add_sub_device_response"}
 _M = "(mandatory for add_sub_device_response)"
 
 
 def event(event_id: str, sns: list[str], failed: list[str] | None = None) -> dict[str, Any]:
-    """A valid add_sub_device_response adding ``sns`` (device ids ``prod_<sn>``)."""
-    return {
-        "object_device_id": "gw",
-        "services": [
-            {
-                **ADD,
-                "event_id": event_id,
-                "event_time": "20261122T063000Z",
-                "paras": {
-                    "successful_devices": [
-                        {"node_id": sn, "device_id": f"prod_{sn}"} for sn in sns
-                    ],
-                    "failed_devices": [
-                        {
-                            "node_id": sn,
-                            "product_id": "prod",
-                            "error_code": "101004",
-                            "error_msg": "x",
-                        }
-                        for sn in failed or []
-                    ],
-                },
-            }
-        ],
-    }
+    """A valid add_sub_device_response from gateway ``gw`` adding ``sns``."""
+    return {"object_device_id": "gw", **add_response(event_id, sns, failed or [])}
 
 
 def _broken(path: list[str | int], value: object = ..., *, drop: bool = False) -> bytes:
