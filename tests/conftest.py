@@ -1,29 +1,121 @@
-"""Session-wide services (real Mosquitto and Kafka) and per-test isolation."""
+"""The brokers a test run owns, and what each test leaves behind: nothing.
+
+- One Kafka for the run, started by the controlling pytest process (before the xdist
+  workers exist) on free ports, with its state in a temporary directory; the workers
+  find it through ``PIPELINE_TEST_KAFKA``. Set that variable yourself to run the suite
+  on a broker of your own instead.
+- One Mosquitto per xdist worker, with the project's settings (``deploy/local``), on a
+  free port: tests subscribe to the real ``$oc/devices/+/sys/events/down`` filter, so
+  workers running side by side must not share a broker.
+- A run never connects to 127.0.0.1:1883 or :9092: they may be someone else's.
+- After each test, the ``cfg`` fixture removes what the test created: the MQTT sessions
+  it asked the broker to keep, and the Kafka topics and consumer groups named after its
+  ``uid``. At the end, each worker checks its Mosquitto holds no session, and the
+  controller that Kafka holds no topic and no group; either leftover fails the run.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import gc
 import io
 import logging
-import subprocess
+import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
 
 from pipeline.config import Config, KafkaConfig, MqttConfig, Topics, load_config
 from pipeline.ops.logs import setup_logging
+from pipeline.tools.services import Brokers, LocalKafka, LocalMosquitto, free_port, kafka_answers
 from tests import harness
-from tests.harness import ROOT
+
+T = TypeVar("T")
+
+KAFKA_ENV = "PIPELINE_TEST_KAFKA"
+"""Bootstrap address of the run's Kafka; set by the controller, or by you."""
+_KAFKA = pytest.StashKey[LocalKafka]()
+_STATE = pytest.StashKey[Path]()
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to the end in a loop of its own (from sync code, whatever loop is set)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _controller(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller starts the run's Kafka in the background (collection goes on)."""
+    if not _controller(config) or os.environ.get(KAFKA_ENV):
+        return
+    if "not services" in (config.option.markexpr or ""):
+        return
+    state = Path(tempfile.mkdtemp(prefix="pipeline-test-run-"))
+    broker = LocalKafka(state / "kafka")
+    broker.start()  # from the main thread: it dies with this process, even by SIGKILL
+    os.environ[KAFKA_ENV] = broker.bootstrap
+    config.stash[_KAFKA] = broker
+    config.stash[_STATE] = state
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """What the last test left is collected; the controller checks Kafka was left empty."""
+    gc.collect()
+    broker = session.config.stash.get(_KAFKA, None)
+    if broker is None or not _controller(session.config):
+        return
+    topics, groups = run_sync(harness.kafka_contents(broker.bootstrap))
+    if topics or groups:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = f"the run left in Kafka: topics {sorted(topics)}, consumer groups {sorted(groups)}"
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    broker = config.stash.get(_KAFKA, None)
+    if broker is not None:
+        broker.stop()
+        shutil.rmtree(config.stash[_STATE], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def local_services() -> None:
-    """Make sure the local Mosquitto and Kafka are up, starting them through deploy/local."""
-    script = ROOT / "deploy" / "local" / "services.sh"
-    if subprocess.run([script, "status"], capture_output=True, check=False).returncode != 0:
-        subprocess.run([script, "up"], check=True)
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Services]:
+    """The run's Kafka (waited for) and this worker's own Mosquitto."""
+    bootstrap = os.environ.get(KAFKA_ENV)
+    if bootstrap is None:
+        pytest.fail(f"no Kafka for this run: {KAFKA_ENV} is not set (-m 'not services'?)")
+
+    async def up() -> None:
+        async with asyncio.timeout(90):
+            while not await kafka_answers(bootstrap):
+                await asyncio.sleep(0.1)
+            await broker.ready()
+
+    broker = LocalMosquitto(tmp_path_factory.mktemp("mosquitto"), free_port(), "sys_interval 1\n")
+    broker.start()
+    try:
+        run_sync(up())
+        found = harness.Services(Brokers(broker.port, bootstrap), broker)
+        yield found
+        run_sync(found.retry_deferred())
+        held = harness.held_sessions(broker.port, broker.persistent_clients())
+        assert not held, f"this worker's Mosquitto still keeps the sessions of {sorted(held)}"
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +135,6 @@ def reap_workers() -> Iterator[None]:
     gc.collect()
 
 
-def pytest_sessionfinish() -> None:
-    """What the last test left is collected before the plugins' end-of-run imports."""
-    gc.collect()
-
-
 @pytest.fixture
 def uid() -> str:
     """A short id unique to this test, for topic names, client ids and group ids."""
@@ -55,18 +142,15 @@ def uid() -> str:
 
 
 @pytest.fixture
-def cfg(local_services: None, uid: str) -> Config:
-    """The default configuration with topics, groups and client ids unique to this test."""
-    base = load_config(environ={})
+def cfg(services: harness.Services, uid: str) -> Iterator[Config]:
+    """The default configuration on this run's brokers, with topics, groups and client ids
+    unique to this test; what the test created there is removed after it."""
+    base = services.brokers.configure(load_config(environ={}))
     topics = Topics(**{f: f"{getattr(Topics(), f)}.{uid}" for f in Topics.__struct_fields__})
-    return msgspec.structs.replace(
+    mark = services.mosquitto.log_size()
+    yield msgspec.structs.replace(
         base,
-        mqtt=msgspec.structs.replace(
-            # The real topic names; a test's stale session expires soon after it ends.
-            base.mqtt,
-            client_id=f"ingest-{uid}",
-            session_expiry=120,
-        ),
+        mqtt=msgspec.structs.replace(base.mqtt, client_id=f"ingest-{uid}"),
         kafka=msgspec.structs.replace(base.kafka, topics=topics),
         router=msgspec.structs.replace(
             base.router, group_id=f"router-{uid}", transactional_id=f"router-{uid}"
@@ -74,6 +158,8 @@ def cfg(local_services: None, uid: str) -> Config:
         sink=msgspec.structs.replace(base.sink, group_id=f"sink-{uid}"),
         metrics=msgspec.structs.replace(base.metrics, enabled=False),
     )
+    harness.reap()  # first: a worker still running would make what is removed again
+    run_sync(services.clean(uid, since=mark))
 
 
 @pytest.fixture

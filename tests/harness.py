@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+import paho.mqtt.client as paho
 from aiokafka import ConsumerRecord
+from paho.mqtt.enums import CallbackAPIVersion
 
 from pipeline.config import Config, KafkaConfig
 from pipeline.io import kafka
 from pipeline.ops.server import Health
 from pipeline.tools import demo
+from pipeline.tools.services import Brokers, LocalKafka, LocalMosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 """The project checkout."""
@@ -33,6 +36,78 @@ DEMO_FIXTURE = Path(str(demo.DEMO_FIXTURE))
 """The demo's fixture, shipped as package data."""
 FIXTURE_FILES = sorted([*FIXTURES.glob("*.jsonl"), DEMO_FIXTURE], key=lambda p: p.name)
 """Every replay fixture of the project."""
+
+
+@dataclasses.dataclass
+class Services:
+    """This run's Kafka and this worker's Mosquitto, and the removal of what a test made."""
+
+    brokers: Brokers
+    mosquitto: LocalMosquitto
+    deferred: set[str] = dataclasses.field(default_factory=set)
+    """Groups Kafka kept at a test's end (a killed member's session had not timed out)."""
+
+    @property
+    def kafka(self) -> KafkaConfig:
+        return KafkaConfig(bootstrap_servers=self.brokers.kafka_bootstrap)
+
+    async def clean(self, marker: str, *, since: int) -> None:
+        """Remove the MQTT sessions kept since log offset ``since``, and the Kafka topics
+        and groups whose names hold ``marker``."""
+        await self.mosquitto.end_sessions(self.mosquitto.persistent_clients(since))
+        topics, groups = await kafka_contents(self.brokers.kafka_bootstrap)
+        await kafka.delete_topics(self.kafka, [t for t in topics if marker in t])
+        self.deferred |= set(
+            await kafka.delete_groups(self.kafka, [g for g in groups if marker in g])
+        )
+
+    async def retry_deferred(self, limit: float = 60) -> None:
+        """Delete the deferred groups, waiting for their dead members to time out."""
+        async with asyncio.timeout(limit):
+            while self.deferred:
+                self.deferred = set(await kafka.delete_groups(self.kafka, self.deferred))
+                if self.deferred:
+                    await asyncio.sleep(0.5)
+
+
+async def kafka_contents(bootstrap: str) -> tuple[set[str], set[str]]:
+    """The topics (Kafka's internal ones aside) and consumer groups of a cluster."""
+    client = kafka.admin(KafkaConfig(bootstrap_servers=bootstrap))
+    await client.start()
+    try:
+        topics = {t for t in await client.list_topics() if not t.startswith("__")}
+        groups = {g[0] for g in await client.list_consumer_groups()}
+    finally:
+        await client.close()
+    return topics, groups
+
+
+def held_sessions(port: int, client_ids: set[str]) -> set[str]:
+    """Which of ``client_ids`` Mosquitto on ``port`` still keeps a session for.
+
+    Asked of the broker itself: each id connects without a clean start, and the CONNACK's
+    session-present flag says whether a session was there (it ends with this connection:
+    its expiry is 0). Mosquitto's ``$SYS`` client counts cannot say it: they are
+    published only when they change, and expire after 60 s.
+    """
+    held = set()
+    for client_id in sorted(client_ids):
+        answer: dict[str, bool] = {}
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
+        client.on_connect = lambda _c, _u, flags, _rc, _p, a=answer: a.update(
+            present=flags.session_present
+        )
+        client.connect("127.0.0.1", port, clean_start=False)
+        deadline = time.monotonic() + 10
+        while "present" not in answer and time.monotonic() < deadline:
+            client.loop(0.05)
+        client.disconnect()
+        assert "present" in answer, f"no CONNACK for {client_id} from 127.0.0.1:{port}"
+        if answer["present"]:
+            held.add(client_id)
+    return held
 
 
 class Worker(Protocol):
@@ -61,32 +136,33 @@ async def wait_check(health: Health, check: str, task: asyncio.Task[None] | None
 
 
 async def read_topic(
-    cfg: KafkaConfig, topic: str, *, expect: int, settle: float = 1.0, timeout: float = 60
+    cfg: KafkaConfig, topic: str, *, expect: int = 0, timeout: float = 60
 ) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every committed record of ``topic`` once ``expect`` have arrived and ``settle`` s passed
-    without more (so an extra record would be seen and fail the exact count)."""
+    """Every committed record of ``topic`` up to its end now, once at least ``expect`` are.
+
+    Read after the stages that write ``topic`` have stopped, the list is exact: nothing
+    can follow, so an extra record fails an exact count. Inside a running stage's block,
+    wait with :func:`arrived` instead, and read once it has ended.
+    """
     records: list[ConsumerRecord[bytes, bytes]] = []
-    async with kafka.reader(cfg) as reader:
-        deadline = time.monotonic() + timeout
+    async with kafka.reader(cfg) as reader, asyncio.timeout(timeout):
         # The stage under test creates its topics when it starts: wait for them.
         while not (tps := await kafka.partitions(reader, topic)):
-            assert time.monotonic() < deadline, f"topic {topic} does not exist"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
         read_to = await reader.beginning_offsets(tps)
-        quiet_since = time.monotonic()
-        while time.monotonic() < deadline:
+        while True:
             ends = await reader.end_offsets(tps)
             ranges = {tp: (read_to[tp], ends[tp]) for tp in tps if ends[tp] > read_to[tp]}
-            got = [record async for record in kafka.read_range(reader, ranges)]
+            records.extend([record async for record in kafka.read_range(reader, ranges)])
             read_to |= {tp: end for tp, (_, end) in ranges.items()}
-            if got:
-                records.extend(got)
-                quiet_since = time.monotonic()
-            elif len(records) >= expect and time.monotonic() - quiet_since >= settle:
-                break
-            else:
-                await asyncio.sleep(0.1)
-    return records
+            if len(records) >= expect:
+                return records
+            await asyncio.sleep(0.05)
+
+
+async def arrived(cfg: KafkaConfig, topic: str, count: int, *, timeout: float = 60) -> None:
+    """Until ``topic`` holds at least ``count`` committed records (a running stage wrote them)."""
+    await read_topic(cfg, topic, expect=count, timeout=timeout)
 
 
 def by_key(records: list[ConsumerRecord[bytes, bytes]]) -> list[tuple[Any, Any]]:
@@ -100,7 +176,9 @@ def worker_env(cfg: Config, **extra: str) -> dict[str, str]:
     values = {
         "MQTT__TOPIC": cfg.mqtt.topic,
         "MQTT__CLIENT_ID": cfg.mqtt.client_id,
+        "MQTT__HOST": cfg.mqtt.host,
         "MQTT__PORT": str(cfg.mqtt.port),
+        "KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers,
         "ROUTER__GROUP_ID": cfg.router.group_id,
         "ROUTER__TRANSACTIONAL_ID": cfg.router.transactional_id,
         "SINK__GROUP_ID": cfg.sink.group_id,
@@ -242,68 +320,19 @@ async def wait_readyz(port: int, proc: asyncio.subprocess.Process) -> None:
             await asyncio.sleep(0.1)
 
 
-@dataclasses.dataclass
-class PrivateKafka:
-    """A Kafka broker of one test's own (deploy/local/kafka.sh in a temporary state dir)."""
-
-    state: Path
-    port: int
-    controller_port: int
-    extra_env: dict[str, str] = dataclasses.field(default_factory=dict)
-    """More ``PIPELINE_LOCAL_KAFKA_*`` settings (the SASL_SSL listener, see kafka.sh)."""
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _env(self) -> dict[str, str]:
-        return (
-            os.environ
-            | {
-                "PIPELINE_LOCAL_STATE": str(self.state),
-                "PIPELINE_LOCAL_KAFKA_PORT": str(self.port),
-                "PIPELINE_LOCAL_KAFKA_CONTROLLER_PORT": str(self.controller_port),
-            }
-            | self.extra_env
-        )
-
-    async def start(self) -> None:
-        script = ROOT / "deploy" / "local" / "kafka.sh"
-        proc = await asyncio.create_subprocess_exec(
-            str(script), "start", env=self._env(), stderr=asyncio.subprocess.PIPE
-        )
-        _, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()
-
-    def kill(self) -> None:
-        """SIGKILL the broker: no shutdown code runs."""
-        pid = int((self.state / "kafka" / "kafka.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            while True:  # until it is gone
-                os.kill(pid, 0)
-                time.sleep(0.05)
-
-    async def stop(self) -> None:
-        script = ROOT / "deploy" / "local" / "kafka.sh"
-        proc = await asyncio.create_subprocess_exec(
-            str(script), "stop", env=self._env(), stderr=asyncio.subprocess.DEVNULL
-        )
-        await proc.wait()
-
-
 @contextlib.asynccontextmanager
-async def private_kafka(tmp: Path, **env: str) -> AsyncIterator[PrivateKafka]:
+async def private_kafka(tmp: Path, **env: str) -> AsyncIterator[LocalKafka]:
     """A fresh single-node Kafka for tests that stop or reconfigure their broker.
 
     ``env``: more ``PIPELINE_LOCAL_KAFKA_*`` settings for deploy/local/kafka.sh.
     """
-    broker = PrivateKafka(tmp, free_port(), free_port(), env)
-    await broker.start()
+    broker = LocalKafka(tmp, env=env)
+    broker.start()
     try:
+        await broker.ready()
         yield broker
     finally:
-        await broker.stop()
+        await asyncio.to_thread(broker.stop)
 
 
 @contextlib.contextmanager

@@ -47,32 +47,36 @@ ssl.keystore.location=$KEYSTORE
 PROPS
 }
 
-start() {
+prepare() {  # the state directory, the broker's properties, and its formatted storage
   [ -f "$KAFKA_LIBS/.complete" ] || die "Kafka jars missing at $KAFKA_LIBS; run deploy/local/install.sh"
-  if alive "$PIDFILE" && ready 1; then log "kafka already up on 127.0.0.1:$KAFKA_PORT"; return 0; fi
-  if ! alive "$PIDFILE" && ready 1 2>/dev/null; then
-    die "something else answers Kafka on 127.0.0.1:$KAFKA_PORT (stop it, or set PIPELINE_LOCAL_KAFKA_PORT)"
-  fi
   mkdir -p "$DIR/data" "$DIR/logs"
   sed -e "s|@STATE@|$STATE|g" -e "s|@PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
     "$HERE/kafka/server.properties.in" > "$DIR/server.properties"
   sasl_ssl_properties >> "$DIR/server.properties"
-  local cp="$KAFKA_LIBS/*"
-  # shellcheck disable=SC2046
-  if [ ! -f "$DIR/data/meta.properties" ]; then
-    local cid
-    cid=$("$PY" -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode().lstrip("-") or "x")')
-    local scram=() user
-    # SCRAM credentials live in the cluster metadata: they are created when it is formatted.
-    if [ -n "$SASL_SSL_PORT" ]; then
-      IFS=, read -r -a users <<< "$SCRAM_USERS"
-      for user in "${users[@]}"; do scram+=(--add-scram "SCRAM-SHA-512=[name=${user%%=*},password=${user#*=}]"); done
-    fi
-    java $(java_opts) -cp "$cp" kafka.tools.StorageTool format -t "$cid" -c "$DIR/server.properties" \
-      --ignore-formatted "${scram[@]}" > "$DIR/logs/format.log" 2>&1 || { cat "$DIR/logs/format.log" >&2; die "formatting storage failed"; }
+  [ -f "$DIR/data/meta.properties" ] && return 0
+  local cid scram=() user
+  cid=$("$PY" -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode().lstrip("-") or "x")')
+  # SCRAM credentials live in the cluster metadata: they are created when it is formatted.
+  if [ -n "$SASL_SSL_PORT" ]; then
+    IFS=, read -r -a users <<< "$SCRAM_USERS"
+    for user in "${users[@]}"; do scram+=(--add-scram "SCRAM-SHA-512=[name=${user%%=*},password=${user#*=}]"); done
   fi
   # shellcheck disable=SC2046
-  nohup java $(java_opts) -cp "$cp" kafka.Kafka "$DIR/server.properties" > "$DIR/broker.log" 2>&1 &
+  java $(java_opts) -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format -t "$cid" -c "$DIR/server.properties" \
+    --ignore-formatted "${scram[@]}" > "$DIR/logs/format.log" 2>&1 || { cat "$DIR/logs/format.log" >&2; die "formatting storage failed"; }
+}
+
+start() {
+  [ -f "$KAFKA_LIBS/.complete" ] || die "Kafka jars missing at $KAFKA_LIBS; run deploy/local/install.sh"
+  if alive "$PIDFILE" && ready 1; then log "kafka already up on 127.0.0.1:$KAFKA_PORT"; return 0; fi
+  if ! alive "$PIDFILE" && ready 1 2>/dev/null; then
+    # Another checkout's broker, or one of the machine's: use it, and never stop it.
+    log "Kafka already answers on 127.0.0.1:$KAFKA_PORT (not started by this checkout): using it"
+    return 0
+  fi
+  prepare
+  # shellcheck disable=SC2046
+  nohup java $(java_opts) -cp "$KAFKA_LIBS/*" kafka.Kafka "$DIR/server.properties" > "$DIR/broker.log" 2>&1 &
   echo $! > "$PIDFILE"
   local started=$SECONDS
   for _ in $(seq 120); do
@@ -84,9 +88,19 @@ start() {
   log "kafka $KAFKA_VERSION up on 127.0.0.1:$KAFKA_PORT (pid $(cat "$PIDFILE"), $((SECONDS - started)) s)"
 }
 
+run() {  # in the foreground, for a supervisor (the test run) that owns the process
+  prepare
+  echo $$ > "$PIDFILE"
+  # shellcheck disable=SC2046
+  exec java $(java_opts) -cp "$KAFKA_LIBS/*" kafka.Kafka "$DIR/server.properties"
+}
+
 case "${1:-}" in
   start) start ;;
+  run) run ;;
   stop) stop_pid "$PIDFILE" kafka ;;
-  status) if alive "$PIDFILE" && ready 2; then echo "kafka up on 127.0.0.1:$KAFKA_PORT"; else echo "kafka down"; exit 1; fi ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  status)
+    if ! ready 2 2>/dev/null; then echo "kafka down"; exit 1; fi
+    if alive "$PIDFILE"; then echo "kafka up on 127.0.0.1:$KAFKA_PORT"; else echo "kafka up on 127.0.0.1:$KAFKA_PORT (not this checkout's)"; fi ;;
+  *) echo "usage: $0 start|run|stop|status" >&2; exit 2 ;;
 esac

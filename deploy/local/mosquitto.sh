@@ -12,7 +12,11 @@ ready() {  # a real MQTT round trip: read the broker's $SYS version topic
 start() {
   command -v mosquitto >/dev/null || die "mosquitto is not installed; run deploy/local/install.sh"
   if alive "$PIDFILE" && ready; then log "mosquitto already up on 127.0.0.1:$MQTT_PORT"; return 0; fi
-  if ready; then die "something else answers MQTT on 127.0.0.1:$MQTT_PORT (stop it, or set PIPELINE_LOCAL_MQTT_PORT)"; fi
+  if ready; then
+    # Debian's mosquitto service, or another checkout's broker: use it, and never stop it.
+    log "MQTT already answers on 127.0.0.1:$MQTT_PORT (not started by this checkout): using it"
+    return 0
+  fi
   mkdir -p "$DIR/data"
   sed -e "s|@STATE@|$STATE|g" -e "s|@PORT@|$MQTT_PORT|g" "$(dirname "$0")/mosquitto.conf.in" > "$DIR/mosquitto.conf"
   # (mosquitto warns on stderr about running as root; the config keeps root on purpose)
@@ -25,6 +29,8 @@ start() {
 case "${1:-}" in
   start) start ;;
   stop) stop_pid "$PIDFILE" mosquitto ;;
-  status) if alive "$PIDFILE" && ready; then echo "mosquitto up on 127.0.0.1:$MQTT_PORT"; else echo "mosquitto down"; exit 1; fi ;;
+  status)
+    if ! ready; then echo "mosquitto down"; exit 1; fi
+    if alive "$PIDFILE"; then echo "mosquitto up on 127.0.0.1:$MQTT_PORT"; else echo "mosquitto up on 127.0.0.1:$MQTT_PORT (not this checkout's)"; fi ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

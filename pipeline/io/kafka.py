@@ -29,6 +29,7 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer import sender as _sender
+from aiokafka.protocol.admin import DeleteGroupsRequest
 from aiokafka.protocol.metadata import MetadataRequest
 from murmurhash2 import murmurhash2
 
@@ -50,6 +51,8 @@ __all__ = [
     "admin",
     "backlog",
     "consumer",
+    "delete_groups",
+    "delete_topics",
     "ensure_topics",
     "partitions",
     "prepare_topics",
@@ -292,6 +295,48 @@ async def ensure_topics(
         return missing
     finally:
         await client.close()
+
+
+async def delete_topics(cfg: KafkaConfig, names: Iterable[str]) -> None:
+    """Delete ``names`` (those that exist) and wait until the cluster no longer lists them."""
+    wanted = set(names)
+    client = admin(cfg)
+    await client.start()
+    try:
+        doomed = sorted(wanted & set(await client.list_topics()))
+        if not doomed:
+            return
+        await client.delete_topics(doomed)
+        async with asyncio.timeout(30):
+            while set(doomed) & set(await client.list_topics()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        await client.close()
+
+
+_GROUP_NOT_FOUND = 69
+
+
+async def delete_groups(cfg: KafkaConfig, groups: Iterable[str]) -> dict[str, str]:
+    """Delete consumer ``groups``; returns those Kafka kept, with why (a live member, say).
+
+    A group is deleted only once it has no member: one whose process was killed stays
+    until its session times out. aiokafka's admin client has no call for DeleteGroups,
+    so the request goes to each group's coordinator through it (its ``_send_request``).
+    """
+    kept: dict[str, str] = {}
+    client = admin(cfg)
+    await client.start()
+    try:
+        for group in dict.fromkeys(groups):
+            node = await client.find_coordinator(group)
+            response = await client._send_request(DeleteGroupsRequest([group]), node)  # noqa: SLF001
+            for name, code in response.results:
+                if code not in (0, _GROUP_NOT_FOUND):
+                    kept[name] = for_code(code).__name__
+    finally:
+        await client.close()
+    return kept
 
 
 async def prepare_topics(cfg: KafkaConfig, names: Iterable[str], *, wait: float = 120.0) -> None:

@@ -41,7 +41,8 @@ async def test_readiness_follows_kafka(
             broker.kill()
             lost = await until(lambda: health.report() == {"route.kafka": False}, 15)
             assert health.details()["route.kafka"]  # says why
-            await broker.start()
+            broker.start()
+            await broker.ready()
             back = await until(lambda: health.report() == {"route.kafka": True}, 60)
     said = [
         (r.levelname, r.getMessage().split(" (")[0].split(";")[0])
