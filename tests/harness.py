@@ -93,9 +93,7 @@ def held_sessions(port: int, client_ids: set[str]) -> set[str]:
     held = set()
     for client_id in sorted(client_ids):
         answer: dict[str, bool] = {}
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-        )
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         client.on_connect = lambda _c, _u, flags, _rc, _p, a=answer: a.update(
             present=flags.session_present
         )
