@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import sys
@@ -55,6 +56,35 @@ def _closure(name: str, components: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(seen.items()))
 
 
+def _normalise(schema: Any) -> Any:
+    """``schema`` as every msgspec the project allows would write it.
+
+    msgspec's output changed across ``msgspec>=0.19,<1`` in two ways that do not change
+    what a schema means, and both are undone here so ``schemas/`` stays byte-identical:
+
+    - Descriptions: Struct docstrings become ``description``s, dedented differently
+      (0.22 keeps the indentation of a docstring's later lines, 0.23 strips it, and so
+      does Python 3.13 at compile time). Each is cleaned as :func:`inspect.cleandoc` does.
+    - ``anyOf``: ``Struct | None`` lists ``null`` first before 0.22, last from 0.22 on.
+      ``null`` goes last, in a stable sort, so the other alternatives keep their order.
+    """
+    if isinstance(schema, list):
+        return [_normalise(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    # A property named "description" or "anyOf" maps to a schema (a dict), not to a
+    # string or a list: it is walked like any other schema, never rewritten.
+    for key, value in schema.items():
+        if key == "description" and isinstance(value, str):
+            out[key] = inspect.cleandoc(value)
+        elif key == "anyOf" and isinstance(value, list):
+            out[key] = sorted(_normalise(value), key=lambda alt: alt == {"type": "null"})
+        else:
+            out[key] = _normalise(value)
+    return out
+
+
 def _header(text: str) -> dict[str, Any]:
     return {"type": "string", "description": text}
 
@@ -63,6 +93,7 @@ def documents() -> dict[str, bytes]:
     """File name -> content of every document in ``schemas/``."""
     types = [*EXPORTED.values(), *_REFERENCED]
     refs, components = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
+    components = _normalise(components)
     out: dict[str, bytes] = {}
     for (file, tp), ref in zip(EXPORTED.items(), refs, strict=False):
         name = ref["$ref"].rsplit("/", 1)[1]

@@ -138,6 +138,7 @@ async def test_bench_runs_end_to_end_and_reports_consistent_figures(
     assert left == []
 
 
+@pytest.mark.services
 async def test_bench_replicas_measures_every_count_on_the_same_input(
     cfg: Config, tmp_path: Path
 ) -> None:

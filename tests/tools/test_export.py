@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.tools.export import documents, export
+from pipeline.tools.export import _normalise, documents, export
 from tests.harness import ROOT
 
 SCHEMAS = ROOT / "schemas"
@@ -72,3 +73,44 @@ def test_every_record_shape_and_channel_is_documented() -> None:
             "dps.allocations.dlq",
         ]
     )
+
+
+def test_normalise_undoes_what_msgspec_versions_write_differently() -> None:
+    # As msgspec 0.22 on Python < 3.13 writes a Struct docstring, and pre-0.22 a union.
+    schema = {
+        "description": "Summary.\n\n    More, indented.\n    ",
+        "properties": {
+            "description": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/X"}], "default": None},
+            "other": {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]},
+        },
+        "required": ["description"],
+    }
+    assert _normalise(schema) == {
+        "description": "Summary.\n\nMore, indented.",
+        "properties": {
+            "description": {"anyOf": [{"$ref": "#/$defs/X"}, {"type": "null"}], "default": None},
+            "other": {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]},
+        },
+        "required": ["description"],
+    }
+
+
+def _walk(node: object, key: str) -> list[object]:
+    if isinstance(node, dict):
+        found = [node[key]] if key in node else []
+        return found + [v for child in node.values() for v in _walk(child, key)]
+    if isinstance(node, list):
+        return [v for child in node for v in _walk(child, key)]
+    return []
+
+
+def test_generated_descriptions_and_unions_are_normalised() -> None:
+    # Holds on every msgspec and Python: the committed files cannot depend on either.
+    for name, content in documents().items():
+        doc = json.loads(content)
+        for text in _walk(doc, "description"):
+            if isinstance(text, str):
+                assert text == inspect.cleandoc(text), (name, text)
+        for alternatives in _walk(doc, "anyOf"):
+            assert isinstance(alternatives, list)
+            assert {"type": "null"} not in alternatives[:-1], (name, alternatives)
