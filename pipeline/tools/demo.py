@@ -31,6 +31,7 @@ from pipeline.ops.server import Health
 from pipeline.stages.ingest import Ingest
 from pipeline.stages.router import Router
 from pipeline.stages.sink import Sink
+from pipeline.tools.console import make_console
 from pipeline.tools.replay import load_fixture, replay
 from pipeline.tools.services import ensure_services
 
@@ -94,7 +95,7 @@ async def _read(cfg: Config, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
 
 async def run(cfg: Config, fixture: str | None = None) -> int:
     """Run the demo; exit code 0 when every stage went idle."""
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     with importlib.resources.as_file(DEMO_FIXTURE) as bundled:
         return await _run(console, cfg, Path(fixture) if fixture else bundled)
 

@@ -28,7 +28,6 @@ from typing import Any, TextIO
 
 import msgspec
 import orjson
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -42,6 +41,7 @@ from rich.progress import (
 
 from pipeline.config import MqttConfig
 from pipeline.io import mqtt
+from pipeline.tools.console import make_console
 
 __all__ = ["FixtureMessage", "load_fixture", "record", "replay", "replay_messages"]
 
@@ -183,7 +183,7 @@ def _progress(enabled: bool, description: str, total: int | None) -> Iterator[Ca
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with Progress(*columns, console=make_console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
 

@@ -11,10 +11,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from rich.console import Console
 from rich.table import Table
 
 from pipeline.io import kafka
+from pipeline.tools.console import make_console
 
 if TYPE_CHECKING:
     from aiokafka import TopicPartition
@@ -123,7 +123,7 @@ async def status(cfg: Config, endpoints: list[str] | None = None) -> int:
             str(row["out_per_s"]),
             "-" if row["dlq"] is None else str(row["dlq"]),
         )
-    console = Console()
+    console = make_console()
     console.print(table)
     found = await health(cfg, endpoints)
     if any(body is not None for body in found.values()) or endpoints:

@@ -203,7 +203,8 @@ def document(replicas: Replicas) -> dict[str, Any]:
 def table(console: Console, doc: dict[str, Any]) -> None:
     """Print the replica table."""
     rounds = doc["meta"]["options"]["rounds"]
-    t = Table(title=f"throughput by replicas: medians of {rounds} interleaved rounds, [min-max]")
+    # Escaped: rich markup reads a lowercase [word] as a style and drops it.
+    t = Table(title=f"throughput by replicas: medians of {rounds} interleaved rounds, \\[min-max]")
     for column in ("stage", "replicas", "median", "range", "x one replica", "peak RSS MB"):
         t.add_column(column, justify="left" if column == "stage" else "right")
     for stage, entry in doc["replicas"].items():

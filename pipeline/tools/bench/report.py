@@ -197,7 +197,8 @@ def table(console: Console, doc: dict[str, Any]) -> None:
 
 def _throughput(doc: dict[str, Any]) -> Table:
     rounds = doc["meta"]["options"]["rounds"]
-    t = Table(title=f"throughput: medians of {rounds} interleaved rounds, [min-max]")
+    # Escaped: rich markup reads a lowercase [word] as a style and drops it.
+    t = Table(title=f"throughput: medians of {rounds} interleaved rounds, \\[min-max]")
     t.add_column("measure")
     for column in ("median", "range", "ratio", "CPU of a core", "CPU µs per unit"):
         t.add_column(column, justify="right")
@@ -227,9 +228,10 @@ def _median(values: list[float | None] | None, form: str) -> str:
 
 def _latency(e2e: dict[str, Any]) -> Table:
     sustained = e2e["sustained_msg_per_s"]
+    # Escaped: rich markup reads a lowercase [word] as a style and drops it.
     t = Table(
         title=f"end to end, 4 children per message: sustained {sustained:,.0f} msg/s; "
-        "latency of all rounds [each round's]"
+        "latency of all rounds \\[each round's]"
     )
     for column in ("offered load", "msg/s", "children", "p50 ms", "p99 ms"):
         t.add_column(column, justify="right")

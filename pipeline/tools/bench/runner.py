@@ -24,6 +24,7 @@ from pipeline.tools.bench import procs, profile, replicas, report
 from pipeline.tools.bench.context import Context
 from pipeline.tools.bench.latency import end_to_end
 from pipeline.tools.bench.stages import Stages, decode_rates
+from pipeline.tools.console import make_console
 from pipeline.tools.services import ensure_services
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ async def run(
     if profile_dir is not None and not profile.available():
         print("pipeline bench: --profile needs py-spy: pip install py-spy", file=sys.stderr)  # noqa: T201
         return 2
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     started, load = time.monotonic(), os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     with console.status("checking Mosquitto and Kafka (starting deploy/local if need be)"):
