@@ -220,6 +220,9 @@ class KafkaConfig(_Section, frozen=True):
     request_timeout: Seconds = 30.0
     startup_timeout: Wait = 60.0
     """Seconds a worker waits for Kafka to answer at start-up before it exits 1."""
+    liveness_interval: Seconds = 5.0
+    """Seconds between a worker's checks that Kafka answers: its readiness drops within
+    about this long (plus ``request_timeout``'s share, at most 5 s) of losing Kafka."""
     max_record_size: Annotated[int, msgspec.Meta(ge=64 * 1024, le=64 * 1024 * 1024)] = (
         2 * 1024 * 1024
     )
@@ -312,6 +315,8 @@ class MetricsConfig(_Section, frozen=True):
     run_port: ListenPort = 9100
     stall_after: Seconds = 120.0
     """``/healthz`` fails when a stage has work waiting and no progress for this long."""
+    lag_interval: Seconds = 5.0
+    """Seconds between samples of each consumer's lag (``pipeline_consumer_lag``)."""
 
 
 class Config(_Section, frozen=True):

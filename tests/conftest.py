@@ -55,6 +55,11 @@ def _controller(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, so that side by side (xdist) the run ends with short ones."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """The controller starts the run's Kafka in the background (collection goes on)."""
     if not _controller(config) or os.environ.get(KAFKA_ENV):

@@ -13,13 +13,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 import paho.mqtt.client as paho
 from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
 from paho.mqtt.enums import CallbackAPIVersion
 
 from pipeline.config import Config, KafkaConfig
@@ -112,16 +113,43 @@ class Worker(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
 
+@dataclasses.dataclass
+class _Reads:
+    """What :func:`read_topic` returned while stages of :func:`running` blocks ran."""
+
+    depth: int = 0
+    counts: dict[tuple[str, str], tuple[KafkaConfig, int]] = dataclasses.field(default_factory=dict)
+
+
+_READS = _Reads()
+
+
 @contextlib.asynccontextmanager
 async def running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
-    """Run a stage in the background; stop it (as SIGTERM would) when the block ends."""
+    """Run a stage in the background; stop it (as SIGTERM would) when the block ends.
+
+    A :func:`read_topic` made while stages run returns what had arrived by then. So when
+    the outermost such block ends, with every stage stopped, each topic read inside it
+    is read again to its end: a record that followed (a duplicate, say) fails the test.
+    """
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
+    if not _READS.depth:
+        _READS.counts = {}
+    _READS.depth += 1
+    clean = False
     try:
         yield task
+        clean = True
     finally:
+        _READS.depth -= 1
         stop.set()
         await asyncio.wait_for(task, 60)
+    if clean and _READS.depth == 0:
+        counts, _READS.counts = _READS.counts, {}
+        for (_, topic), (cfg, count) in counts.items():
+            after = len(await read_topic(cfg, topic))
+            assert after == count, f"{topic}: {after} records once the stages stopped, not {count}"
 
 
 async def wait_check(health: Health, check: str, task: asyncio.Task[None] | None = None) -> None:
@@ -139,9 +167,38 @@ async def read_topic(
     """Every committed record of ``topic`` up to its end now, once at least ``expect`` are.
 
     Read after the stages that write ``topic`` have stopped, the list is exact: nothing
-    can follow, so an extra record fails an exact count. Inside a running stage's block,
-    wait with :func:`arrived` instead, and read once it has ended.
+    can follow, so an extra record fails an exact count. Read inside :func:`running`
+    blocks, the count is checked again once their stages have stopped.
     """
+    records = await _read(cfg, topic, expect, timeout)
+    if _READS.depth:
+        _READS.counts[cfg.bootstrap_servers, topic] = (cfg, len(records))
+    return records
+
+
+Records = list[ConsumerRecord[bytes, bytes]]
+
+
+async def arrived(
+    cfg: KafkaConfig,
+    topic: str,
+    count: int = 0,
+    *,
+    until: Callable[[Records], bool] | None = None,
+    timeout: float = 60,
+) -> None:
+    """Until ``topic`` holds at least ``count`` committed records, and ``until`` says yes
+    to them (as a running stage writes them: repeats allowed, say)."""
+    await _read(cfg, topic, count, timeout, until)
+
+
+async def _read(
+    cfg: KafkaConfig,
+    topic: str,
+    expect: int,
+    timeout: float,
+    until: Callable[[Records], bool] | None = None,
+) -> Records:
     records: list[ConsumerRecord[bytes, bytes]] = []
     async with kafka.reader(cfg) as reader, asyncio.timeout(timeout):
         # The stage under test creates its topics when it starts: wait for them.
@@ -153,14 +210,30 @@ async def read_topic(
             ranges = {tp: (read_to[tp], ends[tp]) for tp in tps if ends[tp] > read_to[tp]}
             records.extend([record async for record in kafka.read_range(reader, ranges)])
             read_to |= {tp: end for tp, (_, end) in ranges.items()}
-            if len(records) >= expect:
+            if len(records) >= expect and (until is None or until(records)):
                 return records
             await asyncio.sleep(0.05)
 
 
-async def arrived(cfg: KafkaConfig, topic: str, count: int, *, timeout: float = 60) -> None:
-    """Until ``topic`` holds at least ``count`` committed records (a running stage wrote them)."""
-    await read_topic(cfg, topic, expect=count, timeout=timeout)
+async def group_stable(cfg: KafkaConfig, group: str, members: int, *, timeout: float = 60) -> None:
+    """Until consumer group ``group`` is Stable with ``members`` members (the rebalance done)."""
+    client = kafka.admin(cfg)
+    await client.start()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    [response] = await client.describe_consumer_groups([group])
+                except KafkaError as exc:  # the coordinator is still loading, say
+                    if not exc.retriable:
+                        raise
+                else:
+                    _, _, state, _, _, joined, *_ = response.groups[0]
+                    if state == "Stable" and len(joined) == members:
+                        return
+                await asyncio.sleep(0.1)
+    finally:
+        await client.close()
 
 
 def by_key(records: list[ConsumerRecord[bytes, bytes]]) -> list[tuple[Any, Any]]:

@@ -630,8 +630,9 @@ class Liveness:
         cfg: the Kafka configuration.
         stage: whose connection this is (for the log).
         on_change: told ``(True, None)`` or ``(False, reason)``.
-        interval: seconds between checks.
         timeout: seconds a check may take before Kafka counts as lost.
+
+    Checks are ``kafka.liveness_interval`` apart.
     """
 
     def __init__(
@@ -640,13 +641,12 @@ class Liveness:
         stage: str,
         on_change: Callable[[bool, str | None], None],
         *,
-        interval: float = 5.0,
         timeout: float = 5.0,
     ) -> None:
         self._cfg = cfg
         self._stage = stage
         self._on_change = on_change
-        self._interval = interval
+        self._interval = cfg.liveness_interval
         self._timeout = timeout
         self.ok: bool | None = None
         self._client: AIOKafkaAdminClient | None = None

@@ -113,7 +113,12 @@ class Router:
             log.info("router consuming %s as %s", topics.down_events, self._cfg.router.group_id)
             watcher = asyncio.create_task(liveness.run(), name="router.kafka-liveness")
             lag = asyncio.create_task(
-                kafka.watch_lag(consumer, functools.partial(report_lag, "route")), name="router.lag"
+                kafka.watch_lag(
+                    consumer,
+                    functools.partial(report_lag, "route"),
+                    interval=self._cfg.metrics.lag_interval,
+                ),
+                name="router.lag",
             )
             stopped = first_set(stop, listener.failed)
             try:

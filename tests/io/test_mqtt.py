@@ -102,7 +102,7 @@ async def test_reconnects_after_broker_restart(cfg: Config, uid: str, tmp_path: 
         async with running(Ingest(cfg, health)) as task:
             await wait_check(health, "ingest.mqtt", task)
             await replay_messages(cfg.mqtt, messages(uid, 20), progress=False)
-            await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=20, settle=0.2)
+            await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=20)
             broker.terminate()
             broker.wait(10)
             async with asyncio.timeout(10):
@@ -269,6 +269,7 @@ def test_a_failed_acknowledgement_does_not_stop_the_window() -> None:
     assert sent == [2]
 
 
+@pytest.mark.services
 async def test_intake_limit_stops_reading_while_messages_wait(
     mqtt_cfg: MqttConfig, uid: str
 ) -> None:

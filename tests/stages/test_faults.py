@@ -55,7 +55,7 @@ async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) ->
     await asyncio.sleep(1)  # the publisher goes on while ingest is dead
     second = await spawn("ingest", cfg, env=env)
     assert await publisher == total
-    records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=total, settle=2)
+    records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=total)
     assert await terminate(second) == 0
     event_ids = collections.Counter(
         json.loads(bytes(msgspec.json.decode(r.value, type=DownEventRecord).event))["services"][0][
@@ -104,8 +104,8 @@ async def test_router_sigkill_each_child_exactly_once(cfg: Config, uid: str) -> 
     await kill(first)  # mid-transaction, most likely
     second = await spawn("route", cfg)
     expected = events_n * per_event
-    added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=expected, settle=2)
-    failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed, expect=events_n, settle=0.5)
+    added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=expected)
+    failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed, expect=events_n)
     assert await terminate(second) == 0
     keys = collections.Counter(r.key for r in added)
     assert set(keys) == {
@@ -136,9 +136,9 @@ async def test_redelivered_events_yield_children_once_even_after_restart(
     await produce_events(cfg, [a])
     async with running(Router(cfg)):
         await asyncio.sleep(3)
-        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=5, settle=1)
+        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=5)
     assert len(added) == 5
-    failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed, expect=1, settle=0.5)
+    failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed, expect=1)
     assert [r.key for r in failed] == [b"af"]
     # Outside the window a repeat is new again.
     short = msgspec.structs.replace(
@@ -194,11 +194,11 @@ async def test_a_stalled_router_cannot_commit_for_partitions_it_lost(
         await stalled.wait()  # inside its transactions, with the batch in hand
     monkeypatch.setattr(kafka, "consumer", real_consumer)
     async with running(Router(cfg)):
-        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=120, settle=2)
+        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=120)
         resume.set()  # the stale one wakes and tries to commit what it held
         with pytest.raises(StageFailed, match="another router took over a partition"):
             await asyncio.wait_for(stale_run, 60)
-        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=120, settle=2)
+        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=120)
     counts = collections.Counter(r.key for r in added)
     assert len(counts) == 120
     assert set(counts.values()) == {1}  # each child exactly once

@@ -22,7 +22,9 @@ from pipeline.config import Config, MqttConfig, Secret
 from pipeline.io import mqtt
 from pipeline.tools.replay import FixtureMessage, replay_messages
 from tests.harness import (
+    Records,
     add_response,
+    arrived,
     free_port,
     kill,
     private_mosquitto,
@@ -69,6 +71,10 @@ def gateways_file(tmp: Path, secrets: dict[str, str]) -> Path:
     path = tmp / "gateways.toml"
     path.write_text("\n".join(entries))
     return path
+
+
+def event_ids(records: Records) -> list[str]:
+    return [json.loads(r.value)["event"]["services"][0]["event_id"] for r in records]
 
 
 async def readyz(port: int) -> dict[str, Any]:
@@ -125,24 +131,23 @@ async def test_fifty_gateway_sessions_in_one_ingest(cfg: Config, uid: str, tmp_p
         # SIGKILL mid-stream, restart: every gateway's persistent session kept its messages.
         publishing = asyncio.create_task(replay_messages(publisher, messages, progress=False))
         async with asyncio.timeout(60):
-            while (
-                len(await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=0, settle=0))
-                < 100
-            ):
+            while len(await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=0)) < 100:
                 await asyncio.sleep(0.1)
         await kill(first)
         second = await spawn("ingest", cfg, env=env)
         assert await publishing == len(messages)
-        records = await read_topic(
-            cfg.kafka, cfg.kafka.topics.down_events, expect=len(messages), settle=3
+        expected = {f"{d}-{i}" for i in range(10) for d in good}
+        await arrived(
+            cfg.kafka,
+            cfg.kafka.topics.down_events,
+            until=lambda records: set(event_ids(records)) >= expected,
         )
         assert await terminate(second) == 0
+        records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events)
         assert second.stderr is not None
         log = [json.loads(line) for line in (await second.stderr.read()).decode().splitlines()]
-    landed = collections.Counter(
-        json.loads(r.value)["event"]["services"][0]["event_id"] for r in records
-    )
-    assert set(landed) == {f"{d}-{i}" for i in range(10) for d in good}
+    landed = collections.Counter(event_ids(records))
+    assert set(landed) == expected
     assert max(landed.values()) <= 2  # at least once; the router removes repeats
     refused = [line for line in log if line["level"] == "warning" and line.get("gateway") == wrong]
     assert len(refused) == 1  # said once, not on every retry

@@ -78,7 +78,7 @@ async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: st
         landed = await read_topic(cfg.kafka, topics.down_events, expect=len(messages))
         got_added = await read_topic(cfg.kafka, topics.added, expect=len(added))
         got_failed = await read_topic(cfg.kafka, topics.failed, expect=len(failed))
-    dlq = await read_topic(cfg.kafka, topics.down_events_dlq, expect=0, settle=0.2)
+    dlq = await read_topic(cfg.kafka, topics.down_events_dlq, expect=0)
     assert dlq == []
     # Every message landed once, byte for byte, keyed by its gateway.
     decoded = [msgspec.json.decode(r.value, type=DownEventRecord) for r in landed]
@@ -155,7 +155,7 @@ async def test_malformed_go_to_dlq_with_reasons(cfg: Config, uid: str) -> None:
         await wait_check(health, "ingest.mqtt", task)
         await replay(cfg.mqtt, [path], progress=False)
         dlq = await read_topic(cfg.kafka, cfg.kafka.topics.down_events_dlq, expect=len(messages))
-    landed = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=0, settle=0.2)
+    landed = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=0)
     assert landed == []
     got = sorted(
         (r.value, dict(r.headers)["error"].decode(), dict(r.headers)["mqtt-topic"].decode(), r.key)

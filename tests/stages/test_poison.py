@@ -23,7 +23,7 @@ from pipeline.schemas import AddedChild, DeviceInfo, DownEventRecord
 from pipeline.stages.ingest import Ingest
 from pipeline.stages.router import Router
 from pipeline.tools.replay import FixtureMessage, replay_messages
-from tests.harness import read_topic, running, wait_check
+from tests.harness import arrived, read_topic, running, wait_check
 from tests.stages.hostile import event
 
 pytestmark = pytest.mark.services
@@ -117,9 +117,16 @@ async def test_ingest_survives_a_limit_lowered_while_it_runs(cfg: Config, uid: s
             ],
             progress=False,
         )
-        landed = await read_topic(cfg.kafka, t.down_events, expect=2, timeout=90)
-        dlq = await read_topic(cfg.kafka, t.down_events_dlq, expect=1, timeout=90)
+        await arrived(
+            cfg.kafka,
+            t.down_events,
+            until=lambda records: set(landed_ids(records)) == {"e0", "e2"},
+            timeout=90,
+        )
+        await arrived(cfg.kafka, t.down_events_dlq, 1, timeout=90)
         assert not task.done()
+    landed = await read_topic(cfg.kafka, t.down_events)
+    dlq = await read_topic(cfg.kafka, t.down_events_dlq)
     # The refused one went to the DLQ once the session restarted with the new limit; the
     # others landed (the first perhaps twice: it was redelivered with the refused one).
     assert set(landed_ids(landed)) == {"e0", "e2"}

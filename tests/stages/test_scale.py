@@ -2,8 +2,9 @@
 
 2 ingest replicas split the gateways (shards 0/2 and 1/2 on the real $oc/... topics; a
 third joins shard 0 as an active-active twin and retires), 2 routers and 3 sinks in
-their groups, 6 partitions. The default run is sized for CI; `make test-scale` runs a
-longer one (PIPELINE_SCALE_EVENTS, PIPELINE_SCALE_ROUNDS) and prints the summary.
+their groups, 6 partitions. ``quick`` (in ``make test``): 4,800 children, one round of
+churn; ``full`` (``make test-long``): 50,000 children, three rounds (or
+PIPELINE_SCALE_EVENTS x 4 children, PIPELINE_SCALE_ROUNDS); each prints its summary.
 """
 
 from __future__ import annotations
@@ -26,12 +27,23 @@ from pipeline.dps.emulator import RunningEmulator, start_emulator
 from pipeline.io import kafka
 from pipeline.schemas import AddedChild, Allocation, DeviceInfo
 from pipeline.tools.replay import FixtureMessage, replay_messages
-from tests.harness import add_response, free_port, read_topic, spawn, wait_readyz
+from tests.harness import add_response, free_port, group_stable, read_topic, spawn, wait_readyz
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(900)]
 
-EVENTS = int(os.environ.get("PIPELINE_SCALE_EVENTS", "2500"))  # x 4 children
-ROUNDS = int(os.environ.get("PIPELINE_SCALE_ROUNDS", "1"))
+SIZES = [
+    pytest.param((1200, 1, 200.0), id="quick"),
+    pytest.param(
+        (
+            int(os.environ.get("PIPELINE_SCALE_EVENTS", "12500")),
+            int(os.environ.get("PIPELINE_SCALE_ROUNDS", "3")),
+            400.0,
+        ),
+        id="full",
+        marks=pytest.mark.long,
+    ),
+]
+"""Events (x 4 children), rounds of churn, and the publishing rate (churn while they flow)."""
 CHILDREN = 4
 CONCURRENCY = 32
 GATEWAYS = 30
@@ -140,14 +152,16 @@ async def allocated(cfg: Config, emulator: RunningEmulator, sns: set[str]) -> li
         while {c.sn for c in emulator.state.calls if c.code == 0} < sns:
             await asyncio.sleep(0.5)
     records = await read_topic(
-        cfg.kafka, cfg.kafka.topics.allocations, expect=len(sns), settle=3, timeout=120
+        cfg.kafka, cfg.kafka.topics.allocations, expect=len(sns), timeout=120
     )
     return [msgspec.json.decode(r.value, type=Allocation) for r in records]
 
 
+@pytest.mark.parametrize("size", SIZES)
 async def test_replicas_of_every_stage_under_churn_lose_nothing(
-    cfg: Config, uid: str, tmp_path: Path
+    cfg: Config, uid: str, tmp_path: Path, size: tuple[int, int, float]
 ) -> None:
+    events, rounds, rate = size
     gateways = [f"gw{i:02d}-{uid}" for i in range(GATEWAYS)]
     await kafka.ensure_topics(cfg.kafka, cfg.kafka.topics.all(), partitions=6)
     messages = [
@@ -157,9 +171,9 @@ async def test_replicas_of_every_stage_under_churn_lose_nothing(
                 add_response(f"{uid}-{i}", [f"{uid}-{i}-{c}" for c in range(CHILDREN)])
             ),
         )
-        for i in range(EVENTS)
+        for i in range(events)
     ]
-    sns = {f"{uid}-{i}-{c}" for i in range(EVENTS) for c in range(CHILDREN)}
+    sns = {f"{uid}-{i}-{c}" for i in range(events) for c in range(CHILDREN)}
     async with await start_emulator(accept_any_sn=True) as emulator:
         emulator.state.set_faults({"latency_ms": 20})  # so calls are in flight at a kill
         cfg = msgspec.structs.replace(
@@ -171,14 +185,15 @@ async def test_replicas_of_every_stage_under_churn_lose_nothing(
             ),
         )
         async with fleet(cfg, tmp_path, gateways) as workers:
-            await asyncio.sleep(5)  # routers and sinks in their groups
+            await group_stable(cfg.kafka, cfg.router.group_id, 2)
+            await group_stable(cfg.kafka, cfg.sink.group_id, 3)
             publishing = asyncio.create_task(
-                replay_messages(cfg.mqtt, messages, rate=400, progress=False)
+                replay_messages(cfg.mqtt, messages, rate=rate, progress=False)
             )
-            await churn(workers, cfg, EVENTS, ROUNDS)
-            assert await publishing == EVENTS
+            await churn(workers, cfg, events, rounds)
+            assert await publishing == events
             allocations = await allocated(cfg, emulator, sns)
-            added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=len(sns), settle=3)
+            added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=len(sns))
             await workers.close()
     # Every child allocated, each exactly once in iotda.subdevices.added.
     keys = collections.Counter(
@@ -198,7 +213,7 @@ async def test_replicas_of_every_stage_under_churn_lose_nothing(
         workers.changes
     )
     print(  # noqa: T201  (the summary `make test-scale` shows)
-        f"\nscale-out: {EVENTS * CHILDREN} children from {GATEWAYS} gateways, 6 partitions; "
+        f"\nscale-out: {events * CHILDREN} children from {GATEWAYS} gateways, 6 partitions; "
         f"membership changes {dict(workers.changes)}, SIGKILLs {dict(workers.kills)}; "
         f"each child once downstream; {repeated} repeated DPS calls "
         f"(bound {CONCURRENCY} x {workers.kills['sink']} sink kills)"

@@ -121,7 +121,7 @@ async def test_liveness_fails_only_while_records_wait_and_nothing_moves(
             assert health.stalled() == {}  # registered, nothing waiting
             # Warm: joined, outcomes read back, token fetched (those take what they take).
             await produce_children(cfg, [child(f"{uid}-warm")])
-            await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1, settle=0.1)
+            await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1)
             await produce_children(cfg, [child(sn) for sn in steady])
             while sum(1 for c in emu.state.calls if ok(c)) < len(steady) + 1:
                 assert not task.done()

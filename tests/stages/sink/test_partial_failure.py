@@ -1,8 +1,11 @@
 """Partial DPS failure degrades gracefully: measured against the emulator's faults.
 
-Rates are compared within one run on the same machine (healthy phases around a faulty
-one, same sink, same concurrency), never against absolute figures. Each test prints its
-figures (run with ``-s``); README "Measured" quotes them.
+Each test runs twice: ``quick`` (in ``make test``) checks what must hold whatever the
+machine's speed (nothing lost, nothing twice, the breaker's and the limiter's decisions);
+``full`` (``make test-long``) runs long enough to measure rates as well. Rates are
+compared within one run on the same machine (healthy phases around a faulty one, same
+sink, same concurrency), never against absolute figures; each prints its figures (run
+with ``-s``), and the README quotes them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from tests.stages.sink.support import (
 
 pytestmark = pytest.mark.services
 
+SCALES = [pytest.param(False, id="quick"), pytest.param(True, id="full", marks=pytest.mark.long)]
+"""``full``: long enough to measure rates."""
+
 
 def ok_times(calls: list[CallRecord], sns: set[str]) -> list[float]:
     return sorted(at(c) for c in calls if c.sn in sns and ok(c))
@@ -55,11 +61,11 @@ async def until_allocated(
     )
 
 
+@pytest.mark.parametrize("full", SCALES)
 async def test_half_the_calls_failing_keeps_40_percent_of_the_healthy_rate(
-    cfg: Config, uid: str
+    cfg: Config, uid: str, full: bool
 ) -> None:
-    # Before: 50 % of calls answered 500 gave about 1.7 allocations/s of 200/s offered.
-    n, concurrency, latency_ms = 600, 8, 50
+    n, concurrency, latency_ms = 600 if full else 100, 8, 50
     phases = ["healthy-1", "faulty", "healthy-2"]
     sns = {phase: [f"{uid}-{phase}-{i:04d}" for i in range(n)] for phase in phases}
     await prepare(cfg)
@@ -67,7 +73,8 @@ async def test_half_the_calls_failing_keeps_40_percent_of_the_healthy_rate(
         emu.state.set_faults({"latency_ms": latency_ms})
         # The product's retry delays, but a shorter cap: it only bounds how long the
         # unluckiest record of the faulty phase waits, so the test ends sooner.
-        cfg = with_emulator(cfg, emu, concurrency=concurrency, retry_initial=0.1, retry_max=2.0)
+        cap = 2.0 if full else 0.4
+        cfg = with_emulator(cfg, emu, concurrency=concurrency, retry_initial=0.1, retry_max=cap)
         opened = opens()
         async with running(Sink(cfg, Health())) as task:
             warm = f"{uid}-warm"  # group joined, token fetched: phases start warm
@@ -78,9 +85,7 @@ async def test_half_the_calls_failing_keeps_40_percent_of_the_healthy_rate(
                 await produce_children(cfg, [child(sn) for sn in sns[phase]])
                 await until_allocated(emu, set(sns[phase]), task)
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=3 * n + 1)
-            dlq = await read_topic(
-                cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0, settle=0.2
-            )
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0)
         calls = list(emu.state.calls)
 
     # Nothing lost, nothing twice, every failed call retried by its own record.
@@ -93,8 +98,10 @@ async def test_half_the_calls_failing_keeps_40_percent_of_the_healthy_rate(
     faulty = set(sns["faulty"])
     failed = [c for c in calls if c.sn in faulty and not ok(c)]
     assert {(c.http_status, c.code) for c in failed} == {(500, 500)}
-    assert 0.3 < len(failed) / (len(failed) + n) < 0.7  # the fault was really 50 %
+    assert 0.2 < len(failed) / (len(failed) + n) < 0.8  # the fault was really about 50 %
     assert opens() == opened  # a failure rate of 50 % never opened the breaker
+    if not full:
+        return
 
     # Rates: how many the faulty phase allocated in the time a healthy phase took for n.
     def first_call(phase: str) -> float:
@@ -114,11 +121,11 @@ async def test_half_the_calls_failing_keeps_40_percent_of_the_healthy_rate(
     assert ratio >= 0.4, f"{ratio:.0%} of the healthy rate with 50 % of calls failing"
 
 
+@pytest.mark.parametrize("full", SCALES)
 async def test_throttled_at_r_calls_per_second_the_sink_gets_at_least_0_9_r(
-    cfg: Config, uid: str
+    cfg: Config, uid: str, full: bool
 ) -> None:
-    # Before: throttled at 20 calls/s (Retry-After 1 s), about 6 allocations/s.
-    rps, retry_after, total = 40.0, 1.0, 640
+    rps, retry_after, total = 40.0, 1.0, 640 if full else 120
     window = (3.0, 13.0)  # s after the first call: learning done, records left to allocate
     sns = [f"{uid}-{i:04d}" for i in range(total)]
     await prepare(cfg)
@@ -130,9 +137,7 @@ async def test_throttled_at_r_calls_per_second_the_sink_gets_at_least_0_9_r(
         async with running(Sink(cfg, Health())) as task:
             await until_allocated(emu, set(sns), task, timeout=90)
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=total)
-            dlq = await read_topic(
-                cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0, settle=0.2
-            )
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0)
         calls = list(emu.state.calls)
 
     assert dlq == []
@@ -151,6 +156,8 @@ async def test_throttled_at_r_calls_per_second_the_sink_gets_at_least_0_9_r(
         for before, after in itertools.pairwise(sn_calls):
             assert before.http_status == 429
             assert at(after) - at(before) >= retry_after - 0.002, (before, after)
+    if not full:
+        return
     # The rate: allocations per second once the limiter has learned, against R.
     first = min(at(c) for c in calls)
     times = ok_times(calls, set(sns))
@@ -166,7 +173,7 @@ async def test_throttled_at_r_calls_per_second_the_sink_gets_at_least_0_9_r(
 
 
 async def test_the_configured_rate_limit_is_never_exceeded(cfg: Config, uid: str) -> None:
-    limit, total = 50.0, 151
+    limit, total = 100.0, 101
     sns = [f"{uid}-{i:03d}" for i in range(total)]
     await prepare(cfg)
     async with await start_emulator(accept_any_sn=True) as emu:
@@ -183,12 +190,13 @@ async def test_the_configured_rate_limit_is_never_exceeded(cfg: Config, uid: str
     assert span >= 0.8 * (len(times) - 1) / limit, f"{len(times)} calls in {span:.2f} s"
 
 
+@pytest.mark.parametrize("full", SCALES)
 async def test_after_a_one_second_outage_the_full_rate_is_back_within_2_s(
-    cfg: Config, uid: str
+    cfg: Config, uid: str, full: bool
 ) -> None:
-    # Before: every concurrent failure lengthened the breaker's backoff; a 1 s blip at
-    # concurrency 32 paused the sink for 24 s.
-    total, concurrency, latency_ms, blip = 2400, 8, 50, 1.0
+    # Each failure in flight when the outage began is one failure, not a longer backoff.
+    total, concurrency, latency_ms, blip = 2400 if full else 600, 8, 50, 1.0
+    warm = 500 if full else 100
     sns = [f"{uid}-{i:04d}" for i in range(total)]
     await prepare(cfg)
     async with await start_emulator(accept_any_sn=True) as emu:
@@ -199,8 +207,8 @@ async def test_after_a_one_second_outage_the_full_rate_is_back_within_2_s(
         async with running(Sink(cfg, health)) as task:
             await produce_children(cfg, [child(sn) for sn in sns])
             await eventually(
-                lambda: sum(1 for c in emu.state.calls if ok(c)) >= 500,
-                lambda: "500 allocations before the blip",
+                lambda: sum(1 for c in emu.state.calls if ok(c)) >= warm,
+                lambda: f"{warm} allocations before the blip",
                 timeout=60,
                 task=task,
             )
@@ -210,9 +218,7 @@ async def test_after_a_one_second_outage_the_full_rate_is_back_within_2_s(
             emu.state.set_faults({"outage": False})
             ended = time.time()
             await until_allocated(emu, set(sns), task, timeout=90)
-            dlq = await read_topic(
-                cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0, settle=0.2
-            )
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0)
             ready_after = health.report()
         calls = list(emu.state.calls)
 
@@ -221,29 +227,31 @@ async def test_after_a_one_second_outage_the_full_rate_is_back_within_2_s(
     assert opens() == opened + 1  # the blip opened the breaker, once
     assert ready_after == {"sink.kafka": True, "sink.dps": True}
     times = ok_times(calls, set(sns))
+    back = min(t for t in times if t >= ended) - ended
+    assert back <= 2.0, f"first allocation {back:.2f} s after a 1 s outage ended"
+    if not full:
+        return
     assert times[-1] > ended + 4, "records ran out before the measurement window closed"
 
     def rate(start: float, end: float) -> float:
         return sum(1 for t in times if start <= t < end) / (end - start)
 
     before = rate(began - 2, began)
-    back = min(t for t in times if t >= ended) - ended
     after = rate(ended + 2, ended + 4)
     print(  # noqa: T201
         f"\n1 s outage at concurrency {concurrency}, {latency_ms} ms latency: {before:.0f}/s "
         f"before; first allocation {back:.2f} s after it ended; {after:.0f}/s from 2 s "
         f"to 4 s after ({after / before:.0%})"
     )
-    assert back <= 2.0, f"first allocation {back:.2f} s after a 1 s outage ended"
     assert after >= 0.7 * before, f"{after:.0f}/s after the outage, {before:.0f}/s before"
 
 
 async def test_a_record_that_keeps_failing_never_pauses_the_others(cfg: Config, uid: str) -> None:
-    # Before: one record that kept failing opened and closed the breaker 23 times in 4 s,
-    # toggling /readyz and pausing every partition each time.
+    # One record's failures are its own: the breaker (every partition paused, /readyz
+    # false) is for DPS failing everyone.
     healthy = [f"{uid}-{i:03d}" for i in range(300)]
     poison = f"{uid}-poison"
-    retry_initial, retry_max, give_up_after = 0.1, 0.8, 3.0
+    retry_initial, retry_max, give_up_after = 0.1, 0.4, 1.5
     await prepare(cfg)
     async with await start_emulator(accept_any_sn=True) as emu:
         emu.state.set_faults({"latency_ms": 20, "fail_sns": [poison], "error_status": 500})

@@ -164,8 +164,8 @@ async def test_unreadable_input_is_dead_lettered_as_invalid_without_calling_dps(
 async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
     cfg: Config, uid: str
 ) -> None:
-    total, outage = 2000, 20.0
-    concurrency, retry_initial, retry_max, breaker_failures = 32, 0.2, 2.0, 20
+    total, outage = 800, 4.0
+    concurrency, retry_initial, retry_max, breaker_failures = 32, 0.1, 0.5, 20
     sns = [f"{uid}-{i:04d}" for i in range(total)]
     await prepare(cfg)
     async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP} for sn in sns]) as emu:
@@ -177,30 +177,34 @@ async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
         async with running(Sink(cfg, health)) as task:
             await produce_children(cfg, [child(sn) for sn in sns])
             await eventually(
-                lambda: len(ok_calls(emu)) >= 300,
-                lambda: f"300 allocations (got {len(ok_calls(emu))})",
+                lambda: len(ok_calls(emu)) >= 200,
+                lambda: f"200 allocations (got {len(ok_calls(emu))})",
                 timeout=60,
                 task=task,
                 interval=0.005,
             )
             emu.state.set_faults({"outage": True})
+            began = time.monotonic()
             before = len(emu.state.calls)
             allocated_before = len(ok_calls(emu))
-            await asyncio.sleep(outage / 2)
+            await eventually(
+                lambda: health.report().get("sink.dps") is False,
+                lambda: "the breaker opened",
+                timeout=outage,
+                task=task,
+            )
             ready_during, details_during = health.report(), health.details()
-            await asyncio.sleep(outage / 2)
+            await asyncio.sleep(outage - (time.monotonic() - began))  # the outage goes on
             emu.state.set_faults({"outage": False})
             during = emu.state.calls[before:]
             got = await read_topic(
                 cfg.kafka, cfg.kafka.topics.allocations, expect=total, timeout=120
             )
-            dlq = await read_topic(
-                cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0, settle=0.2
-            )
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0)
             ready_after = health.report()
         calls = list(emu.state.calls)
 
-    assert allocated_before < total - 500, "the outage did not hit the middle of the stream"
+    assert allocated_before < total - 300, "the outage did not hit the middle of the stream"
     # Every call during the outage failed, and there were few: until the breaker opened
     # (calls for `breaker_failures` different sns, and those in flight meanwhile), then one
     # probe per backoff period (retry_initial doubling to retry_max, at least half of it).
@@ -254,7 +258,7 @@ async def stderr_of(proc: asyncio.subprocess.Process) -> Any:
 async def test_sigkill_mid_stream_loses_nothing_and_repeats_at_most_the_in_flight_calls(
     cfg: Config, uid: str
 ) -> None:
-    total, concurrency = 1000, 32
+    total, concurrency = 600, 32
     sns = [f"{uid}-{i:04d}" for i in range(total)]
     env = {
         "SINK__RETRY_INITIAL": "0.2",
@@ -270,14 +274,14 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_at_most_the_in_fligh
         async with stderr_of(first) as first_log:
             await produce_children(cfg, [child(sn) for sn in sns])
             await eventually(
-                lambda: len(ok_calls(emu)) >= 300 or first.returncode is not None,
-                lambda: f"300 allocations (got {len(ok_calls(emu))})",
+                lambda: len(ok_calls(emu)) >= 200 or first.returncode is not None,
+                lambda: f"200 allocations (got {len(ok_calls(emu))})",
                 timeout=90,
             )
             assert first.returncode is None, "\n".join(first_log)
             await kill(first)
         killed_at = len(ok_calls(emu))
-        assert killed_at < total - 200, "the kill did not hit the middle of the stream"
+        assert killed_at < total - 150, "the kill did not hit the middle of the stream"
 
         second = await spawn("sink", cfg, env=env)
         async with (
@@ -296,7 +300,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_at_most_the_in_fligh
             )
             assert await terminate(second) == 0, "\n".join(second_log)
         got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=total)
-        dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0, settle=0.2)
+        dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0)
         calls = list(emu.state.calls)
 
     assert not [line for line in second_log if "Traceback" in line], "\n".join(second_log)
@@ -340,9 +344,7 @@ async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
         opened = opens()
         started = time.monotonic()
         async with running(Sink(cfg, Health())):
-            dlq = await read_topic(
-                cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=3, settle=0.5
-            )
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=3)
             elapsed = time.monotonic() - started
             token_requests = emu.state.token_requests
             # DPS is back: the sink must notice by itself and carry on with new records.
@@ -436,7 +438,7 @@ async def test_redrive_after_the_missing_group_is_created(cfg: Config, uid: str)
             assert not task.done()
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=2)
             assert await redrive(cfg, "allocations", codes=[35404]) == 0  # already moved
-            added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=4, settle=0.2)
+            added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=4)
             dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=2)
         calls = list(emu.state.calls)
 
