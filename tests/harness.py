@@ -215,6 +215,14 @@ async def _read(
             await asyncio.sleep(0.05)
 
 
+async def caught_up(cfg: KafkaConfig, group: str, topic: str, *, timeout: float = 60) -> None:
+    """Until consumer group ``group`` has committed every record of ``topic``: it has done
+    its work on them, including work that writes nothing."""
+    async with asyncio.timeout(timeout):
+        while await kafka.backlog(cfg, group, topic):
+            await asyncio.sleep(0.05)
+
+
 async def group_stable(cfg: KafkaConfig, group: str, members: int, *, timeout: float = 60) -> None:
     """Until consumer group ``group`` is Stable with ``members`` members (the rebalance done)."""
     client = kafka.admin(cfg)

@@ -36,6 +36,18 @@ from tests.harness import (
 )
 
 
+def test_sign_type_0_keeps_the_hour_the_process_started() -> None:
+    # The broker keys the session by client id, and the client id holds the hour: one
+    # stamp for every reconnect keeps the session (and what it queued) across an hour.
+    iotda = IotdaAuthConfig(device_id="gw", secret=Secret("s"))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    first = mqtt.identity(MqttConfig(iotda=iotda))
+    assert mqtt.identity(MqttConfig(iotda=iotda)) == first
+    assert first.client_id != mqtt.iotda_credentials("gw", "s", 0, later)[0]
+    pinned = msgspec.structs.replace(iotda, timestamp="2026112300")
+    assert mqtt.identity(MqttConfig(iotda=pinned)).client_id == "gw_0_0_2026112300"
+
+
 def test_iotda_credentials_worked_example() -> None:
     # protocols.md A2: secret 12345678 at 2025041401 (UTC) gives this password.
     when = dt.datetime(2025, 4, 14, 1, 30, tzinfo=dt.UTC)
@@ -120,18 +132,27 @@ async def test_reconnects_after_broker_restart(cfg: Config, uid: str, tmp_path: 
 @pytest.mark.services
 async def test_iotda_device_mode_authenticates(cfg: Config, uid: str, tmp_path: Path) -> None:
     """Username = device id, password = HMAC of the secret keyed by the hour, checked by a
-    real broker with a password file."""
+    real broker with a password file.
+
+    The broker is given the credentials ingest derives: with sign type 0 their hour is
+    when the process started (reconnects keep the client id, and with it the session),
+    which in a long test run is not the hour this test runs in.
+    """
     assert shutil.which("mosquitto_passwd")
     device_id, secret = f"gw_{uid}", "device-secret-42"
-    _, username, password = mqtt.iotda_credentials(device_id, secret)
-    passwd = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), username, password], check=True)
-    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "publisher", "pub-pass"], check=True)
     port = free_port()
     iotda = IotdaAuthConfig(device_id=device_id, secret=Secret(secret))
     ingest_cfg = msgspec.structs.replace(
         cfg, mqtt=msgspec.structs.replace(cfg.mqtt, port=port, iotda=iotda)
     )
+    who = mqtt.identity(ingest_cfg.mqtt)
+    assert who.username == device_id
+    assert who.password is not None
+    passwd = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-c", "-b", str(passwd), device_id, who.password.reveal()], check=True
+    )
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "publisher", "pub-pass"], check=True)
     pub_cfg = msgspec.structs.replace(
         cfg.mqtt, port=port, username="publisher", password=Secret("pub-pass")
     )

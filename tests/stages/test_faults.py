@@ -19,7 +19,10 @@ from pipeline.schemas import DownEventRecord
 from pipeline.stages.router import Router
 from pipeline.tools.replay import FixtureMessage, replay_messages
 from tests.harness import (
+    Records,
     add_response,
+    arrived,
+    caught_up,
     free_port,
     kill,
     read_topic,
@@ -30,6 +33,15 @@ from tests.harness import (
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+
+def ids(records: Records) -> list[str]:
+    return [
+        json.loads(bytes(msgspec.json.decode(r.value, type=DownEventRecord).event))["services"][0][
+            "event_id"
+        ]
+        for r in records
+    ]
 
 
 async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) -> None:
@@ -54,16 +66,16 @@ async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) ->
     assert landed_before_restart < total  # killed mid-stream, really
     await asyncio.sleep(1)  # the publisher goes on while ingest is dead
     second = await spawn("ingest", cfg, env=env)
+    await wait_readyz(port, second)
     assert await publisher == total
-    records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=total)
-    assert await terminate(second) == 0
-    event_ids = collections.Counter(
-        json.loads(bytes(msgspec.json.decode(r.value, type=DownEventRecord).event))["services"][0][
-            "event_id"
-        ]
-        for r in records
+    expected = {f"ev-{uid}-{i}" for i in range(total)}
+    await arrived(
+        cfg.kafka, cfg.kafka.topics.down_events, until=lambda got: set(ids(got)) == expected
     )
-    assert set(event_ids) == {f"ev-{uid}-{i}" for i in range(total)}
+    assert await terminate(second) == 0
+    records = await read_topic(cfg.kafka, cfg.kafka.topics.down_events)
+    event_ids = collections.Counter(ids(records))
+    assert set(event_ids) == expected
     # At least once: the messages in flight at the kill may land twice, never more.
     assert all(n <= 2 for n in event_ids.values())
     assert await kafka.size(cfg.kafka, cfg.kafka.topics.down_events_dlq) == 0
@@ -104,9 +116,11 @@ async def test_router_sigkill_each_child_exactly_once(cfg: Config, uid: str) -> 
     await kill(first)  # mid-transaction, most likely
     second = await spawn("route", cfg)
     expected = events_n * per_event
-    added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=expected)
-    failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed, expect=events_n)
+    await arrived(cfg.kafka, cfg.kafka.topics.added, expected)
+    await arrived(cfg.kafka, cfg.kafka.topics.failed, events_n)
     assert await terminate(second) == 0
+    added = await read_topic(cfg.kafka, cfg.kafka.topics.added)
+    failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed)
     keys = collections.Counter(r.key for r in added)
     assert set(keys) == {
         f"prod_{i}-{c}".encode() for i in range(events_n) for c in range(per_event)
@@ -135,8 +149,8 @@ async def test_redelivered_events_yield_children_once_even_after_restart(
     # A late redelivery, read by a fresh router: the window is re-learned from the log.
     await produce_events(cfg, [a])
     async with running(Router(cfg)):
-        await asyncio.sleep(3)
-        added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=5)
+        await caught_up(cfg.kafka, cfg.router.group_id, cfg.kafka.topics.down_events)
+    added = await read_topic(cfg.kafka, cfg.kafka.topics.added)
     assert len(added) == 5
     failed = await read_topic(cfg.kafka, cfg.kafka.topics.failed, expect=1)
     assert [r.key for r in failed] == [b"af"]

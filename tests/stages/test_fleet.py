@@ -135,6 +135,7 @@ async def test_fifty_gateway_sessions_in_one_ingest(cfg: Config, uid: str, tmp_p
                 await asyncio.sleep(0.1)
         await kill(first)
         second = await spawn("ingest", cfg, env=env)
+        await wait_readyz(metrics, second)
         assert await publishing == len(messages)
         expected = {f"{d}-{i}" for i in range(10) for d in good}
         await arrived(
