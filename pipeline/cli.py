@@ -110,8 +110,21 @@ def _add_tools(sub: Any) -> None:
     p.add_argument("--token-ttl", type=int, default=7200, help="access token lifetime, seconds")
     p.set_defaults(handler=_emulator)
 
-    p = sub.add_parser("demo", help="bring up everything locally and run the whole flow once")
+    p = sub.add_parser(
+        "demo",
+        help="bring up everything locally and run the whole flow once",
+        description="Run the whole flow once on a realistic fixture and print what happened. "
+        "In a checkout (deploy/local installed) it runs on a Mosquitto and a Kafka of its "
+        "own, on free ports, removed afterwards; otherwise on the configured brokers, where "
+        "it removes its topics, groups and MQTT session when done.",
+    )
     p.add_argument("--fixture", help="replay fixture (default: the bundled demo)")
+    p.add_argument(
+        "--brokers",
+        choices=("own", "configured"),
+        help="own: start a Mosquitto and a Kafka for the demo (the default in a checkout); "
+        "configured: use mqtt.* and kafka.* (the default elsewhere)",
+    )
     p.set_defaults(handler=_demo)
 
     p = sub.add_parser(
@@ -478,7 +491,7 @@ async def _status(args: argparse.Namespace, cfg: Config) -> int:
 async def _demo(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.tools.demo import run  # noqa: PLC0415
 
-    return await run(cfg, fixture=args.fixture)
+    return await run(cfg, fixture=args.fixture, brokers=args.brokers)
 
 
 async def _bench(args: argparse.Namespace, cfg: Config) -> int:

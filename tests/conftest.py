@@ -81,6 +81,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     broker = session.config.stash.get(_KAFKA, None)
     if broker is None or not _controller(session.config):
         return
+    if not run_sync(kafka_answers(broker.bootstrap)):
+        return  # still starting: no test used it
     topics, groups = run_sync(harness.kafka_contents(broker.bootstrap))
     if topics or groups:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")

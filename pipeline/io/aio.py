@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import socket
 import ssl
@@ -35,15 +36,28 @@ class Stopped(Exception):
 
 
 async def unless_stopped(stopped: asyncio.Future[Any], coro: Coroutine[Any, Any, T]) -> T:
-    """Await ``coro``, unless ``stopped`` finishes first: then cancel it and raise Stopped."""
+    """Await ``coro``, unless ``stopped`` finishes first: then cancel it and raise Stopped.
+
+    Cancelled itself (its stage's task group gave up, say), it cancels ``coro`` too: left
+    running, its failure would be an asyncio "exception was never retrieved" traceback.
+    """
     task = asyncio.ensure_future(coro)
-    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        await _cancel(task)
+        raise
     if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await _cancel(task)
         raise Stopped
     return task.result()
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait for it to end; what it raised on the way out is dropped."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 def first_set(*events: asyncio.Event) -> asyncio.Task[None]:
@@ -125,6 +139,8 @@ class Pacer:
 
 WAIT_LOG_EVERY = 5.0
 """Seconds between two "waiting for ..." warnings about the same service, at least."""
+_WARNED: dict[tuple[str, str], float] = {}
+"""When this process last warned that it waits for (service, address), loop time."""
 
 
 async def wait_for_service(
@@ -158,37 +174,33 @@ async def wait_for_service(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     backoff = Backoff(0.25, 2.0)
-    logged_at: float | None = None
-    stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    warned = False
+    # Never set without a stop event: every wait below can then be one of unless_stopped.
+    stopped = asyncio.ensure_future(stop.wait()) if stop is not None else loop.create_future()
     try:
         while True:
-            left = deadline - loop.time()
+            # Whole tenths: the reason a probe gives ("no answer within 3 s") reads the same
+            # from every stage waiting for the same service, and is said once.
+            left = math.ceil(max(deadline - loop.time(), 1.0) * 10) / 10
             try:
-                attempt = probe(max(left, 1.0) if within else None)
-                if stopped is not None:
-                    await unless_stopped(stopped, _awaited(attempt))
-                else:
-                    await attempt
+                await unless_stopped(stopped, _awaited(probe(left if within else None)))
             except ServiceUnreachable as exc:
                 reason = exc.reason
             else:
-                if logged_at is not None:
+                if warned:
                     log.info("%s at %s answers", service, address)
                 return
             now = loop.time()
             if now >= deadline:
                 raise ServiceUnreachable(service, address, reason, waited=within) from None
-            if logged_at is None or now - logged_at >= WAIT_LOG_EVERY:
+            # Stages of one process (`pipeline run`) wait for the same Kafka: one line.
+            if now - _WARNED.get((service, address), -WAIT_LOG_EVERY) >= WAIT_LOG_EVERY:
+                _WARNED[service, address] = now
                 log.warning("waiting for %s at %s: %s", service, address, reason)
-                logged_at = now
-            pause = asyncio.sleep(min(backoff.next(), deadline - now))
-            if stopped is not None:
-                await unless_stopped(stopped, pause)
-            else:
-                await pause
+                warned = True
+            await unless_stopped(stopped, asyncio.sleep(min(backoff.next(), deadline - now)))
     finally:
-        if stopped is not None:
-            stopped.cancel()
+        stopped.cancel()
 
 
 async def _awaited(awaitable: Awaitable[None]) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -226,6 +226,34 @@ constant moves.
 _sender.BACKOFF_OVERRIDE = TXN_RESTART_BACKOFF
 
 
+class _Producer(AIOKafkaProducer):  # type: ignore[misc]
+    """aiokafka's producer, closed when ``async with`` fails to start it.
+
+    aiokafka's own ``__aenter__`` leaves it open: when the broker is not there yet, the
+    garbage collector later logs "Unclosed AIOKafkaProducer" at error, a false alarm.
+    """
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+
+class _Consumer(AIOKafkaConsumer):  # type: ignore[misc]
+    """aiokafka's consumer, closed when ``async with`` fails to start it (see _Producer)."""
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+
 def producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
     """An idempotent producer that waits for all in-sync replicas (``acks=all``)."""
     opts = _common(cfg) | {
@@ -236,7 +264,7 @@ def producer(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaProducer:
         "max_request_size": cfg.max_record_size,
         "partitioner": _KeyPartitioner(),
     }
-    return AIOKafkaProducer(**(opts | overrides))
+    return _Producer(**(opts | overrides))
 
 
 def consumer(
@@ -250,7 +278,7 @@ def consumer(
         "isolation_level": "read_committed",
         "max_partition_fetch_bytes": cfg.max_record_size,
     }
-    return AIOKafkaConsumer(*topics, **(opts | overrides))
+    return _Consumer(*topics, **(opts | overrides))
 
 
 def admin(cfg: KafkaConfig, **overrides: Any) -> AIOKafkaAdminClient:

@@ -1,11 +1,13 @@
 """``pipeline demo``: the whole flow on this machine, once, with a summary at the end.
 
-Makes sure Mosquitto and Kafka answer (starting the checkout's deploy/local ones if
-they do not), brings up the DPS emulator and the three stages,
-replays a realistic fixture (several gateways, failed children, an sn DPS does not know,
-one whose group is missing, a malformed message, a redelivery), waits until every stage
-is idle and prints what happened. Each run uses its own topics and groups, so running
-it again starts clean.
+In a checkout it runs on a Mosquitto and a Kafka of its own (:func:`own_brokers`: free
+ports, removed afterwards), so it never touches a broker it did not start; from an
+installed wheel or an image, on the configured ones, where it removes what it created
+(its topics, consumer groups and MQTT session) once it has printed the summary. It
+brings up the DPS emulator and the three stages, replays a realistic fixture (several
+gateways, failed children, an sn DPS does not know, one whose group is missing, a
+malformed message, a redelivery), waits until every stage is idle and prints what
+happened. Each run uses its own topics and groups, so running it again starts clean.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from rich.console import Console
@@ -33,7 +35,7 @@ from pipeline.stages.router import Router
 from pipeline.stages.sink import Sink
 from pipeline.tools.console import make_console
 from pipeline.tools.replay import load_fixture, replay
-from pipeline.tools.services import ensure_services
+from pipeline.tools.services import local_available, own_brokers
 
 if TYPE_CHECKING:
     from aiokafka import ConsumerRecord
@@ -93,19 +95,56 @@ async def _read(cfg: Config, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
         return [record async for record in kafka.read_range(reader, ranges)]
 
 
-async def run(cfg: Config, fixture: str | None = None) -> int:
-    """Run the demo; exit code 0 when every stage went idle."""
+async def run(
+    cfg: Config, fixture: str | None = None, brokers: Literal["own", "configured"] | None = None
+) -> int:
+    """Run the demo; exit code 0 when every stage went idle.
+
+    Args:
+        cfg: the configuration (its brokers are used with ``brokers="configured"``).
+        fixture: a replay fixture instead of the bundled one.
+        brokers: ``own`` (the default in a checkout with deploy/local installed) or
+            ``configured`` (the default elsewhere).
+    """
     console = make_console(stderr=True)
-    with importlib.resources.as_file(DEMO_FIXTURE) as bundled:
-        return await _run(console, cfg, Path(fixture) if fixture else bundled)
+    if (brokers or ("own" if local_available() else "configured")) == "configured":
+        return await _on_configured(console, cfg, fixture)
+    async with contextlib.AsyncExitStack() as stack:
+        with console.status("starting a Mosquitto and a Kafka for the demo"):
+            own = await stack.enter_async_context(own_brokers())
+        return await _with_fixture(console, own.configure(cfg), fixture)
 
 
-async def _run(console: Console, cfg: Config, path: Path) -> int:
-    messages = load_fixture(path)
+async def _on_configured(console: Console, cfg: Config, fixture: str | None) -> int:
     run_id = uuid.uuid4().hex[:8]
+    try:
+        return await _with_fixture(console, cfg, fixture, run_id)
+    finally:
+        await _remove(cfg, run_id)
+
+
+async def _with_fixture(
+    console: Console, cfg: Config, fixture: str | None, run_id: str | None = None
+) -> int:
+    with importlib.resources.as_file(DEMO_FIXTURE) as bundled:
+        path = Path(fixture) if fixture else bundled
+        return await _run(console, cfg, path, run_id or uuid.uuid4().hex[:8])
+
+
+async def _remove(cfg: Config, run_id: str) -> None:
+    """Delete the topics and groups a run on the configured brokers created there.
+
+    Its MQTT session ended with its ingest, which retires.
+    """
+    names = demo_config(cfg, run_id, "http://127.0.0.1").kafka
+    with contextlib.suppress(Exception):  # Kafka gone: nothing more to do about it
+        await kafka.delete_topics(cfg.kafka, names.topics.all())
+        await kafka.delete_groups(cfg.kafka, [f"demo-{run_id}-router", f"demo-{run_id}-sink"])
+
+
+async def _run(console: Console, cfg: Config, path: Path, run_id: str) -> int:
+    messages = load_fixture(path)
     started = time.monotonic()
-    with console.status("checking Mosquitto and Kafka (starting deploy/local if need be)"):
-        await ensure_services(cfg)
     with importlib.resources.as_file(DEMO_DEVICES) as devices_file:
         devices = load_devices(devices_file)
     async with await start_emulator(devices=devices) as emulator:
@@ -132,7 +171,7 @@ async def _run_stages(cfg: Config, path: Path, run_id: str, console: Console) ->
     health = Health()
     async with asyncio.TaskGroup() as tg:
         for name, worker in (
-            ("ingest", Ingest(cfg, health)),
+            ("ingest", Ingest(cfg, health, retire=True)),
             ("route", Router(cfg)),
             ("sink", Sink(cfg)),
         ):

@@ -1,8 +1,14 @@
-"""The one backoff: capped exponential with jitter, honouring a floor."""
+"""The one backoff, and stop-aware waits that leave no task behind."""
 
 from __future__ import annotations
 
-from pipeline.io.aio import Backoff
+import asyncio
+from typing import Any
+
+import pytest
+
+from pipeline.errors import ServiceUnreachable
+from pipeline.io.aio import Backoff, Stopped, unless_stopped
 
 
 def test_backoff_is_capped_jittered_and_honours_a_floor() -> None:
@@ -20,3 +26,40 @@ def test_backoff_is_capped_jittered_and_honours_a_floor() -> None:
 def test_backoff_without_jitter_doubles() -> None:
     backoff = Backoff(1, 10, jitter=0)
     assert [backoff.next() for _ in range(6)] == [1, 2, 4, 8, 10, 10]
+
+
+async def test_a_cancelled_wait_cancels_what_it_waited_for() -> None:
+    # Left running, the probe's failure would be logged as "Task exception was never
+    # retrieved" with a traceback, after the stage had already reported why it stopped.
+    unretrieved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def probe() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(0.05)
+            raise ServiceUnreachable("Kafka", "k:9092", "connection refused")
+        finally:
+            ended.set()
+
+    stopped = loop.create_future()
+    waiting = asyncio.create_task(unless_stopped(stopped, probe()))
+    await started.wait()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert ended.is_set()  # the probe was cancelled with the wait, not left running
+    await asyncio.sleep(0.1)
+    import gc  # noqa: PLC0415  (collect now: a leaked task reports its exception when freed)
+
+    gc.collect()
+    assert unretrieved == []
+
+
+async def test_stop_first_cancels_the_work() -> None:
+    stopped = asyncio.get_running_loop().create_future()
+    stopped.set_result(None)
+    with pytest.raises(Stopped):
+        await unless_stopped(stopped, asyncio.sleep(10))
