@@ -74,6 +74,31 @@ def test_route_waits_for_kafka_then_exits_1_naming_it(closed_port: int) -> None:
     ]
 
 
+@pytest.mark.services
+@pytest.mark.parametrize("stage", ["ingest", "route", "sink", "run"])
+def test_every_stage_on_an_unreachable_kafka_says_it_twice_and_nothing_else(
+    cfg: Config, closed_port: int, stage: str
+) -> None:
+    # At the default log level, as an operator runs it (MQTT is there, Kafka is not): the
+    # wait in our words once (one line for `run`'s three stages), then the one-line error.
+    env = _env(
+        MQTT__PORT=str(cfg.mqtt.port),
+        MQTT__CLIENT_ID=f"{cfg.mqtt.client_id}-{stage}",
+        KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{closed_port}",
+        KAFKA__STARTUP_TIMEOUT="1",
+    )
+    proc = _pipeline(stage, env=env)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    where = f"127.0.0.1:{closed_port}"
+    first, second = proc.stderr.splitlines()
+    assert {k: v for k, v in json.loads(first).items() if k != "ts"} == {
+        "level": "warning",
+        "logger": "pipeline.io.kafka",
+        "msg": f"waiting for Kafka at {where}: connection refused",
+    }
+    assert second == f"pipeline: Kafka {where} not reachable within 1 s: connection refused"
+
+
 @pytest.mark.parametrize(
     "command", [["topics", "create"], ["status"], ["redrive", "allocations"], ["route"]]
 )
