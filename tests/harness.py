@@ -405,7 +405,7 @@ async def private_kafka(tmp: Path, **env: str) -> AsyncIterator[LocalKafka]:
 
     ``env``: more ``PIPELINE_LOCAL_KAFKA_*`` settings for deploy/local/kafka.sh.
     """
-    broker = LocalKafka(tmp, env=env)
+    broker = LocalKafka(tmp, env=env, brief=True)
     broker.start()
     try:
         await broker.ready()

@@ -47,7 +47,27 @@ python_env() {
   echo "$digest" > "$marker"
 }
 
+kafka_cds() {
+  # A class-data-sharing archive of the classes a broker loads, written when one exits:
+  # every later start (the demo's, the test run's) loads them from it instead.
+  [ -f "$KAFKA_CDS" ] && return 0
+  log "recording Kafka's class-data archive (once per JDK): a broker starts and stops"
+  local tmp ports
+  tmp=$(mktemp -d); ports=$("$PY" -c 'import socket
+ss = [socket.socket() for _ in range(2)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in ss))')
+  read -r kport cport <<< "$ports"
+  local env=(PIPELINE_LOCAL_STATE="$tmp" PIPELINE_LOCAL_KAFKA_PORT="$kport" PIPELINE_LOCAL_KAFKA_CONTROLLER_PORT="$cport")
+  env "${env[@]}" PIPELINE_LOCAL_KAFKA_EXTRA_OPTS="-XX:ArchiveClassesAtExit=$KAFKA_CDS.tmp" \
+    "$ROOT/deploy/local/kafka.sh" start
+  env "${env[@]}" "$ROOT/deploy/local/kafka.sh" stop
+  rm -rf "$tmp"
+  if [ -f "$KAFKA_CDS.tmp" ]; then mv "$KAFKA_CDS.tmp" "$KAFKA_CDS"; else log "no archive written: brokers start without it"; fi
+}
+
 apt_install
 kafka_jars
 python_env
+kafka_cds
 log "installed"

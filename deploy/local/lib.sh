@@ -5,6 +5,9 @@ STATE="${PIPELINE_LOCAL_STATE:-$ROOT/.local}"          # data, logs, pids: one i
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/iot-pipeline"   # downloaded jars, outside git
 KAFKA_VERSION=4.1.1
 KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
+# Kafka's class-data-sharing archive, made by install.sh for this JDK (a JDK update makes
+# a new one; the JVM ignores an archive that does not match, with a warning).
+KAFKA_CDS="$CACHE/kafka-$KAFKA_VERSION/cds-$( (java -version 2>&1 || true) | cksum | cut -d' ' -f1).jsa"
 KAFKA_PORT="${PIPELINE_LOCAL_KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${PIPELINE_LOCAL_KAFKA_CONTROLLER_PORT:-9093}"
 MQTT_PORT="${PIPELINE_LOCAL_MQTT_PORT:-1883}"

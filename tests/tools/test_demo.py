@@ -133,7 +133,7 @@ async def test_demo_on_configured_brokers_that_come_up_late_removes_what_it_made
     cfg: Config, tmp_path: Path
 ) -> None:
     mosquitto = LocalMosquitto(tmp_path / "mosquitto", free_port())
-    broker = LocalKafka(tmp_path / "kafka")
+    broker = LocalKafka(tmp_path / "kafka", brief=True)
     env = worker_env(cfg)
     env["PIPELINE_MQTT__PORT"] = str(mosquitto.port)
     env["PIPELINE_KAFKA__BOOTSTRAP_SERVERS"] = broker.bootstrap
