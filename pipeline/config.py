@@ -13,6 +13,7 @@ of the form ``file:/path`` is read from that file (Docker/Kubernetes secrets), a
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 import re
@@ -45,6 +46,7 @@ __all__ = [
     "load_config",
     "load_gateways",
     "shard_of",
+    "to_environ",
 ]
 
 ENV_PREFIX = "PIPELINE_"
@@ -492,6 +494,64 @@ def _lookup(tree: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+def to_environ(cfg: Config) -> dict[str, str]:
+    """The ``PIPELINE_*`` variables that make :func:`load_config` give back ``cfg``.
+
+    One variable per key that differs from its default, so a child process started with
+    them (and the same configuration file, if any) runs on exactly this configuration:
+    the tools and the tests start workers this way. Secrets are revealed: an environment
+    is one of the places they may come from.
+
+    Raises:
+        ValueError: a key is None where its default is not (no variable can say that).
+    """
+    out: dict[str, str] = {}
+
+    def walk(value: Any, default: Any, path: list[str]) -> None:
+        if isinstance(value, msgspec.Struct):
+            # A section that is absent by default is written whole, so that it exists.
+            for name in value.__struct_fields__:
+                walk(getattr(value, name), getattr(default, name, None), [*path, name])
+            return
+        if value == default:
+            return
+        name = ENV_PREFIX + "__".join(part.upper() for part in path)
+        if value is None:
+            msg = f"{'.'.join(path)}: no environment variable can unset it"
+            raise ValueError(msg)
+        out[name] = _env_text(value)
+
+    walk(cfg, Config(), [])
+    return out
+
+
+def _env_text(value: Any) -> str:
+    """A value as :func:`_env_value` reads it back: tables and arrays in TOML syntax."""
+    match value:
+        case Secret():
+            return value.reveal()
+        case bool():
+            return "true" if value else "false"
+        case dict():
+            pairs = ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items())
+            return "{ " + pairs + " }"
+        case list() | tuple():
+            return _toml(value)
+        case _:
+            return str(value)
+
+
+def _toml(value: Any) -> str:
+    """A TOML inline value (JSON's strings, numbers and arrays are TOML's too)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return _env_text(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:

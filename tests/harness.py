@@ -23,7 +23,7 @@ from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from paho.mqtt.enums import CallbackAPIVersion
 
-from pipeline.config import Config, KafkaConfig
+from pipeline.config import Config, KafkaConfig, to_environ
 from pipeline.io import kafka
 from pipeline.ops.server import Health
 from pipeline.tools import demo
@@ -249,26 +249,10 @@ def by_key(records: list[ConsumerRecord[bytes, bytes]]) -> list[tuple[Any, Any]]
 
 
 def worker_env(cfg: Config, **extra: str) -> dict[str, str]:
-    """Environment that gives a ``pipeline`` subprocess this test's configuration."""
+    """Environment that gives a ``pipeline`` subprocess this test's configuration, plus
+    ``extra`` settings (``PIPELINE_*`` names without the prefix)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    t = cfg.kafka.topics
-    values = {
-        "MQTT__TOPIC": cfg.mqtt.topic,
-        "MQTT__CLIENT_ID": cfg.mqtt.client_id,
-        "MQTT__HOST": cfg.mqtt.host,
-        "MQTT__PORT": str(cfg.mqtt.port),
-        "KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers,
-        "ROUTER__GROUP_ID": cfg.router.group_id,
-        "ROUTER__TRANSACTIONAL_ID": cfg.router.transactional_id,
-        "SINK__GROUP_ID": cfg.sink.group_id,
-        "SINK__DPS__BASE_URL": cfg.sink.dps.base_url,
-        "SINK__CONCURRENCY": str(cfg.sink.concurrency),
-        "METRICS__ENABLED": "false",
-        **{f"KAFKA__TOPICS__{name.upper()}": getattr(t, name) for name in t.__struct_fields__},
-        **extra,
-    }
-    env.update({f"PIPELINE_{k}": v for k, v in values.items()})
-    return env
+    return env | to_environ(cfg) | {f"PIPELINE_{k}": v for k, v in extra.items()}
 
 
 SPAWNED: list[asyncio.subprocess.Process] = []

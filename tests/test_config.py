@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from pipeline.config import Config, Secret, load_config
+from pipeline.config import Config, IotdaAuthConfig, Secret, Topics, load_config, to_environ
 from pipeline.errors import ConfigError
 from tests.harness import ROOT, make_certs
 
@@ -427,3 +427,33 @@ def test_example_config_lists_every_key() -> None:
     ]
     assert missing == []
     assert len(_keys(Config, "")) > 60  # the walk itself found the keys
+
+
+def test_to_environ_gives_back_the_same_configuration() -> None:
+    # The one conversion the tools and tests use to start a worker on a configuration.
+    base = load_config(environ={})
+    replace = msgspec.structs.replace
+    changed = replace(
+        base,
+        mqtt=replace(
+            base.mqtt,
+            port=1234,
+            password=Secret('p"w'),
+            iotda=IotdaAuthConfig(device_id="gw", secret=Secret("s")),
+        ),
+        kafka=replace(base.kafka, topics=Topics(added="x.y"), liveness_interval=0.5),
+        sink=replace(
+            base.sink,
+            device_data={"deviceName": "name", 'q"uote': "model"},
+            org_overrides={"p1": "o1"},
+            rate_limit=12.5,
+        ),
+        metrics=replace(base.metrics, enabled=False),
+    )
+    env = to_environ(changed)
+    assert load_config(environ=env) == changed
+    assert env["PIPELINE_MQTT__PASSWORD"] == 'p"w'  # revealed: the child needs it
+    assert "PIPELINE_MQTT__HOST" not in env  # defaults are left to the defaults
+    fleet = replace(base, mqtt=replace(base.mqtt, gateways=["a", "b"], shard="1/2"))
+    assert load_config(environ=to_environ(fleet)) == fleet
+    assert to_environ(base) == {}

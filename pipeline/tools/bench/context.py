@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from pipeline.config import Config, Topics
+from pipeline.io import kafka
 from pipeline.tools.bench import measure, procs
 
 if TYPE_CHECKING:
@@ -19,6 +21,8 @@ __all__ = ["Context"]
 
 _SESSION_EXPIRY = 900
 """Seconds the broker keeps a bench session; every session is also discarded at the end."""
+_GROUPS_LIMIT = 60.0
+"""Seconds to wait for the run's consumer groups to empty so they can be deleted."""
 
 
 class Context:
@@ -103,10 +107,21 @@ class Context:
         )
 
     async def cleanup(self) -> None:
-        """Discard the run's MQTT sessions and delete its topics."""
+        """Discard the run's MQTT sessions; delete its topics and consumer groups."""
         for cfg in self.sessions:
             await measure.close_session(cfg.mqtt)
         self.sessions.clear()
         if self.topics:
-            await measure.delete_topics(self.base.kafka, self.topics)
+            await kafka.delete_topics(self.base.kafka, self.topics)
         self.topics.clear()
+        client = kafka.admin(self.base.kafka)
+        await client.start()
+        try:
+            groups = [g for g, *_ in await client.list_consumer_groups()]
+        finally:
+            await client.close()
+        ours = [g for g in groups if g.startswith(f"bench-{self.run_id}-")]
+        # A worker the bench killed leaves its group until its session times out.
+        async with asyncio.timeout(_GROUPS_LIMIT):
+            while ours := list(await kafka.delete_groups(self.base.kafka, ours)):  # noqa: ASYNC110
+                await asyncio.sleep(0.5)

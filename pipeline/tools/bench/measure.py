@@ -34,7 +34,6 @@ __all__ = [
     "Output",
     "close_session",
     "create_topics",
-    "delete_topics",
     "open_session",
     "preload",
     "rate",
@@ -79,19 +78,6 @@ async def create_topics(cfg: KafkaConfig, names: Iterable[str]) -> None:
         async with asyncio.timeout(30):
             while not set(wanted) <= set(await client.list_topics()):  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
-    finally:
-        await client.close()
-
-
-async def delete_topics(cfg: KafkaConfig, names: Iterable[str]) -> None:
-    """Delete the bench's own topics (the shared broker keeps nothing of a run)."""
-    client = kafka.admin(cfg)
-    await client.start()
-    try:
-        existing = set(await client.list_topics())
-        doomed = [n for n in dict.fromkeys(names) if n in existing]
-        if doomed:
-            await client.delete_topics(doomed)
     finally:
         await client.close()
 

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import to_environ
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -49,22 +50,7 @@ class Memory:
 
 def child_env(cfg: Config) -> dict[str, str]:
     """The environment that gives a child process the measurement's configuration ``cfg``."""
-    t = cfg.kafka.topics
-    values = {
-        "MQTT__TOPIC": cfg.mqtt.topic,
-        "MQTT__CLIENT_ID": cfg.mqtt.client_id,
-        "MQTT__SESSION_EXPIRY": str(cfg.mqtt.session_expiry),
-        "ROUTER__GROUP_ID": cfg.router.group_id,
-        "ROUTER__TRANSACTIONAL_ID": cfg.router.transactional_id,
-        "SINK__GROUP_ID": cfg.sink.group_id,
-        "SINK__DPS__BASE_URL": cfg.sink.dps.base_url,
-        "SINK__DEVICE_DATA": "{ "
-        + ", ".join(f"{k} = {json.dumps(v)}" for k, v in cfg.sink.device_data.items())
-        + " }",
-        "METRICS__ENABLED": "false",
-        **{f"KAFKA__TOPICS__{name.upper()}": getattr(t, name) for name in t.__struct_fields__},
-    }
-    return os.environ | {f"PIPELINE_{k}": v for k, v in values.items()}
+    return os.environ | to_environ(cfg) | {"PIPELINE_METRICS__ENABLED": "false"}
 
 
 def free_port() -> int:
