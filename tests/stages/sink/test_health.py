@@ -109,11 +109,11 @@ async def test_an_unreachable_dps_says_to_check_the_base_url(cfg: Config, uid: s
 async def test_liveness_fails_only_while_records_wait_and_nothing_moves(
     cfg: Config, uid: str
 ) -> None:
-    steady, stall_after = [f"{uid}-{i:02d}" for i in range(20)], 2.0
+    steady, stall_after = [f"{uid}-{i:02d}" for i in range(20)], 1.0
     stuck = f"{uid}-stuck"
     await prepare(cfg)
     async with await start_emulator(accept_any_sn=True) as emu:
-        emu.state.set_faults({"latency_ms": 200})  # an answer every 0.2 s: 10 x inside the bound
+        emu.state.set_faults({"latency_ms": 100})  # an answer every 0.1 s: 10 x inside the bound
         cfg = with_emulator(cfg, emu, concurrency=1, timeout=30.0)
         health = Health(stall_after=stall_after)
         seen: list[dict[str, float]] = []
@@ -128,7 +128,7 @@ async def test_liveness_fails_only_while_records_wait_and_nothing_moves(
                 seen.append(health.stalled())
                 await asyncio.sleep(0.05)
             # Now DPS hangs on the next call: a record waits and nothing moves.
-            emu.state.set_faults({"latency_ms": 8000})
+            emu.state.set_faults({"latency_ms": 3000})
             await produce_children(cfg, [child(stuck)])
             await eventually(
                 lambda: "sink" in health.stalled(),
