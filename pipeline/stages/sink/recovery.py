@@ -1,15 +1,21 @@
 """After a crash: which records past the committed offsets already have an outcome.
 
 Outcomes are written before offsets are committed, so a sink that died in between
-leaves records whose outcome is in Kafka but whose offset is not. On assignment the
-sink reads its group's outcomes back (their ``source`` header) and does not call DPS
-again for those records: duplicate calls are bounded by the calls that were in flight.
+leaves records whose outcome is in Kafka but whose offset is not. When partitions are
+assigned, the sink reads its group's outcomes back (their ``source`` header) and does
+not call DPS again for those records: duplicate calls are bounded by the calls that
+were in flight.
+
+The read-back runs beside the consumer, not in its rebalance callback. Each partition is
+*pending* from :meth:`Recovery.begin` until its read-back is done; :meth:`Recovery.ready`
+waits for that, and says whether records of the partition may start: only once what
+was recorded past its committed offset is known, never after a failed read-back, and
+never for a partition forgotten (revoked) meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -19,6 +25,8 @@ from pipeline.io import kafka
 from pipeline.stages.sink.outcomes import GROUP, SOURCE, parse_source
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from aiokafka import AIOKafkaConsumer
 
     from pipeline.config import KafkaConfig
@@ -39,8 +47,8 @@ class Recovery:
     Args:
         cfg: the Kafka configuration (outcome topics are read with it).
         group: the sink's consumer group; other groups' outcomes are another pipeline's.
-        limit: seconds a read-back may take (it runs in the assignment callback, while
-            the consumer sends no heartbeat).
+        limit: seconds a read-back may take; past it :meth:`learn` fails (records of
+            its partitions would otherwise wait without an end).
     """
 
     def __init__(self, cfg: KafkaConfig, group: str, *, limit: float) -> None:
@@ -49,18 +57,32 @@ class Recovery:
         self._limit = limit
         self._outputs = [cfg.topics.allocations, cfg.topics.allocations_dlq]
         self._recorded: dict[TopicPartition, set[int]] = {}
-        self._done = asyncio.Event()
-        self._done.set()
+        # Partitions whose read-back is not done yet; each event is set when it ends
+        # (done, failed or forgotten). Events, not futures: a waiter cancelled (its
+        # record handed back) must not cancel what the others wait on.
+        self._pending: dict[TopicPartition, asyncio.Event] = {}
         self._failed = False
 
-    async def ready(self) -> bool:
-        """Wait until no read-back is in progress; False if the last one failed.
+    def begin(self, tps: Iterable[TopicPartition]) -> None:
+        """Mark ``tps`` pending: their records wait in :meth:`ready` until :meth:`learn`.
 
-        A record must not start before then, nor at all after a failure: the stage is
-        stopping (and a record started without the read-back may be allocated twice).
+        A partition already pending stays so: its waiters go on waiting.
         """
-        await self._done.wait()
-        return not self._failed
+        for tp in tps:
+            self._recorded.pop(tp, None)
+            self._pending.setdefault(tp, asyncio.Event())
+
+    async def ready(self, tp: TopicPartition) -> bool:
+        """Wait until ``tp`` is no longer pending; whether its records may start.
+
+        False if its read-back failed (the stage is stopping, and a record started
+        without the read-back may be allocated twice), or ``tp`` was never read back or
+        was forgotten (revoked) meanwhile.
+        """
+        pending = self._pending.get(tp)
+        if pending is not None:
+            await pending.wait()
+        return not self._failed and tp in self._recorded
 
     def take(self, tp: TopicPartition, offset: int) -> bool:
         """Whether the record at ``tp``/``offset`` already has an outcome (asked once)."""
@@ -70,59 +92,81 @@ class Recovery:
         offsets.discard(offset)
         return True
 
-    def forget(self, tps: list[TopicPartition]) -> None:
-        """Drop what is known about revoked partitions."""
+    def forget(self, tps: Iterable[TopicPartition]) -> None:
+        """Drop what is known about revoked partitions; their waiters are told no."""
         for tp in tps:
             self._recorded.pop(tp, None)
+            pending = self._pending.pop(tp, None)
+            if pending is not None:
+                pending.set()
 
     def known(self) -> int:
         """Recorded outcomes still waiting for their record to come by."""
         return sum(len(offsets) for offsets in self._recorded.values())
 
-    async def learn(self, consumer: AIOKafkaConsumer, assigned: list[TopicPartition]) -> None:
-        """Read back the outcomes recorded since the committed offsets of ``assigned``.
+    async def learn(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        """Read back the outcomes recorded since the committed offsets of ``tps``.
+
+        ``tps`` are pending until it returns (:meth:`begin` is implied); then those still
+        pending (not forgotten meanwhile) are ready. Cancelled, it leaves them pending:
+        the caller forgets them or reads them back again.
 
         Raises:
-            TimeoutError: it took longer than ``limit`` seconds.
+            TimeoutError: it took longer than ``limit`` seconds (the partitions fail).
+            Exception: any other failure to read (the partitions fail).
         """
-        if not assigned:
+        if not tps:
             return
-        self._done.clear()
+        self.begin(tps)
         try:
             async with asyncio.timeout(self._limit):
-                since = await self._first_uncommitted_time(consumer, assigned)
-                found: dict[TopicPartition, set[int]] = {tp: set() for tp in assigned}
+                since = await self._first_uncommitted_time(consumer, tps)
+                found: dict[TopicPartition, set[int]] = {tp: set() for tp in tps}
                 if since is not None:
                     # Outcomes are written after their input record, so none of those past
                     # the committed offsets is older than the first uncommitted input (less
                     # clock skew).
                     await self._read_sources(since - _CLOCK_SKEW_MS, found)
-            self._recorded = found
-            log.info("sink found %d outcomes recorded since the committed offsets", self.known())
         except TimeoutError as exc:
-            self._failed = True
+            self._fail(tps)
             msg = f"reading back the recorded outcomes took longer than {self._limit:g} s"
             raise TimeoutError(msg) from exc
-        except BaseException:
-            self._failed = True
+        except Exception:
+            self._fail(tps)
             raise
-        finally:
-            self._done.set()
+        for tp, offsets in found.items():
+            pending = self._pending.pop(tp, None)
+            if pending is not None:  # not forgotten meanwhile
+                self._recorded[tp] = offsets
+                pending.set()
+        log.info("sink found %d outcomes recorded since the committed offsets", self.known())
+
+    def _fail(self, tps: list[TopicPartition]) -> None:
+        self._failed = True
+        for tp in tps:
+            pending = self._pending.pop(tp, None)
+            if pending is not None:
+                pending.set()
 
     async def _first_uncommitted_time(
         self, consumer: AIOKafkaConsumer, assigned: list[TopicPartition]
     ) -> int | None:
         beginnings = await consumer.beginning_offsets(assigned)
         ends = await consumer.end_offsets(assigned)
-        since: int | None = None
+        ranges: kafka.Ranges = {}
+        for tp in assigned:
+            committed = await consumer.committed(tp)
+            first = beginnings[tp] if committed is None else committed
+            if first < ends[tp]:
+                ranges[tp] = (first, ends[tp])
+        if not ranges:
+            # Nothing uncommitted. No reader either: one stopped before it ever waited
+            # raises a CancelledError of aiokafka's into this task (0.14:
+            # NoGroupCoordinator.close() awaits its own task, cancelled before it ran).
+            return None
         async with kafka.reader(self._cfg) as reader:
-            for tp in assigned:
-                committed = await consumer.committed(tp)
-                first = beginnings[tp] if committed is None else committed
-                stamp = await _timestamp_at(reader, tp, first, ends[tp])
-                if stamp is not None:
-                    since = stamp if since is None else min(since, stamp)
-        return since
+            stamps = await _first_timestamps(reader, ranges)
+        return min(stamps, default=None)
 
     async def _read_sources(self, since_ms: int, found: dict[TopicPartition, set[int]]) -> None:
         """Add to ``found`` the input offsets named by this group's outcomes since then."""
@@ -144,14 +188,27 @@ class Recovery:
                             found[tp].add(where[2])
 
 
-async def _timestamp_at(
-    reader: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int
-) -> int | None:
-    """The timestamp of the first record of ``tp`` in ``[start, end)``, if there is one."""
-    async with (
-        asyncio.timeout(10),
-        contextlib.aclosing(kafka.read_range(reader, {tp: (start, end)})) as records,
-    ):
-        async for record in records:
-            return int(record.timestamp)
-    return None
+async def _first_timestamps(reader: AIOKafkaConsumer, ranges: kafka.Ranges) -> list[int]:
+    """The timestamp of the first record in ``[start, end)`` of each partition that has one.
+
+    All partitions are read at once, each paused at its first record: usually one fetch
+    in all. (Read one after another, each partition would first wait out the fetch left
+    waiting for the previous one, up to ``fetch_max_wait_ms``: 0.5 s a partition.)
+    """
+    live = {tp: end for tp, (start, end) in ranges.items() if start < end}
+    reader.assign(list(live))
+    for tp in live:
+        reader.seek(tp, ranges[tp][0])
+    stamps: list[int] = []
+    while live:
+        batch = await reader.getmany(*live, timeout_ms=500)
+        for tp, records in batch.items():
+            first = next((r for r in records if r.offset < live.get(tp, -1)), None)
+            if first is not None:
+                stamps.append(int(first.timestamp))
+                reader.pause(tp)
+                del live[tp]
+        # A read-committed consumer skips transaction markers and aborted records: a
+        # partition whose position reaches its end has no record in the range.
+        live = {tp: end for tp, end in live.items() if await reader.position(tp) < end}
+    return stamps

@@ -8,12 +8,19 @@
 - An offset is committed only once the outcome of its record, and of every record before
   it in the partition, is in Kafka (:class:`~.offsets.OffsetTracker`).
 - While the :class:`~.breaker.Breaker` is open, intake is paused and readiness says why.
-- On revocation (and at shutdown), records with a call on the wire get up to
-  twice ``dps.timeout`` to finish, the others are handed back uncommitted, and the finished
-  prefix is committed; the consumer's rebalance and session timeouts leave room for
-  that. On assignment, outcomes recorded past the committed offsets are read back
-  (:class:`~.recovery.Recovery`) before any record of those partitions starts.
-- A failed rebalance callback, or an outcome Kafka refuses for good, ends the stage with
+- On revocation (in the revocation callback) and at shutdown, records with a call on the
+  wire get up to twice ``dps.timeout`` to finish, the others are handed back
+  uncommitted, and the finished prefix is committed; the consumer's rebalance timeout
+  leaves room for that (heartbeats go on during the callback).
+- On assignment, the callback only notes the new partitions and starts a read-back of
+  the outcomes recorded past their committed offsets (:class:`~.recovery.Recovery`) as a
+  task of the stage's own; no record of a partition starts (no DPS call) before its
+  read-back is done, and a revocation ends a read-back of its partitions. The callback
+  thus returns at once, and the consumer keeps aiokafka's default session timeout: a
+  killed sink's partitions move to another replica within about that timeout and a
+  heartbeat interval.
+- A failed rebalance callback, a read-back that fails or outlasts twice ``dps.timeout``,
+  or an outcome Kafka refuses for good ends the stage with
   :class:`~pipeline.errors.StageFailed` (the process exits non-zero).
 """
 
@@ -58,8 +65,8 @@ __all__ = ["Sink"]
 log = logging.getLogger(__name__)
 
 _REBALANCE_MARGIN = 10.0
-"""Seconds the consumer's rebalance and session timeouts allow beyond a hand-back (or a
-read-back): the commit that follows it, and Kafka's own round trips."""
+"""Seconds the consumer's rebalance timeout allows beyond a hand-back: the commit that
+follows it, and Kafka's own round trips."""
 _POLL = 0.05
 """Seconds between looks at records being handed back."""
 
@@ -92,6 +99,8 @@ class Sink:
         self._consumer: AIOKafkaConsumer | None = None
         self._allocator: Allocator | None = None
         self._jobs: dict[asyncio.Task[None], tuple[TopicPartition, bytes]] = {}
+        # Read-backs in progress, each with the partitions it reads back.
+        self._read_backs: dict[asyncio.Task[None], frozenset[TopicPartition]] = {}
         self._owned: set[TopicPartition] = set()
         # Bumped on every hand-back and assignment: a batch fetched under an older one is stale.
         self._epochs: collections.Counter[TopicPartition] = collections.Counter()
@@ -145,19 +154,29 @@ class Sink:
         """Run until ``stop`` is set, then hand back in-flight work and commit.
 
         Raises:
-            StageFailed: a rebalance callback failed, or Kafka refused an outcome for good.
+            StageFailed: a rebalance callback or a read-back failed, or Kafka refused an
+                outcome for good.
         """
         await kafka.wait_until_reachable(self._cfg.kafka, stop)
         topics = self._topics
         await kafka.prepare_topics(
             self._cfg.kafka, [topics.added, topics.allocations, topics.allocations_dlq]
         )
-        # A hand-back (revocation) runs while other members wait to rejoin, and a
-        # read-back (assignment) runs before heartbeats resume: both must fit.
-        timeout_ms = int((self._hand_back_limit + _REBALANCE_MARGIN) * 1000)
+        # What aiokafka 0.14 does (consumer/group_coordinator.py), and what follows:
+        # - The revocation callback runs in _on_join_prepare(), before
+        #   ensure_active_group() stops the heartbeat task: heartbeats go on during a
+        #   hand-back (answered REBALANCE_IN_PROGRESS, which aiokafka counts as a success),
+        #   so the session timeout does not bound it; the broker waits for our JoinGroup
+        #   up to the rebalance timeout, which must therefore fit a hand-back.
+        # - The assignment callback runs in _on_join_complete(), after the heartbeat task
+        #   was stopped and before it starts again: nothing long may run there, so the
+        #   read-back is a task of ours (recover()).
+        # - session_timeout_ms and heartbeat_interval_ms stay aiokafka's defaults (10 s,
+        #   3 s): a member that dies is dropped about 10 s after its last heartbeat.
+        rebalance_timeout_ms = int((self._hand_back_limit + _REBALANCE_MARGIN) * 1000)
         consumer = kafka.consumer(
             self._cfg.kafka, group_id=self._cfg.sink.group_id,
-            rebalance_timeout_ms=timeout_ms, session_timeout_ms=timeout_ms,
+            rebalance_timeout_ms=rebalance_timeout_ms,
         )  # fmt: skip
         # Every outcome is awaited as soon as it is sent (its call slot waits for it): a
         # linger would only delay it. Under load, records still share a request: those
@@ -232,22 +251,30 @@ class Sink:
                     # Capacity first: this is where back-pressure stops intake. A record
                     # not started is not committed: it is consumed again next time.
                     await self._pending.acquire()
-                    if tp not in self._owned or self._epochs[tp] != epochs[tp]:
+                    if not self._current(tp, epochs[tp]):
                         # Handed back while this batch waited: whoever owns the
                         # partition now reads these records from the committed offset.
                         self._pending.release()
                         break
-                    self._start(outcomes, tp, record)
+                    self._start(outcomes, tp, record, epochs[tp])
+
+    def _current(self, tp: TopicPartition, epoch: int) -> bool:
+        """Whether ``tp`` is still owned under the assignment of ``epoch``."""
+        return tp in self._owned and self._epochs[tp] == epoch
 
     def _start(
-        self, outcomes: Outcomes, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]
+        self,
+        outcomes: Outcomes,
+        tp: TopicPartition,
+        record: ConsumerRecord[bytes, bytes],
+        epoch: int,
     ) -> None:
         self._tracker.start(tp, record.offset)
         if not self._jobs:
             self._beat()  # idle until now: the stall clock starts here, not at the last beat
         source = source_header(tp.topic, tp.partition, record.offset)
         task = asyncio.create_task(
-            self._handle(outcomes, tp, record, source), name=f"sink {source.decode()}"
+            self._handle(outcomes, tp, record, source, epoch), name=f"sink {source.decode()}"
         )
         self._jobs[task] = (tp, source)
         if self._breaker.open:
@@ -265,9 +292,20 @@ class Sink:
         tp: TopicPartition,
         record: ConsumerRecord[bytes, bytes],
         source: bytes,
+        epoch: int,
     ) -> None:
-        if not await self._recovery.ready():
-            return  # the read-back failed: the stage is stopping, the record stays uncommitted
+        # Records of a partition being read back wait here, each in its own task, rather
+        # than the partition being paused in the consumer: the check sits where a record
+        # starts, beside the epoch check, so it holds for whatever aiokafka had fetched
+        # before a pause took effect, and the breaker's pause and resume of every
+        # assigned partition (_sync_intake) cannot lift it early. The cost: records
+        # fetched meanwhile hold a sink.max_pending slot each while they wait; they are
+        # the next to start anyway, and an assignment's partitions (aiokafka assigns
+        # them all at once) are read back together.
+        if not await self._recovery.ready(tp) or not self._current(tp, epoch):
+            # The read-back failed (the stage is stopping), or the partition was handed
+            # back meanwhile: the record stays uncommitted.
+            return
         try:
             await self._process(outcomes, tp, record, source)
         except StageFailed as exc:
@@ -329,6 +367,8 @@ class Sink:
         await asyncio.gather(*jobs, return_exceptions=True)
 
     async def _shutdown(self, committer: asyncio.Task[None]) -> None:
+        await self._stop_read_backs(None)
+        self._recovery.forget(self._owned)
         await self._release(None)
         committer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -358,20 +398,88 @@ class Sink:
         tps = set(revoked)
         self._owned -= tps
         self._epochs.update(tps)
+        # A read-back of theirs ends here (one that also covered partitions still owned
+        # starts again for those), and their records waiting for it are told no.
+        self._read_back(await self._stop_read_backs(tps) & self._owned)
+        self._recovery.forget(revoked)
         await self._release(tps)
         await self._commit()
         self._tracker.forget(revoked)
-        self._recovery.forget(revoked)
 
     async def recover(self, assigned: list[TopicPartition]) -> None:
-        """Learn which records past the committed offsets already have a recorded outcome."""
-        consumer = self._consumer
-        if consumer is None or not assigned:
+        """Note newly assigned partitions and start reading back their recorded outcomes.
+
+        Returns at once: the read-back runs as a task of the stage (aiokafka sends no
+        heartbeats while this callback runs), and records of these partitions wait for it.
+        """
+        if self._consumer is None or not assigned:
             return
-        self._owned |= set(assigned)
-        self._epochs.update(assigned)
+        tps = set(assigned)
+        self._owned |= tps
+        self._epochs.update(tps)
+        # Before anything awaits: from here no record of theirs starts until read back.
+        self._recovery.begin(tps)
         self._sync_intake()  # new partitions stay paused while the breaker is open
-        # aiokafka fetches for the new partitions while this callback runs: no record may
-        # be handled before we know which already have an outcome.
-        await self._recovery.learn(consumer, assigned)
+        # aiokafka revokes everything before it assigns, so no read-back of these should
+        # be running; if one is, it answers for an older assignment: read them again.
+        stale = await self._stop_read_backs(tps)
+        self._read_back(tps | (stale & self._owned))
+
+    def _read_back(self, tps: set[TopicPartition]) -> None:
+        """Start reading back the outcomes recorded past the committed offsets of ``tps``."""
+        if not tps or self._consumer is None:
+            return
+        task = asyncio.create_task(
+            self._learn(self._consumer, sorted(tps)),
+            name="sink.read-back",
+        )
+        self._read_backs[task] = frozenset(tps)
+        task.add_done_callback(self._read_back_done)
+
+    async def _learn(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        """The read-back task: a failure becomes :class:`StageFailed` (the stage ends)."""
+        try:
+            await self._recovery.learn(consumer, tps)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # stopped: by a revocation, or the stage's end
+            # A cancellation nobody asked for (from a library's task): without this, its
+            # partitions would wait for good, without a word.
+            msg = "sink stopped: reading back the recorded outcomes failed: cancelled from within"
+            raise StageFailed(msg) from exc
+        except TimeoutError as exc:  # it says what took too long
+            msg = f"sink stopped: {exc}"
+            raise StageFailed(msg) from exc
+        except Exception as exc:
+            msg = f"sink stopped: reading back the recorded outcomes failed: {exc}"
+            raise StageFailed(msg) from exc
         self._beat()  # the read-back is done: records may move again
+
+    def _read_back_done(self, task: asyncio.Task[None]) -> None:
+        tps = self._read_backs.pop(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        where = sorted(f"{tp.topic}/{tp.partition}" for tp in tps)
+        log.error("%s (partitions %s)", exc, where)
+        if self._error is None:
+            self._error = exc if isinstance(exc, StageFailed) else StageFailed(str(exc))
+        self._failed.set()
+
+    async def _stop_read_backs(self, tps: set[TopicPartition] | None) -> set[TopicPartition]:
+        """Cancel the read-backs of any of ``tps`` (None: all).
+
+        Returns their other partitions: still pending, to be read back again.
+        """
+        stopped = {
+            task: parts for task, parts in self._read_backs.items() if tps is None or parts & tps
+        }
+        for task in stopped:
+            task.cancel()
+        # A read-back that failed before it was cancelled is reported by its callback.
+        await asyncio.gather(*stopped, return_exceptions=True)
+        rest: set[TopicPartition] = set().union(*stopped.values())
+        return rest - tps if tps is not None else set()
