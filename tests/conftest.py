@@ -158,7 +158,8 @@ def cfg(services: harness.Services, uid: str) -> Iterator[Config]:
     yield msgspec.structs.replace(
         base,
         mqtt=msgspec.structs.replace(base.mqtt, client_id=f"ingest-{uid}"),
-        kafka=msgspec.structs.replace(base.kafka, topics=topics),
+        # (the client id names the redrive tool's consumer groups too)
+        kafka=msgspec.structs.replace(base.kafka, topics=topics, client_id=f"iot-pipeline-{uid}"),
         router=msgspec.structs.replace(
             base.router, group_id=f"router-{uid}", transactional_id=f"router-{uid}"
         ),

@@ -538,7 +538,7 @@ async def watch_lag(
     client: AIOKafkaConsumer,
     on_lag: Callable[[dict[tuple[str, int], int]], None],
     *,
-    interval: float = 5.0,
+    interval: float,
 ) -> None:
     """Every ``interval`` s until cancelled, tell ``on_lag`` each assigned partition's lag.
 

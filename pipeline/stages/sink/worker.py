@@ -195,7 +195,12 @@ class Sink:
             stopped = first_set(stop, listener.failed, self._failed)
             committer = asyncio.create_task(self._commit_loop(stop), name="sink.commit")
             lag = asyncio.create_task(
-                kafka.watch_lag(consumer, functools.partial(report_lag, "sink")), name="sink.lag"
+                kafka.watch_lag(
+                    consumer,
+                    functools.partial(report_lag, "sink"),
+                    interval=self._cfg.metrics.lag_interval,
+                ),
+                name="sink.lag",
             )
             liveness = kafka.Liveness(self._cfg.kafka, "sink", self._kafka_state)
             watcher = asyncio.create_task(liveness.run(), name="sink.kafka-liveness")
