@@ -19,7 +19,7 @@ WORKERS ?= 4
 
 test: check monitoring-check
 	.venv/bin/pipeline schemas export --check
-	.venv/bin/pytest -n $(WORKERS) -m "not long"
+	.venv/bin/pytest -n $(WORKERS) --dist worksteal -m "not long"
 
 # What `make test` checks on less, at full size and in real time: rates under partial
 # DPS failure, the 50,000-child scale-out (PIPELINE_SCALE_EVENTS, PIPELINE_SCALE_ROUNDS).

@@ -83,13 +83,23 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     if not run_sync(kafka_answers(broker.bootstrap)):
         return  # still starting: no test used it
-    topics, groups = run_sync(harness.kafka_contents(broker.bootstrap))
+    topics, groups = run_sync(_left_in(broker.bootstrap))
     if topics or groups:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = f"the run left in Kafka: topics {sorted(topics)}, consumer groups {sorted(groups)}"
         if reporter is not None:
             reporter.write_line(text, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+async def _left_in(bootstrap: str, settle: float = 10) -> tuple[set[str], set[str]]:
+    """What the cluster holds once the deletions the last tests asked for are done."""
+    deadline = asyncio.get_running_loop().time() + settle
+    while True:
+        topics, groups = await harness.kafka_contents(bootstrap)
+        if not (topics or groups) or asyncio.get_running_loop().time() > deadline:
+            return topics, groups
+        await asyncio.sleep(0.2)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -118,6 +128,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Servi
         run_sync(up())
         found = harness.Services(Brokers(broker.port, bootstrap), broker)
         yield found
+        found.finish_cleaning()
         run_sync(found.retry_deferred())
         held = harness.held_sessions(broker.port, broker.persistent_clients())
         assert not held, f"this worker's Mosquitto still keeps the sessions of {sorted(held)}"
@@ -167,7 +178,7 @@ def cfg(services: harness.Services, uid: str) -> Iterator[Config]:
         metrics=msgspec.structs.replace(base.metrics, enabled=False),
     )
     harness.reap()  # first: a worker still running would make what is removed again
-    run_sync(services.clean(uid, since=mark))
+    services.clean_later(uid, since=mark)
 
 
 @pytest.fixture

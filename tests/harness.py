@@ -8,10 +8,12 @@ import ctypes
 import dataclasses
 import functools
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -47,20 +49,34 @@ class Services:
     mosquitto: LocalMosquitto
     deferred: set[str] = dataclasses.field(default_factory=set)
     """Groups Kafka kept at a test's end (a killed member's session had not timed out)."""
+    _cleaner: _Cleaner | None = None
 
     @property
     def kafka(self) -> KafkaConfig:
         return KafkaConfig(bootstrap_servers=self.brokers.kafka_bootstrap)
 
-    async def clean(self, marker: str, *, since: int) -> None:
-        """Remove the MQTT sessions kept since log offset ``since``, and the Kafka topics
-        and groups whose names hold ``marker``."""
-        await self.mosquitto.end_sessions(self.mosquitto.persistent_clients(since))
+    async def clean(self, marker: str, *, since: int, until: int | None = None) -> None:
+        """Remove the MQTT sessions kept between log offsets ``since`` and ``until`` (the
+        test's), and the Kafka topics and groups whose names hold ``marker``."""
+        await self.mosquitto.end_sessions(self.mosquitto.persistent_clients(since, until))
         topics, groups = await kafka_contents(self.brokers.kafka_bootstrap)
         await kafka.delete_topics(self.kafka, [t for t in topics if marker in t])
         self.deferred |= set(
             await kafka.delete_groups(self.kafka, [g for g in groups if marker in g])
         )
+
+    def clean_later(self, marker: str, *, since: int) -> None:
+        """:meth:`clean`, beside the tests that follow: a test's end need not wait for it."""
+        if self._cleaner is None:
+            self._cleaner = _Cleaner(self)
+        # Up to here in the broker's log: later lines are the next test's sessions.
+        self._cleaner.submit(marker, since, self.mosquitto.log_size())
+
+    def finish_cleaning(self) -> None:
+        """Wait until every :meth:`clean_later` is done; raise if one failed."""
+        if self._cleaner is not None:
+            self._cleaner.close()
+            self._cleaner = None
 
     async def retry_deferred(self, limit: float = 60) -> None:
         """Delete the deferred groups, waiting for their dead members to time out."""
@@ -69,6 +85,36 @@ class Services:
                 self.deferred = set(await kafka.delete_groups(self.kafka, self.deferred))
                 if self.deferred:
                     await asyncio.sleep(0.5)
+
+
+class _Cleaner:
+    """A thread with an event loop of its own that runs :meth:`Services.clean` in turn."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._queue: queue.Queue[tuple[str, int, int] | None] = queue.Queue()
+        self._errors: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="cleaner", daemon=True)
+        self._thread.start()
+
+    def submit(self, marker: str, since: int, until: int) -> None:
+        self._queue.put((marker, since, until))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        assert not self._errors, self._errors
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        while (item := await asyncio.to_thread(self._queue.get)) is not None:
+            marker, since, until = item
+            try:
+                await self._services.clean(marker, since=since, until=until)
+            except Exception as exc:  # reported when the worker's session ends
+                self._errors.append(f"removing what test {marker} made: {exc!r}")
 
 
 async def kafka_contents(bootstrap: str) -> tuple[set[str], set[str]]:

@@ -34,7 +34,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from murmurhash2 import murmurhash2
 
 from pipeline.errors import ConfigError, ServiceUnreachable, StageFailed
-from pipeline.io.aio import wait_for_service, why_unreachable
+from pipeline.io.aio import Backoff, wait_for_service, why_unreachable
 from pipeline.io.tls import client_context
 
 if TYPE_CHECKING:
@@ -496,7 +496,7 @@ async def backlog(cfg: KafkaConfig, group: str, topic: str) -> int:
             tps = await partitions(peek, topic)
             ends = await peek.end_offsets(tps)
             begins = await peek.beginning_offsets(tps)
-            done = await client.list_consumer_group_offsets(group)
+            done = await _group_offsets(client, group)
             for tp in tps:
                 start = done[tp].offset if tp in done else begins[tp]
                 if await _any_record(peek, tp, start, ends[tp]):
@@ -504,6 +504,27 @@ async def backlog(cfg: KafkaConfig, group: str, topic: str) -> int:
     finally:
         await client.close()
     return total
+
+
+_COORDINATOR_WAIT = 10.0
+"""Seconds to keep asking for a group's offsets while its coordinator is not available."""
+
+
+async def _group_offsets(client: AIOKafkaAdminClient, group: str) -> dict[TopicPartition, Any]:
+    """A group's committed offsets; a coordinator still loading or moving is waited for."""
+    backoff = Backoff(0.1, 1.0)
+    async with asyncio.timeout(_COORDINATOR_WAIT):
+        while True:
+            try:
+                offsets: dict[TopicPartition, Any] = await client.list_consumer_group_offsets(
+                    group
+                )
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise
+                await asyncio.sleep(backoff.next())
+            else:
+                return offsets
 
 
 async def _any_record(client: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int) -> bool:

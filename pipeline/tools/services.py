@@ -168,11 +168,11 @@ class LocalMosquitto:
         except FileNotFoundError:
             return 0
 
-    def persistent_clients(self, since: int = 0) -> set[str]:
-        """Client ids that connected asking to keep their session, from log offset ``since``."""
+    def persistent_clients(self, since: int = 0, until: int | None = None) -> set[str]:
+        """Client ids that connected asking to keep their session, between log offsets."""
         with contextlib.suppress(FileNotFoundError), self.log_file.open("rb") as f:
             f.seek(since)
-            text = f.read().decode("utf-8", "replace")
+            text = f.read(-1 if until is None else until - since).decode("utf-8", "replace")
             return {m.group(1) for m in _CONNECTED.finditer(text)}
         return set()
 

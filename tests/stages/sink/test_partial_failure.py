@@ -285,7 +285,7 @@ async def test_a_record_that_keeps_failing_never_pauses_the_others(cfg: Config, 
     [record] = dlq
     failure = msgspec.json.decode(record.value, type=AllocationFailure)
     assert (failure.sn, failure.error_kind, failure.code) == (poison, "exhausted", 500)
-    assert failure.attempts == len(poison_calls) >= 4
+    assert failure.attempts == len(poison_calls) >= 2  # retried (how often: the machine's pace)
     # Its own backoff paced it: retry_initial doubling to retry_max (at least half, jitter).
     gaps = [at(b) - at(a) for a, b in itertools.pairwise(poison_calls)]
     floors = [min(retry_max, retry_initial * 2**k) / 2 for k in range(len(gaps))]
