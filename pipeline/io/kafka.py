@@ -516,9 +516,7 @@ async def _group_offsets(client: AIOKafkaAdminClient, group: str) -> dict[TopicP
     async with asyncio.timeout(_COORDINATOR_WAIT):
         while True:
             try:
-                offsets: dict[TopicPartition, Any] = await client.list_consumer_group_offsets(
-                    group
-                )
+                offsets: dict[TopicPartition, Any] = await client.list_consumer_group_offsets(group)
             except KafkaError as exc:
                 if not exc.retriable:
                     raise
