@@ -25,7 +25,7 @@ test: check monitoring-check
 # DPS failure, the 50,000-child scale-out (PIPELINE_SCALE_EVENTS, PIPELINE_SCALE_ROUNDS).
 # CI runs it when the budget allows (.ci/run).
 test-long: install
-	.venv/bin/pytest -n 2 -m long -s
+	.venv/bin/pytest -p no:xdist -m long -s
 
 # The newest versions pyproject.toml allows instead of the locked ones, in a virtualenv of
 # their own: a release within our bounds that breaks us fails here before a lock update.
