@@ -33,7 +33,7 @@ import msgspec
 import pytest
 
 from pipeline.config import Config, KafkaConfig, MqttConfig, Topics, load_config
-from pipeline.ops.logs import setup_logging
+from pipeline.ops.logs import JsonFormatter, setup_logging
 from pipeline.tools.services import Brokers, LocalKafka, LocalMosquitto, free_port, kafka_answers
 from tests import harness
 
@@ -191,19 +191,33 @@ def kafka_cfg(cfg: Config) -> KafkaConfig:
     return cfg.kafka
 
 
-@pytest.fixture
-def json_logs() -> Iterator[Callable[[str], io.StringIO]]:
-    """``setup_logging(level)`` into a fresh buffer; the logging setup is restored after."""
+@pytest.fixture(autouse=True)
+def logging_restored() -> Iterator[None]:
+    """The logging setup as it was before the test: a CLI run in-process replaces it with
+    its own (JSON lines at its level), and the next tests' captured logs would go missing.
+
+    Only what ``setup_logging`` installs is removed: pytest adds and removes its capture
+    handlers around each phase by itself.
+    """
     root = logging.getLogger()
     names = ("aiokafka", "aiohttp.access")
-    saved = root.handlers[:], root.level, [logging.getLogger(n).level for n in names]
+    level, levels = root.level, [logging.getLogger(n).level for n in names]
+    yield
+    for handler in root.handlers[:]:
+        if isinstance(handler.formatter, JsonFormatter):
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, saved in zip(names, levels, strict=True):
+        logging.getLogger(name).setLevel(saved)
+
+
+@pytest.fixture
+def json_logs() -> Callable[[str], io.StringIO]:
+    """``setup_logging(level)`` into a fresh buffer (``logging_restored`` undoes it)."""
 
     def setup(level: str) -> io.StringIO:
         stream = io.StringIO()
         setup_logging(level, stream)
         return stream
 
-    yield setup
-    root.handlers[:], root.level = saved[0], saved[1]
-    for name, level in zip(names, saved[2], strict=True):
-        logging.getLogger(name).setLevel(level)
+    return setup
