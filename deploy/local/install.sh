@@ -34,16 +34,21 @@ kafka_jars() {
 
 python_env() {
   # Exactly the locked dependency set (hashes checked), then the project itself, editable.
+  # uv installs it (about 6 s from its cache, where pip takes 25 s); uv itself lives in
+  # the cache, outside the venv, which holds only what the lock file says.
   # The marker holds a digest of what was installed: a changed lock file reinstalls.
-  local marker="$ROOT/.venv/.installed" digest
+  local marker="$ROOT/.venv/.installed" digest uv="$CACHE/uv-$UV_VERSION/bin/uv"
   digest=$(cat "$ROOT/pyproject.toml" "$ROOT/requirements-dev.lock" | sha256sum | cut -c1-16)
   if [ -f "$marker" ] && [ "$(cat "$marker")" = "$digest" ]; then return 0; fi
   python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python >= 3.11 is required"
   log "creating the Python environment in .venv (requirements-dev.lock)"
+  if [ ! -x "$uv" ]; then
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+      --target "$CACHE/uv-$UV_VERSION" "uv==$UV_VERSION"
+  fi
   [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
-  "$ROOT/.venv/bin/python" -m pip install -q --upgrade pip
-  "$ROOT/.venv/bin/python" -m pip install -q --require-hashes --only-binary :all: -r "$ROOT/requirements-dev.lock"
-  "$ROOT/.venv/bin/python" -m pip install -q --no-deps -e "$ROOT"
+  "$uv" pip sync -q --python "$ROOT/.venv/bin/python" --require-hashes "$ROOT/requirements-dev.lock"
+  "$uv" pip install -q --python "$ROOT/.venv/bin/python" --no-deps -e "$ROOT"
   echo "$digest" > "$marker"
 }
 

@@ -4,6 +4,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 STATE="${PIPELINE_LOCAL_STATE:-$ROOT/.local}"          # data, logs, pids: one ignored folder
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/iot-pipeline"   # downloaded jars, outside git
 KAFKA_VERSION=4.1.1
+UV_VERSION="${UV_VERSION:-0.13.9}"                     # installs the locked Python dependencies
 KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
 # Kafka's class-data-sharing archive, made by install.sh for this JDK (a JDK update makes
 # a new one; the JVM ignores an archive that does not match, with a warning).

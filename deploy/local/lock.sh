@@ -7,7 +7,6 @@
 # uv (from PyPI, in a throw-away virtualenv) resolves; pip installs the result.
 set -o errexit -o pipefail -o nounset
 . "$(dirname "$0")/lib.sh"
-UV_VERSION="${UV_VERSION:-0.13.9}"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
 "$tmp/venv/bin/pip" install -q "uv==$UV_VERSION"

@@ -346,9 +346,10 @@ _GROUP_NOT_FOUND = 69
 
 
 async def delete_groups(cfg: KafkaConfig, groups: Iterable[str]) -> dict[str, str]:
-    """Delete consumer ``groups``; returns those Kafka kept, with why (a live member, say).
+    """Delete consumer ``groups``; returns those Kafka kept, with why: ask again later.
 
-    A group is deleted only once it has no member: one whose process was killed stays
+    Kafka keeps a group that has a live member, or whose coordinator is still loading. A
+    group is deleted only once it has no member: one whose process was killed stays
     until its session times out. aiokafka's admin client has no call for DeleteGroups,
     so the request goes to each group's coordinator through it (its ``_send_request``).
     """
@@ -357,8 +358,15 @@ async def delete_groups(cfg: KafkaConfig, groups: Iterable[str]) -> dict[str, st
     await client.start()
     try:
         for group in dict.fromkeys(groups):
-            node = await client.find_coordinator(group)
-            response = await client._send_request(DeleteGroupsRequest([group]), node)  # noqa: SLF001
+            try:
+                node = await client.find_coordinator(group)
+                request = DeleteGroupsRequest([group])
+                response = await client._send_request(request, node)  # noqa: SLF001
+            except KafkaError as exc:  # its coordinator is loading or moving: ask again later
+                if not exc.retriable:
+                    raise
+                kept[group] = type(exc).__name__
+                continue
             for name, code in response.results:
                 if code not in (0, _GROUP_NOT_FOUND):
                     kept[name] = for_code(code).__name__

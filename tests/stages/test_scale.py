@@ -2,7 +2,7 @@
 
 2 ingest replicas split the gateways (shards 0/2 and 1/2 on the real $oc/... topics; a
 third joins shard 0 as an active-active twin and retires), 2 routers and 3 sinks in
-their groups, 6 partitions. ``quick`` (in ``make test``): 4,800 children, one round of
+their groups, 6 partitions. ``quick`` (in ``make test``): 3,200 children, one round of
 churn; ``full`` (``make test-long``): 50,000 children, three rounds (or
 PIPELINE_SCALE_EVENTS x 4 children, PIPELINE_SCALE_ROUNDS); each prints its summary.
 """
@@ -32,7 +32,7 @@ from tests.harness import add_response, free_port, group_stable, read_topic, spa
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SIZES = [
-    pytest.param((1200, 1, 200.0), id="quick"),
+    pytest.param((800, 1, 160.0), id="quick"),
     pytest.param(
         (
             int(os.environ.get("PIPELINE_SCALE_EVENTS", "12500")),
@@ -99,8 +99,7 @@ class Fleet:
         await self.start(name)
 
     async def close(self) -> None:
-        for name in list(self.procs):
-            await self.stop(name, signal.SIGTERM)
+        await asyncio.gather(*(self.stop(name, signal.SIGTERM) for name in list(self.procs)))
 
 
 @contextlib.asynccontextmanager

@@ -33,10 +33,10 @@ TINY = Options(
     decode_reps=2,
     sustain=60,
     rates=(0.5, 1.0),
-    rate_seconds=1.0,
-    latency_rounds=2,
+    rate_seconds=0.5,
+    latency_rounds=1,
     burst=200,
-    burst_settle=1.0,
+    burst_settle=0.2,
     limit=90.0,
 )
 
