@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.config import Config, Topics
@@ -231,7 +232,8 @@ async def _summary(console: Console, cfg: Config, published: int, calls: int, to
             f"DPS {outcome['error_kind']} sn {outcome['sn']}: {outcome['code']} {outcome['msg']}"
         ] += 1
     for text, n in sorted(reasons.items()):
-        console.print(f"  {text}" + (f"  (x{n})" if n > 1 else ""))
+        # DPS's and IoTDA's words: a "[...]" in them is not markup.
+        console.print(f"  {escape(text)}" + (f"  (x{n})" if n > 1 else ""))
     with contextlib.suppress(Exception):
         sample = json.loads(allocated[0].value) if allocated else None
         if sample:

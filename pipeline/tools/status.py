@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.io import kafka
@@ -103,8 +104,8 @@ def _health_table(found: dict[str, Any]) -> Table:
             table.add_row(
                 url if i == 0 else "",
                 ready if i == 0 else "",
-                f"{name}: {state}",
-                details.get(name, ""),
+                f"{escape(name)}: {state}",
+                escape(details.get(name, "")),  # a worker's words: "[...]" is not markup
             )
     return table
 

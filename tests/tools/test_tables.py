@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
+from pipeline.tools import status
 from pipeline.tools.bench import replicas, report
 from pipeline.tools.console import PIPE_WIDTH, make_console
 
@@ -127,3 +128,13 @@ def test_the_bench_replica_table_is_whole() -> None:
     assert "…" not in text
     assert "[20,404,000-22,840,000]" in text
     assert "interleaved rounds, [min-max]" in text
+
+
+def test_a_workers_own_words_are_printed_as_they_are() -> None:
+    # A /readyz detail (a worker's, DPS's words) with brackets is text, not rich markup.
+    detail = "DPS code 1003 [signature] (check [bold]sink.dps.app_secret[/bold])"
+    table = status._health_table(
+        {"http://127.0.0.1:9103": {"ready": False, "checks": {"sink.dps": False},
+                                   "details": {"sink.dps": detail}}}
+    )  # fmt: skip
+    assert detail in _render(table)
