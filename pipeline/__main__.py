@@ -1,5 +1,9 @@
 """``python -m pipeline``."""
 
-from pipeline.cli import main
+from pipeline import _signals
+
+_signals.hold()  # first: a SIGTERM while the rest is imported stops the worker cleanly
+
+from pipeline.cli import main  # noqa: E402
 
 raise SystemExit(main())

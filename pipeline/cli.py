@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
+from pipeline import _signals
 from pipeline.config import Config, load_config
 from pipeline.errors import (
     ConfigError,
@@ -292,10 +293,16 @@ def _add_admin(sub: Any) -> None:
     p.set_defaults(handler=_healthcheck)
 
 
+_STOPPED_BY_SIGTERM = ("ingest", "route", "sink", "run", "record")
+"""Commands that stop cleanly on SIGTERM (``_stop_on_signals``); the others just end."""
+
+
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if _signals.received():  # it came while the worker was starting
+        stop.set()
 
 
 async def _worker(args: argparse.Namespace, cfg: Config) -> int:
@@ -511,7 +518,10 @@ async def _bench(args: argparse.Namespace, cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
+    _signals.hold()
     args = _parser().parse_args(argv)
+    if args.command not in _STOPPED_BY_SIGTERM:
+        _signals.release()
     # demo and bench print their own summary, which already lists every DLQ reason.
     quiet = args.command in ("demo", "bench")
     setup_logging(args.log_level or ("error" if quiet else "info"))

@@ -327,7 +327,7 @@ async def spawn(
     """
     sink = None if log is None else log.open("ab")
     try:
-        proc = await asyncio.create_subprocess_exec(
+        return await start(
             sys.executable,
             "-m",
             "pipeline",
@@ -338,13 +338,29 @@ async def spawn(
             env=worker_env(cfg, **(env or {}), **extra),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE if sink is None else sink,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-        SPAWNED.append(proc)
-        return proc
     finally:
         if sink is not None:
             sink.close()  # the child has its own copy
+
+
+async def start(*command: str, **options: Any) -> asyncio.subprocess.Process:
+    """``asyncio.create_subprocess_exec``, for a process that must not outlive its test.
+
+    It dies with the test's process (even by SIGKILL), and the ``reap_workers`` fixture
+    kills it if the test left it running.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *command, preexec_fn=_die_with_parent if sys.platform == "linux" else None, **options
+    )
+    SPAWNED.append(proc)
+    return proc
+
+
+def popen(command: list[str], **options: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen`` for a process that dies with the test's process (a broker)."""
+    death = _die_with_parent if sys.platform == "linux" else None
+    return subprocess.Popen(command, preexec_fn=death, **options)  # noqa: PLW1509
 
 
 def reap() -> list[int]:
@@ -462,7 +478,7 @@ def private_mosquitto(
         f"persistence_location {tmp}/data/\nlog_dest file {tmp}/log\n{extra}",
         encoding="utf-8",
     )
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    proc = popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
     auth = [*(["-u", probe[0], "-P", probe[1]] if probe else []), *(probe_args or [])]
     command = [
         "mosquitto_sub",

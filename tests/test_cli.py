@@ -320,3 +320,42 @@ def test_emulator_port_in_use_exit_2() -> None:
         "",
         f"pipeline dps-emulator: cannot listen on 127.0.0.1:{port}: Address already in use\n",
     )
+
+
+def test_sigterm_while_a_worker_is_still_starting_stops_it_cleanly(closed_port: int) -> None:
+    # Before its event loop exists (here: while the CLI is still to be imported), a
+    # SIGTERM is kept, and the worker then stops as on any SIGTERM: exit 0, not -15.
+    script = (
+        "import os, signal\n"
+        "from pipeline import _signals\n"
+        "_signals.hold()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "from pipeline.cli import main\n"
+        "raise SystemExit(main(['sink']))\n"
+    )
+    env = _env(KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{closed_port}", KAFKA__STARTUP_TIMEOUT="60")
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_sigterm_ends_a_tool_that_does_not_stop_on_it() -> None:
+    # Only the workers (and record) keep a SIGTERM for their clean stop; a tool ends.
+    script = (
+        "import os, signal\n"
+        "from pipeline import _signals\n"
+        "_signals.hold()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "from pipeline.cli import main\n"
+        "raise SystemExit(main(['schemas', 'export', '--check']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=30, check=False
+    )
+    assert proc.returncode == -signal.SIGTERM

@@ -24,6 +24,7 @@ from pipeline.stages.ingest import Ingest
 from pipeline.stages.router import Router
 from pipeline.stages.sink import Sink
 from pipeline.tools.replay import FixtureMessage, replay_messages
+from tests import harness
 from tests.harness import (
     add_response,
     free_port,
@@ -134,7 +135,7 @@ async def _start_worker(cfg: Config) -> tuple[int | None, str]:
         KAFKA__SASL_PASSWORD=k.sasl_password.reveal(),
         KAFKA__TLS__CA_FILE=k.tls.ca_file,
     )
-    proc = await asyncio.create_subprocess_exec(
+    proc = await harness.start(
         sys.executable, "-m", "pipeline", "ingest", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

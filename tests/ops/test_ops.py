@@ -16,6 +16,7 @@ from pipeline.dps.emulator import start_emulator
 from pipeline.io import kafka
 from pipeline.tools.replay import FixtureMessage, replay_messages
 from pipeline.tools.status import collect
+from tests import harness
 from tests.harness import add_response, free_port, read_topic, wait_readyz, worker_env
 
 pytestmark = pytest.mark.services
@@ -40,7 +41,7 @@ async def test_run_serves_ops_endpoints_logs_json_and_stops_on_sigterm(
             METRICS__RUN_PORT=str(port),
             SINK__DPS__APP_SECRET=SECRET,
         )
-        proc = await asyncio.create_subprocess_exec(
+        proc = await harness.start(
             sys.executable,
             "-m",
             "pipeline",
@@ -99,11 +100,11 @@ async def test_run_serves_ops_endpoints_logs_json_and_stops_on_sigterm(
 async def test_topics_create_cli(cfg: Config) -> None:
     env = worker_env(cfg)
     command = [sys.executable, "-m", "pipeline", "topics", "create", "--partitions", "2"]
-    first = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE)
+    first = await harness.start(*command, env=env, stdout=asyncio.subprocess.PIPE)
     out, _ = await first.communicate()
     t = cfg.kafka.topics
     assert out.decode().splitlines() == [f"{name}: created" for name in t.all()]
-    second = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE)
+    second = await harness.start(*command, env=env, stdout=asyncio.subprocess.PIPE)
     out, _ = await second.communicate()
     assert out.decode().splitlines() == [f"{name}: exists" for name in t.all()]
     reader = kafka.consumer(cfg.kafka, group_id=None)
@@ -130,7 +131,7 @@ async def test_status_reports_lag_and_dlq(cfg: Config) -> None:
 
 async def test_dps_emulator_cli_serves_and_stops(cfg: Config) -> None:
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
+    proc = await harness.start(
         sys.executable,
         "-m",
         "pipeline",

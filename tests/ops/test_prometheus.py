@@ -29,6 +29,7 @@ from pipeline.dps.emulator import load_devices, start_emulator
 from pipeline.io import mqtt
 from pipeline.tools import demo
 from pipeline.tools.replay import replay
+from tests import harness
 from tests.harness import (
     DEMO_FIXTURE,
     ROOT,
@@ -139,7 +140,7 @@ class Prometheus:
 
 
 async def _start(tmp: Path, port: int, log: Any) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+    return await harness.start(
         "prometheus",
         f"--config.file={tmp / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp / 'data'}",
@@ -213,7 +214,7 @@ async def test_prometheus_scrapes_the_metrics_the_rules_and_dashboard_use(
             METRICS__RUN_PORT=str(port),
             MQTT__BRIDGE_STATE=bridge_state,
         )
-        proc = await asyncio.create_subprocess_exec(
+        proc = await harness.start(
             sys.executable, "-m", "pipeline", "--log-level", "warning", "run",
             env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -26,6 +26,7 @@ from pipeline.config import Config, MqttConfig, Secret, TlsConfig
 from pipeline.io import mqtt
 from pipeline.ops.server import Health
 from pipeline.stages.ingest import Ingest
+from tests import harness
 from tests.harness import (
     ROOT,
     add_response,
@@ -89,7 +90,7 @@ class Edge:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.dir / "mosquitto.conf")])
+        self.proc = harness.popen(["mosquitto", "-c", str(self.dir / "mosquitto.conf")])
         probe = [
             "mosquitto_sub",
             "-p",

@@ -52,7 +52,7 @@ async def demo(
 
     ``started`` is set once it has said which run it is (its brokers are used next).
     """
-    proc = await asyncio.create_subprocess_exec(
+    proc = await harness.start(
         sys.executable,
         "-m",
         "pipeline",

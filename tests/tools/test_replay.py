@@ -22,6 +22,7 @@ from pipeline.config import Config, MqttConfig
 from pipeline.errors import ServiceUnreachable
 from pipeline.io import mqtt
 from pipeline.tools.replay import FixtureMessage, load_fixture, record, replay
+from tests import harness
 from tests.harness import DEMO_FIXTURE, FIXTURE_FILES, FIXTURES, worker_env
 
 DOWN_TOPIC = re.compile(r"^\$oc/devices/([^/]+)/sys/events/down$")
@@ -495,7 +496,7 @@ async def test_cli_replays_the_bundled_demo(cfg: Config, uid: str) -> None:
     expected = [message.payload for message in load_fixture(DEMO_FIXTURE)]
     async with mqtt.connect(cfg.mqtt, client_id=f"sub-{uid}", persistent=False) as sub:
         await sub.subscribe(f"test/{uid}/#", qos=1)
-        proc = await asyncio.create_subprocess_exec(
+        proc = await harness.start(
             sys.executable, "-m", "pipeline", "replay", "--demo", "--no-progress", "--no-delays",
             "--topic-prefix", f"test/{uid}/",
             env=worker_env(cfg), stdout=asyncio.subprocess.PIPE,
