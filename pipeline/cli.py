@@ -31,8 +31,8 @@ from pipeline.errors import (
     ServiceUnreachable,
     StageFailed,
 )
-from pipeline.io.aio import Stopped
 from pipeline.ops.logs import setup_logging
+from pipeline.stages.registry import STAGES
 from pipeline.tools.bench.options import Options as BenchOptions
 
 if TYPE_CHECKING:
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 log = logging.getLogger(__name__)
-
-STAGES = ("ingest", "route", "sink")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,23 +64,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_workers(sub: Any) -> None:
-    for name, text in (
-        ("ingest", "MQTT down events -> Kafka (acknowledges MQTT only after Kafka has the record)"),
-        ("route", "down events -> one record per added / failed child (Kafka transactions)"),
-        ("sink", "added children -> DPS allocate, with retries, back-pressure and a DLQ"),
-    ):
-        p = sub.add_parser(name, help=text, description=text)
-        p.set_defaults(handler=_worker, stages=(name,), retire=False)
-        if name == "ingest":
-            p.add_argument(
-                "--retire",
-                action="store_true",
-                help="on SIGTERM, end the MQTT sessions instead of keeping them: land what "
-                "the broker still holds for this replica, then have it drop the sessions "
-                "(for a replica being removed)",
-            )
-    p = sub.add_parser("run", help="all three stages in one process")
-    p.set_defaults(handler=_worker, stages=STAGES, retire=False)
+    for name, entry in STAGES.items():
+        p = sub.add_parser(name, help=entry.help, description=entry.help)
+        p.set_defaults(handler=_worker, stages=(name,))
+        entry.arguments(p)
+    p = sub.add_parser("run", help="every stage in one process")
+    p.set_defaults(handler=_worker, stages=tuple(STAGES))
+    for entry in STAGES.values():
+        entry.arguments(p)
 
 
 def _add_tools(sub: Any) -> None:
@@ -307,12 +296,12 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 async def _worker(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.ops.server import Health, ops_server  # noqa: PLC0415  (keeps --help fast)
+    from pipeline.stages import runtime  # noqa: PLC0415
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
     health = Health(cfg.metrics.stall_after)
-    stages: tuple[str, ...] = args.stages
-    factories = _stage_factories()
+    stages = [STAGES[name].create(cfg, args) for name in args.stages]
     key = f"metrics.{args.command}_port"
     port = getattr(cfg.metrics, key.removeprefix("metrics."))
     async with contextlib.AsyncExitStack() as stack:
@@ -323,38 +312,8 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
                 why = os.strerror(exc.errno) if exc.errno else str(exc)
                 reason = f"cannot listen on {cfg.metrics.host}:{port}: {why}"
                 raise ConfigError.at(key, reason) from exc
-        async with asyncio.TaskGroup() as tg:
-            for name in stages:
-                worker = (
-                    factories[name](cfg, health, retire=args.retire)
-                    if name == "ingest"
-                    else factories[name](cfg, health)
-                )
-                tg.create_task(_until_stopped(name, worker, cfg, stop), name=f"pipeline.{name}")
+        await runtime.run_all(stages, stop, health)
     return 0
-
-
-async def _until_stopped(name: str, worker: Any, cfg: Config, stop: asyncio.Event) -> None:
-    from pipeline.io import mqtt  # noqa: PLC0415
-
-    try:
-        if name == "ingest":
-            # Ingest reconnects to MQTT for ever once running; at start-up a broker that
-            # never answers is a failure to report (each stage waits for Kafka itself).
-            await mqtt.wait_until_reachable(cfg.mqtt, stop)
-        await worker.run(stop)
-    except Stopped:
-        pass  # stopped while waiting for a service at start-up: nothing to hand back
-    finally:
-        stop.set()  # one stage ending (or failing) stops the others in `run`
-
-
-def _stage_factories() -> dict[str, Callable[..., Any]]:
-    from pipeline.stages.ingest import Ingest  # noqa: PLC0415
-    from pipeline.stages.router import Router  # noqa: PLC0415
-    from pipeline.stages.sink import Sink  # noqa: PLC0415
-
-    return {"ingest": Ingest, "route": Router, "sink": Sink}
 
 
 async def _replay(args: argparse.Namespace, cfg: Config) -> int:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import paho.mqtt.client as paho
@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pipeline.config import Config, KafkaConfig, to_environ
 from pipeline.io import kafka
 from pipeline.ops.server import Health
+from pipeline.stages import runtime
 from pipeline.tools import demo
 from pipeline.tools.services import Brokers, LocalKafka, LocalMosquitto
 
@@ -155,10 +156,6 @@ def held_sessions(port: int, client_ids: set[str]) -> set[str]:
     return held
 
 
-class Worker(Protocol):
-    async def run(self, stop: asyncio.Event) -> None: ...
-
-
 @dataclasses.dataclass
 class _Reads:
     """What :func:`read_topic` returned while stages of :func:`running` blocks ran."""
@@ -171,15 +168,18 @@ _READS = _Reads()
 
 
 @contextlib.asynccontextmanager
-async def running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
-    """Run a stage in the background; stop it (as SIGTERM would) when the block ends.
+async def running(
+    stage: runtime.Stage, health: Health | None = None
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a stage on the runtime, in the background; stop it (as SIGTERM would) when the
+    block ends. ``health``: where its readiness goes (one of its own otherwise).
 
     A :func:`read_topic` made while stages run returns what had arrived by then. So when
     the outermost such block ends, with every stage stopped, each topic read inside it
     is read again to its end: a record that followed (a duplicate, say) fails the test.
     """
     stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
+    task = asyncio.create_task(runtime.run(stage, stop, health))
     if not _READS.depth:
         _READS.counts = {}
     _READS.depth += 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -25,7 +24,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from pipeline.core.routing import Dedup, route
 from pipeline.errors import DecodeError, StageFailed
 from pipeline.io import kafka
-from pipeline.io.aio import Backoff, Stopped, first_set, unless_stopped
+from pipeline.io.aio import Backoff, Stopped, unless_stopped
 from pipeline.ops.metrics import (
     ROUTER_CHILDREN,
     ROUTER_DUPLICATES,
@@ -33,15 +32,15 @@ from pipeline.ops.metrics import (
     ROUTER_SKIPPED,
     ROUTER_TRANSACTIONS,
     UNEXPECTED_ERRORS,
-    report_lag,
 )
 from pipeline.schemas import utc_now
+from pipeline.stages.runtime import Subscription
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
     from pipeline.config import Config
-    from pipeline.ops.server import Health
+    from pipeline.stages.runtime import Run
 
 __all__ = ["Router"]
 
@@ -71,92 +70,78 @@ class Router:
 
     Args:
         cfg: the whole configuration (``kafka`` and ``router`` sections are used).
-        health: readiness checks to keep up to date (``kafka``) and progress.
     """
 
-    def __init__(self, cfg: Config, health: Health | None = None) -> None:
-        self._cfg = cfg
+    name = "route"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
         self._topics = cfg.kafka.topics
-        self._health = health
         self.lock = asyncio.Lock()
         self._dedup = Dedup(cfg.router.dedup_window, cfg.router.dedup_max_entries)
         self._retry = Backoff(0.5, 10.0)
         self._consumer: AIOKafkaConsumer | None = None
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._busy = False
-        if health is not None:
-            health.set("route.kafka", False)
-            health.watch("route", lambda: self._busy)
-
-    def _kafka_state(self, ok: bool, reason: str | None) -> None:
-        if self._health is not None:
-            self._health.set("route.kafka", ok, reason)
 
     def transactional_id(self, tp: TopicPartition) -> str:
         """The transactional id of the producer that writes what ``tp`` yields."""
-        return f"{self._cfg.router.transactional_id}-{tp.topic}-{tp.partition}"
+        return f"{self.cfg.router.transactional_id}-{tp.topic}-{tp.partition}"
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set; the transaction in flight finishes first."""
-        await kafka.wait_until_reachable(self._cfg.kafka, stop)
-        topics = self._topics
-        await kafka.prepare_topics(
-            self._cfg.kafka,
-            [topics.down_events, topics.added, topics.failed, topics.down_events_dlq],
+    def topics(self) -> list[str]:
+        """What it reads and writes."""
+        t = self._topics
+        return [t.down_events, t.added, t.failed, t.down_events_dlq]
+
+    def needs_mqtt(self) -> bool:
+        """It does not."""
+        return False
+
+    def subscription(self) -> Subscription:
+        """The down events, as the router group; producers follow the partitions."""
+        return Subscription(
+            self.cfg.router.group_id,
+            [self._topics.down_events],
+            revoked=self._revoked,
+            assigned=self._assigned,
         )
-        consumer = kafka.consumer(self._cfg.kafka, group_id=self._cfg.router.group_id)
-        self._consumer = consumer
-        liveness = kafka.Liveness(self._cfg.kafka, "router", self._kafka_state)
-        async with consumer:
-            listener = kafka.Rebalance("router", revoked=self._revoked, assigned=self._assigned)
-            consumer.subscribe([topics.down_events], listener=listener)
-            log.info("router consuming %s as %s", topics.down_events, self._cfg.router.group_id)
-            watcher = asyncio.create_task(liveness.run(), name="router.kafka-liveness")
-            lag = asyncio.create_task(
-                kafka.watch_lag(
-                    consumer,
-                    functools.partial(report_lag, "route"),
-                    interval=self._cfg.metrics.lag_interval,
-                ),
-                name="router.lag",
-            )
-            stopped = first_set(stop, listener.failed)
-            try:
-                while True:
-                    batch = await unless_stopped(
-                        stopped,
-                        consumer.getmany(timeout_ms=1000, max_records=self._cfg.router.batch_max),
-                    )
-                    self._beat()
-                    if batch:
-                        async with self.lock:
-                            self._busy = True
-                            await self._transactions(consumer, batch)
-                            self._busy = False
-                            self._beat()
-            except Stopped:
-                pass  # the transaction in flight (if any) has committed
-            finally:
-                stopped.cancel()
-                watcher.cancel()
-                lag.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-                with contextlib.suppress(asyncio.CancelledError):
-                    await lag
-                await self._stop_producers(list(self._producers))
-        listener.raise_if_failed()
-        log.info("router stopped")
 
-    def _beat(self) -> None:
-        if self._health is not None:
-            self._health.beat("route")
+    def checks(self) -> list[str]:
+        """None beyond the runtime's."""
+        return []
+
+    def busy(self) -> bool:
+        """A transaction is in progress."""
+        return self._busy
+
+    async def work(self, run: Run) -> None:
+        """Route batches until stopping; the transaction in flight finishes first."""
+        consumer = run.consumer
+        assert consumer is not None  # noqa: S101  (a consuming stage gets its consumer)
+        self._consumer = consumer
+        try:
+            while True:
+                batch = await unless_stopped(
+                    run.stopping,
+                    consumer.getmany(timeout_ms=1000, max_records=self.cfg.router.batch_max),
+                )
+                run.beat()
+                if batch:
+                    async with self.lock:
+                        self._busy = True
+                        await self._transactions(consumer, batch)
+                        self._busy = False
+                        run.beat()
+        except Stopped:
+            pass  # the transaction in flight (if any) has committed
+        finally:
+            await self._stop_producers(list(self._producers))
 
     async def _start_producer(self, tp: TopicPartition) -> None:
         """Start ``tp``'s producer; this fences (and aborts) a previous owner's transaction."""
         # A transaction waits for its sends before it commits: a linger would only delay it.
         producer = kafka.producer(
-            self._cfg.kafka, transactional_id=self.transactional_id(tp), linger_ms=0
+            self.cfg.kafka, transactional_id=self.transactional_id(tp), linger_ms=0
         )
         try:
             await producer.start()
@@ -260,7 +245,7 @@ class Router:
             # then lost): wait for every send, so a failure aborts the transaction instead.
             await asyncio.gather(*batch.sends)
             await producer.send_offsets_to_transaction(
-                {tp: records[-1].offset + 1}, self._cfg.router.group_id
+                {tp: records[-1].offset + 1}, self.cfg.router.group_id
             )
         ROUTER_TRANSACTIONS.labels("committed").inc()
         for key, at_ms in batch.seen.items():
@@ -295,7 +280,7 @@ class Router:
                 sent = await self._dead_letter(producer, record, reason)
                 await sent
                 await producer.send_offsets_to_transaction(
-                    {tp: record.offset + 1}, self._cfg.router.group_id
+                    {tp: record.offset + 1}, self.cfg.router.group_id
                 )
         except KafkaError as again:
             where = f"{tp.topic}/{tp.partition}/{record.offset}"
@@ -354,7 +339,7 @@ class Router:
         consumer = self._consumer
         if consumer is None or not assigned:
             return
-        since_ms = int((time.time() - self._cfg.router.dedup_window) * 1000)
+        since_ms = int((time.time() - self.cfg.router.dedup_window) * 1000)
         starts = await consumer.offsets_for_times(dict.fromkeys(assigned, since_ms))
         ranges: kafka.Ranges = {}
         for tp in assigned:
@@ -365,7 +350,7 @@ class Router:
         if not ranges:
             return
         learned = 0
-        async with kafka.reader(self._cfg.kafka) as reader, asyncio.timeout(60):
+        async with kafka.reader(self.cfg.kafka) as reader, asyncio.timeout(60):
             async for record in kafka.read_range(reader, ranges):
                 learned += self._learn(record)
         log.info("router re-learned %d recent events for de-duplication", learned)

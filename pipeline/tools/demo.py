@@ -31,6 +31,7 @@ from pipeline.config import Config, Topics
 from pipeline.dps.emulator import load_devices, start_emulator
 from pipeline.io import kafka
 from pipeline.ops.server import Health
+from pipeline.stages import runtime
 from pipeline.stages.ingest import Ingest
 from pipeline.stages.router import Router
 from pipeline.stages.sink import Sink
@@ -170,13 +171,9 @@ async def _run(console: Console, cfg: Config, path: Path, run_id: str) -> int:
 async def _run_stages(cfg: Config, path: Path, run_id: str, console: Console) -> None:
     stop = asyncio.Event()
     health = Health()
+    stages: list[runtime.Stage] = [Ingest(cfg, retire=True), Router(cfg), Sink(cfg)]
     async with asyncio.TaskGroup() as tg:
-        for name, worker in (
-            ("ingest", Ingest(cfg, health, retire=True)),
-            ("route", Router(cfg)),
-            ("sink", Sink(cfg)),
-        ):
-            tg.create_task(worker.run(stop), name=f"demo.{name}")
+        tg.create_task(runtime.run_all(stages, stop, health), name="demo.stages")
         try:
             async with asyncio.timeout(60):
                 while not health.report().get("ingest.mqtt"):  # noqa: ASYNC110

@@ -106,7 +106,7 @@ async def test_ingest_route_sink_over_sasl_ssl(cfg: Config, uid: str, tmp_path: 
             )
             health = Health()
             async with (
-                running(Ingest(cfg, health)) as ingest,
+                running(Ingest(cfg), health) as ingest,
                 running(Router(cfg)),
                 running(Sink(cfg)),
             ):

@@ -23,6 +23,7 @@ from pipeline.config import Config, IotdaAuthConfig, MqttConfig, Secret, TlsConf
 from pipeline.errors import ConfigError, ServiceUnreachable
 from pipeline.io import mqtt
 from pipeline.ops.server import Health
+from pipeline.stages import runtime
 from pipeline.stages.ingest import Ingest
 from pipeline.tools.replay import FixtureMessage, replay_messages
 from tests.harness import (
@@ -96,7 +97,7 @@ def event_ids(records: list[Any]) -> set[str]:
 @contextlib.asynccontextmanager
 async def ingest_on(cfg: Config) -> AsyncIterator[Health]:
     health = Health()
-    async with running(Ingest(cfg, health)) as task:
+    async with running(Ingest(cfg), health) as task:
         await wait_check(health, "ingest.mqtt", task)
         yield health
 
@@ -111,7 +112,7 @@ async def test_reconnects_after_broker_restart(cfg: Config, uid: str, tmp_path: 
     before = REGISTRY.get_sample_value("pipeline_mqtt_reconnects_total", lost) or 0
     with private_mosquitto(tmp_path, port) as broker:
         health = Health()
-        async with running(Ingest(cfg, health)) as task:
+        async with running(Ingest(cfg), health) as task:
             await wait_check(health, "ingest.mqtt", task)
             await replay_messages(cfg.mqtt, messages(uid, 20), progress=False)
             await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=20)
@@ -197,10 +198,10 @@ async def test_shared_group_on_the_real_topics_is_refused_on_mosquitto(
     cfg: Config, uid: str
 ) -> None:
     shared = msgspec.structs.replace(cfg.mqtt, shared_group=f"ingest-{uid}")
-    ingest = Ingest(msgspec.structs.replace(cfg, mqtt=shared), Health())
+    ingest = Ingest(msgspec.structs.replace(cfg, mqtt=shared))
     with pytest.raises(ConfigError) as refused:
         async with asyncio.timeout(30):
-            await ingest.run(asyncio.Event())
+            await runtime.run(ingest, asyncio.Event())
     assert str(refused.value) == (
         "config key mqtt.shared_group: mosquitto version 2.0.11 never delivers $-topics such "
         "as $oc/devices/+/sys/events/down to a shared subscription, so this ingest would "

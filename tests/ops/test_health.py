@@ -1,4 +1,4 @@
-"""Readiness: every stage says "not ready" from construction until it really is."""
+"""Readiness: every stage says "not ready" from its start until it really is."""
 
 from __future__ import annotations
 
@@ -6,30 +6,40 @@ import asyncio
 
 import aiohttp
 
-from pipeline.config import Config
+from pipeline.config import Config, load_config
 from pipeline.ops.server import Health, ops_server
+from pipeline.stages import runtime
 from pipeline.stages.ingest import Ingest
 from pipeline.stages.router import Router
 from pipeline.stages.sink import Sink
+from tests.harness import free_port
 
 
-def test_stages_register_not_ready_at_construction() -> None:
+def test_a_stage_made_registers_nothing() -> None:
+    # Constructors only keep their configuration: the runtime registers a stage's checks.
     health = Health()
     assert not health.ready  # nothing registered: not ready either
-    cfg = Config()
-    Ingest(cfg, health)
-    Router(cfg, health)
-    health.set("ingest.kafka", True)
-    health.set("route.kafka", True)
-    assert not health.ready  # ingest has not subscribed yet
-    health.set("ingest.mqtt", True)
-    assert health.ready
+    Ingest(Config())
+    Router(Config())
+    Sink(Config())
+    assert health.report() == {}
 
 
-async def test_sink_registers_not_ready() -> None:
+async def test_stages_are_not_ready_from_their_start_until_they_really_are() -> None:
+    # While the runtime still waits for Kafka, every check it registered says "no".
+    closed = f"127.0.0.1:{free_port()}"
+    cfg = load_config(environ={"PIPELINE_KAFKA__BOOTSTRAP_SERVERS": closed})
     health = Health()
-    Sink(Config(), health)
-    assert health.report() == {"sink.kafka": False, "sink.dps": False}
+    stop = asyncio.Event()
+    stages: list[runtime.Stage] = [Router(cfg), Sink(cfg)]
+    waiting = asyncio.create_task(runtime.run_all(stages, stop, health))
+    async with asyncio.timeout(10):
+        while len(health.report()) < 3:
+            await asyncio.sleep(0.01)
+    assert health.report() == {"route.kafka": False, "sink.kafka": False, "sink.dps": False}
+    assert not health.ready
+    stop.set()
+    await asyncio.wait_for(waiting, 10)
 
 
 async def test_a_stage_with_work_waiting_and_no_progress_is_stalled() -> None:

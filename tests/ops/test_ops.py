@@ -92,7 +92,7 @@ async def test_run_serves_ops_endpoints_logs_json_and_stops_on_sigterm(
     assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     messages = [line["msg"] for line in lines]
     assert "ingest stopped" in messages
-    assert "router stopped" in messages
+    assert "route stopped" in messages
     assert "sink stopped" in messages
     assert SECRET not in stderr
 

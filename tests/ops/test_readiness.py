@@ -41,7 +41,7 @@ async def test_readiness_follows_kafka(
             ),
         )
         health = Health()
-        async with running(Router(cfg, health)):
+        async with running(Router(cfg), health):
             await until(lambda: health.report() == {"route.kafka": True}, 60)
             broker.kill()
             lost = await until(lambda: health.report() == {"route.kafka": False}, 30)
@@ -56,8 +56,8 @@ async def test_readiness_follows_kafka(
     ]
     where = f"Kafka at {broker.bootstrap}"
     assert said == [
-        ("WARNING", f"router: {where} is not reachable"),
-        ("INFO", f"router: {where} answers again"),
+        ("WARNING", f"route: {where} is not reachable"),
+        ("INFO", f"route: {where} answers again"),
     ], said
     assert lost <= interval + 5  # the check's own timeout
     assert back <= 60

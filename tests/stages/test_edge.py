@@ -206,7 +206,7 @@ async def through_the_edge(  # noqa: PLR0915  (one scenario, step by step)
         await watcher.subscribe("$oc/devices/+/sys/events/#", qos=1)
         # 1. Both good bridges are up, the wrong secret's is reported down by name.
         health = Health()
-        async with running(Ingest(cfg, health)) as task:
+        async with running(Ingest(cfg), health) as task:
             await wait_check(health, "ingest.mqtt", task)
             await until(
                 lambda: (
@@ -252,7 +252,7 @@ async def through_the_edge(  # noqa: PLR0915  (one scenario, step by step)
         edge.start()
         # 4. The edge is down: IoTDA keeps what it delivers for the bridge's session.
         health = Health()
-        async with running(Ingest(cfg, health)) as task:
+        async with running(Ingest(cfg), health) as task:
             await wait_check(health, "ingest.mqtt", task)
             edge.stop()
             await publish(b, 3)

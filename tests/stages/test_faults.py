@@ -16,6 +16,7 @@ from pipeline.config import Config
 from pipeline.errors import StageFailed
 from pipeline.io import kafka
 from pipeline.schemas import DownEventRecord
+from pipeline.stages import runtime
 from pipeline.stages.router import Router
 from pipeline.tools.replay import FixtureMessage, replay_messages
 from tests.harness import (
@@ -203,7 +204,7 @@ async def test_a_stalled_router_cannot_commit_for_partitions_it_lost(
     monkeypatch.setattr(
         kafka, "consumer", functools.partial(real_consumer, max_poll_interval_ms=3000)
     )
-    stale_run = asyncio.create_task(stale.run(asyncio.Event()))
+    stale_run = asyncio.create_task(runtime.run(stale, asyncio.Event()))
     async with asyncio.timeout(60):
         await stalled.wait()  # inside its transactions, with the batch in hand
     monkeypatch.setattr(kafka, "consumer", real_consumer)

@@ -71,7 +71,7 @@ async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: st
     messages = load_fixture(path)
     added, failed = oracle(path)
     health = Health()
-    async with running(Ingest(cfg, health)) as task, running(Router(cfg)):
+    async with running(Ingest(cfg), health) as task, running(Router(cfg)):
         await wait_check(health, "ingest.mqtt", task)
         assert await replay(cfg.mqtt, [path], progress=False) == len(messages)
         topics = cfg.kafka.topics
@@ -94,7 +94,7 @@ async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: st
 
 async def test_seed_example_exact_records(cfg: Config, uid: str) -> None:
     health = Health()
-    async with running(Ingest(cfg, health)) as task, running(Router(cfg)):
+    async with running(Ingest(cfg), health) as task, running(Router(cfg)):
         await wait_check(health, "ingest.mqtt", task)
         await replay(cfg.mqtt, [FIXTURES / "seed_example.jsonl"], progress=False)
         added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=1)
@@ -151,7 +151,7 @@ async def test_malformed_go_to_dlq_with_reasons(cfg: Config, uid: str) -> None:
         cfg, mqtt=msgspec.structs.replace(cfg.mqtt, topic="$oc/devices/+/sys/#")
     )
     health = Health()
-    async with running(Ingest(cfg, health)) as task:
+    async with running(Ingest(cfg), health) as task:
         await wait_check(health, "ingest.mqtt", task)
         await replay(cfg.mqtt, [path], progress=False)
         dlq = await read_topic(cfg.kafka, cfg.kafka.topics.down_events_dlq, expect=len(messages))

@@ -49,8 +49,8 @@ def event_ids(records: list[Any]) -> list[str]:
 @contextlib.asynccontextmanager
 async def ingest(cfg: Config, *, retire: bool = False) -> AsyncIterator[Ingest]:
     health = Health()
-    worker = Ingest(cfg, health, retire=retire)
-    async with running(worker) as task:
+    worker = Ingest(cfg, retire=retire)
+    async with running(worker, health) as task:
         await wait_check(health, "ingest.mqtt", task)
         yield worker
 

@@ -20,6 +20,7 @@ from pipeline.errors import StageFailed
 from pipeline.io import kafka
 from pipeline.ops.server import Health
 from pipeline.schemas import AddedChild, DeviceInfo, DownEventRecord
+from pipeline.stages import runtime
 from pipeline.stages.ingest import Ingest
 from pipeline.stages.router import Router
 from pipeline.tools.replay import FixtureMessage, replay_messages
@@ -97,7 +98,7 @@ async def test_ingest_dead_letters_what_the_topic_would_refuse(cfg: Config, uid:
         for i, size in enumerate((100, 50_000, 100))
     ]
     health = Health()
-    async with running(Ingest(cfg, health)) as task:
+    async with running(Ingest(cfg), health) as task:
         await wait_check(health, "ingest.mqtt", task)
         await replay_messages(cfg.mqtt, messages, progress=False)
         landed = await read_topic(cfg.kafka, t.down_events, expect=2)
@@ -118,7 +119,7 @@ async def test_ingest_survives_a_limit_lowered_while_it_runs(cfg: Config, uid: s
     t = cfg.kafka.topics
     topic = f"$oc/devices/gw-{uid}/sys/events/down"
     health = Health()
-    async with running(Ingest(cfg, health)) as task:
+    async with running(Ingest(cfg), health) as task:
         await wait_check(health, "ingest.mqtt", task)
         await set_limit(cfg, t.down_events, 20_000)  # behind ingest's back: Kafka refuses
         await replay_messages(
@@ -167,7 +168,7 @@ async def test_a_bug_in_ingest_dead_letters_that_message(
         FixtureMessage(topic=topic, payload=orjson.dumps(event("e3", ["c"]))),
     ]
     health = Health()
-    async with running(Ingest(cfg, health)) as task:
+    async with running(Ingest(cfg), health) as task:
         await wait_check(health, "ingest.mqtt", task)
         await replay_messages(cfg.mqtt, messages, progress=False)
         landed = await read_topic(cfg.kafka, cfg.kafka.topics.down_events, expect=2)
@@ -262,7 +263,7 @@ async def test_router_stops_when_its_dedup_rebuild_fails(
     monkeypatch.setattr(Router, "rebuild_dedup", broken)
     await produce_events(cfg, [orjson.dumps(event("e1", ["a"]))])
     with pytest.raises(
-        StageFailed, match="router stopped: a rebalance callback failed: cannot read"
+        StageFailed, match="route stopped: a rebalance callback failed: cannot read"
     ):
         async with asyncio.timeout(60):
-            await Router(cfg).run(asyncio.Event())
+            await runtime.run(Router(cfg), asyncio.Event())

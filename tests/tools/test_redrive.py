@@ -37,7 +37,7 @@ async def test_redrive_down_events_republishes_to_mqtt(cfg: Config, uid: str) ->
         await producer.send_and_wait(t.down_events_dlq, b"no topic header", key=None, headers=[])
     assert await redrive(cfg, "down-events", dry_run=True) == 1  # counts, moves nothing
     health = Health()
-    async with running(Ingest(cfg, health)) as task:
+    async with running(Ingest(cfg), health) as task:
         await wait_check(health, "ingest.mqtt", task)
         assert await redrive(cfg, "down-events") == 1
         landed = await read_topic(cfg.kafka, t.down_events, expect=1)

@@ -84,7 +84,7 @@ class Session:
         *,
         sender: Sender,
         pacer: Pacer,
-        health: Health | None,
+        health: Health,
         alone: bool,
     ) -> None:
         self.cfg = cfg
@@ -111,8 +111,7 @@ class Session:
         self._set_health(ok=False, detail="not connected yet")
 
     def _set_health(self, *, ok: bool, detail: str | None = None) -> None:
-        if self._health is not None:
-            self._health.set(self._check, ok, detail, required=self._alone)
+        self._health.set(self._check, ok, detail, required=self._alone)
 
     async def run(self, stop: asyncio.Event, *, retire: bool, abandon: asyncio.Event) -> None:
         """Connect and receive until ``stop`` (or ``abandon``: the producer is being replaced).
@@ -298,9 +297,8 @@ class Session:
             return
         self._bridges[name] = up
         MQTT_BRIDGE_UP.labels(name).set(1 if up else 0)
-        if self._health is not None:
-            detail = None if up else f"the edge broker's bridge {raw} to IoTDA is down"
-            self._health.set(f"ingest.bridge.{name}", up, detail, required=False)
+        detail = None if up else f"the edge broker's bridge {raw} to IoTDA is down"
+        self._health.set(f"ingest.bridge.{name}", up, detail, required=False)
         if up:
             log.info("bridge %s is up", name)
         else:

@@ -30,10 +30,12 @@ from pipeline.ops.metrics import INGEST_EVENTS, INGEST_INFLIGHT, INGEST_MESSAGES
 from pipeline.stages.ingest.session import Inbound, KafkaFailedError, Session
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from aiokafka import AIOKafkaProducer
 
     from pipeline.config import Config
-    from pipeline.ops.server import Health
+    from pipeline.stages.runtime import Run
 
 __all__ = ["Ingest", "ensure_descriptors", "sessions_for"]
 
@@ -91,6 +93,10 @@ def ensure_descriptors(sessions: int) -> int:
     return target
 
 
+def _nothing() -> None:
+    """Where progress goes before ingest runs."""
+
+
 def _refused(exc: BaseException) -> bool:
     """Kafka said no to this record for what it is, and would say it again."""
     return isinstance(exc, KafkaError) and not exc.retriable
@@ -101,16 +107,16 @@ class Ingest:
 
     Args:
         cfg: the whole configuration (``mqtt`` and ``kafka`` sections are used).
-        health: readiness checks to keep up to date (``mqtt``, ``kafka``) and progress.
         retire: on stop, end the MQTT sessions instead of keeping them: stop new
             messages, land what the broker still holds for us, and have the broker drop
             the sessions (for a replica that is being removed).
     """
 
-    def __init__(self, cfg: Config, health: Health | None = None, *, retire: bool = False) -> None:
-        self._cfg = cfg
+    name = "ingest"
+
+    def __init__(self, cfg: Config, *, retire: bool = False) -> None:
+        self.cfg = cfg
         self._topics = cfg.kafka.topics
-        self._health = health
         self._retire = retire
         self._lander = Lander(
             max_payload=cfg.mqtt.max_payload, max_record=cfg.kafka.max_record_size
@@ -118,58 +124,59 @@ class Ingest:
         self._producer: AIOKafkaProducer | None = None
         self._renew = asyncio.Event()
         self._events: dict[tuple[str, str], Any] = {}
-        pacer = Pacer(cfg.mqtt.connect_rate)
-        specs = sessions_for(cfg)
+        self._sessions: list[Session] = []
+        self._beat: Callable[[], None] = _nothing
+
+    def topics(self) -> list[str]:
+        """Where it lands messages."""
+        return [self._topics.down_events, self._topics.down_events_dlq]
+
+    def needs_mqtt(self) -> bool:
+        """It does: it starts once the broker answers."""
+        return True
+
+    def subscription(self) -> None:
+        """It consumes nothing from Kafka."""
+
+    def checks(self) -> list[str]:
+        """``ingest.mqtt``: subscribed (with many gateway sessions: at least one is)."""
+        return ["mqtt"]
+
+    def busy(self) -> bool:
+        """Messages wait for Kafka."""
+        return any(s.pending for s in self._sessions)
+
+    async def work(self, run: Run) -> None:
+        """Land messages until stopping; each session reconnects by itself."""
+        specs = sessions_for(self.cfg)
         ensure_descriptors(len(specs))
+        pacer = Pacer(self.cfg.mqtt.connect_rate)
         self._sessions = [
             Session(
-                cfg.mqtt,
-                who,
-                filters,
-                sender=self,
-                pacer=pacer,
-                health=health,
+                self.cfg.mqtt, who, filters, sender=self, pacer=pacer, health=run.health,
                 alone=len(specs) == 1,
             )
             for who, filters in specs
-        ]
-        # Registered now, so /readyz says no until this stage has really subscribed.
-        self._set_health("kafka", ok=False)
+        ]  # fmt: skip
+        self._beat = run.beat
         INGEST_INFLIGHT.set_function(lambda: sum(s.pending for s in self._sessions))
-        if health is not None:
-            health.watch("ingest", lambda: any(s.pending for s in self._sessions))
-            if len(specs) > 1:
-                health.set("ingest.mqtt", False, f"0 of {len(specs)} gateway sessions connected")
-
-    def _set_health(self, name: str, *, ok: bool, detail: str | None = None) -> None:
-        if self._health is not None:
-            self._health.set(f"ingest.{name}", ok, detail)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set; each session reconnects by itself."""
-        await kafka.wait_until_reachable(self._cfg.kafka, stop)
-        await kafka.prepare_topics(
-            self._cfg.kafka, [self._topics.down_events, self._topics.down_events_dlq]
-        )
-        liveness = kafka.Liveness(
-            self._cfg.kafka, "ingest", lambda ok, why: self._set_health("kafka", ok=ok, detail=why)
-        )
-        watcher = asyncio.create_task(liveness.run(), name="ingest.kafka-liveness")
-        summary = asyncio.create_task(self._summarise(stop), name="ingest.sessions")
+        if len(specs) > 1:
+            run.check("mqtt", False, f"0 of {len(specs)} gateway sessions connected")
+        stop = asyncio.Event()
+        run.stopping.add_done_callback(lambda _: stop.set())
+        summary = asyncio.create_task(self._summarise(run, stop), name="ingest.sessions")
         try:
             while not stop.is_set():
                 self._renew.clear()
-                async with kafka.producer(self._cfg.kafka) as producer:
+                async with kafka.producer(self.cfg.kafka) as producer:
                     self._producer = producer
                     if not await self._learn_limits(stop):
                         continue
                     await self._run_sessions(stop)
         finally:
-            for task in (watcher, summary):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        log.info("ingest stopped")
+            summary.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await summary
 
     async def _run_sessions(self, stop: asyncio.Event) -> None:
         try:
@@ -188,7 +195,7 @@ class Ingest:
         backoff = Backoff(0.5, 10.0)
         while not stop.is_set():
             try:
-                limit = await kafka.record_limit(self._cfg.kafka, topics)
+                limit = await kafka.record_limit(self.cfg.kafka, topics)
             except KafkaError as exc:
                 delay = backoff.next()
                 log.warning(
@@ -196,18 +203,18 @@ class Ingest:
                 )
                 await sleep_unless_stopped(stop, delay)
                 continue
-            if limit < self._cfg.mqtt.max_payload + 4096:
+            if limit < self.cfg.mqtt.max_payload + 4096:
                 log.warning(
                     "Kafka takes records of at most %d bytes on %s: events above about that "
                     "size will be dead-lettered (raise the topics' max.message.bytes)",
                     limit,
                     " and ".join(topics),
                 )
-            self._lander = Lander(max_payload=self._cfg.mqtt.max_payload, max_record=limit)
+            self._lander = Lander(max_payload=self.cfg.mqtt.max_payload, max_record=limit)
             return True
         return False
 
-    async def _summarise(self, stop: asyncio.Event) -> None:
+    async def _summarise(self, run: Run, stop: asyncio.Event) -> None:
         """With many sessions: ``ingest.mqtt`` is ready while at least one is connected."""
         if len(self._sessions) == 1:
             return
@@ -215,7 +222,7 @@ class Ingest:
             up = sum(s.connected for s in self._sessions)
             total = len(self._sessions)
             detail = None if up == total else f"{up} of {total} gateway sessions connected"
-            self._set_health("mqtt", ok=up > 0, detail=detail)
+            run.check("mqtt", up > 0, detail)
             await sleep_unless_stopped(stop, 1.0)
 
     async def send(self, inbound: Inbound) -> None:
@@ -250,8 +257,7 @@ class Ingest:
         exc = asyncio.CancelledError() if future.cancelled() else future.exception()
         if exc is None:
             self._counted(landing)
-            if self._health is not None:
-                self._health.beat("ingest")
+            self._beat()
         elif _refused(exc):
             # Nothing more from this producer can be trusted: renew it, learn the limits.
             self._renew.set()

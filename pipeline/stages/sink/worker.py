@@ -29,24 +29,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import DpsConfig
 from pipeline.core.mapping import Mapper
 from pipeline.dps.client import DpsClient
 from pipeline.errors import StageFailed
 from pipeline.io import kafka
-from pipeline.io.aio import Backoff, first_set
+from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import (
     SINK_BREAKER_OPENS,
     SINK_INFLIGHT,
     SINK_OUTCOMES,
     SINK_PAUSED,
-    report_lag,
 )
+from pipeline.stages.runtime import Subscription
 from pipeline.stages.sink.allocator import Allocator
 from pipeline.stages.sink.breaker import Breaker
 from pipeline.stages.sink.limiter import RateLimiter
@@ -55,10 +54,12 @@ from pipeline.stages.sink.outcomes import Outcomes, log_context, source_header
 from pipeline.stages.sink.recovery import Recovery
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
     from pipeline.config import Config
-    from pipeline.ops.server import Health
+    from pipeline.stages.runtime import Run
 
 __all__ = ["Sink"]
 
@@ -71,19 +72,23 @@ _POLL = 0.05
 """Seconds between looks at records being handed back."""
 
 
+def _nothing(*_: object) -> None:
+    """Where progress and readiness go before the sink runs."""
+
+
 class Sink:
     """The sink worker.
 
     Args:
         cfg: the whole configuration (``kafka`` and ``sink`` sections are used).
-        health: readiness checks (``sink.kafka``, ``sink.dps``) and progress to report.
     """
 
-    def __init__(self, cfg: Config, health: Health | None = None) -> None:
+    name = "sink"
+
+    def __init__(self, cfg: Config) -> None:
         s = cfg.sink
-        self._cfg = cfg
+        self.cfg = cfg
         self._topics = cfg.kafka.topics
-        self._health = health
         self._mapper = Mapper(
             sn_from=s.sn_from, org_id=s.org_id, org_overrides=s.org_overrides,
             device_data=s.device_data,
@@ -107,26 +112,61 @@ class Sink:
         self._dps_failing = False
         self._failed = asyncio.Event()
         self._error: StageFailed | None = None
-        if health is not None:
-            health.set("sink.kafka", False)
-            health.set("sink.dps", False)
-            health.watch("sink", lambda: self._in_progress() > 0)
-        SINK_INFLIGHT.set_function(self._in_progress)  # read when scraped
+        # Progress and readiness go to the runtime once the sink runs; nowhere before.
+        self._beat: Callable[[], None] = _nothing
+        self._check: Callable[[str, bool, str | None], None] = _nothing
+
+    def topics(self) -> list[str]:
+        """What it reads and writes."""
+        t = self._topics
+        return [t.added, t.allocations, t.allocations_dlq]
+
+    def needs_mqtt(self) -> bool:
+        """It does not."""
+        return False
+
+    def subscription(self) -> Subscription:
+        """The added children, as the sink group; partitions handed back and read back.
+
+        What aiokafka 0.14 does (consumer/group_coordinator.py), and what follows:
+
+        - The revocation callback runs in ``_on_join_prepare()``, before
+          ``ensure_active_group()`` stops the heartbeat task: heartbeats go on during a
+          hand-back (answered REBALANCE_IN_PROGRESS, which aiokafka counts as a
+          success), so the session timeout does not bound it; the broker waits for our
+          JoinGroup up to the rebalance timeout, which must therefore fit a hand-back.
+        - The assignment callback runs in ``_on_join_complete()``, after the heartbeat
+          task was stopped and before it starts again: nothing long may run there, so
+          the read-back is a task of ours (:meth:`recover`).
+        - ``session_timeout_ms`` and ``heartbeat_interval_ms`` stay aiokafka's defaults
+          (10 s, 3 s): a member that dies is dropped about 10 s after its last heartbeat.
+        """
+        rebalance_timeout_ms = int((self._hand_back_limit + _REBALANCE_MARGIN) * 1000)
+        return Subscription(
+            self.cfg.sink.group_id,
+            [self._topics.added],
+            revoked=self.hand_back,
+            assigned=self.recover,
+            options={"rebalance_timeout_ms": rebalance_timeout_ms},
+        )
+
+    def checks(self) -> list[str]:
+        """``sink.dps``: false while the breaker is open, with the reason."""
+        return ["dps"]
+
+    def busy(self) -> bool:
+        """Records are in progress."""
+        return self._in_progress() > 0
 
     def _in_progress(self) -> int:
         return len(self._jobs)
-
-    def _beat(self) -> None:
-        if self._health is not None:
-            self._health.beat("sink")
 
     def _dps_state(self, failing: bool, reason: str | None) -> None:
         """The breaker opened (or its reason changed) or closed: tell the operator."""
         opened = failing and not self._dps_failing
         self._dps_failing = failing
         SINK_PAUSED.set(1 if failing else 0)
-        if self._health is not None:
-            self._health.set("sink.dps", not failing, detail=reason)
+        self._check("dps", not failing, reason)
         if opened:
             SINK_BREAKER_OPENS.inc()
             log.warning(
@@ -150,83 +190,43 @@ class Sink:
         else:
             consumer.resume(*assigned)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then hand back in-flight work and commit.
+    async def work(self, run: Run) -> None:
+        """Allocate until stopping, then hand back in-flight work and commit.
 
         Raises:
-            StageFailed: a rebalance callback or a read-back failed, or Kafka refused an
-                outcome for good.
+            StageFailed: a read-back failed, or Kafka refused an outcome for good.
         """
-        await kafka.wait_until_reachable(self._cfg.kafka, stop)
-        topics = self._topics
-        await kafka.prepare_topics(
-            self._cfg.kafka, [topics.added, topics.allocations, topics.allocations_dlq]
-        )
-        # What aiokafka 0.14 does (consumer/group_coordinator.py), and what follows:
-        # - The revocation callback runs in _on_join_prepare(), before
-        #   ensure_active_group() stops the heartbeat task: heartbeats go on during a
-        #   hand-back (answered REBALANCE_IN_PROGRESS, which aiokafka counts as a success),
-        #   so the session timeout does not bound it; the broker waits for our JoinGroup
-        #   up to the rebalance timeout, which must therefore fit a hand-back.
-        # - The assignment callback runs in _on_join_complete(), after the heartbeat task
-        #   was stopped and before it starts again: nothing long may run there, so the
-        #   read-back is a task of ours (recover()).
-        # - session_timeout_ms and heartbeat_interval_ms stay aiokafka's defaults (10 s,
-        #   3 s): a member that dies is dropped about 10 s after its last heartbeat.
-        rebalance_timeout_ms = int((self._hand_back_limit + _REBALANCE_MARGIN) * 1000)
-        consumer = kafka.consumer(
-            self._cfg.kafka, group_id=self._cfg.sink.group_id,
-            rebalance_timeout_ms=rebalance_timeout_ms,
-        )  # fmt: skip
+        consumer = run.consumer
+        assert consumer is not None  # noqa: S101  (a consuming stage gets its consumer)
+        self._beat, self._check = run.beat, run.check
+        self._consumer = consumer
+        SINK_INFLIGHT.set_function(self._in_progress)  # read when scraped
         # Every outcome is awaited as soon as it is sent (its call slot waits for it): a
         # linger would only delay it. Under load, records still share a request: those
         # sent while one is on the wire go together in the next.
-        producer = kafka.producer(self._cfg.kafka, linger_ms=0)
-        self._consumer = consumer
-        listener = kafka.Rebalance("sink", revoked=self.hand_back, assigned=self.recover)
-        async with producer, consumer, DpsClient(self._cfg.sink.dps) as dps:
-            outcomes = Outcomes(producer, topics, self._cfg.sink.group_id, on_recorded=self._beat)
+        producer = kafka.producer(self.cfg.kafka, linger_ms=0)
+        async with producer, DpsClient(self.cfg.sink.dps) as dps:
+            outcomes = Outcomes(
+                producer, self._topics, self.cfg.sink.group_id, on_recorded=self._beat
+            )
             self._allocator = Allocator(
-                self._cfg.sink, mapper=self._mapper, dps=dps, breaker=self._breaker,
+                self.cfg.sink, mapper=self._mapper, dps=dps, breaker=self._breaker,
                 limiter=self._limiter, outcomes=outcomes, on_answer=self._beat,
             )  # fmt: skip
-            consumer.subscribe([topics.added], listener=listener)
             self._started()
-            stopped = first_set(stop, listener.failed, self._failed)
-            committer = asyncio.create_task(self._commit_loop(stop), name="sink.commit")
-            lag = asyncio.create_task(
-                kafka.watch_lag(
-                    consumer,
-                    functools.partial(report_lag, "sink"),
-                    interval=self._cfg.metrics.lag_interval,
-                ),
-                name="sink.lag",
-            )
-            liveness = kafka.Liveness(self._cfg.kafka, "sink", self._kafka_state)
-            watcher = asyncio.create_task(liveness.run(), name="sink.kafka-liveness")
+            failed = asyncio.ensure_future(self._failed.wait())
+            committer = asyncio.create_task(self._commit_loop(run.stopping), name="sink.commit")
             try:
-                await self._consume(consumer, outcomes, stopped)
+                await self._consume(consumer, outcomes, [run.stopping, failed])
             finally:
-                stopped.cancel()
-                for task in (lag, watcher):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                failed.cancel()
                 await self._shutdown(committer)
-        listener.raise_if_failed()
         if self._error is not None:
             raise self._error
-        log.info("sink stopped")
-
-    def _kafka_state(self, ok: bool, reason: str | None) -> None:
-        if self._health is not None:
-            self._health.set("sink.kafka", ok, reason)
 
     def _started(self) -> None:
-        if self._health is not None:
-            self._health.set("sink.dps", True)
-        log.info("sink consuming %s as %s", self._topics.added, self._cfg.sink.group_id)
-        dps_cfg = self._cfg.sink.dps
+        self._check("dps", True, None)
+        dps_cfg = self.cfg.sink.dps
         if dps_cfg.app_key == DpsConfig().app_key and "127.0.0.1" not in dps_cfg.base_url:
             log.warning(
                 "sink.dps.app_key is the demo default while %s is not local: "
@@ -235,19 +235,22 @@ class Sink:
             )
 
     async def _consume(
-        self, consumer: AIOKafkaConsumer, outcomes: Outcomes, stopped: asyncio.Task[None]
+        self,
+        consumer: AIOKafkaConsumer,
+        outcomes: Outcomes,
+        stops: list[asyncio.Future[Any]],
     ) -> None:
-        """Take records until ``stopped``; then the intake is cancelled where it waits."""
+        """Take records until one of ``stops``; then the intake is cancelled where it waits."""
         intake = asyncio.create_task(self._intake(consumer, outcomes), name="sink.intake")
         try:
-            await asyncio.wait({intake, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({intake, *stops}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             intake.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await intake  # an error of the intake's own is raised here
 
     async def _intake(self, consumer: AIOKafkaConsumer, outcomes: Outcomes) -> None:
-        limit = self._cfg.sink.pending_limit
+        limit = self.cfg.sink.pending_limit
         while True:
             batch = await consumer.getmany(timeout_ms=500, max_records=limit)
             epochs = {tp: self._epochs[tp] for tp in batch}
@@ -380,9 +383,9 @@ class Sink:
             await committer
         await self._commit()
 
-    async def _commit_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(self._cfg.sink.commit_interval)
+    async def _commit_loop(self, stopping: asyncio.Future[None]) -> None:
+        while not stopping.done():
+            await asyncio.sleep(self.cfg.sink.commit_interval)
             await self._commit()
 
     async def _commit(self) -> None:

@@ -42,7 +42,7 @@ async def test_a_wrong_secret_pauses_the_sink_and_readiness_says_what_to_check(
         cfg = with_emulator(cfg, emu)  # the sink has the demo secret: code 1003
         await produce_children(cfg, [child(sn) for sn in sns])
         health = Health()
-        async with running(Sink(cfg, health)) as task:
+        async with running(Sink(cfg), health) as task:
             await eventually(
                 lambda: "sink.dps" in health.details(),
                 lambda: f"sink.dps failing with a reason ({health.report()})",
@@ -92,7 +92,7 @@ async def test_an_unreachable_dps_says_to_check_the_base_url(cfg: Config, uid: s
     await prepare(cfg)
     await produce_children(cfg, [child(f"{uid}-0")])
     health = Health()
-    async with running(Sink(cfg, health)) as task:
+    async with running(Sink(cfg), health) as task:
         await eventually(
             lambda: "sink.dps" in health.details(),
             lambda: f"sink.dps failing with a reason ({health.report()})",
@@ -117,7 +117,7 @@ async def test_liveness_fails_only_while_records_wait_and_nothing_moves(
         cfg = with_emulator(cfg, emu, concurrency=1, timeout=30.0)
         health = Health(stall_after=stall_after)
         seen: list[dict[str, float]] = []
-        async with running(Sink(cfg, health)) as task:
+        async with running(Sink(cfg), health) as task:
             assert health.stalled() == {}  # registered, nothing waiting
             # Warm: joined, outcomes read back, token fetched (those take what they take).
             await produce_children(cfg, [child(f"{uid}-warm")])

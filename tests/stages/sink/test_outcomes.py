@@ -23,6 +23,7 @@ from pipeline.errors import StageFailed
 from pipeline.io import kafka
 from pipeline.ops.server import Health
 from pipeline.schemas import AllocationFailure
+from pipeline.stages import runtime
 from pipeline.stages.sink import Sink
 from pipeline.stages.sink.outcomes import _retriable
 from tests.harness import read_topic, running
@@ -79,7 +80,7 @@ async def test_an_allocation_too_large_for_kafka_is_dead_lettered_with_the_reaso
         cfg = with_emulator(cfg, emu)
         values = [child(big), child(fine)]
         sources = await produce_children(cfg, values)
-        async with running(Sink(cfg, Health())):
+        async with running(Sink(cfg), Health()):
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1)
             dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=1)
         calls = list(emu.state.calls)
@@ -123,7 +124,7 @@ async def test_a_dlq_record_too_large_for_kafka_points_at_its_input(cfg: Config,
     async with await start_emulator(accept_any_sn=True) as emu:
         cfg = with_emulator(cfg, emu)
         [source] = await produce(cfg, [(b"big", value)])
-        async with running(Sink(cfg, Health())):
+        async with running(Sink(cfg), Health()):
             dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=1)
         left = await backlog(cfg)
 
@@ -156,7 +157,7 @@ async def test_an_outcome_kafka_refuses_for_good_ends_the_stage(cfg: Config, uid
         cfg = with_emulator(cfg, emu)
         await produce(cfg, [(b"k", b"not json"), (b"k", child(f"{uid}-after"))])
         with pytest.raises(StageFailed) as caught:
-            await asyncio.wait_for(Sink(cfg, Health()).run(asyncio.Event()), 60)
+            await asyncio.wait_for(runtime.run(Sink(cfg), asyncio.Event()), 60)
         left = await backlog(cfg)
 
     assert str(caught.value) == (

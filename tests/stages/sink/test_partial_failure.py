@@ -76,7 +76,7 @@ async def test_half_the_calls_failing_keeps_40_percent_of_the_healthy_rate(
         cap = 2.0 if full else 0.4
         cfg = with_emulator(cfg, emu, concurrency=concurrency, retry_initial=0.1, retry_max=cap)
         opened = opens()
-        async with running(Sink(cfg, Health())) as task:
+        async with running(Sink(cfg), Health()) as task:
             warm = f"{uid}-warm"  # group joined, token fetched: phases start warm
             await produce_children(cfg, [child(warm)])
             await until_allocated(emu, {warm}, task)
@@ -134,7 +134,7 @@ async def test_throttled_at_r_calls_per_second_the_sink_gets_at_least_0_9_r(
         cfg = with_emulator(cfg, emu, retry_initial=0.1, retry_max=2.0)
         opened = opens()
         await produce_children(cfg, [child(sn) for sn in sns])
-        async with running(Sink(cfg, Health())) as task:
+        async with running(Sink(cfg), Health()) as task:
             await until_allocated(emu, set(sns), task, timeout=90)
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=total)
             dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=0)
@@ -179,7 +179,7 @@ async def test_the_configured_rate_limit_is_never_exceeded(cfg: Config, uid: str
     async with await start_emulator(accept_any_sn=True) as emu:
         cfg = with_emulator(cfg, emu, rate_limit=limit)
         await produce_children(cfg, [child(sn) for sn in sns])
-        async with running(Sink(cfg, Health())) as task:
+        async with running(Sink(cfg), Health()) as task:
             await until_allocated(emu, set(sns), task)
         calls = list(emu.state.calls)
     assert len(calls) == total
@@ -204,7 +204,7 @@ async def test_after_a_one_second_outage_the_full_rate_is_back_within_2_s(
         cfg = with_emulator(cfg, emu, concurrency=concurrency, retry_initial=0.1, retry_max=30.0)
         opened = opens()
         health = Health()
-        async with running(Sink(cfg, health)) as task:
+        async with running(Sink(cfg), health) as task:
             await produce_children(cfg, [child(sn) for sn in sns])
             await eventually(
                 lambda: sum(1 for c in emu.state.calls if ok(c)) >= warm,
@@ -269,7 +269,7 @@ async def test_a_record_that_keeps_failing_never_pauses_the_others(cfg: Config, 
                 await asyncio.sleep(0.01)
 
         await produce_children(cfg, [child(poison), *(child(sn) for sn in healthy)])
-        async with running(Sink(cfg, health)) as task:
+        async with running(Sink(cfg), health) as task:
             await wait_check(health, "sink.dps", task)  # ready once subscribed
             watcher = asyncio.create_task(watch())
             await until_allocated(emu, {*healthy}, task)

@@ -14,7 +14,7 @@ from pipeline.config import Config
 from pipeline.dps.emulator import start_emulator
 from pipeline.errors import StageFailed
 from pipeline.io import kafka
-from pipeline.ops.server import Health
+from pipeline.stages import runtime
 from pipeline.stages.sink import Sink
 from pipeline.stages.sink.outcomes import GROUP, SOURCE
 from pipeline.stages.sink.recovery import Recovery
@@ -48,7 +48,7 @@ async def test_records_fetched_before_a_hand_back_are_never_started(cfg: Config,
         cfg = with_emulator(cfg, emu, concurrency=1, max_pending=1)
         sources = await produce(cfg, [(b"one-partition", child(sn)) for sn in sns])
         tp, first = where(sources[0])
-        sink = Sink(cfg, Health())
+        sink = Sink(cfg)
         async with running(sink) as task:
             await eventually(
                 lambda: len(emu.state.calls) == 1,
@@ -92,7 +92,7 @@ async def test_a_failed_read_back_ends_the_stage_with_stage_failed(
         await produce(cfg, [(f"k{i}".encode(), child(f"{uid}-{i}")) for i in range(3)])
         stop = asyncio.Event()
         with pytest.raises(StageFailed) as caught:
-            await asyncio.wait_for(Sink(cfg, Health()).run(stop), 60)
+            await asyncio.wait_for(runtime.run(Sink(cfg), stop), 60)
         calls = list(emu.state.calls)
         committed = await kafka.backlog(cfg.kafka, cfg.sink.group_id, cfg.kafka.topics.added)
 
@@ -116,7 +116,7 @@ async def test_a_read_back_that_outlasts_its_limit_ends_the_stage(
         cfg = with_emulator(cfg, emu, timeout=0.5)  # the limit is twice the DPS timeout
         await produce(cfg, [(b"k", child(f"{uid}-0"))])
         with pytest.raises(StageFailed) as caught:
-            await asyncio.wait_for(Sink(cfg, Health()).run(asyncio.Event()), 60)
+            await asyncio.wait_for(runtime.run(Sink(cfg), asyncio.Event()), 60)
         calls = list(emu.state.calls)
     assert str(caught.value) == (
         "sink stopped: reading back the recorded outcomes took longer than 1 s"
@@ -154,7 +154,7 @@ async def test_the_read_back_runs_after_the_assignment_callback_and_a_revocation
         cfg = with_emulator(cfg, emu)
         sources = await produce(cfg, [(b"one-partition", child(sn)) for sn in sns])
         tp, first = where(sources[0])
-        sink = Sink(cfg, Health())
+        sink = Sink(cfg)
         assigned = asyncio.Event()
         recover = sink.recover
 
@@ -224,7 +224,7 @@ async def test_a_hand_back_longer_than_aiokafkas_default_timeouts_still_commits(
     await prepare(cfg)
     async with await start_emulator(accept_any_sn=True) as emu:
         cfg = with_emulator(cfg, emu, timeout=timeout)
-        sink = Sink(cfg, Health())
+        sink = Sink(cfg)
         hand_back = sink.hand_back
         hand_backs: list[float] = []
 

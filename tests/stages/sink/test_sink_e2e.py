@@ -63,7 +63,7 @@ async def test_allocates_every_child_and_dead_letters_rejections(cfg: Config, ui
         cfg = with_emulator(cfg, emu)
         values = {sn: child(sn, event_id=f"ev-{sn}") for sn in sns}
         sources = dict(zip(sns, await produce_children(cfg, list(values.values())), strict=True))
-        async with running(Sink(cfg, Health())):
+        async with running(Sink(cfg), Health()):
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=28)
             dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=2)
         calls = list(emu.state.calls)
@@ -126,7 +126,7 @@ async def test_unreadable_input_is_dead_lettered_as_invalid_without_calling_dps(
     async with await start_emulator(devices=[{"sn": good, "group_id": GROUP}]) as emu:
         cfg = with_emulator(cfg, emu)
         sources = await produce(cfg, inputs)
-        async with running(Sink(cfg, Health())):
+        async with running(Sink(cfg), Health()):
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1)
             dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=3)
         calls = list(emu.state.calls)
@@ -174,7 +174,7 @@ async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
             breaker_failures=breaker_failures,
         )  # fmt: skip
         health = Health()
-        async with running(Sink(cfg, health)) as task:
+        async with running(Sink(cfg), health) as task:
             await produce_children(cfg, [child(sn) for sn in sns])
             await eventually(
                 lambda: len(ok_calls(emu)) >= 200,
@@ -343,7 +343,7 @@ async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
         sources = dict(zip(sns, await produce_children(cfg, list(values.values())), strict=True))
         opened = opens()
         started = time.monotonic()
-        async with running(Sink(cfg, Health())):
+        async with running(Sink(cfg), Health()):
             dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=3)
             elapsed = time.monotonic() - started
             token_requests = emu.state.token_requests
@@ -387,7 +387,7 @@ async def test_never_two_calls_at_once_for_the_same_sn(cfg: Config, uid: str) ->
     async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP}]) as emu:
         emu.state.set_faults({"latency_ms": latency * 1000})
         cfg = with_emulator(cfg, emu, concurrency=32)
-        async with running(Sink(cfg, Health())) as task:
+        async with running(Sink(cfg), Health()) as task:
             sources = await produce_children(cfg, values[:3])
             # The first call is answered and the second is on the wire: more records for
             # the same sn arrive now, while the first three are still being worked through.
@@ -429,7 +429,7 @@ async def test_redrive_after_the_missing_group_is_created(cfg: Config, uid: str)
         cfg = with_emulator(cfg, emu)
         values = {sn: child(sn) for sn in (fixed, unknown, fine)}
         await produce_children(cfg, list(values.values()))
-        async with running(Sink(cfg, Health())) as task:
+        async with running(Sink(cfg), Health()) as task:
             dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=2)
             assert sorted(r.key for r in dlq) == sorted([fixed.encode(), unknown.encode()])
             # The operator creates the group, then redrives the 35404s only.
@@ -482,7 +482,7 @@ async def test_unexpected_error_dead_letters_the_record_and_the_rest_flows(
         cfg = with_emulator(cfg, emu)
         # Same key: one partition, the bad record first.
         await produce(cfg, [(b"k", child(bad)), (b"k", child(good))])
-        async with running(Sink(cfg, Health())):
+        async with running(Sink(cfg), Health()):
             got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1)
             dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=1)
             async with asyncio.timeout(30):
