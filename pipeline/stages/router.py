@@ -119,6 +119,7 @@ class Router:
         consumer = run.consumer
         assert consumer is not None  # noqa: S101  (a consuming stage gets its consumer)
         self._consumer = consumer
+        run.after_close(self._stop_all)
         try:
             while True:
                 batch = await unless_stopped(
@@ -134,8 +135,9 @@ class Router:
                         run.beat()
         except Stopped:
             pass  # the transaction in flight (if any) has committed
-        finally:
-            await self._stop_producers(list(self._producers))
+
+    async def _stop_all(self) -> None:
+        await self._stop_producers(list(self._producers))
 
     async def _start_producer(self, tp: TopicPartition) -> None:
         """Start ``tp``'s producer; this fences (and aborts) a previous owner's transaction."""

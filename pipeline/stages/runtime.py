@@ -109,6 +109,16 @@ class Run:
     (wait on it with :func:`~pipeline.io.aio.unless_stopped`)."""
     consumer: AIOKafkaConsumer | None = None
     """The stage's consumer, subscribed (consuming stages only)."""
+    closing: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
+
+    def after_close(self, release: Callable[[], Awaitable[None]]) -> None:
+        """Call ``release`` once the consumer is closed: no rebalance callback runs after.
+
+        What a callback may still create (the router's per-partition producers, started on
+        assignment) is released here, not at the end of the work: an assignment that was
+        under way while the work ended would otherwise leave them open.
+        """
+        self.closing.append(release)
 
     def beat(self) -> None:
         """The stage made progress (its stall clock restarts)."""
@@ -146,6 +156,7 @@ async def run(stage: Stage, stop: asyncio.Event, health: Health | None = None) -
     async with contextlib.AsyncExitStack() as stack:
         watchers = [asyncio.create_task(liveness.run(), name=f"{name}.kafka-liveness")]
         stack.push_async_callback(_cancel, watchers)
+        stack.push_async_callback(_release, current.closing)  # after the consumer closes
         guard = None
         subscription = stage.subscription()
         if subscription is not None:
@@ -199,6 +210,11 @@ async def _relay(events: Sequence[asyncio.Event], stopping: asyncio.Future[None]
     finally:
         for waiting in waits:
             waiting.cancel()
+
+
+async def _release(closing: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    for release in reversed(closing):
+        await release()
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:

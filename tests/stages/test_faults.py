@@ -217,3 +217,23 @@ async def test_a_stalled_router_cannot_commit_for_partitions_it_lost(
     counts = collections.Counter(r.key for r in added)
     assert len(counts) == 120
     assert set(counts.values()) == {1}  # each child exactly once
+
+
+async def test_a_router_stopped_during_its_assignment_leaves_no_producer_open(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-partition producers an assignment starts are stopped even when the stage
+    stops while that assignment is under way: they are released after the consumer closes
+    (no callback runs after that), not when the work ends."""
+    stop = asyncio.Event()
+    router = Router(cfg)
+    assigning = Router._assigned
+
+    async def assigned(self: Router, tps: list[Any]) -> None:
+        stop.set()  # the work ends now, while the producers are being started
+        await asyncio.sleep(0.5)
+        await assigning(self, tps)
+
+    monkeypatch.setattr(Router, "_assigned", assigned)
+    await asyncio.wait_for(runtime.run(router, stop), 60)
+    assert router._producers == {}
