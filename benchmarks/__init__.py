@@ -8,9 +8,10 @@ measured side by side in the same run: a minimal loop of the same client library
 only the transport on the same input (:mod:`.ceilings`). Stages and ceilings alternate
 over several rounds (:mod:`.stages`); each runs in its own process, so each worker's
 peak RSS is its own. Then the three workers run together for the sustained rate, latency
-against offered load, and memory after a burst (:mod:`.latency`). :mod:`.report` prints
-the table, and writes every figure (``--out``), their summary (``--summary``) and the
-chart (``--chart``); ``results/`` keeps the summary and the chart of the latest run.
+against offered load, and memory after a burst (:mod:`.latency`). :mod:`.report` makes
+the document of every figure, its summary (without the per-child latencies) and, from
+the summary, the tables and the chart; ``results/`` keeps the summary and the chart of
+the latest run, and ``results/raw/`` (untracked) every figure.
 
 Modules: :mod:`.workload` (the input), :mod:`.procs` (child processes and their memory),
 :mod:`.measure` (topics, sessions, the broker-stamped clock), :mod:`.context` (one run),
