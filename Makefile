@@ -1,5 +1,5 @@
 # The two commands of the README, and their parts.
-.PHONY: install demo test test-long test-latest check monitoring-check test-deploy services-up services-down
+.PHONY: install demo test test-long test-latest check monitoring-check test-deploy bench services-up services-down
 
 install:
 	./deploy/local/install.sh
@@ -50,6 +50,13 @@ monitoring-check: install
 # Not part of `make test` (minutes, and needs root for apt and dockerd): .ci/run runs it.
 test-deploy: install
 	./deploy/compose/test-deploy.sh
+
+# benchmarks/ (not in the wheel or the image): each stage against its raw ceiling, latency
+# against load, memory, at the default sizes (~2 min on the configured brokers, started from
+# deploy/local if down). Writes benchmarks/results/summary.json and bench.png (tracked) and
+# every figure to benchmarks/results/raw/ (untracked); `python -m benchmarks --help` for more.
+bench: install
+	.venv/bin/python -m benchmarks
 
 services-up: install
 	./deploy/local/services.sh up

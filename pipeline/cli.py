@@ -33,7 +33,6 @@ from pipeline.errors import (
 )
 from pipeline.ops.logs import setup_logging
 from pipeline.stages.registry import STAGES
-from pipeline.tools.bench.options import Options as BenchOptions
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterator
@@ -54,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
-        help="default: info; error for demo and bench (they print a summary)",
+        help="default: info; error for demo (it prints a summary)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_workers(sub)
@@ -116,99 +115,6 @@ def _add_tools(sub: Any) -> None:
         "configured: use mqtt.* and kafka.* (the default elsewhere)",
     )
     p.set_defaults(handler=_demo)
-
-    p = sub.add_parser(
-        "bench",
-        help="each stage against its raw ceiling, end-to-end latency, memory",
-        description="Each stage against its raw ceiling (a minimal loop of the same client "
-        "doing only the transport), interleaved over rounds; then end-to-end latency "
-        "against offered load and each worker's peak RSS. Medians, min-max, ratios.",
-    )
-    o = BenchOptions()
-    p.add_argument(
-        "--rounds", type=int, default=o.rounds, help=f"interleaved rounds (default {o.rounds})"
-    )
-    p.add_argument(
-        "--messages",
-        type=int,
-        default=o.messages,
-        help=f"MQTT messages per ingest measurement (default {o.messages})",
-    )
-    p.add_argument(
-        "--events",
-        type=int,
-        default=o.events,
-        help=f"down events per route measurement, 4 children each (default {o.events})",
-    )
-    p.add_argument(
-        "--allocations",
-        type=int,
-        default=o.allocations,
-        help=f"children per sink measurement (default {o.allocations})",
-    )
-    p.add_argument(
-        "--sustain",
-        type=int,
-        default=o.sustain,
-        help=f"messages for the sustained rate; 0 skips end to end (default {o.sustain})",
-    )
-    p.add_argument(
-        "--rates",
-        type=_fractions,
-        default=o.rates,
-        metavar="F,F,...",
-        help="offered loads, as fractions of the sustained rate (default 0.25,0.5,1,2)",
-    )
-    p.add_argument(
-        "--rate-seconds",
-        type=float,
-        default=o.rate_seconds,
-        help=f"seconds of load per rate (default {o.rate_seconds:g})",
-    )
-    p.add_argument(
-        "--latency-rounds",
-        type=int,
-        default=o.latency_rounds,
-        help=f"rounds over the rates, in rotating order (default {o.latency_rounds})",
-    )
-    p.add_argument(
-        "--burst",
-        type=int,
-        default=o.burst,
-        help=f"messages of the burst; 0 skips it (default {o.burst})",
-    )
-    p.add_argument(
-        "--replicas",
-        action="store_true",
-        help="instead: throughput of 1, 2 and 4 sink replicas and of 1 and 2 ingest "
-        "replicas (uses --rounds, --messages and --allocations)",
-    )
-    p.add_argument("--out", metavar="FILE.json", type=Path, help="write every figure as JSON")
-    p.add_argument(
-        "--chart",
-        metavar="FILE.png",
-        type=Path,
-        help="draw throughput and latency (needs the bench extra: matplotlib)",
-    )
-    p.add_argument(
-        "--profile",
-        metavar="DIR",
-        type=Path,
-        help="one more round with py-spy attached to each stage worker; "
-        "stacks in DIR, top costs printed (needs py-spy)",
-    )
-    p.set_defaults(handler=_bench)  # fmt: skip
-
-
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        msg = f"not a list of numbers: {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not values or any(not 0 < v <= 10 for v in values):  # noqa: PLR2004
-        raise argparse.ArgumentTypeError("each rate is a fraction in (0, 10]")
-    return values
 
 
 def _add_admin(sub: Any) -> None:
@@ -460,29 +366,14 @@ async def _demo(args: argparse.Namespace, cfg: Config) -> int:
     return await run(cfg, fixture=args.fixture, brokers=args.brokers)
 
 
-async def _bench(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline.tools.bench import run  # noqa: PLC0415
-
-    options = BenchOptions(
-        rounds=args.rounds, messages=args.messages, events=args.events,
-        allocations=args.allocations, sustain=args.sustain, rates=args.rates,
-        rate_seconds=args.rate_seconds, latency_rounds=args.latency_rounds, burst=args.burst,
-        replicas=args.replicas,
-    )  # fmt: skip
-    return await run(
-        cfg, options, config_path=args.config, out=args.out, chart=args.chart,
-        profile_dir=args.profile,
-    )  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     _signals.hold()
     args = _parser().parse_args(argv)
     if args.command not in _STOPPED_BY_SIGTERM:
         _signals.release()
-    # demo and bench print their own summary, which already lists every DLQ reason.
-    quiet = args.command in ("demo", "bench")
+    # demo prints its own summary, which already lists every DLQ reason.
+    quiet = args.command == "demo"
     setup_logging(args.log_level or ("error" if quiet else "info"))
     try:
         cfg = load_config(args.config)

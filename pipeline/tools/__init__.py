@@ -1,1 +1,1 @@
-"""Operator tools: replay, record, redrive, status, schema export, demo, bench."""
+"""Operator tools: replay, record, redrive, status, schema export, demo."""

@@ -9,7 +9,7 @@ package is installed, and 9092 may be another checkout's Kafka), and it leaves n
 behind. The processes die with the one that started them, even when it is killed.
 
 From an installed wheel or an image there is no ``deploy/local``: the tools use the
-configured brokers (:func:`ensure_services`), and clean up what they create there.
+configured brokers, and clean up what they create there.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
-import logging
 import os
 import re
 import shutil
@@ -35,7 +34,7 @@ import aiomqtt
 import msgspec
 
 from pipeline.config import KafkaConfig
-from pipeline.io import kafka, mqtt
+from pipeline.io import kafka
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,19 +46,14 @@ __all__ = [
     "Brokers",
     "LocalKafka",
     "LocalMosquitto",
-    "ensure_services",
     "free_port",
     "local_available",
     "own_brokers",
-    "unreachable",
 ]
-
-log = logging.getLogger(__name__)
 
 LOCAL = Path(__file__).resolve().parents[2] / "deploy" / "local"
 """``deploy/local`` of the checkout this package runs from, if it does."""
 
-_PROBE_TIMEOUT = 5.0
 _START_LIMIT = 90.0
 """Seconds a broker may take to answer after it was started (Kafka: about 6 on 2 cores)."""
 
@@ -343,41 +337,3 @@ async def own_brokers() -> AsyncIterator[Brokers]:
         await asyncio.to_thread(cluster.stop)
         broker.stop()
         shutil.rmtree(state, ignore_errors=True)
-
-
-async def unreachable(cfg: Config) -> list[str]:
-    """The services that do not answer a real client call: ``MQTT host:port``, ``Kafka ...``."""
-    down = []
-    try:
-        async with asyncio.timeout(_PROBE_TIMEOUT):
-            client = mqtt.connect(
-                cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-probe", persistent=False
-            )
-            async with client:
-                pass
-    except (aiomqtt.MqttError, TimeoutError, OSError):
-        down.append(f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}")
-    try:
-        async with asyncio.timeout(_PROBE_TIMEOUT), kafka.reader(cfg.kafka) as reader:
-            await kafka.partitions(reader, cfg.kafka.topics.down_events)
-    except Exception:  # any failure to answer means: not usable
-        down.append(f"Kafka {cfg.kafka.bootstrap_servers}")
-    return down
-
-
-async def ensure_services(cfg: Config) -> None:
-    """Return once MQTT and Kafka answer, starting the checkout's local ones if need be.
-
-    Raises:
-        ConnectionError: they do not answer and there is no ``deploy/local`` to start.
-        subprocess.CalledProcessError: ``services.sh up`` failed.
-    """
-    down = await unreachable(cfg)
-    if not down:
-        return
-    script = LOCAL / "services.sh"
-    if not script.exists():
-        msg = f"{' and '.join(down)} not reachable: start them, or configure where they are"
-        raise ConnectionError(msg)
-    log.info("%s not reachable: starting the local services", " and ".join(down))
-    await asyncio.to_thread(subprocess.run, [str(script), "up"], check=True)

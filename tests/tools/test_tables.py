@@ -8,7 +8,6 @@ from typing import Any
 from rich.table import Table
 
 from pipeline.tools import status
-from pipeline.tools.bench import replicas, report
 from pipeline.tools.console import PIPE_WIDTH, make_console
 
 # Wider than rich's 80-column fallback, in cells that have no space to wrap at.
@@ -54,80 +53,6 @@ def test_a_terminal_keeps_its_width() -> None:
     console = make_console(file=_Tty())
     assert console.is_terminal
     assert console.width != PIPE_WIDTH
-
-
-def _summary(median: float, low: float, high: float) -> dict[str, Any]:
-    return {"median": median, "min": low, "max": high, "cpu": [0.97], "cpu_us_per_unit": [1234.5]}
-
-
-def test_the_bench_tables_are_whole() -> None:
-    measures = {"stage": _summary(5_109_000, 5_101_000, 5_710_000)}
-    measures |= {f"ceiling {i}": _summary(6_000_000, 5_900_000, 6_100_000) for i in range(3)}
-    doc = {
-        "meta": {"options": {"rounds": 5}},
-        "decode": {
-            "unit": "msg/CPU-s",
-            "measures": {"msgspec typed decode": measures["stage"]},
-            "ratios": {},
-        },
-        "stages": {
-            "ingest": {
-                "unit": "msg/s",
-                "measures": measures,
-                "ratios": {f"ceiling {i}": 0.85 for i in range(3)},
-            }
-        },
-        "e2e": {
-            "sustained_msg_per_s": 5_109.0,
-            "steps": [
-                {
-                    "fraction": 0.5,
-                    "offered_msg_per_s": 2_554.0,
-                    "latencies_ms": [1.0] * 4,
-                    "p50_ms": 12.0,
-                    "round_p50_ms": [11.0, 12.0, 13.0],
-                    "p99_ms": 150.0,
-                    "round_p99_ms": [140.0, 150.0, 160.0],
-                }
-            ],
-        },
-        "memory": {"ingest": {"rounds_peak_mb": 61.0}},
-        "targets": [
-            {"what": "ingest: stage / naive", "value": 0.85, "target": ">= 1", "met": False}
-        ],
-    }
-    out = io.StringIO()
-    report.table(make_console(file=out), doc)
-    text = out.getvalue()
-    assert "…" not in text
-    assert "[5,101,000-5,710,000]" in text
-    assert "[5,900,000-6,100,000]" in text
-    assert "interleaved rounds, [min-max]" in text
-    # A title wider than its table wraps (whole words, nothing dropped).
-    assert "latency of all rounds [each round's]" in " ".join(text.split())
-    assert "150 [140, 150, 160]" in text
-    assert "not met" in text
-
-
-def test_the_bench_replica_table_is_whole() -> None:
-    counts = {
-        str(n): {"median": 5_109_000 * n, "min": 5_101_000 * n, "max": 5_710_000 * n}
-        | {"speedup": float(n), "peak_mb": 61.0}
-        for n in (1, 2, 4)
-    }
-    doc = {
-        "meta": {"options": {"rounds": 5}},
-        "replicas": {
-            "sink": {"unit": "children/s", "replicas": counts},
-            "ingest": {"unit": "msg/s", "replicas": counts, "split": {"2": [0.5, 0.5]}},
-        },
-    }
-    out = io.StringIO()
-    replicas.table(make_console(file=out), doc)
-    text = out.getvalue()
-    assert "…" not in text
-    assert "[20,404,000-22,840,000]" in text
-    assert "interleaved rounds, [min-max]" in text
 
 
 def test_a_workers_own_words_are_printed_as_they_are() -> None:

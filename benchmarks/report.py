@@ -1,8 +1,10 @@
-"""The bench's results: one JSON document, a table drawn from it, and a chart drawn from it.
+"""The bench's results: one JSON document, its summary, and the tables and chart drawn from that.
 
 Every figure is a median with its min-max range over the rounds; a ratio is the stage's
 median over its ceiling's median (the per-round ratios are kept too). The issue's targets
-are judged here, in the output, never in a test.
+are judged here, in the output, never in a test. The document holds every end-to-end
+latency measured (megabytes); :func:`summary` is the same without them, a few kilobytes,
+which is what the tables, the chart and ``benchmarks/results/`` hold.
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from pipeline.tools.bench.latency import percentile
-from pipeline.tools.bench.stages import STAGES
+from benchmarks.latency import percentile
+from benchmarks.stages import STAGES
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from rich.console import Console
 
-    from pipeline.tools.bench.latency import E2E
-    from pipeline.tools.bench.stages import Sample
+    from benchmarks.latency import E2E
+    from benchmarks.stages import Sample
 
-__all__ = ["TARGETS", "chart", "document", "table"]
+__all__ = ["TARGETS", "chart", "document", "summary", "table"]
 
 RSS_LIMIT_MB = 150.0
 TARGETS = {
@@ -167,12 +169,26 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` without the per-child latencies: each end-to-end step keeps their count."""
+    if "e2e" not in doc:
+        return doc
+    steps = [
+        {k: v for k, v in step.items() if k != "latencies_ms"}
+        | {"children": len(step["latencies_ms"])}
+        if "latencies_ms" in step
+        else step  # a summary already
+        for step in doc["e2e"]["steps"]
+    ]
+    return doc | {"e2e": doc["e2e"] | {"steps": steps}}
+
+
 def _rate(value: float) -> str:
     return f"{value:,.0f}"
 
 
 def table(console: Console, doc: dict[str, Any]) -> None:
-    """Print the results: throughput, latency, memory, targets."""
+    """Print the results (a :func:`summary`): throughput, latency, memory, targets."""
     console.print(_throughput(doc))
     if "e2e" in doc:
         console.print(_latency(doc["e2e"]))
@@ -239,7 +255,7 @@ def _latency(e2e: dict[str, Any]) -> Table:
         t.add_row(
             f"{step['fraction']:g} x",
             _rate(step["offered_msg_per_s"]),
-            f"{len(step['latencies_ms']):,}",
+            f"{step['children']:,}",
             f"{_rate(step['p50_ms'])} [{', '.join(map(_rate, step['round_p50_ms']))}]",
             f"{_rate(step['p99_ms'])} [{', '.join(map(_rate, step['round_p99_ms']))}]",
         )
@@ -290,8 +306,8 @@ def _profile(stage: str, summary: dict[str, Any]) -> Table:
 
 
 def chart(doc: dict[str, Any], path: Path) -> None:
-    """Two panels: each stage against its ceilings; latency against offered load."""
-    import matplotlib as mpl  # noqa: PLC0415  (optional: the bench extra)
+    """Two panels of a :func:`summary`: each stage against its ceilings; latency against load."""
+    import matplotlib as mpl  # noqa: PLC0415  (slow to import; only for the chart)
 
     mpl.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -346,7 +362,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     meta = doc["meta"]
     start, end = meta["loadavg_start"][0], meta["loadavg_end"][0]
     fig.suptitle(
-        f"pipeline bench, {meta['started_at']} - {meta['cpus']} shared cores, load average "
+        f"benchmarks, {meta['started_at']} - {meta['cpus']} shared cores, load average "
         f"{start:.1f} at the start, {end:.1f} at the end; "
         f"{meta['options']['rounds']} interleaved rounds",
         fontsize=10,

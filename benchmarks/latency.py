@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from benchmarks import procs, workload
+from benchmarks.measure import Incomplete, Output, rate, span
 from pipeline.io import kafka, mqtt
-from pipeline.tools.bench import procs, workload
-from pipeline.tools.bench.measure import Incomplete, Output, rate, span
 from pipeline.tools.replay import MAX_CONCURRENT_PUBLISHES, FixtureMessage, replay_messages
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
     from aiokafka import ConsumerRecord, TopicPartition
 
+    from benchmarks.context import Context
     from pipeline.config import Config
-    from pipeline.tools.bench.context import Context
 
 __all__ = ["E2E", "Burst", "Step", "end_to_end", "percentile"]
 

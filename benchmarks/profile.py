@@ -1,4 +1,4 @@
-"""``pipeline bench --profile DIR``: where each worker spends its CPU under the bench load.
+"""``python -m benchmarks --profile DIR``: where each worker spends its CPU under the bench load.
 
 After the measured rounds, one more round runs each stage worker with py-spy attached
 from its first output record on (``py-spy record --pid``; sampling pauses the process,

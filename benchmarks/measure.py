@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from benchmarks.procs import BenchError
 from pipeline.io import kafka, mqtt
-from pipeline.tools.bench.procs import BenchError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

@@ -9,7 +9,7 @@ __all__ = ["Options"]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Options:
-    """Sizes of a bench run (``pipeline bench --help`` describes each)."""
+    """Sizes of a bench run (``python -m benchmarks --help`` describes each)."""
 
     rounds: int = 3
     messages: int = 3000

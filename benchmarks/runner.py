@@ -1,4 +1,4 @@
-"""The bench run: prepare, measure, report (``pipeline bench``; see the package's docstring)."""
+"""The bench run: prepare, measure, report (see the package's docstring)."""
 
 from __future__ import annotations
 
@@ -20,24 +20,24 @@ import aiohttp
 import orjson
 from rich.console import Console
 
-from pipeline.tools.bench import procs, profile, replicas, report
-from pipeline.tools.bench.context import Context
-from pipeline.tools.bench.latency import end_to_end
-from pipeline.tools.bench.stages import Stages, decode_rates
+from benchmarks import procs, profile, replicas, report
+from benchmarks.context import Context
+from benchmarks.latency import end_to_end
+from benchmarks.services import ensure_services
+from benchmarks.stages import Stages, decode_rates
 from pipeline.tools.console import make_console
-from pipeline.tools.services import ensure_services
 
 if TYPE_CHECKING:
+    from benchmarks.options import Options
     from pipeline.config import Config
-    from pipeline.tools.bench.options import Options
 
-__all__ = ["chart_available", "run"]
+__all__ = ["chart_available", "run", "write"]
 
 _LIBRARIES = ("aiomqtt", "paho-mqtt", "aiokafka", "aiohttp", "msgspec")
 
 
 def chart_available() -> bool:
-    """Whether matplotlib (the ``bench`` extra) is installed."""
+    """Whether matplotlib (in the ``dev`` extra) is installed."""
     return importlib.util.find_spec("matplotlib") is not None
 
 
@@ -47,21 +47,21 @@ async def run(
     *,
     config_path: str | None = None,
     out: Path | None = None,
+    summary: Path | None = None,
     chart: Path | None = None,
     profile_dir: Path | None = None,
 ) -> int:
-    """Run the bench; print the tables; write ``out`` (JSON) and ``chart`` (PNG) if given.
+    """Run the bench; print the tables; write the files given.
 
+    ``out`` gets every figure (JSON), ``summary`` the same without the per-child latencies
+    (:func:`.report.summary`), ``chart`` the chart (PNG; not with ``options.replicas``).
     With ``profile_dir``, one more round profiles each stage worker (:mod:`.profile`).
     """
     if chart is not None and not chart_available():
-        print(  # noqa: T201
-            "pipeline bench: --chart needs matplotlib: pip install 'iot-pipeline[bench]'",
-            file=sys.stderr,
-        )
+        print("benchmarks: --chart needs matplotlib: pip install matplotlib", file=sys.stderr)  # noqa: T201
         return 2
     if profile_dir is not None and not profile.available():
-        print("pipeline bench: --profile needs py-spy: pip install py-spy", file=sys.stderr)  # noqa: T201
+        print("benchmarks: --profile needs py-spy: pip install py-spy", file=sys.stderr)  # noqa: T201
         return 2
     console = make_console(stderr=True)
     started, load = time.monotonic(), os.getloadavg()
@@ -73,7 +73,7 @@ async def run(
     try:
         doc = await _measure(console, ctx, profile_dir)
     except procs.BenchError as exc:
-        console.print(f"[red]pipeline bench: {exc}[/red]\n(process logs in {log_dir})")
+        console.print(f"[red]benchmarks: {exc}[/red]\n(process logs in {log_dir})")
         return 1
     finally:
         await ctx.cleanup()
@@ -91,17 +91,33 @@ async def run(
         "loadavg_start": load,
         "loadavg_end": os.getloadavg(),
     }
-    if "replicas" in doc:
-        replicas.table(console, doc)
-    else:
-        report.table(console, doc)
-    if out is not None:
-        await asyncio.to_thread(out.write_bytes, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-        console.print(f"figures written to {out}")
-    if chart is not None and "replicas" not in doc:
-        await asyncio.to_thread(report.chart, doc, chart)
-        console.print(f"chart drawn in {chart}")
+    await asyncio.to_thread(write, console, doc, out=out, summary=summary, chart=chart)
     return 1 if "e2e_error" in doc else 0
+
+
+def write(
+    console: Console,
+    doc: dict[str, Any],
+    *,
+    out: Path | None = None,
+    summary: Path | None = None,
+    chart: Path | None = None,
+) -> None:
+    """Print the tables of ``doc`` (a run's figures); write it, its summary and its chart."""
+    brief = report.summary(doc)
+    if "replicas" in doc:
+        replicas.table(console, brief)
+    else:
+        report.table(console, brief)
+    for path, data, what in ((out, doc, "figures"), (summary, brief, "summary")):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+            console.print(f"{what} written to {path}")
+    if chart is not None and "replicas" not in doc:
+        chart.parent.mkdir(parents=True, exist_ok=True)
+        report.chart(brief, chart)
+        console.print(f"chart drawn in {chart}")
 
 
 def _logged(log_dir: Path) -> dict[str, tuple[int, str]]:

@@ -2,7 +2,7 @@
 
 Each stage runs as its own ``pipeline ingest|route|sink`` process, exactly as deployed,
 so its peak resident memory is its own (``VmHWM`` in ``/proc/<pid>/status``). Each
-ceiling runs as its own ``python -m pipeline.tools.bench.ceilings`` process, so a
+ceiling runs as its own ``python -m benchmarks.ceilings`` process, so a
 stage and its ceiling compete for the same two cores in the same way. The DPS emulator
 serves from a third process, never from the measured one.
 
@@ -155,7 +155,7 @@ async def start(
 ) -> Proc:
     """Start ``python -m <argv...>``; stderr goes to ``log_dir/<name>.log``.
 
-    ``argv`` starts with the module (``pipeline`` or ``pipeline.tools.bench.ceilings``);
+    ``argv`` starts with the module (``pipeline`` or ``benchmarks.ceilings``);
     ``--config`` is inserted after it when the bench itself was given one.
     """
     module, *rest = argv

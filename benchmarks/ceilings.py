@@ -26,10 +26,10 @@ check that it does the transport and nothing else:
 
 Run one alone (it prints one JSON line)::
 
-    python -m pipeline.tools.bench.ceilings [--config FILE] drain --count 3000
+    python -m benchmarks.ceilings [--config FILE] drain --count 3000
 
 with the measurement's topics, client id and groups in ``PIPELINE_...`` variables,
-as :mod:`pipeline.tools.bench.procs` sets them. The loops resume an MQTT session that
+as :mod:`benchmarks.procs` sets them. The loops resume an MQTT session that
 already holds the messages (``drain``, ``naive``), or read a topic from the beginning.
 """
 
@@ -48,12 +48,12 @@ import msgspec
 import orjson
 import yarl
 
+from benchmarks.workload import Request
 from pipeline.config import Config, load_config
 from pipeline.dps.protocol import DEVICE_PATH, TOKEN_PATH, sign, token_encryption
 from pipeline.io import kafka, mqtt
 from pipeline.ops.logs import setup_logging
 from pipeline.schemas import ADD_RESPONSE, PARAS, SUB_DEVICE_MANAGER, DownEvent
-from pipeline.tools.bench.workload import Request
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -244,8 +244,8 @@ async def _token(session: aiohttp.ClientSession, base: yarl.URL, key: str, secre
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.tools.bench.ceilings",
-        description="One ceiling loop of `pipeline bench`; prints one JSON line.",
+        prog="python -m benchmarks.ceilings",
+        description="One ceiling loop of the bench (`python -m benchmarks`); prints one JSON line.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML configuration")
     sub = parser.add_subparsers(dest="loop", required=True)

@@ -1,4 +1,4 @@
-"""Throughput against the number of replicas (``pipeline bench --replicas``).
+"""Throughput against the number of replicas (``python -m benchmarks --replicas``).
 
 - sink: 1, 2 and 4 ``pipeline sink`` processes in one consumer group allocate the same
   children from an input topic of :data:`PARTITIONS` partitions. The replicas start on
@@ -24,20 +24,20 @@ import aiohttp
 import msgspec
 from rich.table import Table
 
+from benchmarks import measure, workload
+from benchmarks.measure import Output, span
+from benchmarks.procs import BenchError
+from benchmarks.stages import Sample, rotated, sample_of
 from pipeline.config import load_gateways
 from pipeline.io import kafka, mqtt
-from pipeline.tools.bench import measure, workload
-from pipeline.tools.bench.measure import Output, span
-from pipeline.tools.bench.procs import BenchError
-from pipeline.tools.bench.stages import Sample, rotated, sample_of
 from pipeline.tools.replay import FixtureMessage, replay_messages
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from benchmarks.context import Context
+    from benchmarks.procs import Proc
     from pipeline.config import Config
-    from pipeline.tools.bench.context import Context
-    from pipeline.tools.bench.procs import Proc
 
 __all__ = ["INGESTS", "PARTITIONS", "SINKS", "Replicas", "document", "table"]
 

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from benchmarks import measure, procs
 from pipeline.config import Config, Topics
 from pipeline.io import kafka
-from pipeline.tools.bench import measure, procs
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from pipeline.tools.bench.options import Options
+    from benchmarks.options import Options
 
 __all__ = ["Context"]
 
@@ -99,7 +99,7 @@ class Context:
         """Start ceiling ``loop`` with ``cfg``; read its result with ``Proc.result``."""
         return await procs.start(
             name,
-            ["pipeline.tools.bench.ceilings", loop, *args],
+            ["benchmarks.ceilings", loop, *args],
             env=procs.child_env(cfg),
             log_dir=self.log_dir,
             config_path=self.config_path,

@@ -1,4 +1,4 @@
-"""`pipeline bench`, run end to end with tiny sizes: the shape of its figures, not their values.
+"""The bench (`python -m benchmarks`), run end to end with tiny sizes: the shape of its figures, not their values.
 
 No timing thresholds here: the targets are judged in the bench's own output. What is
 checked is that every stage and ceiling was measured on the input it was given, that
@@ -17,13 +17,12 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline import cli
+from benchmarks import Options, cli, replicas, report, run, runner, workload
+from benchmarks.latency import percentile
+from benchmarks.measure import rate
+from benchmarks.stages import STAGES
 from pipeline.config import Config
 from pipeline.io import kafka
-from pipeline.tools.bench import Options, replicas, run, runner, workload
-from pipeline.tools.bench.latency import percentile
-from pipeline.tools.bench.measure import rate
-from pipeline.tools.bench.stages import STAGES
 
 TINY = Options(
     rounds=1,
@@ -84,12 +83,19 @@ def _check_stages(doc: dict[str, Any]) -> None:
 async def test_bench_runs_end_to_end_and_reports_consistent_figures(
     cfg: Config, tmp_path: Path
 ) -> None:
-    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    out, summary, chart = tmp_path / "bench.json", tmp_path / "summary.json", tmp_path / "bench.png"
 
-    assert await run(cfg, TINY, out=out, chart=chart) == 0
+    assert await run(cfg, TINY, out=out, summary=summary, chart=chart) == 0
 
     doc = orjson.loads(out.read_bytes())
     assert set(doc) == {"meta", "decode", "stages", "e2e", "memory", "targets"}
+    # The summary is every figure but the per-child latencies, whose count it keeps.
+    brief = orjson.loads(summary.read_bytes())
+    assert brief == report.summary(doc)
+    assert [s["children"] for s in brief["e2e"]["steps"]] == [
+        len(s["latencies_ms"]) for s in doc["e2e"]["steps"]
+    ]
+    assert b"latencies_ms" not in summary.read_bytes()
     assert doc["meta"]["options"]["rounds"] == 1
 
     decode = doc["decode"]
@@ -142,12 +148,13 @@ async def test_bench_runs_end_to_end_and_reports_consistent_figures(
 async def test_bench_replicas_measures_every_count_on_the_same_input(
     cfg: Config, tmp_path: Path
 ) -> None:
-    out = tmp_path / "replicas.json"
+    out, summary = tmp_path / "replicas.json", tmp_path / "summary-replicas.json"
     options = dataclasses.replace(TINY, replicas=True, messages=100, allocations=80)
 
-    assert await run(cfg, options, out=out) == 0
+    assert await run(cfg, options, out=out, summary=summary) == 0
 
     doc = orjson.loads(out.read_bytes())
+    assert orjson.loads(summary.read_bytes()) == doc  # nothing bulky to leave out
     assert set(doc) == {"meta", "replicas"}
     sink, ingest = doc["replicas"]["sink"], doc["replicas"]["ingest"]
     assert list(sink["replicas"]) == [str(n) for n in replicas.SINKS]
@@ -170,12 +177,40 @@ def test_chart_without_matplotlib_is_one_line(
 ) -> None:
     monkeypatch.setattr(runner, "chart_available", lambda: False)
 
-    code = cli.main(["bench", "--chart", str(tmp_path / "x.png")])
+    code = cli.main(["--chart", str(tmp_path / "x.png")])
 
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert err == "pipeline bench: --chart needs matplotlib: pip install 'iot-pipeline[bench]'"
+    assert err == "benchmarks: --chart needs matplotlib: pip install matplotlib"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_kept_summary_is_what_the_bench_writes(tmp_path: Path) -> None:
+    # benchmarks/results/summary.json, read back as a run's figures, is written again
+    # unchanged, and its tables and chart are drawn from it.
+    kept = cli.RESULTS / "summary.json"
+    summary, chart = tmp_path / "summary.json", tmp_path / "bench.png"
+
+    assert cli.main(["--from", str(kept), "--summary", str(summary), "--chart", str(chart)]) == 0
+
+    assert summary.read_bytes() == kept.read_bytes()
+    assert chart.read_bytes().startswith(b"\x89PNG")
+    assert len(kept.read_bytes()) < 50_000
+    replicas_kept = cli.RESULTS / "summary-replicas.json"
+    summary = tmp_path / "summary-replicas.json"
+    assert cli.main(["--from", str(replicas_kept), "--summary", str(summary)]) == 0
+    assert summary.read_bytes() == replicas_kept.read_bytes()
+
+
+def test_the_summary_keeps_the_count_of_the_latencies_it_leaves_out() -> None:
+    step = {"fraction": 0.5, "p50_ms": 2.0, "p99_ms": 3.0, "latencies_ms": [1.0, 2.0, 3.0]}
+    doc = {"meta": {}, "e2e": {"sustained_msg_per_s": 10.0, "steps": [step]}}
+
+    brief = report.summary(doc)
+
+    assert brief["e2e"]["steps"] == [{"fraction": 0.5, "p50_ms": 2.0, "p99_ms": 3.0, "children": 3}]
+    assert report.summary(brief) == brief
+    assert doc["e2e"]["steps"] == [step]  # the run's figures are left whole
 
 
 def test_rate_and_percentile() -> None:

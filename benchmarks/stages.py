@@ -23,19 +23,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 import msgspec
 
+from benchmarks import ceilings, measure, profile, workload
+from benchmarks.measure import Output, rate, span
 from pipeline.core.decode import decode_down
 from pipeline.dps.emulator import DEMO_GROUP
-from pipeline.tools.bench import ceilings, measure, profile, workload
-from pipeline.tools.bench.measure import Output, rate, span
 from pipeline.tools.replay import FixtureMessage, replay_messages
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
+    from benchmarks.context import Context
+    from benchmarks.procs import Memory
     from pipeline.config import Config
-    from pipeline.tools.bench.context import Context
-    from pipeline.tools.bench.procs import Memory
 
 __all__ = ["STAGES", "Sample", "Stages", "decode_rates", "rotated", "sample_of"]
 
