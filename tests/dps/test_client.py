@@ -14,6 +14,7 @@ from aiohttp import web
 from pipeline.config import DpsConfig, Secret
 from pipeline.dps.client import DpsClient
 from pipeline.dps.emulator import RunningEmulator, start_emulator
+from pipeline.dps.protocol import is_allocated
 from pipeline.errors import DpsRejected, DpsTransient
 from pipeline.schemas import AllocateRequest, PvsDevice
 
@@ -107,25 +108,43 @@ async def test_business_errors_are_rejected(client, org_id, sn, code, msg):
     assert str(caught.value) == f"DPS error {code}: {msg}"
 
 
-async def test_get_before_and_after_allocation(client):
-    before = decode_device(await client.get(ORG, "SN-2"))
+async def test_get_device_before_and_after_allocation(client, emulator):
+    before = await client.get_device(ORG, "SN-2")
+    assert before is not None
     assert before.status is not None
     assert before.status.current_status == "init"
     assert (before.org_id, before.region_id) == (None, None)
-    await client.allocate(ORG, AllocateRequest(sn="SN-2"))
-    after = decode_device(await client.get(ORG, "SN-2"))
+    assert not is_allocated(before)
+    data, _ = await client.allocate(ORG, AllocateRequest(sn="SN-2"))
+    after = await client.get_device(ORG, "SN-2")
+    assert after == decode_device(data)
     assert after.status is not None
     assert after.status.current_status == "allocated"
     assert after.org_id == ORG
+    assert is_allocated(after)
+    assert [(c.action, c.sn, c.code) for c in emulator.state.calls] == [
+        ("get", "SN-2", 0),
+        ("allocate", "SN-2", 0),
+        ("get", "SN-2", 0),
+    ]
+
+
+async def test_get_device_of_an_unknown_sn_is_none(client, emulator):
+    assert await client.get_device(ORG, "SN-UNKNOWN") is None
+    assert [(c.action, c.code) for c in emulator.state.calls] == [("get", 35601)]
+
+
+@pytest.mark.parametrize(("org_id", "sn"), [("", "SN-1"), (ORG, "")])
+async def test_get_device_without_org_or_sn_is_rejected(client, org_id, sn):
     with pytest.raises(DpsRejected) as caught:
-        await client.get(ORG, "SN-UNKNOWN")
-    assert (caught.value.code, caught.value.msg) == (35601, "Verify not pass/sn not found")
+        await client.get_device(org_id, sn)
+    assert (caught.value.code, caught.value.msg) == (35400, "OrgId/sn is required")
 
 
 async def test_token_is_reused(client, emulator):
     await client.allocate(ORG, AllocateRequest(sn="SN-1"))
     await client.allocate(ORG, AllocateRequest(sn="SN-2"))
-    await client.get(ORG, "SN-1")
+    await client.get_device(ORG, "SN-1")
     assert emulator.state.token_requests == 1
 
 
@@ -153,7 +172,7 @@ async def test_token_is_refreshed_before_it_expires():
         await dps.allocate(ORG, AllocateRequest(sn="SN-2"))
         assert emu.state.token_requests == 1
         await asyncio.sleep(1.1)
-        await dps.get(ORG, "SN-1")
+        await dps.get_device(ORG, "SN-1")
         assert emu.state.token_requests == 2
         assert len(emu.state.tokens) == 1  # the gateway handed back the unexpired token
 

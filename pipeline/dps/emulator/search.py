@@ -41,7 +41,8 @@ class SearchError(ValueError):
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<string>'[^']*'|"[^"]*")
-      | (?P<op>=|\(|\)|,)
+      | (?P<op>!=|<=|>=|=|<|>|\(|\)|,)
+      | (?P<number>-?[0-9]+(?:\.[0-9]+)?)
       | (?P<word>[A-Za-z_][A-Za-z0-9_.]*)
       | (?P<bad>\S)
     )""",
