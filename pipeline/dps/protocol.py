@@ -337,8 +337,12 @@ def device_page(
     page_size: int,
     request_id: str | None = None,
 ) -> DevicePage:
-    """A :class:`DevicePage` from a search answer, the request filling what DPS left out."""
-    if pagination is None:
+    """A :class:`DevicePage` from a search answer, the request filling what DPS left out.
+
+    A ``pagination`` whose page number or size is below 1 is ignored: paging by it would
+    never end.
+    """
+    if pagination is None or pagination.page_no < 1 or pagination.page_size < 1:
         return DevicePage(
             devices=devices,
             page_no=page_no,

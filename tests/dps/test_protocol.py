@@ -338,3 +338,6 @@ def test_device_page_prefers_what_dps_said():
     assert page.next_page is None
     page = device_page(devices, None, page_no=3, page_size=1)
     assert (page.page_no, page.page_size, page.total_size, page.next_page) == (3, 1, None, 4)
+    nonsense = Pagination(page_no=1, page_size=0, total_size=5)
+    page = device_page(devices, nonsense, page_no=1, page_size=10)
+    assert (page.page_no, page.page_size, page.total_size, page.next_page) == (1, 10, None, None)
