@@ -16,12 +16,14 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 __all__ = [
+    "MAX_PAGE_SIZE",
     "AddSubDeviceNotify",
     "AddSubDeviceResponse",
     "AddedChild",
     "AllocateRequest",
     "Allocation",
     "AllocationFailure",
+    "DeleteDevicesRequest",
     "DeleteSubDeviceNotify",
     "DeleteSubDeviceResponse",
     "DeviceInfo",
@@ -29,11 +31,17 @@ __all__ = [
     "DownEvent",
     "DownEventRecord",
     "DpsEnvelope",
+    "DpsPageEnvelope",
     "FailedChild",
+    "Pagination",
+    "PaginationRequest",
     "PvsDevice",
     "PvsDeviceStatus",
     "Reason",
+    "ResetAllocationRequest",
+    "SearchRequest",
     "ServiceEvent",
+    "Sorter",
     "StatusUpdateResponse",
     "TokenData",
     "TokenRequest",
@@ -295,6 +303,62 @@ class AllocateRequest(msgspec.Struct, kw_only=True, omit_defaults=True, rename="
     """Master-data identifier -> value; left out when empty."""
 
 
+class ResetAllocationRequest(msgspec.Struct, kw_only=True, rename="camel"):
+    """``POST /dps-service/v2.5/pvs/device?action=resetAllocationStatus&orgId=...``."""
+
+    group_id: str
+    """The registration group every sn of the batch belongs to."""
+    sns: list[str]
+
+
+class DeleteDevicesRequest(msgspec.Struct, kw_only=True, rename="camel"):
+    """``POST /dps-service/v2.5/pvs/device?action=delete&orgId=...``."""
+
+    group_id: str
+    """The registration group the sns belong to."""
+    sn_list: list[str]
+
+
+MAX_PAGE_SIZE = 1000
+"""Search DPS Device: "The maximum records per page is 1,000"."""
+
+
+class Sorter(msgspec.Struct, kw_only=True):
+    """One sort key of a search (EnOS Sorter Struct)."""
+
+    field: str
+    order: str = "ASC"
+    """``ASC`` or ``DESC``."""
+
+
+class PaginationRequest(msgspec.Struct, kw_only=True, omit_defaults=True, rename="camel"):
+    """EnOS Pagination Request Struct: which page of a search, and how it is sorted."""
+
+    page_no: Annotated[int, msgspec.Meta(ge=1)]
+    """Pages are numbered from 1."""
+    page_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE_SIZE)]
+    sorters: list[Sorter] | None = None
+    """Left out: DPS sorts by ``createTime``, newest first."""
+
+
+class SearchRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``POST /dps-service/v2.5/pvs/device?action=search&orgId=...``."""
+
+    expression: Annotated[str, msgspec.Meta(min_length=1)]
+    """An FQL query over sn, groupId, regionId, productKey, status, batchOrder,
+    createTime and deviceData."""
+    pagination: PaginationRequest | None = None
+    """Left out: the first page of 10."""
+
+
+class Pagination(msgspec.Struct, kw_only=True, rename="camel"):
+    """The ``pagination`` of a search answer: the page returned and how many match."""
+
+    page_no: int
+    page_size: int
+    total_size: int | None = None
+
+
 class PvsDeviceStatus(msgspec.Struct, kw_only=True, rename="camel"):
     """Where a DPS device is in its life (init, allocated, connected, finished, ...)."""
 
@@ -344,6 +408,17 @@ class DpsEnvelope(msgspec.Struct, kw_only=True, rename="camel"):
     request_id: str | None = None
     data: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
     """``null`` on errors; kept raw so what DPS returned is passed on unchanged."""
+
+
+class DpsPageEnvelope(msgspec.Struct, kw_only=True, rename="camel"):
+    """A search answer: the :class:`DpsEnvelope` fields and the page's ``pagination``."""
+
+    code: int
+    msg: str | None = None
+    request_id: str | None = None
+    data: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+    """The page's PvsDevices (a list); ``null`` on errors."""
+    pagination: Pagination | None = None
 
 
 # --------------------------------------------------------------------------------------

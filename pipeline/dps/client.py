@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import aiohttp
 import msgspec
@@ -20,23 +20,41 @@ import yarl
 from pipeline.config import TlsConfig
 from pipeline.dps.protocol import (
     CONNECT_HINT,
+    DEFAULT_PAGE_SIZE,
     DEVICE_PATH,
+    SN_NOT_FOUND,
     TLS_HINT,
     TOKEN_EXPIRED,
     TOKEN_PATH,
+    DevicePage,
     classify,
     cleartext_remote,
+    device_page,
     hint,
     parse_retry_after,
+    search_expression,
     sign,
     throttled,
     token_encryption,
 )
 from pipeline.errors import DpsRejected, DpsTransient
 from pipeline.io.tls import client_context
-from pipeline.schemas import AllocateRequest, DpsEnvelope, PvsDevice, TokenRequest, TokenResponse
+from pipeline.schemas import (
+    MAX_PAGE_SIZE,
+    AllocateRequest,
+    DeleteDevicesRequest,
+    DpsEnvelope,
+    DpsPageEnvelope,
+    PaginationRequest,
+    PvsDevice,
+    ResetAllocationRequest,
+    SearchRequest,
+    TokenRequest,
+    TokenResponse,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from types import TracebackType
 
     from pipeline.config import DpsConfig
@@ -52,6 +70,9 @@ _encode = msgspec.json.Encoder().encode
 _envelope = msgspec.json.Decoder(DpsEnvelope)
 _token_response = msgspec.json.Decoder(TokenResponse)
 _pvs_device = msgspec.json.Decoder(PvsDevice)
+_pvs_devices = msgspec.json.Decoder(list[PvsDevice])
+_sn_list = msgspec.json.Decoder(list[str])
+_page_envelope = msgspec.json.Decoder(DpsPageEnvelope)
 
 
 def _now_ms() -> int:
@@ -152,6 +173,138 @@ class DpsClient:
         data, _ = await self._call("GET", {"action": "get", "orgId": org_id, "sn": sn}, b"", sn=sn)
         return data
 
+    async def get_device(self, org_id: str, sn: str) -> PvsDevice | None:
+        """V2.5 Get DPS Device: the device ``sn`` as DPS has it now, allocated or not.
+
+        Before retrying an allocate whose answer was lost, this tells whether it took
+        effect (:func:`~pipeline.dps.protocol.is_allocated`).
+
+        Returns:
+            The PvsDevice, or None when DPS has no device ``sn`` (code 35601, "Verify
+            not pass/sn not found").
+
+        Raises:
+            DpsRejected: DPS refused the request (35400: orgId or sn blank, ...).
+            DpsTransient: as for :meth:`allocate`.
+        """
+        params = {"action": "get", "orgId": org_id, "sn": sn}
+        try:
+            data, _ = await self._call("GET", params, b"", sn=sn)
+        except DpsRejected as exc:
+            if exc.code == SN_NOT_FOUND:
+                return None
+            raise
+        return _pvs_device.decode(data)
+
+    async def search_devices(
+        self,
+        org_id: str,
+        *,
+        group_id: str | None = None,
+        sns: Iterable[str] | None = None,
+        status: str | None = None,
+        page: int = 1,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> DevicePage:
+        """V2.5 Search DPS Device: one page of the devices matching every criterion given.
+
+        Walk all of them with ``page = result.next_page`` until it is None.
+
+        Args:
+            org_id: the organisation (``orgId``).
+            group_id: devices of this registration group.
+            sns: devices with one of these sns.
+            status: devices in this current status (``init``, ``allocated``, ...).
+            page: the page number, from 1.
+            page_size: devices a page, 1 to 1,000 (DPS's maximum).
+
+        Raises:
+            ValueError: no criterion, an empty ``sns``, a value with a single quote, or
+                ``page``/``page_size`` out of range (nothing was sent).
+            DpsRejected: DPS refused the search (99400, ...).
+            DpsTransient: as for :meth:`allocate`.
+        """
+        expression = search_expression(group_id=group_id, sns=sns, status=status)
+        if page < 1 or not 1 <= page_size <= MAX_PAGE_SIZE:
+            msg = f"page {page}, page_size {page_size}: pages start at 1, hold 1 to 1000"
+            raise ValueError(msg)
+        request = SearchRequest(
+            expression=expression,
+            pagination=PaginationRequest(page_no=page, page_size=page_size),
+        )
+        params = {"action": "search", "orgId": org_id}
+        answer, envelope, refreshed = await self._send(
+            "POST", params, _encode(request), subject=f"expression={expression!r} page={page}"
+        )
+        data, request_id = self._result(
+            answer, envelope, refreshed=refreshed, decoder=_pvs_devices, what="PvsDevice list"
+        )
+        try:
+            pagination = _page_envelope.decode(answer.payload).pagination
+        except msgspec.DecodeError:
+            pagination = None  # the page still reads: the next one is found by its size
+        return device_page(
+            _pvs_devices.decode(data),
+            pagination,
+            page_no=page,
+            page_size=page_size,
+            request_id=request_id,
+        )
+
+    async def reset_allocation(self, org_id: str, group_id: str, sns: Iterable[str]) -> list[str]:
+        """V2.5 Reset Device Allocation Status of ``sns``, all of registration group ``group_id``.
+
+        A reset device is unallocated again: the next allocate allocates it anew. No
+        batch limit is documented; repeated sns are sent once, and none sends nothing.
+
+        Returns:
+            The sns DPS says it reset.
+
+        Raises:
+            DpsRejected: 35404 (the group, or one of the sns in it, does not exist),
+                35603 (the application has no DPS role), 99400 (groupId missing), ...
+            DpsTransient: as for :meth:`allocate`.
+        """
+        listed = list(dict.fromkeys(sns))
+        if not listed:
+            return []
+        body = _encode(ResetAllocationRequest(group_id=group_id, sns=listed))
+        return await self._sn_batch("resetAllocationStatus", org_id, group_id, body, len(listed))
+
+    async def delete_devices(self, org_id: str, group_id: str, sns: Iterable[str]) -> list[str]:
+        """V2.5 Delete DPS Device: remove ``sns`` of registration group ``group_id`` from DPS.
+
+        Deleting is idempotent: DPS lists the sns "successfully deleted and do not
+        exist". No batch limit is documented; repeated sns are sent once, and none sends
+        nothing.
+
+        Returns:
+            The sns that are now gone (deleted, or absent already); an sn missing from
+            it was not deleted (DPS does not say why).
+
+        Raises:
+            DpsRejected: DPS refused the request (no error code is documented).
+            DpsTransient: as for :meth:`allocate`.
+        """
+        listed = list(dict.fromkeys(sns))
+        if not listed:
+            return []
+        body = _encode(DeleteDevicesRequest(group_id=group_id, sn_list=listed))
+        return await self._sn_batch("delete", org_id, group_id, body, len(listed))
+
+    async def _sn_batch(
+        self, action: str, org_id: str, group_id: str, body: bytes, count: int
+    ) -> list[str]:
+        """A batch call on sns of one group whose ``data`` is a list of sns."""
+        params = {"action": action, "orgId": org_id}
+        answer, envelope, refreshed = await self._send(
+            "POST", params, body, subject=f"groupId={group_id} sns={count}"
+        )
+        data, _ = self._result(
+            answer, envelope, refreshed=refreshed, decoder=_sn_list, what="sn list"
+        )
+        return _sn_list.decode(data)
+
     # -- Token -------------------------------------------------------------------------
 
     async def _access_token(self) -> str:
@@ -224,6 +377,18 @@ class DpsClient:
     async def _call(
         self, method: str, params: dict[str, str], body: bytes, *, sn: str
     ) -> tuple[msgspec.Raw, str | None]:
+        """A call whose ``data`` is a PvsDevice: the data as DPS sent it, and the requestId."""
+        answer, envelope, refreshed = await self._send(method, params, body, subject=f"sn={sn}")
+        return self._result(answer, envelope, refreshed=refreshed)
+
+    async def _send(
+        self, method: str, params: dict[str, str], body: bytes, *, subject: str
+    ) -> tuple[_Answer, DpsEnvelope | None, bool]:
+        """One signed DPS call, once more with a fresh token if DPS says the token expired.
+
+        Returns:
+            The answer, its envelope if it had one, and whether the token was refreshed.
+        """
         url = self._device_url.with_query(params)
         action = params["action"]
         refreshed = False
@@ -248,9 +413,9 @@ class DpsClient:
             code = envelope.code if envelope is not None else None
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
-                    "DPS %s sn=%s -> HTTP %d code %s requestId %s in %.1f ms",
+                    "DPS %s %s -> HTTP %d code %s requestId %s in %.1f ms",
                     action,
-                    sn,
+                    subject,
                     answer.status,
                     code,
                     envelope.request_id if envelope is not None else None,
@@ -261,11 +426,24 @@ class DpsClient:
                 self._invalidate(token)
                 refreshed = True
                 continue
-            return self._result(answer, envelope, refreshed=refreshed)
+            return answer, envelope, refreshed
 
     def _result(
-        self, answer: _Answer, envelope: DpsEnvelope | None, *, refreshed: bool
+        self,
+        answer: _Answer,
+        envelope: DpsEnvelope | None,
+        *,
+        refreshed: bool,
+        decoder: msgspec.json.Decoder[Any] = _pvs_device,
+        what: str = "PvsDevice",
     ) -> tuple[msgspec.Raw, str | None]:
+        """The ``data`` of a successful answer, checked with ``decoder``, and the requestId.
+
+        Raises:
+            DpsRejected: DPS refused the call.
+            DpsTransient: any other failure, or a success whose data ``decoder`` cannot
+                read (described as ``what``).
+        """
         code = envelope.code if envelope is not None else None
         request_id = envelope.request_id if envelope is not None else None
         outcome = classify(answer.status, code)
@@ -274,9 +452,9 @@ class DpsClient:
                 msg = f"DPS answered code 0 without data (HTTP {answer.status})"
                 raise DpsTransient(answer.status, msg, request_id=request_id)
             try:
-                _pvs_device.decode(envelope.data)
+                decoder.decode(envelope.data)
             except msgspec.DecodeError as exc:
-                msg = f"DPS answered code 0 with an unreadable PvsDevice: {exc}"
+                msg = f"DPS answered code 0 with an unreadable {what}: {exc}"
                 raise DpsTransient(answer.status, msg, request_id=request_id) from exc
             return envelope.data, request_id
         if envelope is None:

@@ -2,8 +2,10 @@
 
 Paths, the access-token ``encryption``, the request signature, how an answer is
 classified (success, permanent refusal, worth retrying) and ``Retry-After`` parsing
-(reference/protocols.md, B1-B3). The client (:mod:`pipeline.dps.client`) and the
-emulator (:mod:`pipeline.dps.emulator`) both follow these, so they cannot drift apart.
+(reference/protocols.md, B1-B3); the search expression, and what Get and Search DPS
+Device answers mean (allocated or not, which page comes next). The client
+(:mod:`pipeline.dps.client`) and the emulator (:mod:`pipeline.dps.emulator`) both follow
+these, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -17,20 +19,30 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Literal
 
+import msgspec
+
+from pipeline.schemas import Pagination, PvsDevice
+
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
 __all__ = [
     "CONNECT_HINT",
+    "DEFAULT_PAGE_SIZE",
     "DEVICE_PATH",
+    "SN_NOT_FOUND",
     "TLS_HINT",
     "TOKEN_EXPIRED",
     "TOKEN_PATH",
+    "DevicePage",
     "Outcome",
     "classify",
     "cleartext_remote",
+    "device_page",
     "hint",
+    "is_allocated",
     "parse_retry_after",
+    "search_expression",
     "sign",
     "throttled",
     "token_encryption",
@@ -44,6 +56,10 @@ DEVICE_PATH = "dps-service/v2.5/pvs/device"
 Outcome = Literal["ok", "rejected", "transient"]
 
 TOKEN_EXPIRED = 1203
+SN_NOT_FOUND = 35601
+"""Get DPS Device's "Verify not pass/sn not found": DPS has no device with that sn."""
+DEFAULT_PAGE_SIZE = 10
+"""Search DPS Device's page size when the request gives none."""
 
 # API-gateway codes (protocols.md B2) and legacy gateway codes (B3) that say nothing about
 # the record: a wrong app key or secret, a gateway hiccup, an expired token. Retrying is
@@ -218,3 +234,126 @@ def cleartext_remote(base_url: str) -> bool:
         return not ipaddress.ip_address(host).is_loopback
     except ValueError:
         return True  # a name: assume it is remote
+
+
+# --------------------------------------------------------------------------------------
+# Get and Search DPS Device
+
+
+def is_allocated(device: PvsDevice) -> bool:
+    """Whether DPS has allocated ``device`` (it then has a region and an OU).
+
+    ``allocateStatus`` (``init`` or ``allocated``) says it when present; otherwise
+    ``status.currentStatus``: ``allocated``, ``connected`` and ``finished`` all come
+    after allocation, ``init`` and ``discarded`` do not.
+    """
+    if device.allocate_status is not None:
+        return device.allocate_status == "allocated"
+    status = device.status.current_status if device.status is not None else None
+    return status in {"allocated", "connected", "finished"}
+
+
+def _quoted(field: str, value: str) -> str:
+    # The docs give no escape for a quote inside an FQL string: refuse rather than guess.
+    if "'" in value:
+        msg = f"{field} {value!r}: a search value cannot contain a single quote"
+        raise ValueError(msg)
+    return f"'{value}'"
+
+
+def search_expression(
+    *,
+    group_id: str | None = None,
+    sns: Iterable[str] | None = None,
+    status: str | None = None,
+) -> str:
+    """The FQL ``expression`` of Search DPS Device for these criteria, joined by ``and``.
+
+    Args:
+        group_id: the registration group (``groupId = '...'``).
+        sns: any of these sns (``sn in ('...', ...)``).
+        status: the device's current status: ``init``, ``allocated``, ``connected``,
+            ``finished`` or ``discarded`` (``status = '...'``).
+
+    Raises:
+        ValueError: no criterion (the expression is required), an empty ``sns``, or a
+            value with a single quote in it.
+    """
+    terms = []
+    if group_id is not None:
+        terms.append(f"groupId = {_quoted('groupId', group_id)}")
+    if sns is not None:
+        listed = list(dict.fromkeys(sns))
+        if not listed:
+            msg = "sns: an empty list matches nothing"
+            raise ValueError(msg)
+        terms.append(f"sn in ({', '.join(_quoted('sn', sn) for sn in listed)})")
+    if status is not None:
+        terms.append(f"status = {_quoted('status', status)}")
+    if not terms:
+        msg = "a search needs at least one criterion (group_id, sns or status)"
+        raise ValueError(msg)
+    return " and ".join(terms)
+
+
+class DevicePage(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of a Search DPS Device answer.
+
+    Attributes:
+        devices: the page's devices, in DPS's order.
+        page_no: the page number (from 1).
+        page_size: the size asked for; the last page may hold fewer.
+        total_size: how many devices match in all, when DPS said so.
+        request_id: DPS's requestId.
+    """
+
+    devices: list[PvsDevice]
+    page_no: int
+    page_size: int
+    total_size: int | None
+    request_id: str | None = None
+
+    @property
+    def next_page(self) -> int | None:
+        """The number of the page after this one, or None when this one is the last.
+
+        ``totalSize`` decides when DPS sent it; otherwise a page shorter than
+        ``page_size`` is the last. An empty page is always the last.
+        """
+        if not self.devices:
+            return None
+        if self.total_size is not None:
+            more = self.page_no * self.page_size < self.total_size
+        else:
+            more = len(self.devices) >= self.page_size
+        return self.page_no + 1 if more else None
+
+
+def device_page(
+    devices: list[PvsDevice],
+    pagination: Pagination | None,
+    *,
+    page_no: int,
+    page_size: int,
+    request_id: str | None = None,
+) -> DevicePage:
+    """A :class:`DevicePage` from a search answer, the request filling what DPS left out.
+
+    A ``pagination`` whose page number or size is below 1 is ignored: paging by it would
+    never end.
+    """
+    if pagination is None or pagination.page_no < 1 or pagination.page_size < 1:
+        return DevicePage(
+            devices=devices,
+            page_no=page_no,
+            page_size=page_size,
+            total_size=None,
+            request_id=request_id,
+        )
+    return DevicePage(
+        devices=devices,
+        page_no=pagination.page_no,
+        page_size=pagination.page_size,
+        total_size=pagination.total_size,
+        request_id=request_id,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from typing import Any
 
@@ -14,6 +15,7 @@ from aiohttp import web
 from pipeline.config import DpsConfig, Secret
 from pipeline.dps.client import DpsClient
 from pipeline.dps.emulator import RunningEmulator, start_emulator
+from pipeline.dps.protocol import is_allocated
 from pipeline.errors import DpsRejected, DpsTransient
 from pipeline.schemas import AllocateRequest, PvsDevice
 
@@ -107,25 +109,43 @@ async def test_business_errors_are_rejected(client, org_id, sn, code, msg):
     assert str(caught.value) == f"DPS error {code}: {msg}"
 
 
-async def test_get_before_and_after_allocation(client):
-    before = decode_device(await client.get(ORG, "SN-2"))
+async def test_get_device_before_and_after_allocation(client, emulator):
+    before = await client.get_device(ORG, "SN-2")
+    assert before is not None
     assert before.status is not None
     assert before.status.current_status == "init"
     assert (before.org_id, before.region_id) == (None, None)
-    await client.allocate(ORG, AllocateRequest(sn="SN-2"))
-    after = decode_device(await client.get(ORG, "SN-2"))
+    assert not is_allocated(before)
+    data, _ = await client.allocate(ORG, AllocateRequest(sn="SN-2"))
+    after = await client.get_device(ORG, "SN-2")
+    assert after == decode_device(data)
     assert after.status is not None
     assert after.status.current_status == "allocated"
     assert after.org_id == ORG
+    assert is_allocated(after)
+    assert [(c.action, c.sn, c.code) for c in emulator.state.calls] == [
+        ("get", "SN-2", 0),
+        ("allocate", "SN-2", 0),
+        ("get", "SN-2", 0),
+    ]
+
+
+async def test_get_device_of_an_unknown_sn_is_none(client, emulator):
+    assert await client.get_device(ORG, "SN-UNKNOWN") is None
+    assert [(c.action, c.code) for c in emulator.state.calls] == [("get", 35601)]
+
+
+@pytest.mark.parametrize(("org_id", "sn"), [("", "SN-1"), (ORG, "")])
+async def test_get_device_without_org_or_sn_is_rejected(client, org_id, sn):
     with pytest.raises(DpsRejected) as caught:
-        await client.get(ORG, "SN-UNKNOWN")
-    assert (caught.value.code, caught.value.msg) == (35601, "Verify not pass/sn not found")
+        await client.get_device(org_id, sn)
+    assert (caught.value.code, caught.value.msg) == (35400, "OrgId/sn is required")
 
 
 async def test_token_is_reused(client, emulator):
     await client.allocate(ORG, AllocateRequest(sn="SN-1"))
     await client.allocate(ORG, AllocateRequest(sn="SN-2"))
-    await client.get(ORG, "SN-1")
+    await client.get_device(ORG, "SN-1")
     assert emulator.state.token_requests == 1
 
 
@@ -153,7 +173,7 @@ async def test_token_is_refreshed_before_it_expires():
         await dps.allocate(ORG, AllocateRequest(sn="SN-2"))
         assert emu.state.token_requests == 1
         await asyncio.sleep(1.1)
-        await dps.get(ORG, "SN-1")
+        await dps.get_device(ORG, "SN-1")
         assert emu.state.token_requests == 2
         assert len(emu.state.tokens) == 1  # the gateway handed back the unexpired token
 
@@ -384,3 +404,256 @@ async def test_other_client_errors_are_rejected(bare_server):
         with pytest.raises(DpsRejected) as caught:
             await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
     assert (caught.value.code, caught.value.msg) == (400, "Bad thing")
+
+
+# --------------------------------------------------------------------------------------
+# Get, Search, Reset Device Allocation Status and Delete, against the emulator
+
+OPERATIONS = {
+    "get": lambda dps: dps.get_device(ORG, "SN-1"),
+    "search": lambda dps: dps.search_devices(ORG, group_id="g-1"),
+    "resetAllocationStatus": lambda dps: dps.reset_allocation(ORG, "g-1", ["SN-1"]),
+    "delete": lambda dps: dps.delete_devices(ORG, "g-1", ["SN-2"]),
+}
+
+
+async def test_an_ambiguous_allocate_is_settled_by_get_device(client, emulator):
+    await admin(emulator, "POST", "/_emulator/faults", {"cut_rate": 1.0})
+    with pytest.raises(DpsTransient) as caught:
+        await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    host = emulator.url.removeprefix("http://")
+    assert caught.value.msg == (
+        f"DPS allocate to {host} failed: ServerDisconnectedError: Server disconnected"
+    )
+    await admin(emulator, "POST", "/_emulator/faults", {"cut_rate": 0.0})
+    device = await client.get_device(ORG, "SN-1")
+    assert device is not None
+    assert is_allocated(device)
+    assert [(c.action, c.code, c.cut) for c in emulator.state.calls] == [
+        ("allocate", 0, True),
+        ("get", 0, False),
+    ]
+
+
+async def test_search_devices_walks_every_page(client, emulator):
+    await admin(emulator, "POST", "/_emulator/devices",
+                [{"sn": f"P-{i:02d}", "group_id": "g-p"} for i in range(25)])  # fmt: skip
+    seen: list[str] = []
+    pages = []
+    page: int | None = 1
+    while page is not None:
+        result = await client.search_devices(ORG, group_id="g-p", page=page, page_size=10)
+        pages.append((result.page_no, result.page_size, result.total_size, len(result.devices)))
+        assert result.request_id is not None
+        seen += [device.sn for device in result.devices]
+        page = result.next_page
+    assert pages == [(1, 10, 25, 10), (2, 10, 25, 10), (3, 10, 25, 5)]
+    assert sorted(seen) == [f"P-{i:02d}" for i in range(25)]
+    assert [c.expression for c in emulator.state.calls] == ["groupId = 'g-p'"] * 3
+
+
+async def test_search_devices_by_status_and_sns(client, emulator):
+    await client.allocate(ORG, AllocateRequest(sn="SN-2"))
+    allocated = await client.search_devices(ORG, group_id="g-1", status="allocated")
+    assert [(d.sn, is_allocated(d)) for d in allocated.devices] == [("SN-2", True)]
+    assert allocated.next_page is None
+    listed = await client.search_devices(ORG, sns=["SN-1", "SN-9", "SN-1"])
+    assert [d.sn for d in listed.devices] == ["SN-1"]
+    assert (listed.page_no, listed.page_size, listed.total_size) == (1, 10, 1)
+    assert emulator.state.calls[-1].expression == "sn in ('SN-1', 'SN-9')"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({}, "a search needs at least one criterion"),
+        ({"sns": []}, "sns: an empty list matches nothing"),
+        ({"group_id": "it's"}, 'groupId "it\'s": a search value cannot contain a single quote'),
+        ({"group_id": "g", "page": 0}, "page 0, page_size 10: pages start at 1"),
+        ({"group_id": "g", "page_size": 1001}, "page 1, page_size 1001: pages start at 1"),
+    ],
+)
+async def test_search_devices_refuses_what_dps_would_not_read(client, emulator, kwargs, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        await client.search_devices(ORG, **kwargs)
+    assert (emulator.state.calls, emulator.state.token_requests) == ([], 0)
+
+
+async def test_search_devices_refused_by_dps(client):
+    with pytest.raises(DpsRejected) as caught:
+        await client.search_devices("", group_id="g-1")
+    assert (caught.value.code, caught.value.msg) == (
+        99400,
+        "Invalid Argument orgId:orgId is missing",
+    )
+
+
+async def test_reset_allocation_then_allocate_allocates_again(client, emulator):
+    first, _ = await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert await client.reset_allocation(ORG, "g-1", ["SN-1", "SN-2", "SN-1"]) == ["SN-1", "SN-2"]
+    device = await client.get_device(ORG, "SN-1")
+    assert device is not None
+    assert not is_allocated(device)
+    assert device.reprovisioning is True
+    await asyncio.sleep(0.002)
+    again, _ = await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert decode_device(again).status != decode_device(first).status
+    assert is_allocated(decode_device(again))
+    assert [(c.action, c.sn, c.sns, c.group_id, c.code) for c in emulator.state.calls] == [
+        ("allocate", "SN-1", None, None, 0),
+        ("resetAllocationStatus", None, ["SN-1", "SN-2"], "g-1", 0),
+        ("get", "SN-1", None, None, 0),
+        ("allocate", "SN-1", None, None, 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("batch", "faults", "expected"),
+    [
+        (("g-9", ["SN-1"]), {}, (35404, "Group/sn not found")),
+        (("g-1", ["SN-NOGROUP"]), {}, (35404, "Group/sn not found")),
+        (("", ["SN-1"]), {}, (99400, "Invalid Argument groupId:groupId is missing")),
+        (("g-1", ["SN-1"]), {"no_dps_role": True}, (35603, "Unauthorized to access the resource")),
+    ],
+)
+async def test_reset_allocation_refusals(client, emulator, batch, faults, expected):
+    if faults:
+        await admin(emulator, "POST", "/_emulator/faults", faults)
+    group_id, sns = batch
+    with pytest.raises(DpsRejected) as caught:
+        await client.reset_allocation(ORG, group_id, sns)
+    assert (caught.value.code, caught.value.msg) == expected
+    assert caught.value.retriable is False
+
+
+@pytest.mark.parametrize("method", ["reset_allocation", "delete_devices"])
+async def test_an_empty_batch_sends_nothing(client, emulator, method):
+    assert await getattr(client, method)(ORG, "g-1", []) == []
+    assert (emulator.state.calls, emulator.state.token_requests) == ([], 0)
+
+
+async def test_delete_devices_is_idempotent(client, emulator):
+    await client.allocate(ORG, AllocateRequest(sn="SN-1"))
+    assert await client.delete_devices(ORG, "g-1", ["SN-1", "SN-9"]) == ["SN-1", "SN-9"]
+    assert await client.delete_devices(ORG, "g-1", ["SN-1", "SN-9"]) == ["SN-1", "SN-9"]
+    assert await client.get_device(ORG, "SN-1") is None
+    assert [(c.action, c.sns) for c in emulator.state.calls] == [
+        ("allocate", None),
+        ("delete", ["SN-1", "SN-9"]),
+        ("delete", ["SN-1", "SN-9"]),
+        ("get", None),
+    ]
+
+
+async def test_delete_devices_of_an_unknown_group_is_rejected(client):
+    with pytest.raises(DpsRejected) as caught:
+        await client.delete_devices(ORG, "g-9", ["SN-1"])
+    assert (caught.value.code, caught.value.msg) == (35404, "Group/sn not found")
+
+
+@pytest.mark.parametrize("action", list(OPERATIONS))
+async def test_every_operation_succeeds_once_and_is_logged(client, emulator, action):
+    await OPERATIONS[action](client)
+    assert [(c.action, c.code) for c in emulator.state.calls] == [(action, 0)]
+
+
+@pytest.mark.parametrize("action", list(OPERATIONS))
+async def test_every_operation_replaces_an_expired_token(client, emulator, action):
+    await client.get_device(ORG, "SN-1")
+    await admin(emulator, "POST", "/_emulator/reset")  # forgets every issued token
+    await OPERATIONS[action](client)
+    assert [(c.action, c.code) for c in emulator.state.calls] == [(action, 1203), (action, 0)]
+    assert emulator.state.token_requests == 1
+
+
+@pytest.mark.parametrize("action", list(OPERATIONS))
+async def test_every_operation_with_a_wrong_secret_is_transient(emulator, action):
+    async with DpsClient(dps_cfg(emulator.url, app_secret=Secret("wrong"))) as dps:
+        with pytest.raises(DpsTransient) as caught:
+            await OPERATIONS[action](dps)
+    assert (caught.value.code, caught.value.hint) == (
+        1003,
+        "check sink.dps.app_key and sink.dps.app_secret",
+    )
+    assert emulator.state.calls == []
+
+
+@pytest.mark.parametrize("action", list(OPERATIONS))
+async def test_every_operation_under_faults_is_transient(emulator, action):
+    host = emulator.url.removeprefix("http://")
+    async with DpsClient(dps_cfg(emulator.url, timeout=0.2)) as dps:
+        await OPERATIONS[action](dps)  # a token, and the connection, before the faults
+        await admin(emulator, "POST", "/_emulator/faults", {"error_rate": 1.0, "error_status": 502})
+        with pytest.raises(DpsTransient) as caught:
+            await OPERATIONS[action](dps)
+        assert (caught.value.code, caught.value.msg) == (502, "Bad Gateway")
+        await admin(emulator, "POST", "/_emulator/faults", {"error_rate": 0.0, "outage": True})
+        with pytest.raises(DpsTransient) as caught:
+            await OPERATIONS[action](dps)
+        assert caught.value.msg == "HTTP 503 without a DPS envelope: service unavailable"
+        await admin(emulator, "POST", "/_emulator/faults", {"outage": False, "latency_ms": 400})
+        with pytest.raises(DpsTransient) as caught:
+            await OPERATIONS[action](dps)
+        assert caught.value.msg == f"DPS {action} to {host} timed out after 0.2 s"
+        await admin(emulator, "POST", "/_emulator/faults",
+                    {"latency_ms": 0, "throttle_rps": 1, "retry_after": 3})  # fmt: skip
+        await OPERATIONS[action](dps)
+        with pytest.raises(DpsTransient) as caught:
+            await OPERATIONS[action](dps)
+        assert (caught.value.code, caught.value.throttled, caught.value.retry_after) == (
+            429,
+            True,
+            3.0,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Search answers the emulator never gives: a bare server
+
+
+@pytest.mark.parametrize(
+    ("extra", "page_size", "total", "next_page"),
+    [
+        ({}, 2, None, 2),
+        ({}, 3, None, None),
+        ({"pagination": "unreadable"}, 2, None, 2),
+        ({"pagination": {"pageNo": 1, "pageSize": 2, "totalSize": 2}}, 2, 2, None),
+    ],
+)
+async def test_search_pages_without_a_total(bare_server, extra, page_size, total, next_page):
+    url, answer = bare_server
+    answer["device"] = web.json_response({"code": 0, "data": [{"sn": "A"}, {"sn": "B"}]} | extra)
+    async with DpsClient(dps_cfg(url)) as dps:
+        result = await dps.search_devices(ORG, group_id="g", page_size=page_size)
+    assert [d.sn for d in result.devices] == ["A", "B"]
+    assert (result.total_size, result.next_page) == (total, next_page)
+
+
+@pytest.mark.parametrize(
+    ("call", "data", "msg"),
+    [
+        (
+            lambda dps: dps.search_devices(ORG, group_id="g"),
+            {"sn": "A"},
+            "DPS answered code 0 with an unreadable PvsDevice list: Expected `array`, got `object`",
+        ),
+        (
+            lambda dps: dps.reset_allocation(ORG, "g", ["A"]),
+            [1],
+            "DPS answered code 0 with an unreadable sn list: Expected `str`, got `int` - at `$[0]`",
+        ),
+        (
+            lambda dps: dps.delete_devices(ORG, "g", ["A"]),
+            None,
+            "DPS answered code 0 without data (HTTP 200)",
+        ),
+    ],
+    ids=["search", "reset", "delete"],
+)
+async def test_unreadable_data_is_transient(bare_server, call, data, msg):
+    url, answer = bare_server
+    answer["device"] = web.json_response({"code": 0, "data": data})
+    async with DpsClient(dps_cfg(url)) as dps:
+        with pytest.raises(DpsTransient) as caught:
+            await call(dps)
+    assert caught.value.msg == msg

@@ -17,14 +17,23 @@ import orjson
 import pytest
 
 from pipeline.dps.emulator import EmulatorState, load_devices, serve, start_emulator
-from pipeline.dps.protocol import sign, token_encryption
+from pipeline.dps.protocol import token_encryption
 from pipeline.errors import ConfigError
+from tests.dps.support import (
+    DEVICE_URL,
+    KEY,
+    ORG,
+    SECRET,
+    TOKEN_URL,
+    admin,
+    allocate,
+    call,
+    now_ms,
+    request_token,
+    sign_headers,
+    token,
+)
 
-KEY = "demo-app-key"
-SECRET = "demo-app-secret"
-ORG = "o15735524440141"
-TOKEN_URL = "/apim-token-service/v2.0/token/get"
-DEVICE_URL = "/dps-service/v2.5/pvs/device"
 DEVICES: list[dict[str, Any]] = [
     {"sn": "SN-1", "group_id": "g-1", "product_key": "pk-1", "device_data": {"capacity": 12}},
     {"sn": "SN-2", "group_id": "g-1", "org_id": "o-maker"},
@@ -54,10 +63,6 @@ SEED_KEYS = {
 STATUS_KEYS = {"currentStatus", "connectedTime", "allocatedTime", "finishedTime", "discardedTime"}
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @pytest.fixture
 async def emu():
     async with await start_emulator(devices=DEVICES) as running:
@@ -68,67 +73,6 @@ async def emu():
 async def http():
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-async def request_token(http, emu, body) -> tuple[int, dict[str, Any]]:
-    async with http.post(emu.url + TOKEN_URL, data=orjson.dumps(body)) as resp:
-        return resp.status, await resp.json()
-
-
-async def token(http, emu) -> str:
-    ts = now_ms()
-    body = {"appKey": KEY, "encryption": token_encryption(KEY, ts, SECRET), "timestamp": ts}
-    status, answer = await request_token(http, emu, body)
-    assert (status, answer["status"]) == (200, 0)
-    access_token: str = answer["data"]["accessToken"]
-    return access_token
-
-
-async def call(
-    http,
-    emu,
-    method: str,
-    params: dict[str, str],
-    body: bytes = b"",
-    *,
-    access_token: str,
-    signed_params: dict[str, str] | None = None,
-    signed_body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, Any]]:
-    """A DPS call signed by hand; ``signed_*`` sign something else than what is sent."""
-    ts = now_ms()
-    signature = sign(
-        access_token,
-        params if signed_params is None else signed_params,
-        body if signed_body is None else signed_body,
-        ts,
-        SECRET,
-    )
-    sent = {
-        "apim-accesstoken": access_token,
-        "apim-timestamp": str(ts),
-        "apim-signature": signature,
-        "Content-Type": "application/json",
-    } | (headers or {})
-    sent = {k: v for k, v in sent.items() if v}
-    async with http.request(
-        method, emu.url + DEVICE_URL, params=params, data=body or None, headers=sent
-    ) as resp:
-        return resp.status, await resp.json()
-
-
-async def allocate(http, emu, sn: str | None, org_id: str | None = ORG, **body_fields):
-    params = {"action": "allocate"} | ({"orgId": org_id} if org_id is not None else {})
-    body = orjson.dumps(({"sn": sn} if sn is not None else {}) | body_fields)
-    return await call(http, emu, "POST", params, body, access_token=await token(http, emu))
-
-
-async def admin(http, emu, method: str, path: str, payload=None) -> tuple[int, object]:
-    data = orjson.dumps(payload) if payload is not None else None
-    async with http.request(method, emu.url + path, data=data) as resp:
-        text = await resp.read()
-        return resp.status, orjson.loads(text) if text else None
 
 
 # --------------------------------------------------------------------------------------
@@ -425,6 +369,8 @@ async def test_faults_merge_and_validate(http, emu):
         "retry_after": 1.0,
         "outage": False,
         "fail_sns": [],
+        "cut_rate": 0.0,
+        "no_dps_role": False,
     }
     assert await admin(http, emu, "GET", "/_emulator/faults") == (200, defaults)
     await admin(http, emu, "POST", "/_emulator/faults", {"error_status": 502})
@@ -481,21 +427,11 @@ async def test_throttle_answers_429_with_retry_after(http, emu):
         (429, "2", 429),
     ]
     assert answers[2][2]["msg"] == "Too Many Requests"
-    # Reads are not throttled.
+    # One budget for every operation: reads are throttled too.
     status, answer = await call(
         http, emu, "GET", {"action": "get", "orgId": ORG, "sn": "SN-1"}, access_token=tok
     )
-    assert (status, answer["code"]) == (200, 0)
-
-
-def sign_headers(tok: str, params: dict[str, str], body: bytes) -> dict[str, str]:
-    ts = now_ms()
-    return {
-        "apim-accesstoken": tok,
-        "apim-timestamp": str(ts),
-        "apim-signature": sign(tok, params, body, ts, SECRET),
-        "Content-Type": "application/json",
-    }
+    assert (status, answer["code"]) == (429, 429)
 
 
 async def test_outage_answers_503_without_json(http, emu):

@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.dps.emulator import EmulatedDevice
+from pipeline.dps.emulator.search import matcher
 from pipeline.dps.protocol import (
+    DevicePage,
     classify,
+    device_page,
     hint,
+    is_allocated,
     parse_retry_after,
+    search_expression,
     sign,
     throttled,
     token_encryption,
 )
-from pipeline.schemas import AllocateRequest
+from pipeline.schemas import (
+    AllocateRequest,
+    DeleteDevicesRequest,
+    Pagination,
+    PaginationRequest,
+    PvsDevice,
+    ResetAllocationRequest,
+    SearchRequest,
+    Sorter,
+)
 
 ORG = "o15735524440141"
 
@@ -199,3 +215,129 @@ def test_parse_retry_after(value, seconds):
 
 def test_allocate_request_leaves_device_data_out_when_none():
     assert msgspec.json.encode(AllocateRequest(sn="SN-1")) == b'{"sn":"SN-1"}'
+
+
+# --------------------------------------------------------------------------------------
+# Get, Search, Reset and Delete: requests and answers
+
+
+def test_batch_and_search_requests_encode_as_documented():
+    reset = ResetAllocationRequest(group_id="g", sns=["a", "b"])
+    assert msgspec.json.encode(reset) == b'{"groupId":"g","sns":["a","b"]}'
+    delete = DeleteDevicesRequest(group_id="g", sn_list=["a"])
+    assert msgspec.json.encode(delete) == b'{"groupId":"g","snList":["a"]}'
+    search = SearchRequest(expression="sn = 'a'")
+    assert msgspec.json.encode(search) == b'{"expression":"sn = \'a\'"}'
+    paged = SearchRequest(expression="x", pagination=PaginationRequest(page_no=2, page_size=50))
+    assert msgspec.json.encode(paged) == (
+        b'{"expression":"x","pagination":{"pageNo":2,"pageSize":50}}'
+    )
+    sorted_by = PaginationRequest(page_no=1, page_size=1, sorters=[Sorter(field="sn")])
+    assert msgspec.json.encode(sorted_by) == (
+        b'{"pageNo":1,"pageSize":1,"sorters":[{"field":"sn","order":"ASC"}]}'
+    )
+    with pytest.raises(msgspec.ValidationError, match=r"<= 1000 - at `\$.pageSize`"):
+        msgspec.convert({"pageNo": 1, "pageSize": 1001}, PaginationRequest)
+
+
+@pytest.mark.parametrize(
+    ("criteria", "expression"),
+    [
+        ({"group_id": "g-1"}, "groupId = 'g-1'"),
+        ({"sns": ["a", "b", "a"]}, "sn in ('a', 'b')"),
+        ({"status": "allocated"}, "status = 'allocated'"),
+        (
+            {"group_id": "g", "sns": ("a",), "status": "init"},
+            "groupId = 'g' and sn in ('a') and status = 'init'",
+        ),
+        ({"group_id": 'say "hi"'}, "groupId = 'say \"hi\"'"),
+    ],
+)
+def test_search_expression(criteria, expression):
+    assert search_expression(**criteria) == expression
+
+
+@pytest.mark.parametrize(
+    ("criteria", "error"),
+    [
+        ({}, "a search needs at least one criterion (group_id, sns or status)"),
+        ({"sns": []}, "sns: an empty list matches nothing"),
+        ({"sns": ["a", "o'b"]}, 'sn "o\'b": a search value cannot contain a single quote'),
+        ({"status": "'"}, 'status "\'": a search value cannot contain a single quote'),
+    ],
+)
+def test_search_expression_refusals(criteria, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        search_expression(**criteria)
+
+
+_value = st.text(min_size=1, max_size=12).filter(lambda text: "'" not in text)
+
+
+@given(_value, st.lists(_value, min_size=1, max_size=4), st.sampled_from(["init", "allocated"]))
+def test_the_emulator_reads_the_expression_as_meant(group_id, sns, status):
+    # What the client asks for is what the emulator's FQL subset matches.
+    match = matcher(search_expression(group_id=group_id, sns=sns, status=status))
+
+    def device(sn: str, group: str | None, allocated: bool) -> EmulatedDevice:
+        return EmulatedDevice(
+            sn=sn, group_id=group, product_key=None, manufacturer_org_id=None,
+            registered_data={}, batch_order=1, create_time=1, update_time=1,
+            allocated_time=1 if allocated else None,
+        )  # fmt: skip
+
+    allocated = status == "allocated"
+    assert all(match(device(sn, group_id, allocated)) for sn in sns)
+    assert not match(device(sns[0], group_id + "x", allocated))
+    assert not match(device(sns[0], group_id, not allocated))
+    other = "".join(sns) + "-other"
+    assert not match(device(other, group_id, allocated))
+
+
+@pytest.mark.parametrize(
+    ("fields", "allocated"),
+    [
+        ({"allocateStatus": "allocated"}, True),
+        ({"allocateStatus": "init", "status": {"currentStatus": "allocated"}}, False),
+        ({"status": {"currentStatus": "allocated"}}, True),
+        ({"status": {"currentStatus": "connected"}}, True),
+        ({"status": {"currentStatus": "finished"}}, True),
+        ({"status": {"currentStatus": "init"}}, False),
+        ({"status": {"currentStatus": "discarded"}}, False),
+        ({}, False),
+    ],
+)
+def test_is_allocated(fields, allocated):
+    device = msgspec.convert({"sn": "a"} | fields, PvsDevice)
+    assert is_allocated(device) is allocated
+
+
+@pytest.mark.parametrize(
+    ("found", "page_no", "page_size", "total", "next_page"),
+    [
+        (10, 1, 10, 25, 2),
+        (5, 3, 10, 25, None),
+        (10, 2, 10, 20, None),
+        (10, 1, 10, None, 2),
+        (9, 1, 10, None, None),
+        (0, 4, 10, 25, None),  # beyond the end, or an answer that contradicts itself
+        (0, 1, 10, None, None),
+    ],
+)
+def test_next_page(found, page_no, page_size, total, next_page):
+    devices = [PvsDevice(sn=f"s{i}") for i in range(found)]
+    page = DevicePage(devices=devices, page_no=page_no, page_size=page_size, total_size=total)
+    assert page.next_page == next_page
+
+
+def test_device_page_prefers_what_dps_said():
+    devices = [PvsDevice(sn="a")]
+    said = Pagination(page_no=2, page_size=5, total_size=6)
+    page = device_page(devices, said, page_no=1, page_size=10, request_id="r")
+    assert (page.page_no, page.page_size, page.total_size, page.request_id) == (2, 5, 6, "r")
+    assert page.next_page is None
+    page = device_page(devices, None, page_no=3, page_size=1)
+    assert (page.page_no, page.page_size, page.total_size, page.next_page) == (3, 1, None, 4)
+    nonsense = Pagination(page_no=1, page_size=0, total_size=5)
+    page = device_page(devices, nonsense, page_no=1, page_size=10)
+    assert (page.page_no, page.page_size, page.total_size, page.next_page) == (1, 10, None, None)

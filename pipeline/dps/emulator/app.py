@@ -2,14 +2,17 @@
 
 Every gateway request passes through three middlewares, outermost first:
 
-1. ``ledger``: counts token requests and logs every allocate call with its answer;
+1. ``ledger``: counts token requests and logs every DPS call (every operation) with its
+   action and its answer;
 2. ``faults``: injected latency and outage (token service and DPS), then throttling,
-   the sns that always fail and the random error rate (DPS only);
+   the sns that always fail, the random error rate and connection cuts (DPS only, every
+   operation alike);
 3. ``authenticate``: the gateway's access-token and signature check (DPS only).
 
 The admin API (``/_emulator/...``) is a sub-application that none of them touch.
 
-Where the docs are silent the emulator makes one choice and says so:
+Where the docs are silent the emulator makes one choice and says so (the documented
+facts are in the package docstring):
 
 - Token and business errors are answered with HTTP 200 and the code in the body; a missing
   gateway header is HTTP 401 with code 1202, a wrong signature HTTP 401 with legacy code
@@ -17,6 +20,23 @@ Where the docs are silent the emulator makes one choice and says so:
 - Asking for a token while one is unexpired returns that token (documented) with its
   remaining lifetime, rounded up, as ``expire``.
 - Allocating an already allocated sn returns the same device again, unchanged.
+- A body that is not a JSON object, a missing ``orgId`` on the operations whose pages
+  list no code for it (search, reset, delete), an empty ``sns``/``snList`` or
+  ``expression``, a page beyond the documented 1,000 records and anything outside the
+  emulator's FQL subset (:mod:`.search`) are answered 99400 ``Invalid Argument ...``,
+  the code the reset page gives for a missing argument.
+- Reset: resetting a device that is not allocated succeeds and lists it; every sn must
+  exist in the group or nothing is reset (35404); a reset device is ``init`` with
+  ``reprovisioning`` true, and the next allocate allocates it again.
+- Delete: a group that was never registered is 35404 (the reset page's code); an sn
+  registered in another group is neither deleted nor listed; an sn that does not exist
+  is listed (the page: "successfully deleted and do not exist").
+- Search: the answer carries ``pagination`` (``pageNo``, ``pageSize``, ``totalSize``)
+  beside ``data``, as EnOS search APIs do; ``orgId`` does not filter (devices have none
+  before allocation).
+- No batch limit is documented for reset or delete; the emulator enforces none.
+- Throttling (``throttle_rps``) is one budget for every DPS operation (the gateway's
+  limits are not documented per operation).
 """
 
 from __future__ import annotations
@@ -29,18 +49,34 @@ import logging
 import random
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import orjson
 from aiohttp import web
 
-from pipeline.dps.emulator.state import REGION_ID, EmulatorState
-from pipeline.dps.protocol import DEVICE_PATH, TOKEN_PATH, sign, token_encryption
-from pipeline.schemas import DpsEnvelope, TokenData, TokenRequest, TokenResponse
+from pipeline.dps.emulator.search import SearchError, matcher, sort_devices
+from pipeline.dps.emulator.state import REGION_ID, CallRecord, EmulatorState
+from pipeline.dps.protocol import (
+    DEFAULT_PAGE_SIZE,
+    DEVICE_PATH,
+    TOKEN_PATH,
+    sign,
+    token_encryption,
+)
+from pipeline.schemas import (
+    DpsEnvelope,
+    DpsPageEnvelope,
+    Pagination,
+    PaginationRequest,
+    SearchRequest,
+    TokenData,
+    TokenRequest,
+    TokenResponse,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from aiohttp.typedefs import Handler, Middleware
 
@@ -53,6 +89,10 @@ _TOKEN = f"/{TOKEN_PATH}"
 _DEVICE = f"/{DEVICE_PATH}"
 _CODE = web.ResponseKey("dps_code", int)
 """Key under which a response carries the envelope's code, for the call log."""
+_CUT = web.ResponseKey("dps_cut", bool)
+"""Set on a response that was never sent: the connection was cut instead."""
+_CALL = web.RequestKey("dps_call", CallRecord)
+"""The call log's entry for this DPS request (set by the ledger, read by faults)."""
 
 _encode = msgspec.json.Encoder().encode
 
@@ -102,13 +142,80 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _sn_of(body: bytes) -> str | None:
-    """The ``sn`` of an allocate body, if it has a readable one."""
-    with contextlib.suppress(orjson.JSONDecodeError):
+def _page_reply(devices: msgspec.Raw, pagination: Pagination) -> web.Response:
+    envelope = DpsPageEnvelope(
+        code=0, msg="OK", request_id=str(uuid.uuid4()), data=devices, pagination=pagination
+    )
+    response = _json(_encode(envelope))
+    response[_CODE] = 0
+    return response
+
+
+def _missing(name: str) -> web.Response:
+    """99400 in the words of the reset page: ``Invalid Argument groupId:groupId is missing``."""
+    return _reply(99400, f"Invalid Argument {name}:{name} is missing")
+
+
+def _object(body: bytes) -> dict[str, Any] | web.Response:
+    """The JSON object of a request body, or the 99400 answer when it is not one."""
+    try:
         data = orjson.loads(body)
-        sn = data.get("sn") if isinstance(data, dict) else None
-        return sn if isinstance(sn, str) else None
-    return None
+    except orjson.JSONDecodeError:
+        return _reply(99400, "Invalid Argument body: not valid JSON")
+    if not isinstance(data, dict):
+        return _reply(99400, "Invalid Argument body: not a JSON object")
+    return data
+
+
+def _text(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _sns(value: Any) -> list[str] | None:
+    """A non-empty list of non-blank sns, or None."""
+    if not isinstance(value, list) or not value:
+        return None
+    if not all(isinstance(sn, str) and sn.strip() for sn in value):
+        return None
+    return value
+
+
+def _record(state: EmulatorState, request: web.Request, body: bytes) -> CallRecord:
+    """Log a DPS call with what its action names: sn, sns, group, expression, deviceData."""
+    query = request.query
+    action = query.get("action", "")
+    data: Mapping[str, Any] = {}
+    if request.method == "POST":
+        with contextlib.suppress(orjson.JSONDecodeError):
+            loaded = orjson.loads(body)
+            data = loaded if isinstance(loaded, dict) else {}
+    org_id = query.get("orgId")
+    match action:
+        case "allocate":
+            raw = data.get("deviceData")
+            return state.record_call(
+                org_id=org_id,
+                sn=_text(data, "sn"),
+                device_data=raw if isinstance(raw, dict) else None,
+            )
+        case "get":
+            return state.record_call(action=action, org_id=org_id, sn=query.get("sn"))
+        case "resetAllocationStatus" | "delete":
+            listed = data.get("sns" if action == "resetAllocationStatus" else "snList")
+            return state.record_call(
+                action=action,
+                org_id=org_id,
+                group_id=_text(data, "groupId"),
+                sns=[sn for sn in listed if isinstance(sn, str)]
+                if isinstance(listed, list)
+                else None,
+            )
+        case "search":
+            expression = _text(data, "expression")
+            return state.record_call(action=action, org_id=org_id, expression=expression)
+        case _:
+            return state.record_call(action=action, org_id=org_id)
 
 
 # --------------------------------------------------------------------------------------
@@ -120,21 +227,14 @@ def _ledger(state: EmulatorState) -> Middleware:
     async def ledger(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == _TOKEN:
             state.token_requests += 1
-        if not (request.path == _DEVICE and request.method == "POST"):
+        if not (request.path == _DEVICE and request.method in {"GET", "POST"}):
             return await handler(request)
-        if request.query.get("action") != "allocate":
-            return await handler(request)
-        sn = device_data = None
-        with contextlib.suppress(orjson.JSONDecodeError):
-            data = orjson.loads(await request.read())
-            if isinstance(data, dict):
-                sn = data.get("sn") if isinstance(data.get("sn"), str) else None
-                raw = data.get("deviceData")
-                device_data = raw if isinstance(raw, dict) else None
-        call = state.record_call(sn, request.query.get("orgId"), device_data)
+        call = _record(state, request, await request.read())
+        request[_CALL] = call
         response = await handler(request)
         call.http_status = response.status
         call.code = response.get(_CODE)
+        call.cut = response.get(_CUT, False)
         return response
 
     return ledger
@@ -145,25 +245,32 @@ def _faults(state: EmulatorState) -> Middleware:
     async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in (_TOKEN, _DEVICE):
             return await handler(request)
-        current = state.faults
-        if current.latency_ms:
-            await asyncio.sleep(current.latency_ms / 1000)
-        if state.faults.outage:
+        if state.faults.latency_ms:
+            await asyncio.sleep(state.faults.latency_ms / 1000)
+        current = state.faults  # as they are once the latency has passed
+        if current.outage:
             return web.Response(status=503, text="service unavailable")
-        if request.path == _DEVICE:
-            allocate = request.method == "POST" and request.query.get("action") == "allocate"
-            if allocate and state.throttled():
-                retry_after = f"{current.retry_after:g}"
-                return _reply(
-                    429, "Too Many Requests", status=429, headers={"Retry-After": retry_after}
-                )
-            failing = allocate and current.fail_sns and _sn_of(await request.read())
-            if failing in current.fail_sns or (
-                current.error_rate and random.random() < current.error_rate
-            ):
-                status = current.error_status
-                return _reply(status, _phrase(status), status=status)
-        return await handler(request)
+        if request.path != _DEVICE:
+            return await handler(request)
+        if state.throttled():
+            retry_after = f"{current.retry_after:g}"
+            return _reply(
+                429, "Too Many Requests", status=429, headers={"Retry-After": retry_after}
+            )
+        call = request.get(_CALL)
+        named = {call.sn, *(call.sns or ())} if call is not None else set()
+        if not named.isdisjoint(current.fail_sns) or (
+            current.error_rate and random.random() < current.error_rate
+        ):
+            status = current.error_status
+            return _reply(status, _phrase(status), status=status)
+        response = await handler(request)
+        if current.cut_rate and random.random() < current.cut_rate:
+            # The call took effect; the caller gets a dropped connection instead of the answer.
+            response[_CUT] = True
+            if request.transport is not None:
+                request.transport.close()
+        return response
 
     return faults
 
@@ -229,11 +336,18 @@ class _Gateway:
 
     async def device(self, request: web.Request) -> web.Response:
         action = request.query.get("action")
+        org_id = request.query.get("orgId", "")
         match request.method, action:
             case "POST", "allocate":
-                response = self._allocate(request.query.get("orgId", ""), await request.read())
+                response = self._allocate(org_id, await request.read())
             case "GET", "get":
-                response = self._get(request.query.get("orgId", ""), request.query.get("sn", ""))
+                response = self._get(org_id, request.query.get("sn", ""))
+            case "POST", "search":
+                response = self._search(org_id, await request.read())
+            case "POST", "resetAllocationStatus":
+                response = self._reset(org_id, await request.read())
+            case "POST", "delete":
+                response = self._delete(org_id, await request.read())
             case _:
                 response = _reply(99400, f"Invalid Argument action: unsupported value {action!r}")
         log.debug(
@@ -245,13 +359,10 @@ class _Gateway:
         )
         return response
 
-    def _allocate(self, org_id: str, body: bytes) -> web.Response:  # noqa: PLR0911  (one per error code)
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return _reply(99400, "Invalid Argument body: not valid JSON")
-        if not isinstance(data, dict):
-            return _reply(99400, "Invalid Argument body: not a JSON object")
+    def _allocate(self, org_id: str, body: bytes) -> web.Response:
+        data = _object(body)
+        if isinstance(data, web.Response):
+            return data
         sn = data.get("sn")
         if not org_id.strip() or not isinstance(sn, str) or not sn.strip():
             return _reply(35400, "OrgId/sn is required")
@@ -270,6 +381,7 @@ class _Gateway:
             device.allocated_data = device.registered_data | (extra or {})
             device.allocated_time = now
             device.update_time = now
+            device.reprovisioning = False
         return _reply(0, "OK", data=msgspec.Raw(_encode(device.view())))
 
     def _get(self, org_id: str, sn: str) -> web.Response:
@@ -279,6 +391,78 @@ class _Gateway:
         if device is None:
             return _reply(35601, "Verify not pass/sn not found")
         return _reply(0, "OK", data=msgspec.Raw(_encode(device.view())))
+
+    def _search(self, org_id: str, body: bytes) -> web.Response:  # noqa: PLR0911  (one per error)
+        data = _object(body)
+        if isinstance(data, web.Response):
+            return data
+        if not org_id.strip():
+            return _missing("orgId")
+        if not (_text(data, "expression") or "").strip():
+            return _missing("expression")
+        try:
+            request = msgspec.convert(data, SearchRequest)
+        except msgspec.ValidationError as exc:
+            return _reply(99400, f"Invalid Argument {exc}")
+        page = request.pagination or PaginationRequest(page_no=1, page_size=DEFAULT_PAGE_SIZE)
+        try:
+            match = matcher(request.expression)
+        except SearchError as exc:
+            return _reply(99400, f"Invalid Argument expression: {exc}")
+        try:
+            found = sort_devices(
+                [device for device in self.state.devices.values() if match(device)],
+                page.sorters,
+            )
+        except SearchError as exc:
+            return _reply(99400, f"Invalid Argument pagination.sorters: {exc}")
+        start = (page.page_no - 1) * page.page_size
+        devices = [device.view() for device in found[start : start + page.page_size]]
+        pagination = Pagination(
+            page_no=page.page_no, page_size=page.page_size, total_size=len(found)
+        )
+        return _page_reply(msgspec.Raw(_encode(devices)), pagination)
+
+    def _batch(self, org_id: str, body: bytes, listed: str) -> tuple[str, list[str]] | web.Response:
+        """The ``groupId`` and the sns (body field ``listed``) of a reset or a delete."""
+        data = _object(body)
+        if isinstance(data, web.Response):
+            return data
+        if not org_id.strip():
+            return _missing("orgId")
+        group_id = _text(data, "groupId")
+        if group_id is None or not group_id.strip():
+            return _missing("groupId")
+        sns = _sns(data.get(listed))
+        if sns is None:
+            return _missing(listed)
+        return group_id, sns
+
+    def _reset(self, org_id: str, body: bytes) -> web.Response:
+        if self.state.faults.no_dps_role:
+            return _reply(35603, "Unauthorized to access the resource")
+        batch = self._batch(org_id, body, "sns")
+        if isinstance(batch, web.Response):
+            return batch
+        group_id, sns = batch
+        devices = self.state.in_group(group_id, sns)
+        if devices is None:
+            return _reply(35404, "Group/sn not found")
+        self.state.release(devices)
+        return _sn_reply([device.sn for device in devices])
+
+    def _delete(self, org_id: str, body: bytes) -> web.Response:
+        batch = self._batch(org_id, body, "snList")
+        if isinstance(batch, web.Response):
+            return batch
+        group_id, sns = batch
+        if group_id not in self.state.groups:
+            return _reply(35404, "Group/sn not found")
+        return _sn_reply(self.state.delete(group_id, sns))
+
+
+def _sn_reply(sns: Sequence[str]) -> web.Response:
+    return _reply(0, "OK", data=msgspec.Raw(_encode(list(sns))))
 
 
 # --------------------------------------------------------------------------------------
@@ -309,8 +493,12 @@ class _Admin:
             return _admin_error(str(exc))
         return _json(orjson.dumps({"created": created, "updated": updated}))
 
-    async def list_calls(self, _request: web.Request) -> web.Response:
-        return _json(_encode(self.state.calls))
+    async def list_calls(self, request: web.Request) -> web.Response:
+        action = request.query.get("action")
+        calls = self.state.calls
+        if action is not None:
+            calls = [call for call in calls if call.action == action]
+        return _json(_encode(calls))
 
     async def clear_calls(self, _request: web.Request) -> web.Response:
         self.state.calls.clear()

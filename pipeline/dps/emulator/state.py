@@ -66,11 +66,26 @@ class EmulatedDevice(msgspec.Struct, kw_only=True):
     region_id: str | None = None
     allocated_data: dict[str, Any] | None = None
     allocated_time: int | None = None
+    reprovisioning: bool = False
+    """Its allocation was reset (Reset Device Allocation Status) and not made again."""
+
+    @property
+    def current_status(self) -> str:
+        """``allocated`` or ``init`` (the emulator never reaches connected or finished)."""
+        return "init" if self.allocated_time is None else "allocated"
+
+    def release(self, now: int) -> None:
+        """Reset its allocation: it is ``init`` again, and the next allocate allocates it."""
+        self.org_id = None
+        self.region_id = None
+        self.allocated_data = None
+        self.allocated_time = None
+        self.reprovisioning = True
+        self.update_time = now
 
     def view(self) -> PvsDevice:
         """The PvsDevice DPS would return, shaped like the V2.5 Allocate return sample."""
-        allocated = self.allocated_time is not None
-        state = "allocated" if allocated else "init"
+        state = self.current_status
         data = self.allocated_data if self.allocated_data is not None else self.registered_data
         return PvsDevice(
             sn=self.sn,
@@ -89,7 +104,7 @@ class EmulatedDevice(msgspec.Struct, kw_only=True):
                 finished_time=None,
                 discarded_time=None,
             ),
-            reprovisioning=False,
+            reprovisioning=self.reprovisioning,
             allocate_error_msg=None,
             create_by=None,
             create_time=self.create_time,
@@ -102,37 +117,64 @@ class EmulatedDevice(msgspec.Struct, kw_only=True):
 
 
 class CallRecord(msgspec.Struct, kw_only=True):
-    """One allocate call as received, and how it was answered."""
+    """One DPS call as received (any operation), and how it was answered.
+
+    Fields a call does not have are null: ``sn`` for a batch, ``sns`` for a single device.
+    """
 
     seq: int
+    action: str = "allocate"
+    """The ``action`` query parameter: ``allocate``, ``get``, ``search``,
+    ``resetAllocationStatus``, ``delete`` (or whatever else was sent)."""
     sn: str | None
+    """The sn of an allocate (body) or a get (query)."""
+    sns: list[str] | None = None
+    """The sns of a reset (``sns``) or a delete (``snList``)."""
+    group_id: str | None = None
+    """The ``groupId`` of a reset or a delete."""
+    expression: str | None = None
+    """The ``expression`` of a search."""
     org_id: str | None
     device_data: dict[str, Any] | None
     http_status: int | None = None
     """None while the call is still being answered."""
     code: int | None = None
     """The envelope's code; None when the answer had no JSON envelope (outage)."""
+    cut: bool = False
+    """The connection was closed instead of answering (fault ``cut_rate``): the call took
+    effect as ``http_status`` and ``code`` say, but the caller never heard it."""
     at: str
     """When it was received, RFC 3339 UTC."""
 
 
 class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Faults injected into gateway calls (the token service and DPS)."""
+    """Faults injected into gateway calls (the token service and DPS).
+
+    "DPS calls" are every operation: allocate, get, search, resetAllocationStatus and
+    delete alike.
+    """
 
     latency_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     """Added before answering every token and DPS call."""
     error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
-    """Share of DPS calls (allocate and get) answered with ``error_status``."""
+    """Share of DPS calls answered with ``error_status`` (before they take effect)."""
     error_status: Annotated[int, msgspec.Meta(ge=400, le=599)] = 500
     throttle_rps: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    """Allocate calls per second beyond which the answer is HTTP 429."""
+    """DPS calls per second, all operations together, beyond which the answer is HTTP 429."""
     retry_after: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     """Seconds sent in the ``Retry-After`` header of a 429."""
     outage: bool = False
     """Every token and DPS call is answered HTTP 503 with a non-JSON body."""
     fail_sns: list[str] = msgspec.field(default_factory=list)
-    """Sns whose allocate calls are always answered with ``error_status`` (a record that
-    keeps failing while the others go through)."""
+    """Sns whose DPS calls are always answered with ``error_status``: an allocate or get
+    of one, a reset or delete naming one (a record that keeps failing while the others go
+    through)."""
+    cut_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """Share of DPS calls that take effect and whose connection is then closed without an
+    answer: an allocate that happened although the caller saw only a dropped connection."""
+    no_dps_role: bool = False
+    """The application's service account has no DPS role: Reset Device Allocation Status,
+    the one operation that documents it, answers 35603."""
 
 
 class _Bucket:
@@ -194,6 +236,9 @@ class EmulatorState:
         self.token_ttl = token_ttl
         self.accept_any_sn = accept_any_sn
         self.devices: dict[str, EmulatedDevice] = {}
+        self.groups: set[str] = set()
+        """Every registration group a device was registered in; deleting its devices
+        does not delete a group."""
         self.tokens: dict[str, float] = {}
         """Issued access token -> when it expires (``time.monotonic()``)."""
         self.token_requests = 0
@@ -220,6 +265,8 @@ class EmulatorState:
         created = updated = 0
         now = _now_ms()
         for spec in specs:
+            if spec.group_id is not None:
+                self.groups.add(spec.group_id)
             device = self.devices.get(spec.sn)
             if device is None:
                 self.devices[spec.sn] = EmulatedDevice(
@@ -250,6 +297,45 @@ class EmulatorState:
             device = self.devices[sn]
         return device
 
+    def in_group(self, group_id: str, sns: Iterable[str]) -> list[EmulatedDevice] | None:
+        """The devices ``sns`` if the group exists and every one is registered in it.
+
+        Looked up as :meth:`lookup` does; in order and without repeats. None when the
+        group does not exist or one of the sns is not registered in it.
+        """
+        if group_id not in self.groups and not (self.accept_any_sn and group_id == DEMO_GROUP):
+            return None
+        found = []
+        for sn in dict.fromkeys(sns):
+            device = self.lookup(sn)
+            if device is None or device.group_id != group_id:
+                return None
+            found.append(device)
+        return found
+
+    def release(self, devices: Iterable[EmulatedDevice]) -> None:
+        """Reset the allocation of ``devices``: each is ``init`` again."""
+        now = _now_ms()
+        for device in devices:
+            device.release(now)
+
+    def delete(self, group_id: str, sns: Iterable[str]) -> list[str]:
+        """Delete the sns registered in ``group_id``.
+
+        Returns:
+            The sns, in order and without repeats, that were deleted or were not
+            registered at all; an sn registered in another group stays and is left out.
+        """
+        gone = []
+        for sn in dict.fromkeys(sns):
+            device = self.devices.get(sn)
+            if device is None:
+                gone.append(sn)
+            elif device.group_id == group_id:
+                del self.devices[sn]
+                gone.append(sn)
+        return gone
+
     # -- Tokens ------------------------------------------------------------------------
 
     def issue_token(self) -> tuple[str, int]:
@@ -276,12 +362,28 @@ class EmulatorState:
     # -- Calls and faults --------------------------------------------------------------
 
     def record_call(
-        self, sn: str | None, org_id: str | None, device_data: dict[str, Any] | None
+        self,
+        *,
+        action: str = "allocate",
+        org_id: str | None,
+        sn: str | None = None,
+        sns: list[str] | None = None,
+        group_id: str | None = None,
+        expression: str | None = None,
+        device_data: dict[str, Any] | None = None,
     ) -> CallRecord:
-        """Append an allocate call to the log, in the order received."""
+        """Append a DPS call to the log, in the order received."""
         self._seq += 1
         call = CallRecord(
-            seq=self._seq, sn=sn, org_id=org_id, device_data=device_data, at=utc_now()
+            seq=self._seq,
+            action=action,
+            sn=sn,
+            sns=sns,
+            group_id=group_id,
+            expression=expression,
+            org_id=org_id,
+            device_data=device_data,
+            at=utc_now(),
         )
         self.calls.append(call)
         return call
@@ -299,7 +401,7 @@ class EmulatorState:
         return faults
 
     def throttled(self) -> bool:
-        """Whether this allocate call exceeds ``throttle_rps``."""
+        """Whether this DPS call exceeds ``throttle_rps``."""
         return self._bucket is not None and not self._bucket.take()
 
     def reset(self) -> None:
