@@ -149,6 +149,7 @@ async def transactional(
     group = cfg.router.group_id
     out = cfg.kafka.topics.added
     consumer = kafka.consumer(cfg.kafka, group_id=group)
+    kafka.shorten_transaction_backoff()  # as the router does
     producer = kafka.producer(
         cfg.kafka, transactional_id=cfg.router.transactional_id, linger_ms=0
     )  # as the router's

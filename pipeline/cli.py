@@ -451,8 +451,6 @@ def _service_line(exc: BaseException, cfg: Config) -> str | None:
             return f"MQTT {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}"
         case errors.KafkaError():
             text = str(exc.args[0]) if exc.args else ""
-            if text.startswith("Unable to bootstrap"):
-                text = "no bootstrap server answered (aiokafka logs why at debug)"
             reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
             what = " not reachable" if isinstance(exc, unreachable) else ""
             return f"Kafka {cfg.kafka.bootstrap_servers}{what}: {reason}"

@@ -120,13 +120,9 @@ class _Cleaner:
 
 async def kafka_contents(bootstrap: str) -> tuple[set[str], set[str]]:
     """The topics (Kafka's internal ones aside) and consumer groups of a cluster."""
-    client = kafka.admin(KafkaConfig(bootstrap_servers=bootstrap))
-    await client.start()
-    try:
+    async with kafka.admin(KafkaConfig(bootstrap_servers=bootstrap)) as client:
         topics = {t for t in await client.list_topics() if not t.startswith("__")}
         groups = {g[0] for g in await client.list_consumer_groups()}
-    finally:
-        await client.close()
     return topics, groups
 
 
@@ -271,9 +267,7 @@ async def caught_up(cfg: KafkaConfig, group: str, topic: str, *, timeout: float 
 
 async def group_stable(cfg: KafkaConfig, group: str, members: int, *, timeout: float = 60) -> None:
     """Until consumer group ``group`` is Stable with ``members`` members (the rebalance done)."""
-    client = kafka.admin(cfg)
-    await client.start()
-    try:
+    async with kafka.admin(cfg) as client:
         async with asyncio.timeout(timeout):
             while True:
                 try:
@@ -286,8 +280,6 @@ async def group_stable(cfg: KafkaConfig, group: str, members: int, *, timeout: f
                     if state == "Stable" and len(joined) == members:
                         return
                 await asyncio.sleep(0.1)
-    finally:
-        await client.close()
 
 
 def by_key(records: list[ConsumerRecord[bytes, bytes]]) -> list[tuple[Any, Any]]:

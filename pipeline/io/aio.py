@@ -11,7 +11,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pipeline.errors import ServiceUnreachable
+from pipeline.errors import PipelineError, ServiceUnreachable
 
 if TYPE_CHECKING:
     import logging
@@ -31,8 +31,8 @@ __all__ = [
 T = TypeVar("T")
 
 
-class Stopped(Exception):
-    """The stop event came first."""
+class Stopped(PipelineError):
+    """The stop event came first: what was awaited was cancelled (not a failure)."""
 
 
 async def unless_stopped(stopped: asyncio.Future[Any], coro: Coroutine[Any, Any, T]) -> T:

@@ -10,18 +10,20 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-import re
 import ssl
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt 2.x
+from paho.mqtt.client import connack_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from pipeline.config import Secret
 from pipeline.errors import ServiceUnreachable
+from pipeline.io import _aiomqtt_internals
 from pipeline.io.aio import wait_for_service, why_unreachable
 from pipeline.io.tls import client_context
 
@@ -50,7 +52,6 @@ __all__ = [
 ]
 
 _PROBE_TIMEOUT = 10.0
-_CODE = re.compile(r"^\[code:\d+\] ")
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +190,11 @@ async def end_session(client: aiomqtt.Client, cfg: MqttConfig, who: Identity) ->
     if cfg.protocol == "5":
         properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 0
-        client._client.disconnect(properties=properties)  # noqa: SLF001  (aiomqtt has no way)
+        paho = _aiomqtt_internals.paho_client(client)  # aiomqtt's disconnect takes none
+        paho.disconnect(properties=properties)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
-                while client._client.is_connected():  # noqa: SLF001, ASYNC110
+                while paho.is_connected():  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
         return
     async with connect(cfg, who=who, persistent=False):
@@ -220,17 +222,16 @@ async def broker_version(client: aiomqtt.Client, wait: float = 2.0) -> str | Non
 def manual_ack(client: aiomqtt.Client) -> None:
     """Stop the client acknowledging messages on receipt; :func:`ack` does it instead.
 
-    aiomqtt 2.x has no public switch, so this reaches the paho client it wraps, here and
-    only here; a test pins this down so an aiomqtt upgrade that moves it fails loudly.
-    Call before entering the client.
+    aiomqtt 2.x has no public switch: this is paho's, on the client aiomqtt wraps
+    (:func:`pipeline.io._aiomqtt_internals.paho_client`). Call before entering the client.
     """
-    client._client.manual_ack_set(on=True)  # noqa: SLF001
+    _aiomqtt_internals.paho_client(client).manual_ack_set(on=True)
 
 
 def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
     """Acknowledge ``message`` to the broker (PUBACK); QoS 0 messages need none."""
     if message.qos > 0:
-        client._client.ack(message.mid, message.qos)  # noqa: SLF001
+        _aiomqtt_internals.paho_client(client).ack(message.mid, message.qos)
 
 
 class Received:
@@ -285,9 +286,6 @@ class InOrderAcks:
         return acked
 
 
-_Reader = tuple["Callable[..., object]", tuple[object, ...]]  # an event-loop reader
-
-
 class IntakeLimit:
     """Stops reading from the broker while ``limit`` received messages wait to be taken.
 
@@ -302,27 +300,27 @@ class IntakeLimit:
     then holds the broker back) until half of them have been taken.
 
     aiomqtt reads the socket with an event-loop reader and has no pause, so this removes
-    and later restores that reader, reaching the loop's selector for it; a test pins it
-    down. Should a loop lack one (uvloop), the limit stays off and says so once.
+    and later restores that reader (:mod:`pipeline.io._aiomqtt_internals`). Should a loop
+    not allow it (uvloop), the limit stays off and says so once.
     One per connection, created inside it; call :meth:`took` for each message taken.
     """
 
     _warned: ClassVar[bool] = False
 
     def __init__(self, client: aiomqtt.Client, limit: int) -> None:
-        self._paho = client._client  # noqa: SLF001
-        self._queue = client._queue  # noqa: SLF001  (what aiomqtt has received, not taken)
+        self._paho = _aiomqtt_internals.paho_client(client)
+        self._waiting = client.messages  # a view: its len() is what waits to be taken
         self._high = max(1, limit)
         self._low = self._high // 2
         self._loop = asyncio.get_running_loop()
-        self._paused: tuple[object, int, _Reader] | None = None
+        self._paused: tuple[object, int, _aiomqtt_internals.Reader] | None = None
         self.pauses = 0
         inner = self._paho.on_message
         assert inner is not None  # noqa: S101  (aiomqtt sets it when it creates the client)
 
         def on_message(paho: Any, userdata: Any, message: Any) -> None:
             inner(paho, userdata, message)
-            if self._paused is None and self._queue.qsize() >= self._high:
+            if self._paused is None and len(self._waiting) >= self._high:
                 self._pause()
 
         self._paho.on_message = on_message
@@ -334,40 +332,46 @@ class IntakeLimit:
 
     def took(self) -> None:
         """A message was taken from the client: read again once half are gone."""
-        if self._paused is not None and self._queue.qsize() <= self._low:
+        if self._paused is not None and len(self._waiting) <= self._low:
             self._resume()
 
     def _pause(self) -> None:
         sock = self._paho.socket()
-        selector = getattr(self._loop, "_selector", None)
-        if sock is None or selector is None:
-            if selector is None and not IntakeLimit._warned:
+        if not _aiomqtt_internals.pausable(self._loop):
+            if not IntakeLimit._warned:
                 IntakeLimit._warned = True
                 log.warning("this event loop has no selector: MQTT intake is not bounded")
             return
+        if sock is None:
+            return
         fd = sock.fileno()
-        try:
-            reader = selector.get_key(fd).data[0]
-        except (KeyError, ValueError):  # not registered (closing): nothing to pause
+        reader = _aiomqtt_internals.take_reader(self._loop, fd)
+        if reader is None:  # not registered (closing): nothing to pause
             return
-        if reader is None:
-            return
-        callback = (reader._callback, reader._args)  # noqa: SLF001  (removing cancels it)
-        self._loop.remove_reader(fd)
-        self._paused = (sock, fd, callback)
+        self._paused = (sock, fd, reader)
         self.pauses += 1
 
     def _resume(self) -> None:
         assert self._paused is not None  # noqa: S101
-        sock, fd, (callback, args) = self._paused
+        sock, fd, reader = self._paused
         self._paused = None
         # Only the same, still open connection: a closed socket's descriptor may be reused.
         if self._paho.socket() is sock and getattr(sock, "fileno", lambda: -1)() == fd:
-            self._loop.add_reader(fd, callback, *args)
+            _aiomqtt_internals.put_reader(self._loop, fd, reader)
 
 
 def _address(cfg: MqttConfig) -> str:
     return f"{cfg.host}:{cfg.port}"
+
+
+def _refusal(rc: int | ReasonCode | None) -> str:
+    """Why the broker refused the connection, from its CONNACK code (``Not authorized``)."""
+    match rc:
+        case ReasonCode():
+            return str(rc)  # paho's name for the code: MQTT 5, and 3.1.1 with paho 2
+        case int():
+            return connack_string(rc)
+    return "no reason given"
 
 
 @contextlib.asynccontextmanager
@@ -382,12 +386,11 @@ async def connected(cfg: MqttConfig, client: aiomqtt.Client) -> AsyncIterator[ai
         try:
             await stack.enter_async_context(client)
         except MqttConnectError as exc:  # CONNACK with a failure code
-            reason = _CODE.sub("", str(exc))  # "[code:135] Not authorized"
+            reason = _refusal(exc.rc)
             raise ServiceUnreachable("MQTT", _address(cfg), reason, refused=True) from exc
         except aiomqtt.MqttError as exc:
-            reason = str(exc)
-            if "Connection refused" in reason and "Errno" in reason:
-                reason = "connection refused"  # "[Errno 111] Connection refused"
+            cause = _aiomqtt_internals.os_error_behind(exc)
+            reason = "connection refused" if isinstance(cause, ConnectionRefusedError) else str(exc)
             raise ServiceUnreachable("MQTT", _address(cfg), reason) from exc
         yield client
 

@@ -116,6 +116,7 @@ class Router:
 
     async def work(self, run: Run) -> None:
         """Route batches until stopping; the transaction in flight finishes first."""
+        kafka.shorten_transaction_backoff()  # back-to-back transactions: 2 ms, not 20
         consumer = run.consumer
         assert consumer is not None  # noqa: S101  (a consuming stage gets its consumer)
         self._consumer = consumer

@@ -272,17 +272,15 @@ async def kafka_answers(bootstrap: str) -> bool:
         await writer.wait_closed()
     except (OSError, TimeoutError):
         return False
-    client = kafka.admin(KafkaConfig(bootstrap_servers=bootstrap), request_timeout_ms=2000)
     try:
-        async with asyncio.timeout(3):
-            await client.start()
-            await client.describe_cluster()
+        async with (
+            asyncio.timeout(3),
+            kafka.admin(KafkaConfig(bootstrap_servers=bootstrap), request_timeout_ms=2000) as c,
+        ):
+            await c.describe_cluster()
     except Exception:  # any failure to answer means: not yet
         return False
-    else:
-        return True
-    finally:
-        await client.close()
+    return True
 
 
 async def _until(

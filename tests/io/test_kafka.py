@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import random
-import types
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import ConcurrentTransactions
 from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.producer.sender import AddPartitionsToTxnHandler
-from aiokafka.producer.transaction_manager import TransactionManager
 
 from pipeline.config import Config
 from pipeline.io import kafka
-from pipeline.io.kafka import _KeyPartitioner
+from pipeline.io.kafka.clients import _KeyPartitioner
 
 pytestmark = pytest.mark.services
 
@@ -59,21 +55,3 @@ def test_the_partitioner_agrees_with_aiokafkas() -> None:
         for key in keys:
             assert ours(key, parts, parts) == theirs(key, parts, parts)
     assert ours(None, [0, 1], [1]) == 1  # no key: any available partition
-
-
-async def test_a_transaction_the_coordinator_is_still_closing_is_asked_again_soon() -> None:
-    """aiokafka's fixed 20 ms wait after CONCURRENT_TRANSACTIONS is ours (2 ms) instead.
-
-    The constant is patched, as aiokafka has no setting for it: this fails if aiokafka
-    renames it or stops using it for the first partition of a transaction.
-    """
-    txn = TransactionManager("t", 60_000)
-    sender = types.SimpleNamespace(_txn_manager=txn, _retry_backoff=0.1)
-    tp = TopicPartition("out", 0)
-    handler = AddPartitionsToTxnHandler(sender, [tp])
-    response = types.SimpleNamespace(errors=[("out", [(0, ConcurrentTransactions.errno)])])
-    assert handler.handle_response(response) == kafka.TXN_RESTART_BACKOFF == 0.002
-    other = TopicPartition("out", 1)
-    txn._pending_txn_partitions.add(other)  # later in the transaction: aiokafka's own backoff
-    txn.partition_added(other)
-    assert handler.handle_response(response) == 0.1

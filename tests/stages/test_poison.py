@@ -36,23 +36,17 @@ def unexpected(stage: str) -> float:
 
 async def create(cfg: Config, limits: dict[str, int]) -> None:
     """Create topics with a small max.message.bytes, before a stage would create them."""
-    client = kafka.admin(cfg.kafka)
-    await client.start()
-    try:
+    async with kafka.admin(cfg.kafka) as client:
         await client.create_topics(
             [
                 NewTopic(name, 1, 1, topic_configs={"max.message.bytes": str(n)})
                 for name, n in limits.items()
             ]
         )
-    finally:
-        await client.close()
 
 
 async def set_limit(cfg: Config, topic: str, limit: int) -> None:
-    client = kafka.admin(cfg.kafka)
-    await client.start()
-    try:
+    async with kafka.admin(cfg.kafka) as client:
         config = {"max.message.bytes": str(limit)}
         await client.alter_configs(
             [ConfigResource(ConfigResourceType.TOPIC, topic, configs=config)]
@@ -69,8 +63,6 @@ async def set_limit(cfg: Config, topic: str, limit: int) -> None:
                 if any(k == "max.message.bytes" and v == str(limit) for k, v, *_ in entries):
                     return
                 await asyncio.sleep(0.05)
-    finally:
-        await client.close()
 
 
 def sized(event_id: str, sn: str, size: int) -> bytes:

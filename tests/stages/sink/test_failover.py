@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,16 +50,6 @@ FAILOVER_LIMIT = 15.0
 def where(source: bytes) -> TopicPartition:
     topic, partition, _ = source.decode().rsplit("/", 2)
     return TopicPartition(topic, int(partition))
-
-
-@contextlib.asynccontextmanager
-async def admin_client(cfg: Config) -> AsyncIterator[AIOKafkaAdminClient]:
-    client = kafka.admin(cfg.kafka)
-    await client.start()
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def members(admin: AIOKafkaAdminClient, group: str) -> tuple[str, dict[str, set[int]]]:
@@ -216,7 +205,7 @@ async def test_a_sigkilled_sinks_partitions_are_served_by_another_replica_within
     everything = set(range(PARTITIONS))
     await kafka.ensure_topics(cfg.kafka, cfg.kafka.topics.all(), partitions=PARTITIONS)
     devices = [{"sn": sn, "group_id": GROUP} for sn in sns]
-    async with await start_emulator(devices=devices) as emu, admin_client(cfg) as admin:
+    async with await start_emulator(devices=devices) as emu, kafka.admin(cfg.kafka) as admin:
         emu.state.set_faults({"latency_ms": 50})
         cfg = with_emulator(cfg, emu, concurrency=concurrency)
         sinks = Replicas(cfg, admin, tmp_path)

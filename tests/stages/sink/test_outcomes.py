@@ -144,14 +144,10 @@ async def test_an_outcome_kafka_refuses_for_good_ends_the_stage(cfg: Config, uid
     # A compacted DLQ topic refuses records without a key (an unreadable input has no
     # sn): retrying cannot help, so the stage stops instead of retrying forever.
     dlq = cfg.kafka.topics.allocations_dlq
-    admin = kafka.admin(cfg.kafka)
-    await admin.start()
-    try:
+    async with kafka.admin(cfg.kafka) as admin:
         await admin.create_topics(
             [NewTopic(dlq, 1, 1, topic_configs={"cleanup.policy": "compact"})]
         )
-    finally:
-        await admin.close()
     await prepare(cfg)
     async with await start_emulator(accept_any_sn=True) as emu:
         cfg = with_emulator(cfg, emu)
