@@ -420,8 +420,9 @@ def add_response(event_id: str, sns: list[str], failed: Sequence[str] = ()) -> d
     }
 
 
-async def wait_readyz(port: int, proc: asyncio.subprocess.Process) -> None:
-    """Until the worker subprocess answers /readyz with 200 (or dies: then fail with its stderr)."""
+async def wait_readyz(port: int, proc: asyncio.subprocess.Process, path: str = "/readyz") -> None:
+    """Until the worker subprocess answers ``path`` with 200 (or dies: then fail with its
+    stderr). ``/healthz`` answers as soon as the worker's event loop runs (and owns SIGTERM)."""
     async with aiohttp.ClientSession() as http, asyncio.timeout(60):
         while True:
             if proc.returncode is not None:
@@ -429,7 +430,7 @@ async def wait_readyz(port: int, proc: asyncio.subprocess.Process) -> None:
                 msg = f"worker exited with {proc.returncode}: {said}"
                 raise AssertionError(msg)
             try:
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                async with http.get(f"http://127.0.0.1:{port}{path}") as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientError:

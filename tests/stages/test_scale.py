@@ -63,15 +63,22 @@ class Fleet:
 
     def _args(self, name: str) -> tuple[str, list[str], dict[str, str]]:
         stage, _, replica = name.partition("-")
+        self.ports[name] = free_port()
         if stage != "ingest":
-            return stage, [], {}
+            return (
+                stage,
+                [],
+                {
+                    "METRICS__ENABLED": "true",
+                    f"METRICS__{stage.upper()}_PORT": str(self.ports[name]),
+                },
+            )
         shard = {"a": "0/2", "b": "1/2", "c": "0/2"}[replica]
         env = {
             "MQTT__GATEWAYS": orjson.dumps(self.gateways).decode(),
             "MQTT__SHARD": shard,
             "MQTT__CLIENT_ID": f"{self.cfg.mqtt.client_id}-{replica}",
         }
-        self.ports[name] = free_port()
         env |= {"METRICS__ENABLED": "true", "METRICS__INGEST_PORT": str(self.ports[name])}
         return "ingest", ["--retire"] if replica == "c" else [], env
 
@@ -83,6 +90,8 @@ class Fleet:
         self.changes[name.partition("-")[0]] += 1
         if command == "ingest":  # subscribed: from now on its session keeps the messages
             await wait_readyz(self.ports[name], self.procs[name])
+        else:  # running its event loop, which owns SIGTERM (before, a SIGTERM is fatal)
+            await wait_readyz(self.ports[name], self.procs[name], "/healthz")
 
     async def stop(self, name: str, sig: int) -> None:
         proc = self.procs.pop(name)
