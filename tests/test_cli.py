@@ -301,7 +301,7 @@ def test_unexpected_error_logs_its_traceback_as_one_json_line(report: Report) ->
 
 
 def test_connection_error_from_the_os_is_not_called_bad_input(report: Report) -> None:
-    """An OSError that names no file is not the operator's input (it used to exit 2)."""
+    """An OSError that names no file is not the operator's input, so it does not exit 2."""
     code, err, logs = report(ConnectionResetError(104, "Connection reset by peer"))
     assert (code, err) == (1, "")
     assert (

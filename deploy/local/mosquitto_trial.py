@@ -49,7 +49,7 @@ QUIET = 3.0
 """Seconds without a message after which the restarted broker has delivered all it kept."""
 SETTINGS = {
     # name: the autosave lines that replace the template's
-    "every 30 s (before)": "autosave_interval 30\n",
+    "every 30 s": "autosave_interval 30\n",
     "every 1 s": "autosave_interval 1\n",
     "every change": "autosave_on_changes true\nautosave_interval 1\n",
     "every 10 changes": "autosave_on_changes true\nautosave_interval 10\n",

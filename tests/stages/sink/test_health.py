@@ -34,7 +34,8 @@ SECRET_HINT = "check sink.dps.app_key and sink.dps.app_secret"
 async def test_a_wrong_secret_pauses_the_sink_and_readiness_says_what_to_check(
     cfg: Config, uid: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The issue: the cause (code 1003) was logged only at info.
+    # The operator must see the cause (code 1003) and what to check: in /readyz, and in a
+    # warning carrying the record's context, not only in a line at info.
     sns = [f"{uid}-{i}" for i in range(3)]
     caplog.set_level(logging.WARNING, logger="pipeline")
     await prepare(cfg)

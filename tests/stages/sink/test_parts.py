@@ -39,10 +39,10 @@ def test_offset_tracker_commits_only_contiguous_outcomes() -> None:
 
 
 def test_offset_tracker_refuses_offsets_out_of_order() -> None:
-    # The issue's case, run against the class before the fix: a record of a batch
-    # fetched before the hand-back (105) was started after it, then 100 and 101 were
-    # fetched again from the committed offset; the tracker trusted insertion order and
-    # said 106 was safe with 100 and 101 in flight.
+    # A record of a batch fetched before a hand-back (105) is started after it, then 100
+    # and 101 are fetched again from the committed offset. A tracker that trusted the
+    # order of starts would call 106 safe to commit with 100 and 101 in flight; this one
+    # refuses the offsets that come out of order, so the commit stays behind them.
     t = OffsetTracker()
     p = TopicPartition("t", 0)
     t.start(p, 105)
@@ -109,7 +109,8 @@ def breaker(
 
 
 def test_one_record_that_keeps_failing_among_healthy_ones_never_opens_the_breaker() -> None:
-    # The issue: one always-failing record opened the old breaker 23 times in 4 s.
+    # One sn that keeps failing is that record's problem, not DPS's: it retries on its own
+    # backoff and must not pause the sink for every other record.
     changes: list[tuple[bool, str | None]] = []
     b = breaker(changes)
     for _ in range(1000):
@@ -159,8 +160,9 @@ def test_a_failure_only_the_operator_can_cure_opens_the_breaker_at_once() -> Non
 
 
 def test_concurrent_failures_do_not_lengthen_the_probe_period() -> None:
-    # The issue: every concurrent failure doubled the old breaker's backoff, so a 1 s blip
-    # at concurrency 32 paused the sink for 24 s. Only the opening and failed probes count.
+    # The calls in flight when DPS blips all fail at once; if each lengthened the probe
+    # period, a 1 s blip at concurrency 32 would pause the sink for many seconds. Only the
+    # opening and failed probes count.
     clock = Clock()
     changes: list[tuple[bool, str | None]] = []
     b = breaker(changes, initial=0.1, clock=clock)

@@ -38,7 +38,8 @@ def where(source: bytes) -> tuple[TopicPartition, int]:
 
 
 async def test_records_fetched_before_a_hand_back_are_never_started(cfg: Config, uid: str) -> None:
-    # The issue: _consume kept starting records of a partition hand_back() had dropped.
+    # Records of a partition that hand_back() dropped must not be started afterwards, even
+    # those fetched before it.
     # One record in progress at a time: the rest of the fetched batch waits for its slot
     # while the partition is handed back.
     sns = [f"{uid}-{i}" for i in range(4)]
@@ -280,7 +281,8 @@ async def test_a_hand_back_longer_than_aiokafkas_default_timeouts_still_commits(
 
 
 async def test_read_back_keeps_only_the_assigned_partitions(cfg: Config, uid: str) -> None:
-    # The issue: the read-back kept outcomes of partitions other replicas own, for good.
+    # A replica keeps read-back outcomes only for its own partitions: those of partitions
+    # other replicas own would never be released.
     await prepare(cfg)
     group = cfg.sink.group_id
     sources = await produce(cfg, [(f"k{i}".encode(), child(f"{uid}-{i}")) for i in range(12)])
