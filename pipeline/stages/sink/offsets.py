@@ -5,14 +5,20 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING
 
+from pipeline.errors import InternalError
+
 if TYPE_CHECKING:
     from aiokafka import TopicPartition
 
 __all__ = ["OffsetTracker", "OutOfOrder"]
 
 
-class OutOfOrder(ValueError):
-    """A record was started at or below an offset already started in its partition."""
+class OutOfOrder(InternalError):
+    """A record was started at or below an offset already started in its partition.
+
+    One assignment of a partition delivers its records in offset order, so this is a
+    bug: committing past such a record could skip one whose outcome is not recorded.
+    """
 
 
 class OffsetTracker:
