@@ -158,6 +158,8 @@ class DpsError(PipelineError):
 class DpsRejected(DpsError):
     """DPS said no for business reasons (35400, 35404, 35601, 99400, ...): do not retry."""
 
+    retriable = False
+
 
 class DpsTransient(DpsError):
     """Throttling, server errors, timeouts, connection errors, 1005 and 1203: retry later."""

@@ -140,17 +140,7 @@ class DpsClient:
         """
         body = _encode(request)
         params = {"action": "allocate", "orgId": org_id}
-        return await self._call("POST", params, body, sn=request.sn)
-
-    async def get(self, org_id: str, sn: str) -> msgspec.Raw:
-        """V2.5 Get: the PvsDevice ``sn`` as DPS currently has it.
-
-        Raises:
-            DpsRejected: DPS refused the request (35400, 35601, ...).
-            DpsTransient: as for :meth:`allocate`.
-        """
-        data, _ = await self._call("GET", {"action": "get", "orgId": org_id, "sn": sn}, b"", sn=sn)
-        return data
+        return await self._call(params, body, sn=request.sn)
 
     # -- Token -------------------------------------------------------------------------
 
@@ -222,8 +212,9 @@ class DpsClient:
     # -- Transport ---------------------------------------------------------------------
 
     async def _call(
-        self, method: str, params: dict[str, str], body: bytes, *, sn: str
+        self, params: dict[str, str], body: bytes, *, sn: str
     ) -> tuple[msgspec.Raw, str | None]:
+        """POST ``body`` to the device endpoint, signed; a token DPS retired is renewed once."""
         url = self._device_url.with_query(params)
         action = params["action"]
         refreshed = False
@@ -236,11 +227,10 @@ class DpsClient:
                 "apim-signature": sign(
                     token, params, body, timestamp, self._cfg.app_secret.reveal()
                 ),
+                "Content-Type": "application/json",
             }
-            if method == "POST":
-                headers["Content-Type"] = "application/json"
             started = time.monotonic()
-            answer = await self._exchange(method, url, headers, body, what=f"DPS {action}")
+            answer = await self._exchange("POST", url, headers, body, what=f"DPS {action}")
             try:
                 envelope: DpsEnvelope | None = _envelope.decode(answer.payload)
             except msgspec.DecodeError:
