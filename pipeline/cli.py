@@ -445,10 +445,10 @@ async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _bridge_config(args: argparse.Namespace, _cfg: Config) -> int:
-    from pipeline.config import MqttConfig, load_gateways  # noqa: PLC0415
+    from pipeline.config import MqttConfig, listed_gateways  # noqa: PLC0415
     from pipeline.tools.bridge import bridge_config, write_bridge_config  # noqa: PLC0415
 
-    gateways = load_gateways(MqttConfig(gateways_file=args.gateways_file))
+    gateways = listed_gateways(MqttConfig(gateways_file=args.gateways_file))
     text = bridge_config(
         gateways, host=args.host, port=args.port, ca_file=args.ca_file, stamp=args.timestamp
     )

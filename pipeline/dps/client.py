@@ -33,8 +33,8 @@ from pipeline.dps.protocol import (
     token_encryption,
 )
 from pipeline.errors import DpsRejected, DpsTransient
-from pipeline.io.tls import client_context
 from pipeline.schemas import AllocateRequest, DpsEnvelope, PvsDevice, TokenRequest, TokenResponse
+from pipeline.tls import client_context
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -96,7 +96,7 @@ class DpsClient:
             msg = "DpsClient is already open"
             raise RuntimeError(msg)
         # Verification is always on: the configured CA bundle, or the system store.
-        tls = client_context(TlsConfig(enabled=True, ca_file=self._cfg.ca_file))
+        tls = client_context(TlsConfig(enabled=True, ca_file=self._cfg.ca_file), key="sink.dps")
         connector = aiohttp.TCPConnector(limit=self._pool_size, ssl=tls)
         if cleartext_remote(self._cfg.base_url):
             log.warning(
