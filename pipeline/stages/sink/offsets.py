@@ -58,12 +58,11 @@ class OffsetTracker:
             first, _ = pending.popitem(last=False)
             self._safe[tp] = first + 1
 
-    def in_flight(self, tps: set[TopicPartition] | None = None) -> int:
-        """Records handed out and not finished, in ``tps`` (or everywhere)."""
+    def in_flight(self) -> int:
+        """Records handed out and not finished."""
         return sum(
             sum(1 for finished in pending.values() if not finished)
-            for tp, pending in self._open.items()
-            if tps is None or tp in tps
+            for pending in self._open.values()
         )
 
     def take_commits(self) -> dict[TopicPartition, int]:
