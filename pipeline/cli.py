@@ -53,11 +53,11 @@ EX_SOFTWARE = 70
 _EXIT_CODES = """\
 exit codes:
   0   success; a worker stopped by SIGTERM
-  130 a tool interrupted (Ctrl-C)
   1   a service (Kafka, MQTT, DPS) could not be reached or failed, or a stage could not
       go on safely: one line naming it; a restart cures it once the service is back
   2   bad configuration or input: one line naming the key, the file:line or the argument
   70  a bug (an internal invariant broke, or an unexpected error): traceback logged
+  130 a tool interrupted (Ctrl-C)
 """
 
 

@@ -408,7 +408,7 @@ def test_help_lists_the_exit_codes() -> None:
     assert proc.returncode == 0
     codes = proc.stdout.split("exit codes:\n", 1)[1]
     assert [line.split()[0] for line in codes.splitlines() if line[:3].strip()] == [
-        "0", "130", "1", "2", "70"
+        "0", "1", "2", "70", "130"
     ]  # fmt: skip
 
 
