@@ -1,9 +1,22 @@
 """The ``pipeline`` command line: one entry point, one sub-command per job.
 
-Exit codes (README): 0 success; 2 bad configuration or input, with one line on stderr
-naming the key or the file:line; 1 a service could not be reached (one line naming it
-and its address), a stage stopped because it could not go on safely, or an unexpected
-error (its traceback logged as one JSON line).
+Exit codes, by what the error is (``pipeline --help`` lists them too):
+
+- 0: success (and a worker stopped by SIGTERM or SIGINT; 130 for a Ctrl-C of a tool).
+- 2: the operator's fix. Bad configuration (:class:`~pipeline.errors.ConfigError`, one
+  line naming the key), bad input (:class:`~pipeline.errors.InputError`, one line naming
+  the file:line or the argument), or a file named to the command that cannot be read or
+  written (an ``OSError`` with its file name).
+- 1: a service could not be reached or failed (:class:`~pipeline.errors.ServiceUnreachable`,
+  Kafka, MQTT or DPS errors: one line naming it and its address; another ``OSError``: its
+  traceback logged), or a stage stopped because it could not go on safely
+  (:class:`~pipeline.errors.StageFailed`). A restart, once the service is back, cures it.
+- 70 (``EX_SOFTWARE``): a bug. An internal invariant broke
+  (:class:`~pipeline.errors.InternalError`) or an error nobody expected; its traceback is
+  logged as one JSON line.
+
+When several stages fail at once (``run``), the code is the first of 2, 70, 1 among them;
+each error is still reported.
 """
 
 from __future__ import annotations
@@ -23,14 +36,7 @@ import aiomqtt
 
 from pipeline import _signals
 from pipeline.config import Config, load_config
-from pipeline.errors import (
-    ConfigError,
-    DecodeError,
-    DpsError,
-    MappingError,
-    ServiceUnreachable,
-    StageFailed,
-)
+from pipeline.errors import ConfigError, DpsError, InputError, ServiceUnreachable, StageFailed
 from pipeline.ops.logs import setup_logging
 from pipeline.stages.registry import STAGES
 
@@ -41,11 +47,25 @@ __all__ = ["main"]
 
 log = logging.getLogger(__name__)
 
+EX_SOFTWARE = 70
+"""sysexits.h: an internal software error (a bug)."""
+_EXIT_CODES = """\
+exit codes:
+  0   success; a worker stopped by SIGTERM
+  1   a service (Kafka, MQTT, DPS) could not be reached or failed, or a stage could not
+      go on safely: one line naming it; a restart cures it once the service is back
+  2   bad configuration or input: one line naming the key, the file:line or the argument
+  70  a bug (an internal invariant broke, or an unexpected error): traceback logged
+  130 a tool interrupted (Ctrl-C)
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
         description="Provision Huawei IoTDA child devices into Envision EnOS DPS via Kafka.",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML configuration (default: ./pipeline.toml if present)"
@@ -331,10 +351,10 @@ async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _bridge_config(args: argparse.Namespace, _cfg: Config) -> int:
-    from pipeline.config import MqttConfig, load_gateways  # noqa: PLC0415
+    from pipeline.config import MqttConfig, listed_gateways  # noqa: PLC0415
     from pipeline.tools.bridge import bridge_config, write_bridge_config  # noqa: PLC0415
 
-    gateways = load_gateways(MqttConfig(gateways_file=args.gateways_file))
+    gateways = listed_gateways(MqttConfig(gateways_file=args.gateways_file))
     text = bridge_config(
         gateways, host=args.host, port=args.port, ca_file=args.ca_file, stamp=args.timestamp
     )
@@ -379,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return _fail(2, f"pipeline: {exc}")
+    except Exception:
+        log.exception("pipeline %s failed reading the configuration (a bug)", args.command)
+        return EX_SOFTWARE
     handler: Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]] = args.handler
     try:
         code: int = asyncio.run(handler(args, cfg))
@@ -406,11 +429,13 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 def _report(exc: Exception, cfg: Config, command: str) -> int:
     """Print the one line for ``exc`` (or log its traceback) and return the exit code."""
     verdicts = [(*_verdict(leaf, cfg), leaf) for leaf in _leaves(exc)]
-    # Bad input first (the operator's fix), then what names a service, then the rest.
-    verdicts.sort(key=lambda v: (-v[0], v[1] is None))
+    # The operator's fix first, then a bug, then a service; those with a line first.
+    verdicts.sort(key=lambda v: (_PRECEDENCE[v[0]], v[1] is None))
     shown: set[str] = set()
-    for _, line, leaf in verdicts:
-        if line is None:
+    for code, line, leaf in verdicts:
+        if line is None and code == EX_SOFTWARE:
+            log.error("pipeline %s failed: %r (a bug)", command, leaf, exc_info=leaf)
+        elif line is None:
             log.error("pipeline %s failed: %r", command, leaf, exc_info=leaf)
         elif not shown:
             print(f"pipeline: {line}", file=sys.stderr)  # noqa: T201
@@ -421,14 +446,25 @@ def _report(exc: Exception, cfg: Config, command: str) -> int:
     return verdicts[0][0]
 
 
+_PRECEDENCE = {2: 0, EX_SOFTWARE: 1, 1: 2}
+"""Which exit code a group of errors gets: the first of 2, 70, 1 among them."""
+
+
 def _verdict(exc: BaseException, cfg: Config) -> tuple[int, str | None]:
-    """Exit code and one line for an error; no line: unexpected (log its traceback)."""
-    if isinstance(exc, ConfigError | DecodeError | MappingError | ValueError):
-        return 2, str(exc)  # ValueError: a fixture line, a devices file, an argument
+    """Exit code and one line for an error; no line: log its traceback.
+
+    By type only, never by message: 2 for what the operator can fix, 1 for a service,
+    70 (a bug) for everything else, :class:`~pipeline.errors.InternalError` included.
+    """
+    if isinstance(exc, ConfigError | InputError):
+        return 2, str(exc)
     if isinstance(exc, OSError) and exc.filename is not None:
         return 2, f"{exc.filename}: {exc.strerror or exc}"
-    line = _service_line(exc, cfg)
-    return 1, line
+    if (line := _service_line(exc, cfg)) is not None:
+        return 1, line
+    if isinstance(exc, OSError):
+        return 1, None  # the network or the host (a reset connection, no route): not a bug
+    return EX_SOFTWARE, None
 
 
 def _service_line(exc: BaseException, cfg: Config) -> str | None:

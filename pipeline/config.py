@@ -17,18 +17,18 @@ import json
 import math
 import os
 import re
-import ssl
 import tomllib
 import urllib.parse
-import zlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from pipeline.core.mapping import Mapper
+from pipeline.core.mapping import check_settings
 from pipeline.core.problems import explain
+from pipeline.core.shards import Shard, share
 from pipeline.errors import ConfigError
+from pipeline.tls import client_context
 
 __all__ = [
     "Config",
@@ -43,9 +43,9 @@ __all__ = [
     "SinkConfig",
     "TlsConfig",
     "Topics",
+    "listed_gateways",
     "load_config",
     "load_gateways",
-    "shard_of",
     "to_environ",
 ]
 
@@ -343,15 +343,12 @@ class _GatewaysFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gateway: list[Gateway] = msgspec.field(default_factory=list)
 
 
-def shard_of(device_id: str, count: int) -> int:
-    """The shard of a gateway among ``count``: a stable hash, the same in every process."""
-    return zlib.crc32(device_id.encode()) % count
+def listed_gateways(cfg: MqttConfig) -> list[Gateway]:
+    """The gateways listed in ``gateways`` and ``gateways_file``, each once.
 
-
-def load_gateways(cfg: MqttConfig) -> list[Gateway]:
-    """The gateways this ingest listens for: ``gateways`` and ``gateways_file``, sharded.
-
-    An empty list means: no gateway list, subscribe to ``topic`` as it is.
+    An empty list means: no gateway list, subscribe to ``topic`` as it is. Which of them
+    one ingest replica takes (``shard``) is the ingest stage's business
+    (:func:`pipeline.core.shards.share`).
 
     Raises:
         ConfigError: one line naming the key or the file and entry at fault.
@@ -364,14 +361,17 @@ def load_gateways(cfg: MqttConfig) -> list[Gateway]:
         if gateway.device_id in seen:
             raise ConfigError.at("mqtt.gateways", f"gateway {gateway.device_id} is listed twice")
         seen.add(gateway.device_id)
-    if cfg.shard is None:
-        return gateways
-    index, _, count = cfg.shard.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise ConfigError.at("mqtt.shard", f"expected i/n with 0 <= i < n, got {cfg.shard!r}")
-    if not gateways:
-        raise ConfigError.at("mqtt.shard", "needs mqtt.gateways or mqtt.gateways_file to split")
-    return [g for g in gateways if shard_of(g.device_id, int(count)) == int(index)]
+    return gateways
+
+
+def load_gateways(cfg: MqttConfig) -> list[Gateway]:
+    """The listed gateways of this replica's ``shard``.
+
+    Only pipeline/tools/bench still calls it; the ingest stage takes its share itself
+    (:func:`pipeline.stages.ingest.worker.sessions_for`), as the bench should, which then
+    lets this go.
+    """
+    return share(listed_gateways(cfg), cfg.shard)
 
 
 def _read_gateways(path: Path) -> list[Gateway]:
@@ -394,8 +394,10 @@ def _read_gateways(path: Path) -> list[Gateway]:
 
 
 def _check_gateways(cfg: MqttConfig) -> None:
-    """The gateway list and device mode's credentials (one line naming the key at fault)."""
-    gateways = load_gateways(cfg)
+    """The gateway list, its shard and device mode's credentials (one line naming the key)."""
+    gateways = listed_gateways(cfg)
+    if cfg.shard is not None:
+        _check_shard(cfg.shard, gateways)
     if cfg.iotda is not None:
         device_id, secret = cfg.iotda.device_id, cfg.iotda.secret
         if device_id is not None and secret is None:
@@ -416,6 +418,19 @@ def _check_gateways(cfg: MqttConfig) -> None:
         raise ConfigError.at(
             "mqtt.topic", f"{cfg.topic!r} has no + to put each gateway's device id in"
         )
+
+
+def _check_shard(shard: str, gateways: list[Gateway]) -> None:
+    try:
+        Shard.parse(shard)
+    except ValueError as exc:
+        raise ConfigError.at("mqtt.shard", str(exc)) from None
+    if not gateways:
+        raise ConfigError.at("mqtt.shard", "needs mqtt.gateways or mqtt.gateways_file to split")
+    if not share(gateways, shard):
+        # Ingest would subscribe to mqtt.topic as it is: every gateway, not none.
+        reason = f"{shard} takes none of the {len(gateways)} listed gateways"
+        raise ConfigError.at("mqtt.shard", reason)
 
 
 _TYPE_NAMES = {"dict": "object", "list": "array", "NoneType": "null"}
@@ -635,12 +650,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError.at("sink.dps.app_secret", "must not be empty")
     if s.dps.ca_file is not None:
         _check_readable("sink.dps.ca_file", s.dps.ca_file)
+        client_context(TlsConfig(enabled=True, ca_file=s.dps.ca_file), key="sink.dps")
     # The mapping's own rules (one place: pipeline.core.mapping), now rather than when
     # the sink starts.
-    Mapper(
-        sn_from=s.sn_from, org_id=s.org_id, org_overrides=s.org_overrides,
-        device_data=s.device_data,
-    )  # fmt: skip
+    check_settings(sn_from=s.sn_from, org_id=s.org_id, device_data=s.device_data)
 
 
 def _check_mqtt(m: MqttConfig) -> None:
@@ -711,19 +724,8 @@ def _check_tls(key: str, tls: TlsConfig) -> None:
     for name in ("ca_file", "cert_file", "key_file"):
         if (path := getattr(tls, name)) is not None:
             _check_readable(f"{key}.{name}", path)
-    # Readable is not enough: load them as the client will (pipeline.io.tls).
-    try:
-        context = ssl.create_default_context(cafile=tls.ca_file)
-    except ssl.SSLError as exc:
-        reason = f"not a PEM bundle of CA certificates ({exc.reason or exc})"
-        raise ConfigError.at(key + ".ca_file", reason) from None
-    if tls.cert_file:
-        password = tls.key_password.reveal() if tls.key_password else None
-        try:
-            context.load_cert_chain(tls.cert_file, tls.key_file, password=password)
-        except ssl.SSLError as exc:
-            reason = f"no usable certificate and key ({exc.reason or exc})"
-            raise ConfigError.at(key + ".cert_file", reason) from None
+    # Readable is not enough: load them as the clients will (one place: pipeline.tls).
+    client_context(tls, key=key)
 
 
 def _check_readable(key: str, path: str) -> None:

@@ -1,4 +1,11 @@
-"""One exception hierarchy for the package; each class says whether a retry can help."""
+"""One exception hierarchy for the package; each class says whether a retry can help.
+
+What the command line makes of them (:mod:`pipeline.cli`): :class:`ConfigError` and
+:class:`InputError` exit 2 (the operator's fix, one line); :class:`ServiceUnreachable`,
+:class:`StageFailed` and :class:`DpsError` exit 1 (a restart or the service's return
+cures them); :class:`InternalError` and anything unexpected exit 70 with the traceback
+(a bug).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ __all__ = [
     "DpsError",
     "DpsRejected",
     "DpsTransient",
+    "InputError",
+    "InternalError",
     "MappingError",
     "PipelineError",
     "ServiceUnreachable",
@@ -16,7 +25,13 @@ __all__ = [
 
 
 class PipelineError(Exception):
-    """Root of every error this package raises."""
+    """Root of every error this package raises.
+
+    Attributes:
+        retriable: the same operation, tried again later, may succeed (a service that
+            did not answer, DPS throttling); False when only a change of the input, the
+            configuration or the code can help.
+    """
 
     retriable: bool = False
 
@@ -46,6 +61,22 @@ class ConfigError(PipelineError):
     def at(cls, key: str, reason: str) -> ConfigError:
         """``config key {key}: {reason}``."""
         return cls(f"config key {key}: {reason}", key=key, reason=reason)
+
+
+class InputError(PipelineError):
+    """What the operator gave a command is wrong: a fixture line, a devices file, an argument.
+
+    The message is one line naming the file and line, or the argument, and what is wrong
+    (``fixtures/day1.jsonl:17: qos must be 0 or 1, got 2``).
+    """
+
+
+class InternalError(PipelineError):
+    """An invariant of the code itself broke: a bug, neither the input nor a service.
+
+    The stage stops rather than go on with a broken invariant; the command line logs the
+    traceback and exits 70 (``EX_SOFTWARE``).
+    """
 
 
 class ServiceUnreachable(PipelineError):
@@ -126,6 +157,8 @@ class DpsError(PipelineError):
 
 class DpsRejected(DpsError):
     """DPS said no for business reasons (35400, 35404, 35601, 99400, ...): do not retry."""
+
+    retriable = False
 
 
 class DpsTransient(DpsError):

@@ -1,5 +1,6 @@
 """The command line's contract: exit 0 ok, 2 bad configuration or input (one line naming the
-key or file:line), 1 a service not reachable (one line naming it and its address)."""
+key or file:line), 1 a service not reachable (one line naming it and its address), 70 a bug
+(its traceback logged)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,20 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from pipeline.cli import _report
 from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError, ServiceUnreachable, StageFailed
+from pipeline.errors import (
+    ConfigError,
+    DpsTransient,
+    InputError,
+    InternalError,
+    ServiceUnreachable,
+    StageFailed,
+)
+from pipeline.stages.sink.offsets import OffsetTracker, OutOfOrder
 from tests.harness import FIXTURES, free_port
 
 
@@ -258,9 +268,14 @@ def report(
          "pipeline: MQTT 127.0.0.1:1883: Disconnected during message iteration\n"),
         (FileNotFoundError(2, "No such file or directory", "/data/devices.json"), 2,
          "pipeline: /data/devices.json: No such file or directory\n"),
-        (ValueError("devices.json:3: sn is missing"), 2, "pipeline: devices.json:3: sn is missing\n"),
+        (InputError("devices.json:3: sn is missing"), 2, "pipeline: devices.json:3: sn is missing\n"),
         (ConnectionError("MQTT 127.0.0.1:1883 not reachable: start them"), 1,
          "pipeline: MQTT 127.0.0.1:1883 not reachable: start them\n"),
+        (ExceptionGroup("g", [ServiceUnreachable("Kafka", "k:9092", "connection refused")]), 1,
+         "pipeline: Kafka k:9092 not reachable: connection refused\n"),
+        (DpsTransient(None, "DPS allocate: connection refused by 127.0.0.1:8085"), 1,
+         ("pipeline: DPS http://127.0.0.1:8085: DPS error: DPS allocate: connection refused by "
+          "127.0.0.1:8085\n")),
     ],
 )  # fmt: skip
 def test_errors_map_to_one_line(error: Exception, code: int, line: str, report: Report) -> None:
@@ -283,21 +298,119 @@ def test_bad_input_wins_and_the_others_are_logged(report: Report) -> None:
     ]
 
 
-def test_unexpected_error_logs_its_traceback_as_one_json_line(report: Report) -> None:
-    def fail() -> None:
-        msg = "boom"
-        raise RuntimeError(msg)
+def _raise(exc: Exception) -> None:
+    raise exc
 
+
+def _raised(exc: Exception) -> Exception:
+    """``exc`` with a traceback, as a stage's TaskGroup delivers it."""
     try:
-        fail()
-    except RuntimeError as exc:
-        group = ExceptionGroup("g", [exc])
-    code, err, logs = report(group)
-    assert (code, err) == (1, "")
+        _raise(exc)
+    except Exception as caught:
+        return ExceptionGroup("g", [caught])
+    raise AssertionError
+
+
+def test_unexpected_error_is_a_bug_exit_70_with_its_traceback(report: Report) -> None:
+    code, err, logs = report(_raised(RuntimeError("boom")))
+    assert (code, err) == (70, "")
     assert [(r["level"], r["logger"], r["msg"]) for r in logs] == [
-        ("error", "pipeline.cli", "pipeline run failed: RuntimeError('boom')")
+        ("error", "pipeline.cli", "pipeline run failed: RuntimeError('boom') (a bug)")
     ]
-    assert "raise RuntimeError(msg)\nRuntimeError: boom" in logs[0]["exc"]
+    assert "raise exc\nRuntimeError: boom" in logs[0]["exc"]
+
+
+def test_a_broken_invariant_is_a_bug_exit_70_never_bad_input(report: Report) -> None:
+    """The sink's offset tracker refusing an offset is the code's fault, not the input's."""
+    tracker, tp = OffsetTracker(), TopicPartition("t", 0)
+    tracker.start(tp, 5)
+    try:
+        tracker.start(tp, 5)
+    except OutOfOrder as exc:
+        group = ExceptionGroup("g", [exc])
+    assert isinstance(group.exceptions[0], InternalError)
+    code, err, logs = report(group)
+    assert (code, err) == (70, "")
+    assert [(r["level"], r["msg"]) for r in logs] == [
+        ("error", "pipeline run failed: OutOfOrder('t/0: offset 5 started after offset 5') (a bug)")
+    ]
+    assert "OutOfOrder: t/0: offset 5 started after offset 5" in logs[0]["exc"]
+
+
+def test_a_stray_value_error_is_a_bug_not_bad_input(report: Report) -> None:
+    """Only the named types are bad input: any ValueError used to exit 2 as if it were."""
+    code, err, logs = report(_raised(ValueError("devices.json:3: sn is missing")))
+    assert (code, err) == (70, "")
+    assert (
+        logs[0]["msg"] == "pipeline run failed: ValueError('devices.json:3: sn is missing') (a bug)"
+    )
+
+
+def test_the_operators_fix_first_then_a_bug_then_a_service(report: Report) -> None:
+    unreachable = ServiceUnreachable("Kafka", "k:9092", "connection refused")
+    bug = OutOfOrder("t/0: offset 1 started after offset 2")
+    code, err, logs = report(ExceptionGroup("g", [unreachable, bug]))
+    assert (code, err) == (70, "pipeline: Kafka k:9092 not reachable: connection refused\n")
+    assert [r["msg"] for r in logs] == [
+        "pipeline run failed: OutOfOrder('t/0: offset 1 started after offset 2') (a bug)"
+    ]
+    bad = InputError("f.jsonl:1: qos must be 0 or 1, got 2")
+    code, err, logs = report(ExceptionGroup("g", [unreachable, bug, bad]))
+    assert (code, err) == (2, "pipeline: f.jsonl:1: qos must be 0 or 1, got 2\n")
+    assert [r["msg"] for r in logs] == [
+        "pipeline run failed: OutOfOrder('t/0: offset 1 started after offset 2') (a bug)",
+        "also: Kafka k:9092 not reachable: connection refused",
+    ]
+
+
+def test_a_bug_in_a_command_exits_70_with_its_traceback() -> None:
+    """Through main(): the traceback logged as one JSON line on stderr, nothing on stdout."""
+    script = (
+        "import pipeline.cli as cli\n"
+        "from aiokafka import TopicPartition\n"
+        "from pipeline.stages.sink.offsets import OffsetTracker\n"
+        "async def broken(args, cfg):\n"
+        "    tracker, tp = OffsetTracker(), TopicPartition('t', 0)\n"
+        "    tracker.start(tp, 7)\n"
+        "    tracker.start(tp, 3)\n"
+        "cli._schemas_export = broken\n"
+        "raise SystemExit(cli.main(['schemas', 'export', '--check']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=30,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout) == (70, "")
+    [line] = proc.stderr.splitlines()
+    logged = json.loads(line)
+    assert (logged["level"], logged["msg"]) == (
+        "error",
+        "pipeline schemas failed: OutOfOrder('t/0: offset 3 started after offset 7') (a bug)",
+    )
+    assert logged["exc"].startswith("Traceback (most recent call last):")
+
+
+def test_bad_input_exits_2_naming_the_argument() -> None:
+    args = ["bridge-config", "--gateways-file", "/dev/null", "--host", "h", "--ca-file", "ca"]
+    proc = _pipeline(*args, "--timestamp", "2026-01-01", env=_env())
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2,
+        "",
+        "pipeline: --timestamp '2026-01-01' is not a date and hour (YYYYMMDDHH)\n",
+    )
+
+
+def test_help_lists_the_exit_codes() -> None:
+    proc = _pipeline("--help", env=_env())
+    assert proc.returncode == 0
+    codes = proc.stdout.split("exit codes:\n", 1)[1]
+    assert [line.split()[0] for line in codes.splitlines() if line[:3].strip()] == [
+        "0", "1", "2", "70", "130"
+    ]  # fmt: skip
 
 
 def test_connection_error_from_the_os_is_not_called_bad_input(report: Report) -> None:

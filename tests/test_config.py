@@ -83,6 +83,23 @@ def test_file_and_environment_override(tmp_path: Path) -> None:
             {},
             "config key mqtt.iotda.device_id: required key is missing (or list the gateways and their secrets in mqtt.gateways_file)",
         ),
+        (
+            "[mqtt]\ngateways = ['gw-1']\nshard = '2/2'\n",
+            {},
+            "config key mqtt.shard: expected i/n with 0 <= i < n, got '2/2'",
+        ),
+        (
+            "[mqtt]\nshard = '0/2'\n",
+            {},
+            "config key mqtt.shard: needs mqtt.gateways or mqtt.gateways_file to split",
+        ),
+        (
+            # gw-1 is in shard 0 of 2: shard 1 would hold no gateway, and ingest would
+            # subscribe to every gateway's topic instead.
+            "[mqtt]\ngateways = ['gw-1']\nshard = '1/2'\n",
+            {},
+            "config key mqtt.shard: 1/2 takes none of the 1 listed gateways",
+        ),
     ],
 )
 def test_bad_config_names_the_key(
@@ -292,11 +309,20 @@ def test_tls_files_are_checked_when_tls_is_on(tmp_path: Path) -> None:
         "config key kafka.tls.cert_file (from PIPELINE_KAFKA__TLS__CERT_FILE): "
         "no usable certificate and key ([SSL] PEM lib"
     )
+    # The DPS client's CA bundle, loaded the same way (it is always in use when set).
+    env = {"PIPELINE_SINK__DPS__CA_FILE": str(junk)}
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=env)
+    assert str(info.value) == (
+        "config key sink.dps.ca_file (from PIPELINE_SINK__DPS__CA_FILE): not a PEM bundle of "
+        "CA certificates (NO_CERTIFICATE_OR_CRL_FOUND)"
+    )
     ca, cert, key = make_certs(tmp_path)
     toml = (
         f"[mqtt.tls]\nenabled = true\nca_file = '{ca}'\ncert_file = '{cert}'\nkey_file = '{key}'\n"
     )
     assert load_config(write(tmp_path, toml), {}).mqtt.tls.cert_file == str(cert)
+    assert load_config(environ={"PIPELINE_SINK__DPS__CA_FILE": str(ca)}).sink.dps.ca_file == str(ca)
 
 
 def test_missing_file_and_bad_toml(tmp_path: Path) -> None:

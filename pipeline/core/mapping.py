@@ -10,7 +10,7 @@ import msgspec
 from pipeline.errors import ConfigError, MappingError
 from pipeline.schemas import AddedChild, AllocateRequest, DeviceInfo
 
-__all__ = ["Mapped", "Mapper"]
+__all__ = ["Mapped", "Mapper", "check_settings"]
 
 _CHILD = msgspec.json.Decoder(AddedChild)
 _DEVICE = msgspec.json.Decoder(DeviceInfo)
@@ -38,6 +38,53 @@ def _check_source(source: str, key: str) -> None:
     raise ConfigError.at(key, reason)
 
 
+def _sn_parts(sn_from: str) -> list[tuple[str, str | None]]:
+    """``sink.sn_from`` as (literal, field) parts, checked; a field alone is one part."""
+    if "{" not in sn_from:
+        _check_source(sn_from, "sink.sn_from")
+        return [("", sn_from)]
+    # Parsed here and substituted by hand: str.format would read "extension_info.x" as
+    # attribute access.
+    try:
+        parsed = list(string.Formatter().parse(sn_from))
+    except ValueError as exc:
+        reason = f"not a valid template ({exc})"
+        raise ConfigError.at("sink.sn_from", reason) from None
+    for _, field, spec, conversion in parsed:
+        if field == "":
+            raise ConfigError.at("sink.sn_from", "'{}' names no field")
+        if spec or conversion:
+            reason = f"{{{field}...}}: format specs and conversions are not supported"
+            raise ConfigError.at("sink.sn_from", reason)
+    parts = [(literal, field) for literal, field, _, _ in parsed]
+    fields = [field for _, field in parts if field]
+    if not fields:
+        raise ConfigError.at("sink.sn_from", "the template names no field")
+    for field in fields:
+        _check_source(field, "sink.sn_from")
+    return parts
+
+
+def _checked(
+    sn_from: str, org_id: str, device_data: dict[str, str]
+) -> list[tuple[str, str | None]]:
+    parts = _sn_parts(sn_from)
+    for ident, source in device_data.items():
+        _check_source(source, f"sink.device_data.{ident}")
+    if not org_id:
+        raise ConfigError.at("sink.org_id", "must not be empty")
+    return parts
+
+
+def check_settings(*, sn_from: str, org_id: str, device_data: dict[str, str]) -> None:
+    """The rules of the ``[sink]`` mapping settings, as :class:`Mapper` applies them.
+
+    Raises:
+        ConfigError: naming ``sink.sn_from``, ``sink.device_data.<id>`` or ``sink.org_id``.
+    """
+    _checked(sn_from, org_id, device_data)
+
+
 def _lookup(device: DeviceInfo, source: str) -> Any:
     if source.startswith(_EXTENSION):
         return (device.extension_info or {}).get(source.removeprefix(_EXTENSION))
@@ -55,7 +102,7 @@ class Mapper:
         device_data: master-data identifier -> DeviceInfo field or ``extension_info.<key>``.
 
     Raises:
-        ConfigError: naming ``sink.sn_from`` or ``sink.device_data.<id>`` when a source is unknown.
+        ConfigError: as :func:`check_settings`.
     """
 
     def __init__(
@@ -66,36 +113,9 @@ class Mapper:
         org_overrides: dict[str, str],
         device_data: dict[str, str],
     ) -> None:
-        # The template as (literal, field) parts, parsed once; str.format would read
-        # "extension_info.x" as attribute access, so substitution is by hand.
-        self._sn_parts: list[tuple[str, str | None]] = []
-        if "{" in sn_from:
-            try:
-                parsed = list(string.Formatter().parse(sn_from))
-            except ValueError as exc:
-                reason = f"not a valid template ({exc})"
-                raise ConfigError.at("sink.sn_from", reason) from None
-            for _, field, spec, conversion in parsed:
-                if field == "":
-                    raise ConfigError.at("sink.sn_from", "'{}' names no field")
-                if spec or conversion:
-                    reason = f"{{{field}...}}: format specs and conversions are not supported"
-                    raise ConfigError.at("sink.sn_from", reason)
-            self._sn_parts = [(lit, f) for lit, f, _, _ in parsed]
-            self._sn_fields = [f for _, f in self._sn_parts if f]
-            if not self._sn_fields:
-                raise ConfigError.at("sink.sn_from", "the template names no field")
-            for field in self._sn_fields:
-                _check_source(field, "sink.sn_from")
-            self._template: str | None = sn_from
-        else:
-            _check_source(sn_from, "sink.sn_from")
-            self._sn_fields = [sn_from]
-            self._template = None
-        for ident, source in device_data.items():
-            _check_source(source, f"sink.device_data.{ident}")
-        if not org_id:
-            raise ConfigError.at("sink.org_id", "must not be empty")
+        self._sn_parts = _checked(sn_from, org_id, device_data)
+        self._sn_fields = [field for _, field in self._sn_parts if field]
+        self._sn_from = sn_from
         self._org_id = org_id
         self._org_overrides = dict(org_overrides)
         self._device_data = dict(device_data)
@@ -137,11 +157,9 @@ class Mapper:
         for field in self._sn_fields:
             item = _lookup(device, field)
             if item is None or item == "":
-                msg = f"sn: {field} is empty (sink.sn_from = {self._template or field!r})"
+                msg = f"sn: {field} is empty (sink.sn_from = {self._sn_from!r})"
                 raise MappingError(msg)
             values[field] = str(item)
-        if self._template is None:
-            return values[self._sn_fields[0]]
         return "".join(
             literal + (values[field] if field else "") for literal, field in self._sn_parts
         )

@@ -38,7 +38,6 @@ from pipeline.dps.protocol import (
     token_encryption,
 )
 from pipeline.errors import DpsRejected, DpsTransient
-from pipeline.io.tls import client_context
 from pipeline.schemas import (
     MAX_PAGE_SIZE,
     AllocateRequest,
@@ -52,6 +51,7 @@ from pipeline.schemas import (
     TokenRequest,
     TokenResponse,
 )
+from pipeline.tls import client_context
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -117,7 +117,7 @@ class DpsClient:
             msg = "DpsClient is already open"
             raise RuntimeError(msg)
         # Verification is always on: the configured CA bundle, or the system store.
-        tls = client_context(TlsConfig(enabled=True, ca_file=self._cfg.ca_file))
+        tls = client_context(TlsConfig(enabled=True, ca_file=self._cfg.ca_file), key="sink.dps")
         connector = aiohttp.TCPConnector(limit=self._pool_size, ssl=tls)
         if cleartext_remote(self._cfg.base_url):
             log.warning(

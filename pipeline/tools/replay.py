@@ -40,6 +40,7 @@ from rich.progress import (
 )
 
 from pipeline.config import MqttConfig
+from pipeline.errors import InputError
 from pipeline.io import mqtt
 from pipeline.tools.console import make_console
 
@@ -133,7 +134,7 @@ def load_fixture(path: str | Path) -> list[FixtureMessage]:
         Its messages, in file order.
 
     Raises:
-        ValueError: a line is malformed; the message is ``file:line: problem``.
+        InputError: a line is malformed; the message is ``file:line: problem``.
         OSError: the file cannot be read.
     """
     path = Path(path)
@@ -146,7 +147,7 @@ def load_fixture(path: str | Path) -> list[FixtureMessage]:
             messages.append(_parse_line(line))
         except ValueError as exc:
             msg = f"{path}:{lineno}: {exc}"
-            raise ValueError(msg) from None
+            raise InputError(msg) from None
     return messages
 
 
@@ -220,13 +221,13 @@ async def replay(
         The number of messages published (and acknowledged, for QoS 1).
 
     Raises:
-        ValueError: a fixture line is malformed, or ``rate`` is not positive.
+        InputError: a fixture line is malformed, or ``rate`` is not positive.
         ServiceUnreachable: the broker could not be reached or refused the connection.
         aiomqtt.MqttError: the broker refused a publish or went away.
     """
     if rate is not None and rate <= 0:
         msg = f"rate must be > 0 messages/s, got {rate}"
-        raise ValueError(msg)
+        raise InputError(msg)
     messages = [message for path in paths for message in load_fixture(path)]
     log.info("replaying %d messages from %d files", len(messages), len(paths))
     return await replay_messages(
@@ -328,16 +329,16 @@ async def record(
         The number of messages written.
 
     Raises:
-        ValueError: ``count`` or ``duration`` is negative.
+        InputError: ``count`` or ``duration`` is negative.
         ServiceUnreachable: the broker could not be reached or refused the connection.
         aiomqtt.MqttError: the broker refused the subscription or went away.
     """
     if count is not None and count < 0:
         msg = f"count must be >= 0, got {count}"
-        raise ValueError(msg)
+        raise InputError(msg)
     if duration is not None and duration < 0:
         msg = f"duration must be >= 0, got {duration}"
-        raise ValueError(msg)
+        raise InputError(msg)
     if count == 0:
         return 0
     filter_ = topic or cfg.topic

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.mapping import Mapper
+from pipeline.core.mapping import Mapper, check_settings
 from pipeline.errors import ConfigError, MappingError
 from pipeline.schemas import AddedChild
 
@@ -104,6 +104,11 @@ def test_bad_mapping_config(kw: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         mapper(**kw)
     assert str(info.value).startswith(message)
+    # What the configuration checks at load: the same rules, without a Mapper.
+    rules = {"sn_from": "node_id", "org_id": "o1", "device_data": {}} | kw
+    with pytest.raises(ConfigError) as checked:
+        check_settings(**rules)  # type: ignore[arg-type]
+    assert str(checked.value) == str(info.value)
 
 
 @settings(max_examples=200, deadline=None)

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.dps.emulator import EmulatorState, load_devices, serve, start_emulator
 from pipeline.dps.protocol import token_encryption
-from pipeline.errors import ConfigError
+from pipeline.errors import InputError
 from tests.dps.support import (
     DEVICE_URL,
     KEY,
@@ -510,18 +510,18 @@ def test_load_devices_json_and_json_lines(tmp_path):
 def test_load_devices_errors(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"sn": "A", "group_id": "g"}\n{oops\n', encoding="utf-8")
-    with pytest.raises(ConfigError, match=rf"^devices file {path}, line 2: not valid JSON: "):
+    with pytest.raises(InputError, match=rf"^devices file {path}, line 2: not valid JSON: "):
         load_devices(path)
     path.write_text('[{"sn": "A"}, {"group_id": "g"}]', encoding="utf-8")
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(InputError) as caught:
         load_devices(path)
     assert (
         str(caught.value) == f"devices file {path}: device #2: Object missing required field `sn`"
     )
     path.write_text("42", encoding="utf-8")
-    with pytest.raises(ConfigError, match="expected a list of devices"):
+    with pytest.raises(InputError, match="expected a list of devices"):
         load_devices(path)
-    with pytest.raises(ConfigError, match=r"^devices file .*missing\.json: No such file"):
+    with pytest.raises(InputError, match=r"^devices file .*missing\.json: No such file"):
         load_devices(tmp_path / "missing.json")
 
 

@@ -12,7 +12,8 @@ import msgspec
 import orjson
 import pytest
 
-from pipeline.config import Config, shard_of
+from pipeline.config import Config
+from pipeline.core.shards import shard_of
 from pipeline.ops.server import Health
 from pipeline.stages.ingest import Ingest, sessions_for
 from pipeline.tools.replay import FixtureMessage, replay_messages

@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from pipeline.config import Config, MqttConfig
-from pipeline.errors import ServiceUnreachable
+from pipeline.errors import InputError, ServiceUnreachable
 from pipeline.io import mqtt
 from pipeline.tools.replay import FixtureMessage, load_fixture, record, replay
 from tests import harness
@@ -145,7 +145,7 @@ def test_malformed_line_names_file_line_and_problem(
     tmp_path: Path, line: str, problem: str
 ) -> None:
     path = _write(tmp_path, '# header\n{"topic": "ok", "payload": 1}\n' + line + "\n")
-    with pytest.raises(ValueError, match=r"^\S+:\d+: ") as info:
+    with pytest.raises(InputError, match=r"^\S+:\d+: ") as info:
         load_fixture(path)
     message = str(info.value)
     assert message.startswith(f"{path}:3: ")
@@ -155,7 +155,7 @@ def test_malformed_line_names_file_line_and_problem(
 def test_bad_utf8_line_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "f.jsonl"
     path.write_bytes(b'{"topic": "t\xff", "payload": 1}\n')
-    with pytest.raises(ValueError, match=r":1: not a JSON line"):
+    with pytest.raises(InputError, match=r":1: not a JSON line"):
         load_fixture(path)
 
 
@@ -164,16 +164,16 @@ async def test_replay_checks_every_file_before_connecting(tmp_path: Path) -> Non
     bad = _write(tmp_path, '{"topic": "t", "payload": 1}\n{"topic": "t"}\n', "bad.jsonl")
     # Port 9 (discard) has no broker: reaching the network would fail differently.
     unreachable = MqttConfig(port=9)
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: exactly one of"):
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: exactly one of"):
         await replay(unreachable, [good, bad], progress=False)
-    with pytest.raises(ValueError, match="rate must be > 0"):
+    with pytest.raises(InputError, match="rate must be > 0"):
         await replay(unreachable, [good], rate=0, progress=False)
 
 
 async def test_record_rejects_bad_limits(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="count must be >= 0"):
+    with pytest.raises(InputError, match="count must be >= 0"):
         await record(MqttConfig(port=9), io.StringIO(), count=-1, progress=False)
-    with pytest.raises(ValueError, match="duration must be >= 0"):
+    with pytest.raises(InputError, match="duration must be >= 0"):
         await record(MqttConfig(port=9), io.StringIO(), duration=-1, progress=False)
     out = io.StringIO()
     assert await record(MqttConfig(port=9), out, count=0, progress=False) == 0

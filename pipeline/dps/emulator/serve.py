@@ -13,7 +13,7 @@ from aiohttp import web
 
 from pipeline.dps.emulator.app import build_app
 from pipeline.dps.emulator.state import EmulatorState, load_devices
-from pipeline.errors import ConfigError
+from pipeline.errors import InputError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -105,7 +105,7 @@ async def serve(
     if devices_file is not None:
         try:
             devices = load_devices(devices_file)
-        except ConfigError as exc:
+        except InputError as exc:
             log.error("%s", exc)  # noqa: TRY400  (one line for the operator, no traceback)
             return 2
     loop = asyncio.get_running_loop()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 import orjson
 
-from pipeline.errors import ConfigError
+from pipeline.errors import InputError
 from pipeline.schemas import I18nString, PvsDevice, PvsDeviceStatus, utc_now
 
 if TYPE_CHECKING:
@@ -421,13 +421,13 @@ def load_devices(path: str | Path) -> list[dict[str, Any]]:
     null or absent ``group_id`` means its registration group is missing.
 
     Raises:
-        ConfigError: the file cannot be read, or one line naming the entry at fault.
+        InputError: the file cannot be read, or one line naming the entry at fault.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         msg = f"devices file {path}: {exc.strerror}"
-        raise ConfigError(msg) from None
+        raise InputError(msg) from None
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -439,16 +439,16 @@ def load_devices(path: str | Path) -> list[dict[str, Any]]:
                 data.append(orjson.loads(line))
             except orjson.JSONDecodeError as exc:
                 msg = f"devices file {path}, line {lineno}: not valid JSON: {exc}"
-                raise ConfigError(msg) from None
+                raise InputError(msg) from None
     if isinstance(data, dict):
         # A JSON object is either the {"devices": [...]} wrapper or a one-line JSON Lines file.
         data = data.get("devices", [data])
     if not isinstance(data, list):
         msg = f'devices file {path}: expected a list of devices or {{"devices": [...]}}'
-        raise ConfigError(msg)
+        raise InputError(msg)
     try:
         specs = _parse_devices(data)
     except ValueError as exc:
         msg = f"devices file {path}: {exc}"
-        raise ConfigError(msg) from None
+        raise InputError(msg) from None
     return [msgspec.to_builtins(spec) for spec in specs]

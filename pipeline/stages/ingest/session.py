@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import aiomqtt
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import mqtt
 from pipeline.io.aio import Backoff, sleep_unless_stopped
 from pipeline.ops.metrics import MQTT_BRIDGE_UP, MQTT_CONNECTED, MQTT_RECONNECTS
@@ -40,8 +40,10 @@ _IOTDA_CLIENT_ID = re.compile(r"^(?P<device>.+)_0_[01]_\d{10}$")
 _REFUSED = (4, 5, 134, 135)  # bad user name or password / not authorised (3.1.1, 5)
 
 
-class KafkaFailedError(Exception):
+class KafkaFailedError(PipelineError):
     """Kafka did not take a record of this session; it reconnects so MQTT redelivers."""
+
+    retriable = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import KafkaError
 
-from pipeline.config import load_gateways
+from pipeline.config import listed_gateways
 from pipeline.core.decode import service_label
 from pipeline.core.landing import Lander, Landing
+from pipeline.core.shards import share
 from pipeline.errors import ConfigError
 from pipeline.io import kafka, mqtt
 from pipeline.io.aio import Backoff, Pacer, sleep_unless_stopped
@@ -55,9 +56,11 @@ def sessions_for(cfg: Config) -> list[tuple[mqtt.Identity, list[str]]]:
     - IoTDA device mode, one gateway (``[mqtt.iotda]``): one session, as it.
     - Broker mode with a gateway list: one session, one subscription per gateway.
     - Broker mode: one session on ``mqtt.topic``.
+
+    Of a gateway list, only this replica's share (``mqtt.shard``) is held.
     """
     m = cfg.mqtt
-    gateways = load_gateways(m)
+    gateways = share(listed_gateways(m), m.shard)
     if m.iotda is not None and gateways:
         return [(mqtt.identity(m, g), [mqtt.subscription_topic(m, g.device_id)]) for g in gateways]
     who = mqtt.identity(m)

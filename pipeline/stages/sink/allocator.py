@@ -23,7 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pipeline.errors import DpsRejected, DpsTransient, MappingError
+from pipeline.errors import DpsError, MappingError
 from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import SINK_CALL_SECONDS, SINK_CALLS, SINK_RETRIES
 from pipeline.stages.sink.outcomes import log_context
@@ -153,18 +153,22 @@ class Allocator:
         first: float,
         backoff: Backoff,
     ) -> float | None:
-        """One call, and the outcome if it settles the record; else the delay before a retry."""
+        """One call, and the outcome if it settles the record; else the delay before a retry.
+
+        Whether a failed call is tried again is the error's ``retriable`` alone (the DPS
+        client sets it from the answer, :func:`pipeline.dps.protocol.classify`).
+        """
         try:
             device, request_id = await self._call(record, source, mapped)
-        except DpsRejected as exc:
-            context = log_context(record, mapped) | {"code": exc.code}
-            log.warning("DPS rejected sn %s: %s", mapped.sn, exc, extra=context)
-            await self._outcomes.dead_letter(
-                record, source, mapped, kind="rejected", code=exc.code, message=exc.msg,
-                request_id=exc.request_id, attempts=attempts,
-            )  # fmt: skip
-            return None
-        except DpsTransient as exc:
+        except DpsError as exc:
+            if not exc.retriable:
+                context = log_context(record, mapped) | {"code": exc.code}
+                log.warning("DPS rejected sn %s: %s", mapped.sn, exc, extra=context)
+                await self._outcomes.dead_letter(
+                    record, source, mapped, kind="rejected", code=exc.code, message=exc.msg,
+                    request_id=exc.request_id, attempts=attempts,
+                )  # fmt: skip
+                return None
             if time.monotonic() - first >= self._cfg.give_up_after:
                 context = log_context(record, mapped) | {"code": exc.code}
                 log.warning(
@@ -197,12 +201,8 @@ class Allocator:
         started = time.monotonic()
         try:
             answer = await self._dps.allocate(mapped.org_id, mapped.request)
-        except DpsTransient as exc:
-            self._transient(exc, probe, record, mapped, taken_at)
-            raise
-        except DpsRejected:
-            SINK_CALLS.labels("rejected").inc()
-            self._breaker.succeeded(probe)  # DPS works: it judged the record
+        except DpsError as exc:
+            self._failed(exc, probe, record, mapped, taken_at)
             raise
         except BaseException:
             # Cancelled (hand-back, shutdown) or a bug: give the probe's turn back.
@@ -216,14 +216,19 @@ class Allocator:
         self._limiter.succeeded()
         return answer
 
-    def _transient(
+    def _failed(
         self,
-        exc: DpsTransient,
+        exc: DpsError,
         probe: bool,
         record: ConsumerRecord[bytes, bytes],
         mapped: Mapped,
         taken_at: float,
     ) -> None:
+        """Tell the breaker and the limiter how a failed call went."""
+        if not exc.retriable:
+            SINK_CALLS.labels("rejected").inc()
+            self._breaker.succeeded(probe)  # DPS works: it judged the record
+            return
         if exc.throttled:
             SINK_CALLS.labels("throttled").inc()
             self._limiter.throttled(taken_at)

@@ -67,10 +67,6 @@ class Breaker:
         """Whether DPS is currently considered failing."""
         return self._open
 
-    def probe_delay(self) -> float:
-        """Seconds until the next probe may go (0 when closed or due)."""
-        return max(0.0, self._until - self._clock()) if self._open else 0.0
-
     async def acquire(self) -> bool:
         """Wait for permission to call DPS; True when this caller is the probe.
 

@@ -5,14 +5,20 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING
 
+from pipeline.errors import InternalError
+
 if TYPE_CHECKING:
     from aiokafka import TopicPartition
 
 __all__ = ["OffsetTracker", "OutOfOrder"]
 
 
-class OutOfOrder(ValueError):
-    """A record was started at or below an offset already started in its partition."""
+class OutOfOrder(InternalError):
+    """A record was started at or below an offset already started in its partition.
+
+    One assignment of a partition delivers its records in offset order, so this is a
+    bug: committing past such a record could skip one whose outcome is not recorded.
+    """
 
 
 class OffsetTracker:
@@ -52,12 +58,11 @@ class OffsetTracker:
             first, _ = pending.popitem(last=False)
             self._safe[tp] = first + 1
 
-    def in_flight(self, tps: set[TopicPartition] | None = None) -> int:
-        """Records handed out and not finished, in ``tps`` (or everywhere)."""
+    def in_flight(self) -> int:
+        """Records handed out and not finished."""
         return sum(
             sum(1 for finished in pending.values() if not finished)
-            for tp, pending in self._open.items()
-            if tps is None or tp in tps
+            for pending in self._open.values()
         )
 
     def take_commits(self) -> dict[TopicPartition, int]:

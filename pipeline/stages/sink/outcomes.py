@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
-from pipeline.errors import StageFailed
+from pipeline.errors import PipelineError, StageFailed
 from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import SINK_OUTCOMES
 from pipeline.schemas import Allocation, AllocationFailure, utc_now
@@ -79,8 +79,8 @@ def log_context(record: ConsumerRecord[bytes, bytes], mapped: Mapped | None) -> 
     return context
 
 
-class _TooLarge(Exception):
-    """Kafka does not accept a record this large."""
+class _TooLarge(PipelineError):
+    """Kafka does not accept a record this large (no retry helps: the record is dead-lettered)."""
 
 
 def _retriable(exc: Exception) -> bool:
