@@ -28,7 +28,8 @@ from benchmarks import measure, workload
 from benchmarks.measure import Output, span
 from benchmarks.procs import BenchError
 from benchmarks.stages import Sample, rotated, sample_of
-from pipeline.config import load_gateways
+from pipeline.config import listed_gateways
+from pipeline.core.shards import share
 from pipeline.io import kafka, mqtt
 from pipeline.tools.replay import FixtureMessage, replay_messages
 
@@ -111,10 +112,14 @@ class Replicas:
         for cfg in shards:
             ctx.sessions.append(cfg)
             async with mqtt.connect(cfg.mqtt) as client:
-                for gateway in load_gateways(cfg.mqtt):
+                for gateway in share(listed_gateways(cfg.mqtt), cfg.mqtt.shard):
                     topic = mqtt.subscription_topic(cfg.mqtt, gateway.device_id)
                     await mqtt.subscribe(client, cfg.mqtt, topic)
-        owner = {g.device_id: i for i, cfg in enumerate(shards) for g in load_gateways(cfg.mqtt)}
+        owner = {
+            g.device_id: i
+            for i, cfg in enumerate(shards)
+            for g in share(listed_gateways(cfg.mqtt), cfg.mqtt.shard)
+        }
         split = [0] * count
         for message in self._messages:
             split[owner[message.topic.split("/")[2]]] += 1

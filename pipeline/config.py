@@ -45,7 +45,6 @@ __all__ = [
     "Topics",
     "listed_gateways",
     "load_config",
-    "load_gateways",
     "to_environ",
 ]
 
@@ -362,16 +361,6 @@ def listed_gateways(cfg: MqttConfig) -> list[Gateway]:
             raise ConfigError.at("mqtt.gateways", f"gateway {gateway.device_id} is listed twice")
         seen.add(gateway.device_id)
     return gateways
-
-
-def load_gateways(cfg: MqttConfig) -> list[Gateway]:
-    """The listed gateways of this replica's ``shard``.
-
-    Only pipeline/tools/bench still calls it; the ingest stage takes its share itself
-    (:func:`pipeline.stages.ingest.worker.sessions_for`), as the bench should, which then
-    lets this go.
-    """
-    return share(listed_gateways(cfg), cfg.shard)
 
 
 def _read_gateways(path: Path) -> list[Gateway]:

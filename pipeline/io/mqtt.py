@@ -25,7 +25,7 @@ from pipeline.config import Secret
 from pipeline.errors import ServiceUnreachable
 from pipeline.io import _aiomqtt_internals
 from pipeline.io.aio import wait_for_service, why_unreachable
-from pipeline.io.tls import client_context
+from pipeline.tls import client_context
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -175,7 +175,7 @@ def connect(
         clean_start=not persistent,
         properties=properties,
         keepalive=cfg.keepalive,
-        tls_context=client_context(cfg.tls) if cfg.tls.enabled else None,
+        tls_context=client_context(cfg.tls, key="mqtt.tls") if cfg.tls.enabled else None,
         max_inflight_messages=cfg.max_inflight,
         timeout=10,
     )
@@ -406,7 +406,7 @@ async def probe(cfg: MqttConfig, limit: float | None = None) -> None:
         ServiceUnreachable: naming the broker and why.
     """
     timeout = min(_PROBE_TIMEOUT, limit) if limit else _PROBE_TIMEOUT
-    context = client_context(cfg.tls) if cfg.tls.enabled else None
+    context = client_context(cfg.tls, key="mqtt.tls") if cfg.tls.enabled else None
     try:
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(

@@ -17,7 +17,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from murmurhash2 import murmurhash2
 
 from pipeline.io import _aiokafka_internals
-from pipeline.io.tls import client_context
+from pipeline.tls import client_context
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -48,7 +48,7 @@ def settings(cfg: KafkaConfig) -> dict[str, Any]:
         # [kafka.tls] enabled = true upgrades the plain protocol to its TLS form.
         opts["security_protocol"] = cfg.security_protocol.replace("PLAINTEXT", "SSL")
     if opts["security_protocol"] in ("SSL", "SASL_SSL"):
-        opts["ssl_context"] = client_context(cfg.tls)
+        opts["ssl_context"] = client_context(cfg.tls, key="kafka.tls")
     if cfg.sasl_mechanism:
         opts["sasl_mechanism"] = cfg.sasl_mechanism
         opts["sasl_plain_username"] = cfg.sasl_username
