@@ -229,9 +229,14 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
     health = Health(cfg.metrics.stall_after)
     stages = [STAGES[name].create(cfg, args) for name in args.stages]
     key = f"metrics.{args.command}_port"
-    port = getattr(cfg.metrics, key.removeprefix("metrics."))
+    port = getattr(cfg.metrics, key.removeprefix("metrics."), None)
+    if port is None:  # a stage beyond the built-in ones
+        key = f"metrics.ports.{args.command}"
+        port = cfg.metrics.ports.get(args.command)
     async with contextlib.AsyncExitStack() as stack:
         if cfg.metrics.enabled:
+            if port is None:
+                raise ConfigError.at(key, "no port for this stage's /metrics, /healthz, /readyz")
             try:
                 await stack.enter_async_context(ops_server(cfg.metrics.host, port, health))
             except OSError as exc:

@@ -314,6 +314,8 @@ class MetricsConfig(_Section, frozen=True):
     route_port: ListenPort = 9102
     sink_port: ListenPort = 9103
     run_port: ListenPort = 9100
+    ports: dict[str, ListenPort] = msgspec.field(default_factory=dict)
+    """Ports of stages beyond ingest, route and sink, by command name (``{"audit" = 9104}``)."""
     stall_after: Seconds = 120.0
     """``/healthz`` fails when a stage has work waiting and no progress for this long."""
     lag_interval: Seconds = 5.0
