@@ -186,7 +186,15 @@ class Topics(_Section, frozen=True):
     down_events_dlq: TopicName = "iotda.down-events.dlq"
     added: TopicName = "iotda.subdevices.added"
     failed: TopicName = "iotda.subdevices.failed"
+    deleted: TopicName = "iotda.subdevices.deleted"
+    lifecycle: TopicName = "iotda.subdevices.lifecycle"
+    """Compacted: each child's latest state (added or deleted, and its generation)."""
+    router_state: TopicName = "iot-pipeline.router.state"
+    """Compacted: the router's own memory (each gateway's version, each child's state),
+    partitioned as ``down_events``."""
+    sync_requests: TopicName = "iotda.sync-requests"
     allocations: TopicName = "dps.allocations"
+    releases: TopicName = "dps.releases"
     allocations_dlq: TopicName = "dps.allocations.dlq"
 
     def all(self) -> list[str]:
@@ -278,6 +286,14 @@ class SinkConfig(_Section, frozen=True):
     """``node_id``, ``device_id``, or a template such as ``{product_id}-{node_id}``."""
     device_data: dict[Name, str] = msgspec.field(default_factory=dict)
     """Master-data identifier -> DeviceInfo field, or ``extension_info.<key>``."""
+    on_delete: Literal["record", "reset", "delete"] = "record"
+    """What a deleted child costs in DPS: ``record`` only records it in ``dps.releases``;
+    ``reset`` resets its allocation (Reset Device Allocation Status); ``delete`` removes
+    its registration (Delete DPS Device)."""
+    release_batch: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    """At most this many sns in one reset or delete call (one registration group each)."""
+    release_linger: Seconds = 0.2
+    """Deleted children wait up to this long for others of their group, to share a call."""
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
     """Allocate calls in flight (each until its outcome is recorded), at most; a record
     waiting to retry holds none."""

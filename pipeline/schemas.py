@@ -23,9 +23,11 @@ __all__ = [
     "AllocateRequest",
     "Allocation",
     "AllocationFailure",
+    "ChildState",
     "DeleteDevicesRequest",
     "DeleteSubDeviceNotify",
     "DeleteSubDeviceResponse",
+    "DeletedChild",
     "DeviceInfo",
     "DeviceStatus",
     "DownEvent",
@@ -38,11 +40,14 @@ __all__ = [
     "PvsDevice",
     "PvsDeviceStatus",
     "Reason",
+    "Release",
     "ResetAllocationRequest",
     "SearchRequest",
     "ServiceEvent",
     "Sorter",
+    "SourceEvent",
     "StatusUpdateResponse",
+    "SyncRequest",
     "TokenData",
     "TokenRequest",
     "TokenResponse",
@@ -64,6 +69,17 @@ RawDeviceInfo = Annotated[msgspec.Raw, _raw("DeviceInfo", "The DeviceInfo exactl
 RawReason = Annotated[msgspec.Raw, _raw("Reason", "The Reason exactly as received.")]
 RawPvsDevice = Annotated[msgspec.Raw, _raw("PvsDevice", "The PvsDevice DPS returned.")]
 RawAddedChild = Annotated[msgspec.Raw, _raw("AddedChild", "The input record, as consumed.")]
+RawDeletedChild = Annotated[msgspec.Raw, _raw("DeletedChild", "The input record, as consumed.")]
+RawInputRecord = Annotated[
+    msgspec.Raw,
+    msgspec.Meta(
+        description="The input record, as consumed: an AddedChild (operation allocate) or "
+        "a DeletedChild (operation reset or delete).",
+        extra_json_schema={
+            "anyOf": [{"$ref": "#/$defs/AddedChild"}, {"$ref": "#/$defs/DeletedChild"}]
+        },
+    ),
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -188,12 +204,16 @@ class DownEvent(msgspec.Struct, kw_only=True):
 
 SUB_DEVICE_MANAGER = "$sub_device_manager"
 ADD_RESPONSE = "add_sub_device_response"
+ADD_NOTIFY = "add_sub_device_notify"
+DELETE_RESPONSE = "delete_sub_device_response"
+DELETE_NOTIFY = "delete_sub_device_notify"
+SYNC_REQUEST = "sub_device_sync_request"
 
 PARAS: dict[tuple[str, str], type[msgspec.Struct]] = {
     (SUB_DEVICE_MANAGER, ADD_RESPONSE): AddSubDeviceResponse,
-    (SUB_DEVICE_MANAGER, "add_sub_device_notify"): AddSubDeviceNotify,
-    (SUB_DEVICE_MANAGER, "delete_sub_device_notify"): DeleteSubDeviceNotify,
-    (SUB_DEVICE_MANAGER, "delete_sub_device_response"): DeleteSubDeviceResponse,
+    (SUB_DEVICE_MANAGER, ADD_NOTIFY): AddSubDeviceNotify,
+    (SUB_DEVICE_MANAGER, DELETE_NOTIFY): DeleteSubDeviceNotify,
+    (SUB_DEVICE_MANAGER, DELETE_RESPONSE): DeleteSubDeviceResponse,
     (SUB_DEVICE_MANAGER, "sub_device_update_status"): StatusUpdateResponse,
     (SUB_DEVICE_MANAGER, "sub_device_update_status_response"): StatusUpdateResponse,
 }
@@ -213,15 +233,84 @@ class DownEventRecord(msgspec.Struct, kw_only=True):
     event: RawDownEvent
 
 
+SourceEvent = Literal[
+    "add_sub_device_response",
+    "add_sub_device_notify",
+    "delete_sub_device_response",
+    "delete_sub_device_notify",
+    "reconcile",
+]
+"""The IoTDA event a child record comes from (``reconcile``: put back by ``pipeline reconcile``)."""
+
+
 class AddedChild(msgspec.Struct, kw_only=True):
-    """``iotda.subdevices.added``, keyed by the child's device_id."""
+    """``iotda.subdevices.added``, keyed by the child's device_id: IoTDA added the child."""
 
     gateway_id: str
-    event_id: str
+    event_id: str | None
+    """The response's event_id; null for a notify (it has none)."""
     event_time: str | None
     """RFC 3339 UTC with milliseconds, or null when absent or unreadable."""
     event_time_raw: str | None
+    source_event: SourceEvent = "add_sub_device_response"
+    version: int | None = None
+    """The gateway's version the notify carried; null for a response."""
+    generation: int = 0
+    """Counts the child's adds and deletes in its gateway's order (the router's): an add or
+    delete of the child with a higher generation supersedes this one. 0: written before
+    the router tracked the child's life."""
     device: RawDeviceInfo
+
+
+class DeletedChild(msgspec.Struct, kw_only=True):
+    """``iotda.subdevices.deleted``, keyed by the child's device_id: IoTDA deleted the child."""
+
+    gateway_id: str
+    device_id: str
+    source_event: SourceEvent
+    event_id: str | None
+    """The response's event_id; null for a notify."""
+    version: int | None
+    """The gateway's version the notify carried; null for a response."""
+    event_time: str | None
+    event_time_raw: str | None
+    generation: int
+    """As :class:`AddedChild`'s: the delete supersedes every add with a lower one."""
+    device: RawDeviceInfo | None
+    """The DeviceInfo the child was last added with, as the router saw it (the sn comes
+    from it); null when the pipeline never saw the child added."""
+
+
+class ChildState(msgspec.Struct, kw_only=True):
+    """``iotda.subdevices.lifecycle`` (compacted), keyed by the child's device_id.
+
+    The latest of what IoTDA said about the child, written with the record it produced.
+    """
+
+    device_id: str
+    gateway_id: str
+    state: Literal["added", "deleted"]
+    generation: int
+    source_event: SourceEvent
+    event_id: str | None
+    version: int | None
+    changed_at: str
+    device: RawDeviceInfo | None
+
+
+class SyncRequest(msgspec.Struct, kw_only=True):
+    """``iotda.sync-requests``, keyed by gateway device_id: a gap in its versions.
+
+    Versions of a gateway's notifications that never arrived, for a
+    ``sub_device_sync_request``.
+    """
+
+    gateway_id: str
+    version: int
+    """The last version seen before the gap: what the sync request carries."""
+    missing_from: int
+    missing_to: int
+    detected_at: str
 
 
 class FailedChild(msgspec.Struct, kw_only=True):
@@ -241,7 +330,7 @@ class Allocation(msgspec.Struct, kw_only=True):
     org_id: str
     device_id: str
     gateway_id: str
-    event_id: str
+    event_id: str | None
     attempts: int
     request_id: str | None
     allocated_at: str
@@ -257,12 +346,36 @@ class AllocationFailure(msgspec.Struct, kw_only=True):
     gateway_id: str | None
     event_id: str | None
     attempts: int
-    error_kind: Literal["rejected", "exhausted", "invalid"]
+    error_kind: Literal["rejected", "exhausted", "invalid", "superseded"]
+    """``superseded``: the child was deleted (or added again) in IoTDA after this record,
+    so its call was not made."""
     code: int | None
+    """DPS's ``code``, when an answer carried one."""
     msg: str
     request_id: str | None
     failed_at: str
-    record: RawAddedChild
+    http_status: int | None = None
+    """The HTTP status of DPS's last answer; null when none came (a timeout, a cut)."""
+    operation: Literal["allocate", "reset", "delete"] = "allocate"
+    record: RawInputRecord
+
+
+class Release(msgspec.Struct, kw_only=True):
+    """``dps.releases``, keyed by sn: what the sink did for a deleted child (``sink.on_delete``)."""
+
+    sn: str | None
+    org_id: str | None
+    device_id: str
+    gateway_id: str
+    generation: int
+    action: Literal["recorded", "reset", "deleted", "not_allocated", "superseded"]
+    """``recorded``: only this record (``on_delete = "record"``); ``reset`` / ``deleted``:
+    DPS did it; ``not_allocated``: DPS had nothing to release; ``superseded``: the child
+    was added again after this delete, so nothing was released."""
+    group_id: str | None
+    request_id: str | None
+    released_at: str
+    record: RawDeletedChild
 
 
 # --------------------------------------------------------------------------------------

@@ -30,16 +30,24 @@ EXPORTED: dict[str, type[msgspec.Struct]] = {
     "kafka.down-event": s.DownEventRecord,
     "kafka.added-child": s.AddedChild,
     "kafka.failed-child": s.FailedChild,
+    "kafka.deleted-child": s.DeletedChild,
+    "kafka.child-state": s.ChildState,
+    "kafka.sync-request": s.SyncRequest,
     "kafka.allocation": s.Allocation,
+    "kafka.release": s.Release,
     "kafka.allocation-failure": s.AllocationFailure,
     "dps.token.request": s.TokenRequest,
     "dps.token.response": s.TokenResponse,
     "dps.allocate.request": s.AllocateRequest,
+    "dps.search.request": s.SearchRequest,
+    "dps.reset.request": s.ResetAllocationRequest,
+    "dps.delete.request": s.DeleteDevicesRequest,
+    "dps.page-response": s.DpsPageEnvelope,
     "dps.response": s.DpsEnvelope,
     "dps.pvs-device": s.PvsDevice,
 }
 # Referenced by the pass-through (Raw) fields, so every document can resolve them.
-_REFERENCED = (s.DeviceInfo, s.Reason, s.PvsDevice, s.DownEvent, s.AddedChild)
+_REFERENCED = (s.DeviceInfo, s.Reason, s.PvsDevice, s.DownEvent, s.AddedChild, s.DeletedChild)
 _REF = re.compile(r'"\$ref":"#/\$defs/([^"]+)"')
 
 
@@ -161,13 +169,31 @@ def _asyncapi(components: dict[str, Any]) -> dict[str, Any]:
         "FailedChild": message(
             "FailedChild", "FailedChild", "A child IoTDA could not add", "child node_id"
         ),
+        "DeletedChild": message(
+            "DeletedChild", "DeletedChild", "A child IoTDA deleted", "child device_id"
+        ),
+        "ChildState": message(
+            "ChildState",
+            "ChildState",
+            "A child's latest state (compacted: the newest record per key is kept)",
+            "child device_id",
+        ),
+        "SyncRequest": message(
+            "SyncRequest",
+            "SyncRequest",
+            "Versions of a gateway's notifications that never arrived",
+            "gateway device_id",
+        ),
         "Allocation": message(
             "Allocation", "Allocation", "DPS allocated the child", "sn", outcome_headers
+        ),
+        "Release": message(
+            "Release", "Release", "What the sink did for a deleted child", "sn", outcome_headers
         ),
         "AllocationFailure": message(
             "AllocationFailure",
             "AllocationFailure",
-            "The child was not allocated: rejected, exhausted or invalid",
+            "The child was not allocated or released: rejected, exhausted, invalid or superseded",
             "sn",
             outcome_headers,
         ),
@@ -184,7 +210,11 @@ def _asyncapi(components: dict[str, Any]) -> dict[str, Any]:
         ("downEventsDlq", topics.down_events_dlq, "DownEventDlq"),
         ("subdevicesAdded", topics.added, "AddedChild"),
         ("subdevicesFailed", topics.failed, "FailedChild"),
+        ("subdevicesDeleted", topics.deleted, "DeletedChild"),
+        ("subdevicesLifecycle", topics.lifecycle, "ChildState"),
+        ("syncRequests", topics.sync_requests, "SyncRequest"),
         ("allocations", topics.allocations, "Allocation"),
+        ("releases", topics.releases, "Release"),
         ("allocationsDlq", topics.allocations_dlq, "AllocationFailure"),
     ):
         channels[channel] = {
@@ -202,8 +232,18 @@ def _asyncapi(components: dict[str, Any]) -> dict[str, Any]:
         "routerReceive": op("receive", "downEvents", "router reads committed"),
         "routerAdded": op("send", "subdevicesAdded", "router, transactionally"),
         "routerFailed": op("send", "subdevicesFailed", "router, transactionally"),
+        "routerDeleted": op("send", "subdevicesDeleted", "router, transactionally"),
+        "routerLifecycle": op("send", "subdevicesLifecycle", "router, with each child record"),
+        "routerSyncRequests": op("send", "syncRequests", "router, when a version gap is seen"),
+        "ingestSyncRequests": op(
+            "receive", "syncRequests", "ingest asks IoTDA to resend (device mode)"
+        ),
         "sinkReceive": op("receive", "subdevicesAdded", "sink calls DPS allocate"),
+        "sinkReceiveDeleted": op(
+            "receive", "subdevicesDeleted", "sink releases per sink.on_delete"
+        ),
         "sinkAllocated": op("send", "allocations", "sink records successes"),
+        "sinkReleased": op("send", "releases", "sink records what it released"),
         "sinkDeadLetter": op("send", "allocationsDlq", "sink records permanent failures"),
     }
     schemas = {name: _rewrite_refs(schema) for name, schema in sorted(components.items())}

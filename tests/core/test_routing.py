@@ -69,7 +69,8 @@ def test_children_copied_byte_for_byte() -> None:
         (
             b"c6b39067b0325db34663d3ef421a42f6_subdevice11",
             b'{"gateway_id":"gw-1","event_id":"ev-1","event_time":"2015-12-12T12:12:12.000Z",'
-            b'"event_time_raw":"20151212T121212Z","device":' + SEED_DEVICE + b"}",
+            b'"event_time_raw":"20151212T121212Z","source_event":"add_sub_device_response",'
+            b'"version":null,"generation":0,"device":' + SEED_DEVICE + b"}",
         )
     ]
     assert response.failed == [

@@ -52,6 +52,10 @@ def test_every_record_shape_and_channel_is_documented() -> None:
         "kafka.failed-child",
         "kafka.allocation",
         "kafka.allocation-failure",
+        "kafka.deleted-child",
+        "kafka.child-state",
+        "kafka.sync-request",
+        "kafka.release",
         "iotda.down-event",
         "dps.allocate.request",
         "dps.response",
@@ -69,7 +73,11 @@ def test_every_record_shape_and_channel_is_documented() -> None:
             "iotda.down-events.dlq",
             "iotda.subdevices.added",
             "iotda.subdevices.failed",
+            "iotda.subdevices.deleted",
+            "iotda.subdevices.lifecycle",
+            "iotda.sync-requests",
             "dps.allocations",
+            "dps.releases",
             "dps.allocations.dlq",
         ]
     )
