@@ -11,6 +11,7 @@ Exit codes, by what the error is (``pipeline --help`` lists them too):
   Kafka, MQTT or DPS errors: one line naming it and its address; another ``OSError``: its
   traceback logged), or a stage stopped because it could not go on safely
   (:class:`~pipeline.errors.StageFailed`). A restart, once the service is back, cures it.
+- 3: ``pipeline reconcile`` found DPS differing from the topics (it lists the differences).
 - 70 (``EX_SOFTWARE``): a bug. An internal invariant broke
   (:class:`~pipeline.errors.InternalError`) or an error nobody expected; its traceback is
   logged as one JSON line.
@@ -55,6 +56,7 @@ exit codes:
   1   a service (Kafka, MQTT, DPS) could not be reached or failed, or a stage could not
       go on safely: one line naming it; a restart cures it once the service is back
   2   bad configuration or input: one line naming the key, the file:line or the argument
+  3   reconcile: DPS differs from what the topics say (the differences are listed)
   70  a bug (an internal invariant broke, or an unexpected error): traceback logged
   130 a tool interrupted (Ctrl-C)
 """
@@ -164,6 +166,42 @@ def _add_admin(sub: Any) -> None:
         help="offer every DLQ record again, not just new ones",
     )
     p.set_defaults(handler=_redrive)
+
+    p = sub.add_parser(
+        "reconcile",
+        help="compare what the lifecycle topic says should be allocated with DPS",
+        description="Compare each child's latest state in the lifecycle topic with DPS: "
+        "added children should be allocated (in the orgId the sink maps them to), deleted "
+        "ones not (unless sink.on_delete = record). Lists every difference; exit 0 when "
+        "all agree, 3 when something differs.",
+    )
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only children whose latest change is this recent: a duration (90m, 24h, 7d) "
+        "or an ISO 8601 time (default: every child)",
+    )
+    p.add_argument(
+        "--method",
+        choices=("auto", "get", "search"),
+        default="auto",
+        help="get: Get DPS Device per sn; search: Search DPS Device, 1,000 sns a call; "
+        "auto (default): get for up to 100 sns, else search",
+    )
+    p.add_argument(
+        "--redrive",
+        action="store_true",
+        help="put each missing child back on the added topic (one transaction)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument(
+        "--rate", type=float, help="DPS calls per second, at most (default: sink.rate_limit)"
+    )
+    p.add_argument(
+        "--concurrency", type=int, help="DPS calls in flight, at most (default: sink.concurrency)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.set_defaults(handler=_reconcile)
 
     p = sub.add_parser(
         "bridge-config",
@@ -353,6 +391,33 @@ async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
     )
     print(f"{'would move' if args.dry_run else 'moved'} {moved} records")  # noqa: T201
     return 0
+
+
+async def _reconcile(args: argparse.Namespace, cfg: Config) -> int:
+    import datetime as dt  # noqa: PLC0415
+
+    from pipeline.core.reconcile import parse_since  # noqa: PLC0415
+    from pipeline.io import kafka  # noqa: PLC0415
+    from pipeline.tools.reconcile import reconcile  # noqa: PLC0415
+
+    since = None if args.since is None else parse_since(args.since, dt.datetime.now(dt.UTC))
+    if args.rate is not None and args.rate <= 0:
+        msg = f"--rate {args.rate}: must be above 0"
+        raise InputError(msg)
+    if args.concurrency is not None and args.concurrency < 1:
+        msg = f"--concurrency {args.concurrency}: must be at least 1"
+        raise InputError(msg)
+    await kafka.wait_until_reachable(cfg.kafka, within=0)
+    return await reconcile(
+        cfg,
+        since=since,
+        method=args.method,
+        redrive=args.redrive,
+        as_json=args.json,
+        rate=args.rate,
+        concurrency=args.concurrency,
+        progress=not args.no_progress,
+    )
 
 
 async def _bridge_config(args: argparse.Namespace, _cfg: Config) -> int:
