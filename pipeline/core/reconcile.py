@@ -45,6 +45,7 @@ __all__ = [
     "Seen",
     "added_record",
     "expect",
+    "has_device",
     "judge",
     "parse_since",
     "within",
@@ -94,6 +95,14 @@ class Finding(msgspec.Struct, kw_only=True):
     detail: str
 
 
+_NULL = b"null"
+
+
+def has_device(state: ChildState) -> bool:
+    """Whether the state holds a DeviceInfo (null when the child was never seen added)."""
+    return bytes(state.device) != _NULL
+
+
 def added_record(state: ChildState) -> AddedChild:
     """The added-topic record that (re)allocates the child ``state`` describes.
 
@@ -101,7 +110,7 @@ def added_record(state: ChildState) -> AddedChild:
     rule lets it through unless a later add or delete came since. The event's time is not
     in the state: it is null.
     """
-    if state.device is None:
+    if not has_device(state):
         msg = f"child {state.device_id} has no DeviceInfo to put back"
         raise ValueError(msg)
     return AddedChild(
@@ -123,7 +132,7 @@ def expect(state: ChildState, mapper: Mapper) -> Expected:
     sink's computation, deviceData included (a child whose deviceData the sink refuses has
     no sn here either).
     """
-    if state.device is None:
+    if not has_device(state):
         return Expected(state=state, sn=None, org_id=None, problem="no DeviceInfo recorded")
     try:
         mapped = mapper.map(_encode(added_record(state)))
@@ -163,7 +172,7 @@ def judge(  # noqa: PLR0911  (one return per kind)
     """
     state = child.state
     if child.sn is None:
-        if state.state == "deleted" and state.device is None:
+        if state.state == "deleted" and not has_device(state):
             return _finding(child, "unknown_sn", "never seen added: its sn is unknown")
         return _finding(child, "unchecked", f"no sn: {child.problem}")
     if refused is not None:
