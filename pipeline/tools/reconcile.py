@@ -110,16 +110,13 @@ class Report(msgspec.Struct, kw_only=True):
     sns: int
     """Distinct (orgId, sn) looked up in DPS."""
     dps_calls: int
+    differences: int
+    """Findings that count (exit 3 when any)."""
     findings: list[Finding]
     unreadable: int = 0
     """Lifecycle records that are not a ChildState (skipped, each logged)."""
     redriven: list[str] = msgspec.field(default_factory=list)
     """Device ids put back on the added topic."""
-
-    @property
-    def differences(self) -> list[Finding]:
-        """The counted findings."""
-        return [f for f in self.findings if f.counted]
 
 
 # -- What should hold --------------------------------------------------------------------
@@ -403,6 +400,7 @@ async def check(
         deleted=kinds["deleted"],
         sns=len(wanted),
         dps_calls=lookup.calls,
+        differences=sum(f.counted for f in findings),
         findings=findings,
         unreadable=unreadable,
     )
@@ -473,7 +471,7 @@ def summary(report: Report) -> str:
     return (
         f"{report.children} children{window} ({report.added} added, {report.deleted} "
         f"deleted), {report.sns} sns looked up by {report.method} in {report.dps_calls} DPS "
-        f"calls: {len(report.differences)} differences (findings: {found})"
+        f"calls: {report.differences} differences (findings: {found})"
     )
 
 
@@ -516,4 +514,8 @@ async def reconcile(
         if redrive:
             put = ", ".join(report.redriven) or "nothing"
             console.print(escape(f"put back on {cfg.kafka.topics.added}: {put}"))
+    if report.unreadable:
+        log.warning(
+            "reconcile: %d lifecycle records could not be read (not compared)", report.unreadable
+        )
     return DIFFERENCES if report.differences else 0

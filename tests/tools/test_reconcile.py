@@ -19,7 +19,7 @@ from pipeline.dps.client import DpsClient
 from pipeline.dps.emulator import RunningEmulator, start_emulator
 from pipeline.io import kafka
 from pipeline.schemas import AddedChild, AllocateRequest, ChildState
-from pipeline.tools.reconcile import check, put_back, reconcile
+from pipeline.tools.reconcile import _Progress, check, put_back, reconcile
 from tests import harness
 from tests.harness import read_topic
 from tests.stages.sink.support import with_emulator
@@ -251,3 +251,60 @@ async def test_command_line_exit_codes_and_json(cfg: Config) -> None:
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 2
         assert err.decode().startswith("pipeline: --since 'yesterday': give a duration")
+
+
+async def test_the_table_and_what_was_put_back(cfg: Config) -> None:
+    await write_states(cfg, SCENARIO)
+    async with await start_emulator() as emu:
+        cfg = with_emulator(cfg, emu, on_delete="reset")
+        await dps_holds(cfg, emu, REGISTERED, ALLOCATED)
+        out = io.StringIO()
+        code = await reconcile(cfg, redrive=True, progress=False, out=out)
+    assert code == 3
+    text = out.getvalue()
+    rows = [line for line in text.splitlines() if line.startswith("│ ")]
+    assert sorted(row.split("│")[2].strip() for row in rows) == [
+        "d-again", "d-del", "d-empty", "d-init", "d-never", "d-other", "d-unknown"
+    ]  # fmt: skip
+    assert "unknown_sn (not counted)" in text
+    added = cfg.kafka.topics.added
+    assert f"put back on {added}: d-again, d-init, d-unknown" in text
+    assert (
+        "9 children (6 added, 3 deleted), 7 sns looked up by get in 7 DPS calls: 6 differences "
+        "(findings: 1 deleted_allocated, 3 missing, 1 other_org, 1 unchecked, 1 unknown_sn)"
+    ) in text
+    landed = await read_topic(cfg.kafka, added, expect=3)
+    assert sorted(r.key for r in landed) == [b"d-again", b"d-init", b"d-unknown"]
+
+
+async def test_throttled_lookups_are_retried_until_answered(cfg: Config) -> None:
+    count = 20
+    await write_states(cfg, [state(f"d-{i}", f"sn-{i}") for i in range(count)])
+    async with await start_emulator(accept_any_sn=True) as emu:
+        cfg = with_emulator(cfg, emu, concurrency=8)  # no rate_limit: DPS sets the pace
+        emu.state.set_faults({"throttle_rps": 5, "retry_after": 0.5})
+        report, _ = await check(cfg, method="get", progress=False)
+        calls = list(emu.state.calls)
+    # Every sn answered in the end: all missing (registered on sight, not allocated).
+    assert kinds(report.findings) == sorted((f"d-{i}", "missing", True) for i in range(count))
+    throttled = [c for c in calls if c.http_status == 429]
+    assert throttled
+    assert sorted({c.sn or "" for c in calls if c.http_status == 200}) == sorted(
+        f"sn-{i}" for i in range(count)
+    )
+    assert report.dps_calls == len(calls) == count + len(throttled)
+
+
+def test_progress_off_a_terminal_is_a_line_a_tenth() -> None:
+    stream = io.StringIO()
+    progress = _Progress(20, enabled=True, stream=stream)
+    with progress.shown() as shown:
+        for _ in range(20):
+            shown.advance()
+    assert stream.getvalue().splitlines() == [
+        f"reconcile: {n}/20 sns looked up" for n in range(2, 21, 2)
+    ]
+    quiet = io.StringIO()
+    with _Progress(20, enabled=False, stream=quiet).shown() as shown:
+        shown.advance(20)
+    assert quiet.getvalue() == ""
