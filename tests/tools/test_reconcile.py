@@ -308,3 +308,17 @@ def test_progress_off_a_terminal_is_a_line_a_tenth() -> None:
     with _Progress(20, enabled=False, stream=quiet).shown() as shown:
         shown.advance(20)
     assert quiet.getvalue() == ""
+
+
+async def test_search_looks_up_an_sn_with_a_quote_by_get(cfg: Config) -> None:
+    await write_states(cfg, [state("d-q", "sn'q"), state("d-plain", "sn-plain")])
+    async with await start_emulator() as emu:
+        cfg = with_emulator(cfg, emu)
+        await dps_holds(cfg, emu, ["sn'q", "sn-plain"], {"sn'q": ORG})
+        report, _ = await check(cfg, method="search", progress=False)
+        calls = list(emu.state.calls)
+    assert kinds(report.findings) == [("d-plain", "missing", True)]
+    assert [(c.action, c.sn, c.expression) for c in calls] == [
+        ("search", None, "sn in ('sn-plain')"),
+        ("get", "sn'q", None),
+    ]
