@@ -163,6 +163,13 @@ def _add_admin(sub: Any) -> None:
         action="store_true",
         help="offer every DLQ record again, not just new ones",
     )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=500,
+        metavar="N",
+        help="DLQ records per Kafka transaction (default: 500)",
+    )
     p.set_defaults(handler=_redrive)
 
     p = sub.add_parser(
@@ -350,6 +357,7 @@ async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
         kinds=args.kind,
         dry_run=args.dry_run,
         from_beginning=args.from_beginning,
+        batch=args.batch,
     )
     print(f"{'would move' if args.dry_run else 'moved'} {moved} records")  # noqa: T201
     return 0
