@@ -123,9 +123,8 @@ async def redrive(
             )
         except ProducerFenced as exc:
             msg = (
-                f"another `pipeline redrive {dlq}` took over {source} (this run was fenced: "
-                f"{exc}); this run moved {mover.moved} records, committed, and the other "
-                "moves the rest"
+                f"another `pipeline redrive {dlq}` took over {source}, fencing this run: "
+                f"it moved {mover.moved} records (committed); the other run moves the rest"
             )
             raise StageFailed(msg) from exc
     log.info("redrive %s: %d records %s", dlq, mover.moved, "would move" if dry_run else "moved")
@@ -204,8 +203,11 @@ class _Mover:
                         await producer.send(self._added, child[1], key=child[0], headers=headers)
                     )
                     moved += 1
-            # aiokafka commits a transaction even when a send in it failed: wait for each.
-            await asyncio.gather(*sends)
+            # aiokafka commits a transaction even when a send in it failed: wait for each
+            # (and see every failure, so none is logged as never retrieved).
+            for result in await asyncio.gather(*sends, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
             await producer.send_offsets_to_transaction(offsets, self._group)
         self.moved += moved
         log.info("redrive %s: a batch committed, %d records moved so far", self._dlq, self.moved)
