@@ -23,7 +23,8 @@ from tests.stages.sink.support import child, prepare, produce_children
 
 pytestmark = pytest.mark.services
 
-_TIMEOUT = 0.2
+_TIMEOUT = 1.0
+"""The DPS client's deadline (the sink reads back its outcomes within twice that)."""
 
 
 @pytest.fixture
@@ -41,13 +42,13 @@ async def gateway(uid: str) -> AsyncIterator[str]:
             )
         if sn == f"{uid}-nogroup":
             return web.json_response({"code": 35404, "msg": "Group/Device group not found"})
-        await asyncio.sleep(_TIMEOUT * 3)  # past the client's deadline: no answer
+        await asyncio.sleep(_TIMEOUT * 2)  # past the client's deadline: no answer
         return web.json_response({"code": 0})
 
     app = web.Application()
     app.router.add_post("/apim-token-service/v2.0/token/get", token)
     app.router.add_post("/dps-service/v2.5/pvs/device", device)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=_TIMEOUT * 2)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     yield f"http://127.0.0.1:{runner.addresses[0][1]}"
@@ -60,7 +61,7 @@ async def test_dead_letters_keep_the_dps_code_and_the_http_status_apart(
     s = cfg.sink
     dps = msgspec.structs.replace(s.dps, base_url=gateway, timeout=_TIMEOUT)
     sink = msgspec.structs.replace(
-        s, dps=dps, retry_initial=0.05, retry_max=0.2, give_up_after=1.0, breaker_failures=1000
+        s, dps=dps, retry_initial=0.05, retry_max=0.2, give_up_after=2.0, breaker_failures=1000
     )
     cfg = msgspec.structs.replace(cfg, sink=sink)
     sns = [f"{uid}-html", f"{uid}-nogroup", f"{uid}-slow"]
