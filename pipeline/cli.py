@@ -165,7 +165,7 @@ def _add_admin(sub: Any) -> None:
     )
     p.add_argument(
         "--batch",
-        type=int,
+        type=_at_least_one,
         default=500,
         metavar="N",
         help="DLQ records per Kafka transaction (default: 500)",
@@ -343,6 +343,15 @@ async def _schemas_export(args: argparse.Namespace, _cfg: Config) -> int:
     from pipeline.tools.export import export  # noqa: PLC0415
 
     return export(Path(args.dir), check=args.check)
+
+
+def _at_least_one(text: str) -> int:
+    """An argument that counts something, 1 or more."""
+    value = int(text)
+    if value < 1:
+        msg = f"must be 1 or more, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 async def _redrive(args: argparse.Namespace, cfg: Config) -> int:

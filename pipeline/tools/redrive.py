@@ -83,9 +83,13 @@ async def redrive(
     """Move matching DLQ records back; returns how many moved (or would move).
 
     Raises:
+        ValueError: ``batch`` is below 1.
         StageFailed: another run of this DLQ's redrive took over (this one was fenced);
             what this run committed before stays, the other run moves the rest.
     """
+    if batch < 1:
+        msg = f"batch must be 1 or more, got {batch}"
+        raise ValueError(msg)
     topics = cfg.kafka.topics
     source = topics.allocations_dlq if dlq == "allocations" else topics.down_events_dlq
     group = redrive_group(cfg, dlq)
@@ -113,7 +117,7 @@ async def redrive(
         try:
             async for record in kafka.read_range(consumer, ranges):
                 pending.append(record)
-                if len(pending) >= max(1, batch):
+                if len(pending) >= batch:
                     await mover.move(pending, _past(pending))
                     pending = []
             # The last one moves the offsets to the ends: what lies past the last record
