@@ -165,6 +165,13 @@ def _add_admin(sub: Any) -> None:
         action="store_true",
         help="offer every DLQ record again, not just new ones",
     )
+    p.add_argument(
+        "--batch",
+        type=_at_least_one,
+        default=500,
+        metavar="N",
+        help="DLQ records per Kafka transaction (default: 500)",
+    )
     p.set_defaults(handler=_redrive)
 
     p = sub.add_parser(
@@ -376,6 +383,15 @@ async def _schemas_export(args: argparse.Namespace, _cfg: Config) -> int:
     return export(Path(args.dir), check=args.check)
 
 
+def _at_least_one(text: str) -> int:
+    """An argument that counts something, 1 or more."""
+    value = int(text)
+    if value < 1:
+        msg = f"must be 1 or more, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
     from pipeline.io import kafka  # noqa: PLC0415
     from pipeline.tools.redrive import redrive  # noqa: PLC0415
@@ -388,6 +404,7 @@ async def _redrive(args: argparse.Namespace, cfg: Config) -> int:
         kinds=args.kind,
         dry_run=args.dry_run,
         from_beginning=args.from_beginning,
+        batch=args.batch,
     )
     print(f"{'would move' if args.dry_run else 'moved'} {moved} records")  # noqa: T201
     return 0

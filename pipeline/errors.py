@@ -122,8 +122,12 @@ class DpsError(PipelineError):
     """DPS answered with an error, or could not be reached.
 
     Attributes:
-        code: the DPS/API-gateway ``code`` (or the HTTP status when there was no body).
+        code: the DPS/API-gateway ``code`` (the token service's ``status``) when the
+            answer carried one; None when it had no envelope (an HTML error page) or no
+            answer came.
         msg: the message DPS gave, or a description of the transport failure.
+        http_status: the HTTP status of the answer; None when none came (a timeout, a
+            refused or cut connection).
         request_id: DPS's ``requestId`` when it sent one.
         retry_after: seconds the server asked us to wait (``Retry-After``), if any.
         hint: what the operator should check, when the failure is one only they can fix
@@ -140,10 +144,12 @@ class DpsError(PipelineError):
         retry_after: float | None = None,
         hint: str | None = None,
         throttled: bool = False,
+        http_status: int | None = None,
     ) -> None:
         super().__init__(f"DPS error {code}: {msg}" if code is not None else f"DPS error: {msg}")
         self.code = code
         self.msg = msg
+        self.http_status = http_status
         self.request_id = request_id
         self.retry_after = retry_after
         self.hint = hint

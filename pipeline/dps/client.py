@@ -344,8 +344,9 @@ class DpsClient:
         except msgspec.DecodeError as exc:
             msg = f"token service answered HTTP {answer.status}: {_snippet(answer.payload)}"
             raise DpsTransient(
-                answer.status,
+                None,
                 msg,
+                http_status=answer.status,
                 retry_after=parse_retry_after(answer.retry_after),
                 hint=hint(answer.status, None),
                 throttled=throttled(answer.status, None),
@@ -356,13 +357,14 @@ class DpsClient:
             raise DpsTransient(
                 response.status,
                 msg,
+                http_status=answer.status,
                 retry_after=parse_retry_after(answer.retry_after),
                 hint=hint(answer.status, response.status),
                 throttled=throttled(answer.status, response.status),
             )
         if response.data is None:
             msg = f"token service answered status 0 without a token (HTTP {answer.status})"
-            raise DpsTransient(answer.status, msg)
+            raise DpsTransient(response.status, msg, http_status=answer.status)
         expire = max(0.0, float(response.data.expire))
         # Refresh token_refresh_margin seconds before expiry, but never sooner than half
         # the lifetime: a gateway that hands back the current token with its remaining
@@ -450,12 +452,14 @@ class DpsClient:
         if outcome == "ok" and envelope is not None:
             if envelope.data == _NULL:
                 msg = f"DPS answered code 0 without data (HTTP {answer.status})"
-                raise DpsTransient(answer.status, msg, request_id=request_id)
+                raise DpsTransient(code, msg, request_id=request_id, http_status=answer.status)
             try:
                 decoder.decode(envelope.data)
             except msgspec.DecodeError as exc:
                 msg = f"DPS answered code 0 with an unreadable {what}: {exc}"
-                raise DpsTransient(answer.status, msg, request_id=request_id) from exc
+                raise DpsTransient(
+                    code, msg, request_id=request_id, http_status=answer.status
+                ) from exc
             return envelope.data, request_id
         if envelope is None:
             msg = f"HTTP {answer.status} without a DPS envelope: {_snippet(answer.payload)}"
@@ -463,12 +467,12 @@ class DpsClient:
             msg = envelope.msg or f"HTTP {answer.status}"
         if code == TOKEN_EXPIRED and refreshed:
             msg = f"{msg} (again, with a freshly fetched token)"
-        status_or_code = code if code is not None else answer.status
         if outcome == "rejected":
-            raise DpsRejected(status_or_code, msg, request_id=request_id)
+            raise DpsRejected(code, msg, request_id=request_id, http_status=answer.status)
         raise DpsTransient(
-            status_or_code,
+            code,
             msg,
+            http_status=answer.status,
             request_id=request_id,
             retry_after=parse_retry_after(answer.retry_after),
             hint=hint(answer.status, code),

@@ -10,6 +10,7 @@ Checked against aiokafka 0.14.0.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.producer import sender as _sender
@@ -17,11 +18,16 @@ from aiokafka.producer import sender as _sender
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from aiokafka import AIOKafkaConsumer
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.cluster import ClusterMetadata
 
-__all__ = ["fetch_metadata", "send_to_node", "set_concurrent_transactions_backoff"]
+__all__ = [
+    "fetch_metadata",
+    "retrieve_fatal_error",
+    "send_to_node",
+    "set_concurrent_transactions_backoff",
+]
 
 
 def set_concurrent_transactions_backoff(seconds: float) -> float:
@@ -44,6 +50,29 @@ def set_concurrent_transactions_backoff(seconds: float) -> float:
     previous = float(_sender.BACKOFF_OVERRIDE)
     _sender.BACKOFF_OVERRIDE = seconds
     return previous
+
+
+def retrieve_fatal_error(producer: AIOKafkaProducer) -> None:
+    """Mark a transactional producer's fatal error (ProducerFenced, say) as retrieved.
+
+    Why: when its sender fails for good, aiokafka also sets the error on futures nobody
+    awaits once the caller got the same error from its own call: the transaction
+    manager's ``_transaction_waiter`` and each pending batch's ``_drain_waiter`` (in the
+    message accumulator's ``_batches`` and ``_pending_batches``). When they are collected,
+    asyncio logs "Future exception was never retrieved" with a traceback, at error
+    level, after the caller's own message, once per future.
+
+    What would remove it: aiokafka retrieving those futures' exceptions itself, as it
+    does for a batch's delivery future (``MessageBatch.failure``).
+    """
+    waiters = [getattr(getattr(producer, "_txn_manager", None), "_transaction_waiter", None)]
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is not None:
+        batches = [*itertools.chain(*accumulator._batches.values()), *accumulator._pending_batches]  # noqa: SLF001
+        waiters += [getattr(batch, "_drain_waiter", None) for batch in batches]
+    for waiter in waiters:
+        if waiter is not None and waiter.done() and not waiter.cancelled():
+            waiter.exception()
 
 
 async def send_to_node(client: AIOKafkaAdminClient, request: Any, node: int) -> Any:

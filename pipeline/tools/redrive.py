@@ -6,30 +6,56 @@
 - ``down-events``: each ``iotda.down-events.dlq`` payload is published again, byte for
   byte, to the MQTT topic it arrived on (after a decoder fix).
 
-Progress is kept in a consumer group per DLQ: each run handles the records that arrived
-since the last one, up to the end at the time it starts; records that do not match the
-filters stay in the topic (for audit) and are not offered again unless ``from_beginning``.
+Progress is kept in a consumer group per DLQ (``{kafka.client_id}-redrive-{dlq}``): each
+run handles the records that arrived since the last one, up to the end at the time it
+starts; records that do not match the filters stay in the topic (for audit) and are not
+offered again unless ``from_beginning``.
+
+Exactly once, for ``allocations``: a run reads the DLQ read-committed in batches of
+``batch`` records, and each batch is one Kafka transaction holding the records it puts
+back on the added topic and the group's offsets past the batch. The transactional id is
+the group's name, one per DLQ: a run starts its producer (which fences every earlier run
+of that DLQ and aborts its open transaction) before it reads where the group stands. So
+a run killed mid-batch leaves nothing visible of that batch (the sink reads committed)
+and the next run starts after its last committed batch; and of two runs started
+together, the later one takes over where the earlier one's last commit left off, while
+the earlier one's next commit fails, fenced: it stops with a message and exit 1, having
+made visible only its committed batches. ``down-events`` publishes to MQTT, which no
+Kafka transaction covers: its batches' offsets are committed the same way, so a crash or
+a takeover publishes again at most the batch in flight (the router skips a response it
+has seen, by gateway and event_id).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import TYPE_CHECKING
 
 import msgspec
+from aiokafka import TopicPartition
+from aiokafka.errors import ProducerFenced
 
+from pipeline.errors import StageFailed
 from pipeline.io import kafka, mqtt
 from pipeline.schemas import AddedChild, AllocationFailure
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+    from collections.abc import AsyncIterator, Sequence
+
+    import aiomqtt
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
     from pipeline.config import Config
 
-__all__ = ["redrive"]
+__all__ = ["BATCH", "redrive", "redrive_group"]
 
 log = logging.getLogger(__name__)
+
+BATCH = 500
+"""Records a transaction covers at most (read, moved or left): a large DLQ is many small
+transactions, each one committed before the next is read."""
 
 _FAILURE = msgspec.json.Decoder(AllocationFailure)
 _CHILD = msgspec.json.Decoder(AddedChild)
@@ -37,6 +63,11 @@ _CHILD = msgspec.json.Decoder(AddedChild)
 
 def _matches(failure: AllocationFailure, codes: list[int] | None, kinds: list[str] | None) -> bool:
     return (not codes or failure.code in codes) and (not kinds or failure.error_kind in kinds)
+
+
+def redrive_group(cfg: Config, dlq: str) -> str:
+    """The consumer group, and the transactional id, of the redrive of ``dlq``."""
+    return f"{cfg.kafka.client_id}-redrive-{dlq}"
 
 
 async def redrive(
@@ -47,16 +78,30 @@ async def redrive(
     kinds: list[str] | None = None,
     dry_run: bool = False,
     from_beginning: bool = False,
+    batch: int = BATCH,
 ) -> int:
-    """Move matching DLQ records back; returns how many moved (or would move)."""
+    """Move matching DLQ records back; returns how many moved (or would move).
+
+    Raises:
+        ValueError: ``batch`` is below 1.
+        StageFailed: another run of this DLQ's redrive took over (this one was fenced);
+            what this run committed before stays, the other run moves the rest.
+    """
+    if batch < 1:
+        msg = f"batch must be 1 or more, got {batch}"
+        raise ValueError(msg)
     topics = cfg.kafka.topics
     source = topics.allocations_dlq if dlq == "allocations" else topics.down_events_dlq
-    group = f"{cfg.kafka.client_id}-redrive-{dlq}"
+    group = redrive_group(cfg, dlq)
     consumer = kafka.consumer(cfg.kafka, group_id=group)
-    moved = 0
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(consumer)
-        producer = await stack.enter_async_context(kafka.producer(cfg.kafka))
+        producer = None
+        if not dry_run:
+            # Fence the earlier runs first: the offsets read next include their last batch.
+            kafka.shorten_transaction_backoff()  # back-to-back transactions: 2 ms, not 20
+            producer = kafka.producer(cfg.kafka, transactional_id=group, linger_ms=0)
+            await stack.enter_async_context(_stopped_quietly(producer))
         client = None
         if dlq == "down-events" and not dry_run:
             client = mqtt.connect(
@@ -67,26 +112,114 @@ async def redrive(
         ends = await consumer.end_offsets(tps)
         starts = await _starts(consumer, tps, from_beginning=from_beginning)
         ranges: kafka.Ranges = {tp: (starts[tp], ends[tp]) for tp in tps}
-        async for record in kafka.read_range(consumer, ranges):
-            if dlq == "allocations":
-                target = _child_of(record, codes, kinds)
-                if target is not None and not dry_run:
-                    key, value = target
+        mover = _Mover(cfg, dlq, group, producer, client, codes=codes, kinds=kinds)
+        pending: list[ConsumerRecord[bytes, bytes]] = []
+        try:
+            async for record in kafka.read_range(consumer, ranges):
+                pending.append(record)
+                if len(pending) >= batch:
+                    await mover.move(pending, _past(pending))
+                    pending = []
+            # The last one moves the offsets to the ends: what lies past the last record
+            # read (a transaction marker) is done too.
+            await mover.move(
+                pending, {tp: end for tp, (start, end) in ranges.items() if start < end}
+            )
+        except ProducerFenced as exc:
+            msg = (
+                f"another `pipeline redrive {dlq}` took over {source}, fencing this run: "
+                f"it moved {mover.moved} records (committed); the other run moves the rest"
+            )
+            raise StageFailed(msg) from exc
+    log.info("redrive %s: %d records %s", dlq, mover.moved, "would move" if dry_run else "moved")
+    return mover.moved
+
+
+@contextlib.asynccontextmanager
+async def _stopped_quietly(producer: AIOKafkaProducer) -> AsyncIterator[AIOKafkaProducer]:
+    """The producer, started; stopping it does not hide why the run ended (fenced, say)."""
+    try:
+        await producer.start()
+    except BaseException:
+        await producer.stop()
+        raise
+    try:
+        yield producer
+    finally:
+        with contextlib.suppress(Exception):
+            await producer.stop()
+
+
+def _past(records: Sequence[ConsumerRecord[bytes, bytes]]) -> dict[TopicPartition, int]:
+    """Per partition, the offset after the last of ``records``."""
+    return {TopicPartition(r.topic, r.partition): r.offset + 1 for r in records}
+
+
+class _Mover:
+    """Moves batches of DLQ records, each batch and its offsets in one transaction."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        dlq: str,
+        group: str,
+        producer: AIOKafkaProducer | None,
+        client: aiomqtt.Client | None,
+        *,
+        codes: list[int] | None,
+        kinds: list[str] | None,
+    ) -> None:
+        self._added = cfg.kafka.topics.added
+        self._dlq = dlq
+        self._group = group
+        self._producer = producer
+        self._client = client
+        self._codes = codes
+        self._kinds = kinds
+        self.moved = 0
+        """Records moved by the committed transactions (counted, in a dry run)."""
+
+    async def move(
+        self, records: Sequence[ConsumerRecord[bytes, bytes]], offsets: dict[TopicPartition, int]
+    ) -> None:
+        """Move what matches in ``records`` and commit ``offsets``, all or nothing."""
+        producer = self._producer
+        if producer is None:  # a dry run: count only
+            self.moved += sum(self._target(record) is not None for record in records)
+            return
+        if not offsets:
+            return
+        moved = 0
+        async with producer.transaction():
+            sends: list[asyncio.Future[object]] = []
+            for record in records:
+                if self._client is not None:  # down-events: to MQTT, outside the transaction
+                    payload = _payload_of(record, self._codes, self._kinds)
+                    if payload is not None:
+                        await self._client.publish(payload[0].decode(), payload[1], qos=1)
+                        moved += 1
+                    continue
+                child = _child_of(record, self._codes, self._kinds)
+                if child is not None:
                     origin = f"{record.topic}/{record.partition}/{record.offset}"
-                    await producer.send(
-                        topics.added, value, key=key, headers=[("redriven-from", origin.encode())]
+                    headers = [("redriven-from", origin.encode())]
+                    sends.append(
+                        await producer.send(self._added, child[1], key=child[0], headers=headers)
                     )
-            else:
-                target = _payload_of(record, codes, kinds)
-                if target is not None and client is not None:
-                    await client.publish(target[0].decode(), target[1], qos=1)
-            moved += target is not None
-        await producer.flush()
-        read = {tp: end for tp, (start, end) in ranges.items() if start < end}
-        if read and not dry_run:
-            await consumer.commit(read)  # (read_range assigned exactly these)
-    log.info("redrive %s: %d records %s", dlq, moved, "would move" if dry_run else "moved")
-    return moved
+                    moved += 1
+            # aiokafka commits a transaction even when a send in it failed: wait for each
+            # (and see every failure, so none is logged as never retrieved).
+            for result in await asyncio.gather(*sends, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
+            await producer.send_offsets_to_transaction(offsets, self._group)
+        self.moved += moved
+        log.info("redrive %s: a batch committed, %d records moved so far", self._dlq, self.moved)
+
+    def _target(self, record: ConsumerRecord[bytes, bytes]) -> object | None:
+        if self._dlq == "allocations":
+            return _child_of(record, self._codes, self._kinds)
+        return _payload_of(record, self._codes, self._kinds)
 
 
 async def _starts(

@@ -101,7 +101,7 @@ async def test_org_id_is_url_encoded_and_signed_raw(client, emulator):
 async def test_business_errors_are_rejected(client, org_id, sn, code, msg):
     with pytest.raises(DpsRejected) as caught:
         await client.allocate(org_id, AllocateRequest(sn=sn))
-    assert caught.value.code == code
+    assert (caught.value.code, caught.value.http_status) == (code, 200)
     assert caught.value.msg == msg
     assert caught.value.retriable is False
     assert caught.value.retry_after is None
@@ -258,7 +258,7 @@ async def test_outage_of_the_token_service_is_transient(client, emulator):
     await admin(emulator, "POST", "/_emulator/faults", {"outage": True})
     with pytest.raises(DpsTransient) as caught:
         await client.allocate(ORG, AllocateRequest(sn="SN-1"))
-    assert caught.value.code == 503
+    assert (caught.value.code, caught.value.http_status) == (None, 503)
     assert caught.value.msg == "token service answered HTTP 503: service unavailable"
     assert (caught.value.throttled, caught.value.hint) == (False, None)
 
@@ -268,7 +268,7 @@ async def test_outage_of_dps_is_transient(client, emulator):
     await admin(emulator, "POST", "/_emulator/faults", {"outage": True})
     with pytest.raises(DpsTransient) as caught:
         await client.allocate(ORG, AllocateRequest(sn="SN-2"))
-    assert caught.value.code == 503
+    assert (caught.value.code, caught.value.http_status) == (None, 503)
     assert caught.value.msg == "HTTP 503 without a DPS envelope: service unavailable"
     assert caught.value.request_id is None
 
@@ -280,7 +280,7 @@ async def test_timeout_is_transient(emulator):
         with pytest.raises(DpsTransient) as caught:
             await dps.allocate(ORG, AllocateRequest(sn="SN-2"))
     host = emulator.url.removeprefix("http://")
-    assert caught.value.code is None
+    assert (caught.value.code, caught.value.http_status) == (None, None)  # no answer
     assert caught.value.msg == f"DPS allocate to {host} timed out after 0.2 s"
     assert isinstance(caught.value.__cause__, TimeoutError)
 
@@ -312,7 +312,8 @@ async def test_a_base_url_without_the_api_says_to_check_it():
                 await dps.allocate(ORG, AllocateRequest(sn="SN-1"))
     finally:
         await runner.cleanup()
-    assert (caught.value.code, caught.value.msg, caught.value.hint) == (
+    assert (caught.value.code, caught.value.http_status, caught.value.msg, caught.value.hint) == (
+        None,
         404,
         "token service answered HTTP 404: 404: Not Found",
         "check sink.dps.base_url (no DPS API answers there)",
@@ -354,10 +355,11 @@ async def bare_server():
 @pytest.mark.parametrize(
     ("response", "code", "msg", "retry_after"),
     [
-        (lambda: web.Response(text="OK"), 200, "HTTP 200 without a DPS envelope: OK", None),
+        # An answer without a DPS envelope (an HTML page, say) has an HTTP status, no code.
+        (lambda: web.Response(text="OK"), None, "HTTP 200 without a DPS envelope: OK", None),
         (
             lambda: web.json_response({"code": 0, "msg": "OK"}),
-            200,
+            0,
             "DPS answered code 0 without data (HTTP 200)",
             None,
         ),
@@ -367,7 +369,7 @@ async def bare_server():
                 text="<html>\n  busy\n</html>",
                 headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
             ),
-            503,
+            None,
             "HTTP 503 without a DPS envelope: <html> busy </html>",
             0.0,
         ),
@@ -384,6 +386,7 @@ async def test_unreadable_answers_are_transient(bare_server, response, code, msg
         msg,
         retry_after,
     )
+    assert caught.value.http_status == answer["device"].status
 
 
 async def test_unreadable_device_is_transient(bare_server):

@@ -23,8 +23,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
 from aiokafka.cluster import ClusterMetadata
-from aiokafka.errors import ConcurrentTransactions, KafkaConnectionError
+from aiokafka.errors import ConcurrentTransactions, KafkaConnectionError, ProducerFenced
 from aiokafka.producer import sender
+from aiokafka.producer.message_accumulator import MessageAccumulator, MessageBatch
 from aiokafka.producer.sender import AddPartitionsToTxnHandler
 from aiokafka.producer.transaction_manager import TransactionManager
 from aiomqtt.exceptions import MqttConnectError
@@ -80,6 +81,30 @@ def test_no_library_is_changed_by_importing_the_pipeline() -> None:
         "assert s.BACKOFF_OVERRIDE == before, s.BACKOFF_OVERRIDE"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+FATAL = "_aiokafka_internals.retrieve_fatal_error"
+
+
+async def test_a_fenced_producers_futures_are_retrieved_once_stopped() -> None:
+    txn = TransactionManager("t", 60_000)
+    txn.set_pid_and_epoch(1, 0)
+    txn.begin_transaction()
+    accumulator = MessageAccumulator(None, 16_384, None, 30.0, txn_manager=txn)
+    batch = MessageBatch(TopicPartition("out", 0), None, 30.0, 0)
+    accumulator._batches[batch.tp].append(batch)
+    # As the sender does when a newer producer took over (Sender._fail_all):
+    accumulator.fail_all(ProducerFenced())
+    txn.fatal_error(ProducerFenced())
+    waiters = {"_transaction_waiter": txn, "_drain_waiter": batch}
+    for name, owner in waiters.items():
+        waiter = getattr(owner, name, None)
+        assert isinstance(waiter, asyncio.Future), moved(FATAL, f"no {name} future")
+        assert waiter._log_traceback, moved(FATAL, f"{name} no longer gets the error")
+    producer = types.SimpleNamespace(_txn_manager=txn, _message_accumulator=accumulator)
+    _aiokafka_internals.retrieve_fatal_error(producer)
+    for name, owner in waiters.items():
+        assert not getattr(owner, name)._log_traceback
 
 
 SEND = "_aiokafka_internals.send_to_node"

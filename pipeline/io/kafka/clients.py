@@ -119,7 +119,7 @@ def _bootstrapping() -> Iterator[None]:
 
 
 class _Producer(AIOKafkaProducer):  # type: ignore[misc]
-    """aiokafka's producer, closed when ``async with`` fails to start it.
+    """aiokafka's producer, closed when ``async with`` fails to start it, quietly when fenced.
 
     aiokafka's own ``__aenter__`` leaves it open: when the broker is not there yet, the
     garbage collector later logs "Unclosed AIOKafkaProducer" at error, a false alarm.
@@ -129,6 +129,11 @@ class _Producer(AIOKafkaProducer):  # type: ignore[misc]
         """Connect (see :func:`_bootstrapping` for its failure)."""
         with _bootstrapping():
             await super().start()
+
+    async def stop(self) -> None:
+        """Close; a fatal transaction error (fenced) the caller already got is not logged again."""
+        _aiokafka_internals.retrieve_fatal_error(self)
+        await super().stop()
 
     async def __aenter__(self) -> Self:
         try:

@@ -166,7 +166,7 @@ class Allocator:
                 log.warning("DPS rejected sn %s: %s", mapped.sn, exc, extra=context)
                 await self._outcomes.dead_letter(
                     record, source, mapped, kind="rejected", code=exc.code, message=exc.msg,
-                    request_id=exc.request_id, attempts=attempts,
+                    request_id=exc.request_id, attempts=attempts, http_status=exc.http_status,
                 )  # fmt: skip
                 return None
             if time.monotonic() - first >= self._cfg.give_up_after:
@@ -178,6 +178,7 @@ class Allocator:
                 await self._outcomes.dead_letter(
                     record, source, mapped, kind="exhausted", code=exc.code,
                     message=exc.msg, request_id=exc.request_id, attempts=attempts,
+                    http_status=exc.http_status,
                 )  # fmt: skip
                 return None
             if exc.throttled and exc.retry_after is not None:

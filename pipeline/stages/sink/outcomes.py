@@ -169,8 +169,12 @@ class Outcomes:
         message: str,
         request_id: str | None,
         attempts: int,
+        http_status: int | None = None,
     ) -> None:
         """``record`` failed for good: to ``dps.allocations.dlq`` with the reason.
+
+        ``code`` is DPS's code and ``http_status`` the HTTP status of its last answer,
+        each None when there was none (an HTML error page has a status and no code).
 
         Raises:
             StageFailed: Kafka refused the DLQ record for a reason no retry cures.
@@ -185,6 +189,7 @@ class Outcomes:
             attempts=attempts,
             error_kind=kind,
             code=code,
+            http_status=http_status,
             msg=message,
             request_id=request_id,
             failed_at=utc_now(),

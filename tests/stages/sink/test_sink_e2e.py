@@ -215,7 +215,7 @@ async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
     assert len(during) <= bound, f"{len(during)} calls during a {outage} s outage"
     assert ready_during == {"sink.kafka": True, "sink.dps": False}  # /readyz says why
     assert details_during == {
-        "sink.dps": "DPS code 503: HTTP 503 without a DPS envelope: service unavailable"
+        "sink.dps": "DPS: HTTP 503 without a DPS envelope: service unavailable"
     }
     assert ready_after == {"sink.kafka": True, "sink.dps": True}
     # Everything was allocated exactly once, nothing was dead-lettered.
@@ -361,8 +361,8 @@ async def test_gives_up_after_give_up_after_and_recovers_when_dps_returns(
         failure = msgspec.json.decode(record.value, type=AllocationFailure)
         assert failure.error_kind == "exhausted"
         assert failure.attempts >= 2
-        # The outage answers HTTP 503 with no envelope; even the token request fails.
-        assert failure.code == 503
+        # The outage answers HTTP 503 with no envelope (no DPS code); even the token request fails.
+        assert (failure.code, failure.http_status) == (None, 503)
         assert failure.msg == "token service answered HTTP 503: service unavailable"
         assert (failure.sn, failure.device_id, failure.request_id) == (sn, f"prod_{sn}", None)
         assert bytes(failure.record) == values[sn]
