@@ -201,6 +201,10 @@ class Topics(_Section, frozen=True):
         """Every topic name, in flow order."""
         return [getattr(self, name) for name in self.__struct_fields__]
 
+    def compacted(self) -> set[str]:
+        """The topics made with ``cleanup.policy=compact``: a latest value per key."""
+        return {self.lifecycle, self.router_state}
+
 
 class KafkaConfig(_Section, frozen=True):
     """The Kafka cluster every stage talks to."""

@@ -352,7 +352,8 @@ class Applied:
     counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     """``added``, ``failed``, ``deleted`` children written; ``duplicate`` (a child already
     in that state), ``stale`` (a notification whose version was already seen),
-    ``superseded`` (a child a later notification already decided) skipped."""
+    ``superseded`` (a child a later notification already decided) skipped; ``filled``: the
+    notification was one of the versions an open gap missed."""
 
 
 def _remove(missing: list[tuple[int, int]], version: int) -> list[tuple[int, int]]:
@@ -385,9 +386,9 @@ def _sequence(gateway: str, version: int, view: Changes, now: str, applied: Appl
         view.set_version(gateway, Versions(last=version, missing=missing))
         return True
     if any(first <= version <= last for first, last in known.missing):  # a gap filled
-        view.set_version(
-            gateway, Versions(last=known.last, missing=_remove(known.missing, version))
-        )
+        filled = _remove(known.missing, version)
+        view.set_version(gateway, Versions(last=known.last, missing=filled))
+        applied.counts["filled"] += 1
         return True
     return False
 
