@@ -66,6 +66,14 @@ RawDownEvent = Annotated[
     msgspec.Raw, _raw("DownEvent", "The down event exactly as received, unknown fields kept.")
 ]
 RawDeviceInfo = Annotated[msgspec.Raw, _raw("DeviceInfo", "The DeviceInfo exactly as received.")]
+RawDeviceInfoOrNull = Annotated[
+    msgspec.Raw,
+    # Not ``RawDeviceInfo | None``: msgspec decodes a Raw in a union only as null.
+    msgspec.Meta(
+        description="The DeviceInfo exactly as received, or null.",
+        extra_json_schema={"anyOf": [{"$ref": "#/$defs/DeviceInfo"}, {"type": "null"}]},
+    ),
+]
 RawReason = Annotated[msgspec.Raw, _raw("Reason", "The Reason exactly as received.")]
 RawPvsDevice = Annotated[msgspec.Raw, _raw("PvsDevice", "The PvsDevice DPS returned.")]
 RawAddedChild = Annotated[msgspec.Raw, _raw("AddedChild", "The input record, as consumed.")]
@@ -276,7 +284,7 @@ class DeletedChild(msgspec.Struct, kw_only=True):
     event_time_raw: str | None
     generation: int
     """As :class:`AddedChild`'s: the delete supersedes every add with a lower one."""
-    device: RawDeviceInfo | None
+    device: RawDeviceInfoOrNull
     """The DeviceInfo the child was last added with, as the router saw it (the sn comes
     from it); null when the pipeline never saw the child added."""
 
@@ -295,7 +303,7 @@ class ChildState(msgspec.Struct, kw_only=True):
     event_id: str | None
     version: int | None
     changed_at: str
-    device: RawDeviceInfo | None
+    device: RawDeviceInfoOrNull
 
 
 class SyncRequest(msgspec.Struct, kw_only=True):
