@@ -104,7 +104,7 @@ class ChildEvent:
     """One ``$sub_device_manager`` service that adds or deletes children.
 
     ``children`` are (device_id, the child as received) for adds and delete
-    notifications, (device_id, None) for a delete response (it lists ids only).
+    notifications, (device_id, ``null``) for a delete response (it lists ids only).
     """
 
     kind: Kind
@@ -112,7 +112,7 @@ class ChildEvent:
     event_id: str | None
     version: int | None
     event_time_raw: str | None
-    children: Sequence[tuple[str, msgspec.Raw | None]]
+    children: Sequence[tuple[str, msgspec.Raw]]
     failed: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
     """The failed children of an add response, as encoded (key, FailedChild) pairs."""
 
@@ -128,6 +128,7 @@ class Routed:
 
 
 _MARK = msgspec.Raw(b"0")
+_NULL = msgspec.Raw(b"null")
 
 
 def _head(record: AddedChild | FailedChild | DeletedChild | ChildState) -> bytes:
@@ -141,8 +142,8 @@ def _head(record: AddedChild | FailedChild | DeletedChild | ChildState) -> bytes
     return encoded[:-2]
 
 
-def _with_device(head: bytes, device: msgspec.Raw | None) -> bytes:
-    return b"".join((head, bytes(device) if device is not None else b"null", b"}"))
+def _with_device(head: bytes, device: msgspec.Raw) -> bytes:
+    return b"".join((head, device, b"}"))
 
 
 def _read(gateway: str, service: ServiceEvent) -> ChildEvent | None:
@@ -190,7 +191,7 @@ def _read(gateway: str, service: ServiceEvent) -> ChildEvent | None:
             raise DecodeError(msg)
         ids = _DELETE.decode(paras).successful_devices
         return ChildEvent("delete", "delete_sub_device_response", event_id, None, raw_time,
-                          [(i, None) for i in ids])  # fmt: skip
+                          [(i, _NULL) for i in ids])  # fmt: skip
     return None
 
 
@@ -241,8 +242,10 @@ class Child(msgspec.Struct, kw_only=True):
     state: Literal["added", "deleted"]
     version: int | None
     """The version of the notification that set this state; null for a response."""
-    device: msgspec.Raw | None
-    """The DeviceInfo the child was last added with, as received."""
+    device: msgspec.Raw
+    """The DeviceInfo the child was last added with, as received; ``null`` when the
+    router never saw it added (a Raw, not ``Raw | None``: msgspec decodes a Raw in a
+    union only as null)."""
 
 
 _VERSIONS = msgspec.json.Decoder(Versions)
@@ -425,7 +428,7 @@ def apply(gateway: str, event: ChildEvent, view: Changes, now: str) -> Applied:
             applied.counts["duplicate"] += 1
             continue
         generation = (known.generation if known is not None else 0) + 1
-        device = raw if event.kind == "add" else (known.device if known is not None else None)
+        device = raw if event.kind == "add" else (known.device if known is not None else _NULL)
         view.set_child(gateway, device_id,
                        Child(generation=generation, state=wanted, version=event.version,
                              device=device))  # fmt: skip

@@ -6,9 +6,11 @@ import msgspec
 import orjson
 import pytest
 
-from pipeline.core.routing import Dedup, route
+from pipeline.core.routing import Changes, Dedup, Memory, apply, route
 from pipeline.errors import DecodeError
-from pipeline.schemas import DownEventRecord
+from pipeline.schemas import AddedChild, ChildState, DownEventRecord
+
+NOW = "2026-12-04T18:00:00.000Z"
 
 SEED_DEVICE = (
     b'{"device_id":"c6b39067b0325db34663d3ef421a42f6_subdevice11","name":"subdevice11",'
@@ -62,24 +64,37 @@ def test_children_copied_byte_for_byte() -> None:
     routed = route(record(event))
     assert routed.gateway_id == "gw-1"
     assert routed.skipped == [("$ota", "firmware_upgrade")]
-    assert len(routed.responses) == 1
-    response = routed.responses[0]
-    assert response.event_id == "ev-1"
-    assert response.added == [
+    assert len(routed.events) == 1
+    assert routed.events[0].event_id == "ev-1"
+    outs = apply("gw-1", routed.events[0], Changes(Memory()), NOW).outs
+    assert [(o.topic, o.key, o.value) for o in outs] == [
         (
+            "added",
             b"c6b39067b0325db34663d3ef421a42f6_subdevice11",
             b'{"gateway_id":"gw-1","event_id":"ev-1","event_time":"2015-12-12T12:12:12.000Z",'
             b'"event_time_raw":"20151212T121212Z","source_event":"add_sub_device_response",'
-            b'"version":null,"generation":0,"device":' + SEED_DEVICE + b"}",
-        )
-    ]
-    assert response.failed == [
+            b'"version":null,"generation":1,"device":' + SEED_DEVICE + b"}",
+        ),
         (
+            "lifecycle",
+            b"c6b39067b0325db34663d3ef421a42f6_subdevice11",
+            b'{"device_id":"c6b39067b0325db34663d3ef421a42f6_subdevice11","gateway_id":"gw-1",'
+            b'"state":"added","generation":1,"source_event":"add_sub_device_response",'
+            b'"event_id":"ev-1","version":null,"changed_at":"' + NOW.encode() + b'",'
+            b'"device":' + SEED_DEVICE + b"}",
+        ),
+        (
+            "failed",
             b"subdevice12",
             b'{"gateway_id":"gw-1","event_id":"ev-1","event_time":"2015-12-12T12:12:12.000Z",'
             b'"event_time_raw":"20151212T121212Z","reason":' + orjson.dumps(reason) + b"}",
-        )
+        ),
     ]
+    # The records are what msgspec itself writes for them.
+    added = msgspec.json.decode(outs[0].value, type=AddedChild)
+    assert msgspec.json.encode(added) == outs[0].value
+    state = msgspec.json.decode(outs[1].value, type=ChildState)
+    assert msgspec.json.encode(state) == outs[1].value
 
 
 @pytest.mark.parametrize(
@@ -98,7 +113,7 @@ def test_children_copied_byte_for_byte() -> None:
 )
 def test_event_time(time: str | None, normalised: str | None) -> None:
     routed = route(record(b'{"services":[' + add("e", [SEED_DEVICE], [], time) + b"]}"))
-    value = orjson.loads(routed.responses[0].added[0][1])
+    value = orjson.loads(apply("gw-1", routed.events[0], Changes(Memory()), NOW).outs[0].value)
     assert value["event_time"] == normalised
     assert value["event_time_raw"] == time
 
@@ -109,11 +124,11 @@ def test_several_responses_and_unknown_services() -> None:
         + add("a", [SEED_DEVICE], [])
         + b","
         + add("b", [], [])
-        + b',{"service_id":"$vendor","event_type":"new"},{"service_id":"$sub_device_manager","event_type":"add_sub_device_notify"}]}'
+        + b',{"service_id":"$vendor","event_type":"new"}]}'
     )
     routed = route(record(event))
-    assert [r.event_id for r in routed.responses] == ["a", "b"]
-    assert routed.skipped == [("other", "other"), ("$sub_device_manager", "add_sub_device_notify")]
+    assert [r.event_id for r in routed.events] == ["a", "b"]
+    assert routed.skipped == [("other", "other")]
 
 
 def test_not_a_record() -> None:
