@@ -42,6 +42,7 @@ from pipeline.schemas import (
 )
 
 __all__ = [
+    "Applied",
     "Changes",
     "Child",
     "ChildEvent",
@@ -457,7 +458,8 @@ def apply(gateway: str, event: ChildEvent, view: Changes, now: str) -> Applied:
         applied.counts[wanted] += 1
     for key, value in event.failed:
         applied.outs.append(Out("failed", key, value))
-    applied.counts["failed"] += len(event.failed)
+    if event.failed:
+        applied.counts["failed"] += len(event.failed)
     return applied
 
 
