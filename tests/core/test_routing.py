@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import hypothesis
 import msgspec
 import orjson
@@ -195,7 +197,7 @@ def feed(memory: Memory, *services: bytes, gateway: str = "gw-1") -> list[Applie
     return applied
 
 
-def outs(applied: list[Applied], topic: str) -> list[dict[str, object]]:
+def outs(applied: list[Applied], topic: str) -> list[dict[str, Any]]:
     return [orjson.loads(o.value) for a in applied for o in a.outs if o.topic == topic]
 
 
@@ -310,7 +312,7 @@ def test_gateways_are_sequenced_apart() -> None:
 
 def test_invalid_child_events_are_refused() -> None:
     no_version = notify("add", None, 1)
-    with pytest.raises(DecodeError, match="add_sub_device_notify without paras.version"):
+    with pytest.raises(DecodeError, match=r"add_sub_device_notify without paras\.version"):
         route(record(b'{"services":[' + no_version + b"]}"))
     no_id = delete_response("x", 1).replace(b'"event_id":"x",', b"")
     with pytest.raises(DecodeError, match="delete_sub_device_response without event_id"):
