@@ -462,12 +462,16 @@ class Router:
         self._report_gaps()
 
     def _report_gaps(self) -> None:
-        """Metrics and the ``route.versions`` readiness detail for the open version gaps."""
+        """Metrics and the ``route.versions`` readiness detail for the open version gaps.
+
+        The check is there while a gap is open, true (the router routes on), its detail
+        naming the gateways and the versions they miss.
+        """
         gaps = {gw: r for memory in self._memory.values() for gw, r in memory.open_gaps().items()}
         ROUTER_GAPS_OPEN.set(len(gaps))
         ROUTER_VERSIONS_MISSING.set(sum(b - a + 1 for r in gaps.values() for a, b in r))
-        if not gaps:
-            self._health.set("route.versions", True, None, required=False)
+        if not gaps:  # the check is shown only while versions are missing
+            self._health.clear("route.versions")
             return
         shown = sorted(gaps)[:5]
         detail = "; ".join(
