@@ -208,8 +208,12 @@ def route(value: bytes) -> Routed:
         event = _EVENT.decode(record.event)
         events: list[ChildEvent] = []
         skipped: list[tuple[str, str]] = []
-        for service in event.services or ():
-            read = _read(record.gateway_id, service)
+        for i, service in enumerate(event.services or ()):
+            try:
+                read = _read(record.gateway_id, service)
+            except msgspec.DecodeError as exc:  # the event's own paras: say which
+                msg = f"services[{i}] ({service.event_type}): {exc}"
+                raise DecodeError(msg) from None
             if read is None:
                 skipped.append(service_label(service))
             else:

@@ -230,7 +230,9 @@ class Router:
                 if tp not in self._producers:
                     await self._start_producer(tp)
             await self.rebuild_dedup(assigned)
-            await self.rebuild_memory([tp for tp in assigned if tp not in self._memory])
+            # Every assigned partition, kept ones too: another router may have had one of
+            # them meanwhile (aiokafka may re-join without a revocation).
+            await self.rebuild_memory(assigned)
 
     async def _transactions(
         self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]
