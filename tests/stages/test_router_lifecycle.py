@@ -173,6 +173,15 @@ async def test_a_gap_is_reported_and_asks_for_a_sync(
                 f"is on {topics.sync_requests}"
             )
         ]
+    # A restarted router knows the gap is open (from router_state) and says so.
+    health = Health()
+    async with running(Router(cfg), health):
+        async with asyncio.timeout(30):
+            while "route.versions" not in health.details():
+                await asyncio.sleep(0.02)
+        assert health.details()["route.versions"].startswith(
+            "version gaps open: gw-gap missing 2-3"
+        )
         # The sync's answer fills the gap: the detail goes.
         await send(cfg, gw, notify("add", 2, gw, "a2"), notify("add", 3, gw, "a3"))
         await read_topic(cfg.kafka, topics.added, expect=4)
@@ -180,6 +189,7 @@ async def test_a_gap_is_reported_and_asks_for_a_sync(
             while "route.versions" in health.report():
                 await asyncio.sleep(0.02)
     assert "route.versions" not in health.report()
+    assert len(await read_topic(cfg.kafka, topics.sync_requests)) == 1
 
 
 async def test_router_state_must_be_partitioned_as_down_events(cfg: Config) -> None:
