@@ -189,6 +189,7 @@ class Ingest:
             with contextlib.suppress(asyncio.CancelledError):
                 await summary
             if syncs is not None:
+                stop.set()  # (when the sessions failed, nothing else has set it)
                 await syncs  # what made it fail, if it did
 
     def _holder(self) -> Callable[[str], Session | None]:
