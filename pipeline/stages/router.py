@@ -139,10 +139,10 @@ class Router:
         assert consumer is not None  # noqa: S101  (a consuming stage gets its consumer)
         self._health = run.health
         self._report_gaps()
-        await self._check_state_partitions()
         self._consumer = consumer
         run.after_close(self._stop_all)
         try:
+            await self._check_state_partitions(run)
             while True:
                 batch = await unless_stopped(
                     run.stopping,
@@ -158,11 +158,22 @@ class Router:
         except Stopped:
             pass  # the transaction in flight (if any) has committed
 
-    async def _check_state_partitions(self) -> None:
-        """router_state must be partitioned as down_events: partition p keeps p's memory."""
+    async def _check_state_partitions(self, run: Run) -> None:
+        """router_state must be partitioned as down_events: partition p keeps p's memory.
+
+        Kafka not answering is waited out (its readiness check says so meanwhile).
+        """
         t = self._topics
-        async with kafka.reader(self.cfg.kafka) as peek:
-            tps = await kafka.partitions(peek, t.down_events, t.router_state)
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            try:
+                async with kafka.reader(self.cfg.kafka) as peek:
+                    tps = await kafka.partitions(peek, t.down_events, t.router_state)
+                break
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise
+                await unless_stopped(run.stopping, asyncio.sleep(backoff.next()))
         counts = collections.Counter(tp.topic for tp in tps)
         if counts[t.router_state] != counts[t.down_events]:
             msg = (
