@@ -367,3 +367,60 @@ def test_memory_rebuilt_from_its_records_decides_alike(
     # Generations only grow, one per change of state, and the state alternates.
     for child in live.children.values():
         assert child.generation >= 1
+
+
+KINDS = [
+    "add_sub_device_response",
+    "add_sub_device_notify",
+    "delete_sub_device_response",
+    "delete_sub_device_notify",
+]
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+_paras = st.fixed_dictionaries(
+    {},
+    optional={
+        "devices": st.lists(
+            st.fixed_dictionaries({}, optional={"device_id": st.text(max_size=5) | _json}) | _json,
+            max_size=3,
+        ),
+        "version": st.integers(-3, 3) | _json,
+        "successful_devices": st.lists(st.text(max_size=5) | _json, max_size=3),
+        "failed_devices": st.lists(_json, max_size=2),
+    },
+)
+
+
+@hypothesis.given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(KINDS),
+            st.none() | st.text(max_size=4),
+            _paras | _json,
+        ),
+        max_size=4,
+    )
+)
+def test_any_child_event_is_routed_or_refused_with_a_reason(
+    services: list[tuple[str, str | None, Any]],
+) -> None:
+    """Whatever a child event's paras hold: its records, or a DecodeError; never a crash."""
+    body = [
+        {"service_id": "$sub_device_manager", "event_type": kind, "paras": paras}
+        | ({"event_id": event_id} if event_id is not None else {})
+        for kind, event_id, paras in services
+    ]
+    try:
+        routed = route(record(orjson.dumps({"services": body})))
+    except DecodeError as exc:
+        assert str(exc)
+        return
+    changes = Changes(Memory())
+    for event in routed.events:
+        for out in apply("gw-1", event, changes, NOW).outs:
+            orjson.loads(out.value)  # every record is JSON
