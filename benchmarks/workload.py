@@ -19,7 +19,7 @@ import orjson
 
 from pipeline.core.landing import Lander
 from pipeline.core.mapping import Mapper
-from pipeline.core.routing import route
+from pipeline.core.routing import Changes, Memory, apply, route
 from pipeline.schemas import utc_now
 from pipeline.tools.replay import FixtureMessage
 
@@ -108,12 +108,16 @@ def down_records(batch: list[FixtureMessage]) -> list[tuple[bytes, bytes]]:
 
 def child_records(records: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """``iotda.subdevices.added`` (key, value) pairs, exactly as the router writes them."""
-    return [
-        child
-        for _, value in records
-        for response in route(value).responses
-        for child in response.added
-    ]
+    memory = Memory()  # one router's memory over the whole workload
+    out = []
+    for _, value in records:
+        routed = route(value)
+        changes = Changes(memory)
+        for event in routed.events:
+            applied = apply(routed.gateway_id, event, changes, utc_now())
+            out += [(o.key, o.value) for o in applied.outs if o.topic == "added"]
+        changes.commit()
+    return out
 
 
 def requests(cfg: Config, children: list[tuple[bytes, bytes]]) -> list[Request]:

@@ -175,6 +175,10 @@ class MqttConfig(_Section, frozen=True):
     bridge_state: str | None = None
     """Topic filter of the edge broker's bridge notifications (Mosquitto:
     ``$SYS/broker/connection/+/state``): each bridge is then shown up or down."""
+    sync_requests: Literal["auto", "on", "off"] = "auto"
+    """Publish the router's sync requests (``sub_device_sync_request``, on the gateway's up
+    topic) for the gateways this ingest holds: ``auto`` in IoTDA device mode only; ``on``
+    also through an edge broker (the bridge must carry the up topic to IoTDA)."""
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     iotda: IotdaAuthConfig | None = None
 
@@ -200,6 +204,10 @@ class Topics(_Section, frozen=True):
     def all(self) -> list[str]:
         """Every topic name, in flow order."""
         return [getattr(self, name) for name in self.__struct_fields__]
+
+    def compacted(self) -> set[str]:
+        """The topics made with ``cleanup.policy=compact``: a latest value per key."""
+        return {self.lifecycle, self.router_state}
 
 
 class KafkaConfig(_Section, frozen=True):
@@ -674,6 +682,10 @@ def _check_mqtt(m: MqttConfig) -> None:
         except ValueError:
             reason = f"{m.iotda.timestamp!r} is not a date and hour (YYYYMMDDHH)"
             raise ConfigError.at("mqtt.iotda.timestamp", reason) from None
+    publishes = m.sync_requests == "on" or (m.sync_requests == "auto" and m.iotda is not None)
+    if publishes and not m.topic.endswith("/down"):
+        reason = f"mqtt.topic {m.topic!r} does not end in /down: no up topic to publish on"
+        raise ConfigError.at("mqtt.sync_requests", reason)
     if m.tls.enabled:
         _check_tls("mqtt.tls", m.tls)
 

@@ -1,31 +1,64 @@
-"""Routing: one down-event record in, the child records it yields out (pure, no I/O).
+"""Routing: one down-event record in, the records it yields out (pure, no I/O).
 
-:func:`route` splits an ``iotda.down-events`` value into ``iotda.subdevices.added`` and
-``iotda.subdevices.failed`` records, children copied byte for byte; :class:`Dedup`
-remembers which (gateway, event_id) pairs were already routed, so an MQTT redelivery
-yields nothing new. The router stage (``pipeline.stages.router``) moves the bytes.
+:func:`route` reads an ``iotda.down-events`` value into the child events it carries
+(add and delete responses, add and delete notifications), children kept byte for byte.
+:class:`Memory` is the router's memory of one input partition: each gateway's version
+watermark and each child's state. :func:`apply` decides, against a :class:`Changes` view
+of that memory, what one child event yields: ``added`` / ``failed`` / ``deleted`` /
+``lifecycle`` records, a :class:`Gap` with its ``SyncRequest``, and the memory's new
+entries (written to ``router_state`` in the same transaction, so the memory is exactly
+as committed as the outputs). :class:`Dedup` remembers which (gateway, event_id) pairs
+were already routed, so an MQTT redelivery of a response yields nothing new. The router
+stage (``pipeline.stages.router``) moves the bytes.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Sequence
+from typing import Literal
 
 import msgspec
 
 from pipeline.core.decode import service_label
 from pipeline.errors import DecodeError
 from pipeline.schemas import (
+    ADD_NOTIFY,
     ADD_RESPONSE,
+    DELETE_NOTIFY,
+    DELETE_RESPONSE,
     SUB_DEVICE_MANAGER,
     AddedChild,
+    ChildState,
+    DeletedChild,
     DownEvent,
     DownEventRecord,
     FailedChild,
+    ServiceEvent,
+    SourceEvent,
+    SyncRequest,
     normalise_event_time,
 )
 
-__all__ = ["Dedup", "Response", "Routed", "route"]
+__all__ = [
+    "Applied",
+    "Changes",
+    "Child",
+    "ChildEvent",
+    "Dedup",
+    "Gap",
+    "Memory",
+    "Out",
+    "Routed",
+    "Versions",
+    "apply",
+    "route",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Reading a down-event record
 
 
 class _AddParas(msgspec.Struct):
@@ -34,8 +67,19 @@ class _AddParas(msgspec.Struct):
     failed_devices: list[msgspec.Raw]
 
 
+class _NotifyParas(msgspec.Struct):
+    # add_sub_device_notify and delete_sub_device_notify (version is a long; documented
+    # for both, yet the delete's example may leave it out).
+    devices: list[msgspec.Raw]
+    version: int | None = None
+
+
+class _DeleteParas(msgspec.Struct):
+    successful_devices: list[str]
+
+
 class _DeviceKey(msgspec.Struct):
-    # Of a child ingest validated as a DeviceInfo: only the key is needed here.
+    # Of a child as IoTDA describes it: only the key is needed here.
     device_id: str
 
 
@@ -46,96 +90,381 @@ class _ReasonKey(msgspec.Struct):
 
 _RECORD = msgspec.json.Decoder(DownEventRecord)
 _EVENT = msgspec.json.Decoder(DownEvent)
-_PARAS = msgspec.json.Decoder(_AddParas)
+_ADD = msgspec.json.Decoder(_AddParas)
+_NOTIFY = msgspec.json.Decoder(_NotifyParas)
+_DELETE = msgspec.json.Decoder(_DeleteParas)
 _DEVICE = msgspec.json.Decoder(_DeviceKey)
 _REASON = msgspec.json.Decoder(_ReasonKey)
 _ENCODER = msgspec.json.Encoder()
 
+Kind = Literal["add", "delete"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChildEvent:
+    """One ``$sub_device_manager`` service that adds or deletes children.
+
+    ``children`` are (device_id, the child as received) for adds and delete
+    notifications, (device_id, ``null``) for a delete response (it lists ids only).
+    """
+
+    kind: Kind
+    source_event: SourceEvent
+    event_id: str | None
+    version: int | None
+    event_time_raw: str | None
+    children: Sequence[tuple[str, msgspec.Raw]]
+    failed: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+    """The failed children of an add response, as encoded (key, FailedChild) pairs."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Routed:
+    """What one down-event record carries."""
+
+    gateway_id: str
+    mqtt_topic: str
+    events: list[ChildEvent]
+    skipped: list[tuple[str, str]]
+
 
 _MARK = msgspec.Raw(b"0")
+_NULL = msgspec.Raw(b"null")
 
 
-def _head(record: AddedChild | FailedChild) -> bytes:
+def _head(record: AddedChild | FailedChild | DeletedChild | ChildState) -> bytes:
     """The encoding of ``record`` up to its last field's value (the child, kept raw).
 
-    Every child of a response shares it: its record is ``head + child + b"}"``, the
-    bytes msgspec would write for the whole record (pinned in test_routing).
+    The record is ``head + child + b"}"``: the bytes msgspec would write for the whole
+    record (pinned in test_routing).
     """
     encoded = _ENCODER.encode(record)
     assert encoded.endswith(b":0}")  # noqa: S101 - the child is the last field
     return encoded[:-2]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Response:
-    """The children of one add_sub_device_response, as encoded (key, value) pairs."""
-
-    event_id: str
-    added: list[tuple[bytes, bytes]]
-    failed: list[tuple[bytes, bytes]]
+def _with_device(head: bytes, device: msgspec.Raw) -> bytes:
+    return b"".join((head, device, b"}"))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Routed:
-    """What one down-event record yields."""
-
-    gateway_id: str
-    mqtt_topic: str
-    responses: list[Response]
-    skipped: list[tuple[str, str]]
+def _read(gateway: str, service: ServiceEvent) -> ChildEvent | None:
+    if service.service_id != SUB_DEVICE_MANAGER:
+        return None
+    event_type, event_id, raw_time, paras = (
+        service.event_type,
+        service.event_id,
+        service.event_time,
+        service.paras,
+    )
+    if event_type == ADD_RESPONSE:
+        if event_id is None:
+            msg = "add_sub_device_response without event_id"
+            raise DecodeError(msg)
+        add = _ADD.decode(paras)
+        failed: list[tuple[bytes, bytes]] = []
+        if add.failed_devices:
+            head = _head(FailedChild(
+                gateway_id=gateway, event_id=event_id, event_time=normalise_event_time(raw_time),
+                event_time_raw=raw_time, reason=_MARK,
+            ))  # fmt: skip
+            failed = [
+                (_REASON.decode(raw).node_id.encode(), b"".join((head, raw, b"}")))
+                for raw in add.failed_devices
+            ]
+        children = [(_DEVICE.decode(raw).device_id, raw) for raw in add.successful_devices]
+        return ChildEvent(
+            "add", "add_sub_device_response", event_id, None, raw_time, children, failed
+        )
+    if event_type in (ADD_NOTIFY, DELETE_NOTIFY):
+        notify = _NOTIFY.decode(paras)
+        kind: Kind = "add" if event_type == ADD_NOTIFY else "delete"
+        source: SourceEvent = (
+            "add_sub_device_notify" if kind == "add" else "delete_sub_device_notify"
+        )
+        devices = [(_DEVICE.decode(raw).device_id, raw) for raw in notify.devices]
+        if kind == "add" and notify.version is None:
+            msg = "add_sub_device_notify without paras.version"
+            raise DecodeError(msg)
+        return ChildEvent(kind, source, None, notify.version, raw_time, devices)
+    if event_type == DELETE_RESPONSE:
+        if event_id is None:
+            msg = "delete_sub_device_response without event_id"
+            raise DecodeError(msg)
+        ids = _DELETE.decode(paras).successful_devices
+        return ChildEvent("delete", "delete_sub_device_response", event_id, None, raw_time,
+                          [(i, _NULL) for i in ids])  # fmt: skip
+    return None
 
 
 def route(value: bytes) -> Routed:
-    """Split one ``iotda.down-events`` value into child records (pure).
+    """Read one ``iotda.down-events`` value into the child events it carries (pure).
 
     Raises:
-        DecodeError: the record is not a down-event record this pipeline wrote.
+        DecodeError: the record is not a down-event record this pipeline wrote, or one
+            of its child events breaks the documented shape.
     """
     try:
         record = _RECORD.decode(value)
         event = _EVENT.decode(record.event)
-        responses: list[Response] = []
+        events: list[ChildEvent] = []
         skipped: list[tuple[str, str]] = []
-        for service in event.services or ():
-            if (service.service_id, service.event_type) != (SUB_DEVICE_MANAGER, ADD_RESPONSE):
+        for i, service in enumerate(event.services or ()):
+            try:
+                read = _read(record.gateway_id, service)
+            except msgspec.DecodeError as exc:  # the event's own paras: say which
+                msg = f"services[{i}] ({service.event_type}): {exc}"
+                raise DecodeError(msg) from None
+            if read is None:
                 skipped.append(service_label(service))
-                continue
-            if service.event_id is None:
-                msg = "add_sub_device_response without event_id"
-                raise DecodeError(msg)
-            paras = _PARAS.decode(service.paras)
-            gateway, event_id, raw_time = record.gateway_id, service.event_id, service.event_time
-            event_time = normalise_event_time(raw_time)
-            if paras.successful_devices:
-                head = _head(AddedChild(
-                    gateway_id=gateway, event_id=event_id, event_time=event_time,
-                    event_time_raw=raw_time, device=_MARK,
-                ))  # fmt: skip
-                added = [
-                    (_DEVICE.decode(raw).device_id.encode(), b"".join((head, raw, b"}")))
-                    for raw in paras.successful_devices
-                ]
             else:
-                added = []
-            if paras.failed_devices:
-                head = _head(FailedChild(
-                    gateway_id=gateway, event_id=event_id, event_time=event_time,
-                    event_time_raw=raw_time, reason=_MARK,
-                ))  # fmt: skip
-                failed = [
-                    (_REASON.decode(raw).node_id.encode(), b"".join((head, raw, b"}")))
-                    for raw in paras.failed_devices
-                ]
-            else:
-                failed = []
-            responses.append(Response(service.event_id, added, failed))
+                events.append(read)
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         msg = f"not a down-event record: {exc}"
         raise DecodeError(msg) from None
     except RecursionError:
         msg = "not a down-event record: it nests deeper than the decoder allows"
         raise DecodeError(msg) from None
-    return Routed(record.gateway_id, record.mqtt_topic, responses, skipped)
+    return Routed(record.gateway_id, record.mqtt_topic, events, skipped)
+
+
+# --------------------------------------------------------------------------------------
+# The router's memory (persisted in router_state) and the decisions made against it
+
+
+class Versions(msgspec.Struct, kw_only=True):
+    """``router_state`` ``v/{gateway_id}``: a gateway's notification versions."""
+
+    last: int
+    """The highest version seen."""
+    missing: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    """Open gaps: inclusive ranges of versions below ``last`` that never arrived."""
+
+
+class Child(msgspec.Struct, kw_only=True):
+    """``router_state`` ``c/{gateway_id}/{device_id}``: a child's state."""
+
+    generation: int
+    state: Literal["added", "deleted"]
+    version: int | None
+    """The version of the notification that set this state; null for a response."""
+    device: msgspec.Raw
+    """The DeviceInfo the child was last added with, as received; ``null`` when the
+    router never saw it added (a Raw, not ``Raw | None``: msgspec decodes a Raw in a
+    union only as null)."""
+
+
+_VERSIONS = msgspec.json.Decoder(Versions)
+_CHILD = msgspec.json.Decoder(Child)
+
+
+@dataclasses.dataclass(slots=True)
+class Memory:
+    """What the router remembers of one input partition."""
+
+    versions: dict[str, Versions] = dataclasses.field(default_factory=dict)
+    children: dict[tuple[str, str], Child] = dataclasses.field(default_factory=dict)
+
+    def learn(self, key: bytes | None, value: bytes | None) -> bool:
+        """Take one ``router_state`` record in; False when it is not one the router wrote."""
+        if key is None or value is None:
+            return False
+        try:
+            text = key.decode()
+            if text.startswith("v/"):
+                self.versions[text[2:]] = _VERSIONS.decode(value)
+                return True
+            if text.startswith("c/"):
+                gateway, _, device_id = text[2:].partition("/")
+                self.children[gateway, device_id] = _CHILD.decode(value)
+                return True
+        except (UnicodeDecodeError, msgspec.DecodeError):
+            return False
+        return False
+
+    def open_gaps(self) -> dict[str, list[tuple[int, int]]]:
+        """Each gateway with versions still missing, and the ranges."""
+        return {gw: list(v.missing) for gw, v in self.versions.items() if v.missing}
+
+
+class Changes:
+    """A transaction's view of a :class:`Memory`: reads see its own writes; ``commit``."""
+
+    def __init__(self, memory: Memory) -> None:
+        self._memory = memory
+        self._versions: dict[str, Versions] = {}
+        self._children: dict[tuple[str, str], Child] = {}
+
+    def version(self, gateway: str) -> Versions | None:
+        """The gateway's versions, as this transaction leaves them so far."""
+        found = self._versions.get(gateway)
+        return found if found is not None else self._memory.versions.get(gateway)
+
+    def child(self, gateway: str, device_id: str) -> Child | None:
+        """The child's state, as this transaction leaves it so far."""
+        key = (gateway, device_id)
+        found = self._children.get(key)
+        return found if found is not None else self._memory.children.get(key)
+
+    def set_version(self, gateway: str, versions: Versions) -> None:
+        """Change the gateway's versions."""
+        self._versions[gateway] = versions
+
+    def set_child(self, gateway: str, device_id: str, child: Child) -> None:
+        """Change the child's state."""
+        self._children[gateway, device_id] = child
+
+    def records(self) -> list[tuple[bytes, bytes]]:
+        """The ``router_state`` (key, value) pairs of every entry this transaction changed."""
+        out = [(f"v/{gw}".encode(), _ENCODER.encode(v)) for gw, v in self._versions.items()]
+        out += [
+            (f"c/{gw}/{device_id}".encode(), _ENCODER.encode(c))
+            for (gw, device_id), c in self._children.items()
+        ]
+        return out
+
+    def commit(self) -> None:
+        """The transaction committed: the memory takes its changes."""
+        self._memory.versions.update(self._versions)
+        self._memory.children.update(self._children)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Gap:
+    """Versions of a gateway's notifications that never arrived (``first``..``last``)."""
+
+    gateway_id: str
+    first: int
+    last: int
+    sync_from: int
+    """What the sync request carries: the last version before every open gap."""
+
+
+Topic = Literal["added", "failed", "deleted", "lifecycle", "sync_requests"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Out:
+    """One record to write: the topic (by its ``kafka.topics`` field), key and value."""
+
+    topic: Topic
+    key: bytes
+    value: bytes
+
+
+@dataclasses.dataclass(slots=True)
+class Applied:
+    """What one child event yields."""
+
+    outs: list[Out] = dataclasses.field(default_factory=list)
+    gap: Gap | None = None
+    counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    """``added``, ``failed``, ``deleted`` children written; ``duplicate`` (a child already
+    in that state), ``stale`` (a notification whose version was already seen),
+    ``superseded`` (a child a later notification already decided) skipped; ``filled``: the
+    notification was one of the versions an open gap missed."""
+
+
+def _remove(missing: list[tuple[int, int]], version: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for first, last in missing:
+        if first <= version <= last:
+            out += [r for r in ((first, version - 1), (version + 1, last)) if r[0] <= r[1]]
+        else:
+            out.append((first, last))
+    return out
+
+
+def _sequence(gateway: str, version: int, view: Changes, now: str, applied: Applied) -> bool:
+    """Move the gateway's watermark for a notification of ``version``; False: skip it."""
+    known = view.version(gateway)
+    if known is None:  # the first version seen sets the watermark
+        view.set_version(gateway, Versions(last=version))
+        return True
+    if version > known.last:
+        missing = list(known.missing)
+        if version > known.last + 1:
+            missing.append((known.last + 1, version - 1))
+            gap = Gap(gateway, known.last + 1, version - 1, missing[0][0] - 1)
+            applied.gap = gap
+            request = SyncRequest(
+                gateway_id=gateway, version=gap.sync_from, missing_from=gap.first,
+                missing_to=gap.last, detected_at=now,
+            )  # fmt: skip
+            applied.outs.append(Out("sync_requests", gateway.encode(), _ENCODER.encode(request)))
+        view.set_version(gateway, Versions(last=version, missing=missing))
+        return True
+    if any(first <= version <= last for first, last in known.missing):  # a gap filled
+        filled = _remove(known.missing, version)
+        view.set_version(gateway, Versions(last=known.last, missing=filled))
+        applied.counts["filled"] += 1
+        return True
+    return False
+
+
+def apply(gateway: str, event: ChildEvent, view: Changes, now: str) -> Applied:
+    """What ``event`` of ``gateway`` yields against ``view`` (which it updates).
+
+    Adds: a child already added is a duplicate (a notification repeating a response, a
+    redelivery); otherwise its generation goes up by one and it is written to ``added``
+    and ``lifecycle``. Deletes: a child already deleted is a duplicate; otherwise its
+    generation goes up by one and it is written to ``deleted`` (with the DeviceInfo it
+    was last added with, or null when the router never saw it added) and ``lifecycle``.
+    A notification whose version was already seen is skipped whole (``stale``); one that
+    skips versions opens a :class:`Gap` and is applied; one that fills a gap is applied,
+    except to a child a later notification already decided (``superseded``).
+    """
+    applied = Applied()
+    if event.version is not None and not _sequence(gateway, event.version, view, now, applied):
+        applied.counts["stale"] += 1
+        return applied
+    event_time = normalise_event_time(event.event_time_raw)
+    for device_id, raw in event.children:
+        known = view.child(gateway, device_id)
+        if (
+            known is not None
+            and event.version is not None
+            and known.version is not None
+            and known.version > event.version
+        ):
+            applied.counts["superseded"] += 1
+            continue
+        wanted: Literal["added", "deleted"] = "added" if event.kind == "add" else "deleted"
+        if known is not None and known.state == wanted:
+            applied.counts["duplicate"] += 1
+            continue
+        generation = (known.generation if known is not None else 0) + 1
+        device = raw if event.kind == "add" else (known.device if known is not None else _NULL)
+        view.set_child(gateway, device_id,
+                       Child(generation=generation, state=wanted, version=event.version,
+                             device=device))  # fmt: skip
+        key = device_id.encode()
+        record: AddedChild | DeletedChild
+        if event.kind == "add":
+            record = AddedChild(
+                gateway_id=gateway, event_id=event.event_id, event_time=event_time,
+                event_time_raw=event.event_time_raw, source_event=event.source_event,
+                version=event.version, generation=generation, device=_MARK,
+            )  # fmt: skip
+            applied.outs.append(Out("added", key, _with_device(_head(record), device)))
+        else:
+            record = DeletedChild(
+                gateway_id=gateway, device_id=device_id, source_event=event.source_event,
+                event_id=event.event_id, version=event.version, event_time=event_time,
+                event_time_raw=event.event_time_raw, generation=generation, device=_MARK,
+            )  # fmt: skip
+            applied.outs.append(Out("deleted", key, _with_device(_head(record), device)))
+        state = ChildState(
+            device_id=device_id, gateway_id=gateway, state=wanted, generation=generation,
+            source_event=event.source_event, event_id=event.event_id, version=event.version,
+            changed_at=now, device=_MARK,
+        )  # fmt: skip
+        applied.outs.append(Out("lifecycle", key, _with_device(_head(state), device)))
+        applied.counts[wanted] += 1
+    for key, value in event.failed:
+        applied.outs.append(Out("failed", key, value))
+    if event.failed:
+        applied.counts["failed"] += len(event.failed)
+    return applied
 
 
 class Dedup:

@@ -48,6 +48,7 @@ __all__ = [
     "probe",
     "subscribe",
     "subscription_topic",
+    "up_topic",
     "wait_until_reachable",
 ]
 
@@ -81,6 +82,16 @@ def subscription_topic(cfg: MqttConfig, gateway: str | None = None) -> str:
     """
     topic = cfg.topic.replace("+", gateway, 1) if gateway is not None else cfg.topic
     return f"$share/{cfg.shared_group}/{topic}" if cfg.shared_group else topic
+
+
+def up_topic(cfg: MqttConfig, gateway: str) -> str:
+    """The gateway's up topic: ``mqtt.topic`` for ``gateway``, ``.../down`` made ``.../up``.
+
+    An edge bridge's prefix is kept, as it is for the down topic (``mqtt.topic`` ending
+    in ``/down`` is checked when the configuration is loaded, where it matters).
+    """
+    down = cfg.topic.replace("+", gateway, 1)
+    return down.removesuffix("down") + "up"
 
 
 async def subscribe(client: aiomqtt.Client, cfg: MqttConfig, topic: str) -> None:

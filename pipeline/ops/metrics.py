@@ -19,9 +19,14 @@ __all__ = [
     "MQTT_RECONNECTS",
     "ROUTER_CHILDREN",
     "ROUTER_DUPLICATES",
+    "ROUTER_GAPS_OPEN",
     "ROUTER_RECORDS",
     "ROUTER_SKIPPED",
+    "ROUTER_SKIPPED_CHILDREN",
+    "ROUTER_STALE_NOTIFICATIONS",
     "ROUTER_TRANSACTIONS",
+    "ROUTER_VERSIONS_MISSING",
+    "ROUTER_VERSION_GAPS",
     "SINK_BREAKER_OPENS",
     "SINK_CALLS",
     "SINK_CALL_SECONDS",
@@ -72,6 +77,26 @@ ROUTER_SKIPPED = Counter(
 ROUTER_TRANSACTIONS = Counter(
     "pipeline_router_transactions", "Kafka transactions", ["outcome"]
 )  # committed | aborted
+ROUTER_SKIPPED_CHILDREN = Counter(
+    "pipeline_router_skipped_children",
+    "Children of an add or delete skipped: already in that state (duplicate), or already "
+    "decided by a later notification (superseded)",
+    ["why"],
+)
+ROUTER_STALE_NOTIFICATIONS = Counter(
+    "pipeline_router_stale_notifications",
+    "Notifications skipped whole: their gateway's version was already seen",
+)
+ROUTER_VERSION_GAPS = Counter(
+    "pipeline_router_version_gaps",
+    "Gaps in a gateway's notification versions (each answered with a sync request)",
+)
+ROUTER_GAPS_OPEN = Gauge(
+    "pipeline_router_version_gaps_open", "Gateways with notification versions still missing"
+)
+ROUTER_VERSIONS_MISSING = Gauge(
+    "pipeline_router_versions_missing", "Notification versions missing, over every gateway"
+)
 
 SINK_CALLS = Counter(
     "pipeline_sink_calls", "DPS allocate calls", ["result"]
@@ -106,7 +131,8 @@ UNEXPECTED_ERRORS = Counter(
 for _counter, _values in (
     (INGEST_MESSAGES, ("landed", "dlq")),
     (ROUTER_RECORDS, ("routed", "dlq")),
-    (ROUTER_CHILDREN, ("added", "failed")),
+    (ROUTER_CHILDREN, ("added", "failed", "deleted")),
+    (ROUTER_SKIPPED_CHILDREN, ("duplicate", "superseded")),
     (ROUTER_TRANSACTIONS, ("committed", "aborted")),
     (SINK_CALLS, ("ok", "rejected", "transient", "throttled")),
     (SINK_OUTCOMES, ("allocated", "rejected", "exhausted", "invalid", "already_recorded")),

@@ -58,6 +58,12 @@ class Health:
         else:  # why it fails, or what is not quite right while it passes
             self._details[name] = detail
 
+    def clear(self, name: str) -> None:
+        """Forget check ``name``: one that is shown only while something is worth saying."""
+        self._checks.pop(name, None)
+        self._optional.discard(name)
+        self._details.pop(name, None)
+
     @property
     def ready(self) -> bool:
         """True when there is at least one required check and all required checks pass."""

@@ -3,11 +3,16 @@
 Each batch of down events, the child records it yields and the consumer offsets are one
 transaction: a crash before the commit aborts the outputs and the input is read again;
 after it, the offsets have moved with them. Consumers of the outputs read committed, so
-each child appears exactly once. A rebalance waits for the transaction in flight
-(aiokafka has no KIP-447 fencing), and redelivered events (same gateway and event_id,
-as MQTT QoS 1 may produce) are skipped within a window that survives restarts: on
-assignment it is rebuilt from the input partition's recent history. The decisions are
-pure functions in :mod:`pipeline.core.routing`; this module moves the bytes.
+each child appears exactly once. The router is each gateway's sequencer (down events are
+keyed by gateway): it remembers, per input partition, each gateway's notification version
+and each child's state (added or deleted, and its generation), and writes that memory to
+the compacted ``router_state`` topic, to the input's partition, in the same transaction
+as the records it decided; on assignment it reads that partition back before routing.
+A rebalance waits for the transaction in flight (aiokafka has no KIP-447 fencing), and
+redelivered responses (same gateway and event_id, as MQTT QoS 1 may produce) are skipped
+within a window that survives restarts: on assignment it is rebuilt from the input
+partition's recent history. The decisions are pure functions in
+:mod:`pipeline.core.routing`; this module moves the bytes.
 """
 
 from __future__ import annotations
@@ -21,18 +26,24 @@ from typing import TYPE_CHECKING
 
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from pipeline.core.routing import Dedup, route
+from pipeline.core.routing import Changes, Dedup, Gap, Memory, apply, route
 from pipeline.errors import DecodeError, StageFailed
 from pipeline.io import kafka
 from pipeline.io.aio import Backoff, Stopped, unless_stopped
 from pipeline.ops.metrics import (
     ROUTER_CHILDREN,
     ROUTER_DUPLICATES,
+    ROUTER_GAPS_OPEN,
     ROUTER_RECORDS,
     ROUTER_SKIPPED,
+    ROUTER_SKIPPED_CHILDREN,
+    ROUTER_STALE_NOTIFICATIONS,
     ROUTER_TRANSACTIONS,
+    ROUTER_VERSION_GAPS,
+    ROUTER_VERSIONS_MISSING,
     UNEXPECTED_ERRORS,
 )
+from pipeline.ops.server import Health
 from pipeline.schemas import utc_now
 from pipeline.stages.runtime import Subscription
 
@@ -50,11 +61,13 @@ log = logging.getLogger(__name__)
 class _Batch:
     """What one transaction routes: child and DLQ sends, and what to remember on commit."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory: Memory) -> None:
         self.sends: list[asyncio.Future[object]] = []
         self.seen: dict[tuple[str, str], int] = {}
         """(gateway, event_id) -> record timestamp, for the pairs this transaction routes."""
         self.counts: collections.Counter[str] = collections.Counter()
+        self.changes = Changes(memory)
+        self.gaps: list[Gap] = []
 
 
 class Router:
@@ -82,6 +95,8 @@ class Router:
         self._retry = Backoff(0.5, 10.0)
         self._consumer: AIOKafkaConsumer | None = None
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._memory: dict[TopicPartition, Memory] = {}
+        self._health = Health()  # the runtime's, once working
         self._busy = False
 
     def transactional_id(self, tp: TopicPartition) -> str:
@@ -91,7 +106,10 @@ class Router:
     def topics(self) -> list[str]:
         """What it reads and writes."""
         t = self._topics
-        return [t.down_events, t.added, t.failed, t.down_events_dlq]
+        return [
+            t.down_events, t.added, t.failed, t.deleted, t.lifecycle, t.router_state,
+            t.sync_requests, t.down_events_dlq,
+        ]  # fmt: skip
 
     def needs_mqtt(self) -> bool:
         """It does not."""
@@ -119,9 +137,12 @@ class Router:
         kafka.shorten_transaction_backoff()  # back-to-back transactions: 2 ms, not 20
         consumer = run.consumer
         assert consumer is not None  # noqa: S101  (a consuming stage gets its consumer)
+        self._health = run.health
+        self._report_gaps()
         self._consumer = consumer
         run.after_close(self._stop_all)
         try:
+            await self._check_state_partitions(run)
             while True:
                 batch = await unless_stopped(
                     run.stopping,
@@ -136,6 +157,32 @@ class Router:
                         run.beat()
         except Stopped:
             pass  # the transaction in flight (if any) has committed
+
+    async def _check_state_partitions(self, run: Run) -> None:
+        """router_state must be partitioned as down_events: partition p keeps p's memory.
+
+        Kafka not answering is waited out (its readiness check says so meanwhile).
+        """
+        t = self._topics
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            try:
+                async with kafka.reader(self.cfg.kafka) as peek:
+                    tps = await kafka.partitions(peek, t.down_events, t.router_state)
+                break
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise
+                await unless_stopped(run.stopping, asyncio.sleep(backoff.next()))
+        counts = collections.Counter(tp.topic for tp in tps)
+        if counts[t.router_state] != counts[t.down_events]:
+            msg = (
+                f"topic {t.router_state} (kafka.topics.router_state) has "
+                f"{counts[t.router_state]} partitions and {t.down_events} has "
+                f"{counts[t.down_events]}: they must be equal (the router keeps partition "
+                "p's memory in partition p)"
+            )
+            raise StageFailed(msg)
 
     async def _stop_all(self) -> None:
         await self._stop_producers(list(self._producers))
@@ -174,6 +221,9 @@ class Router:
         async with self.lock:
             log.info("router partitions revoked: %s", sorted(tp.partition for tp in revoked))
             await self._stop_producers(revoked)
+            for tp in revoked:
+                self._memory.pop(tp, None)
+            self._report_gaps()
 
     async def _assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("router partitions assigned: %s", sorted(tp.partition for tp in assigned))
@@ -183,11 +233,17 @@ class Router:
         # transaction, whether it committed or was aborted by the fencing.
         async with self.lock:
             # (aiokafka may re-join without a revocation: drop what is not ours any more.)
-            await self._stop_producers([tp for tp in self._producers if tp not in assigned])
+            gone = [tp for tp in self._producers if tp not in assigned]
+            await self._stop_producers(gone)
+            for tp in gone:
+                self._memory.pop(tp, None)
             for tp in assigned:
                 if tp not in self._producers:
                     await self._start_producer(tp)
             await self.rebuild_dedup(assigned)
+            # Every assigned partition, kept ones too: another router may have had one of
+            # them meanwhile (aiokafka may re-join without a revocation).
+            await self.rebuild_memory(assigned)
 
     async def _transactions(
         self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]
@@ -240,10 +296,16 @@ class Router:
     async def _commit(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         """Route ``records`` of ``tp`` and move its offset in one transaction."""
         producer = self._producers[tp]
-        batch = _Batch()
+        batch = _Batch(self._memory.setdefault(tp, Memory()))
         async with producer.transaction():
             for record in records:
                 await self._route_one(producer, record, batch)
+            for state, value in batch.changes.records():  # the memory, beside its decisions
+                batch.sends.append(
+                    await producer.send(
+                        self._topics.router_state, value, key=state, partition=tp.partition
+                    )
+                )
             # aiokafka commits a transaction even when a send in it failed (the record is
             # then lost): wait for every send, so a failure aborts the transaction instead.
             await asyncio.gather(*batch.sends)
@@ -253,8 +315,22 @@ class Router:
         ROUTER_TRANSACTIONS.labels("committed").inc()
         for key, at_ms in batch.seen.items():
             self._dedup.add(key, at_ms)
-        for name, n in batch.counts.items():
-            ROUTER_CHILDREN.labels(name).inc(n)
+        batch.changes.commit()
+        counts = batch.counts
+        for name in ("added", "failed", "deleted"):
+            ROUTER_CHILDREN.labels(name).inc(counts[name])
+        for name in ("duplicate", "superseded"):
+            ROUTER_SKIPPED_CHILDREN.labels(name).inc(counts[name])
+        ROUTER_STALE_NOTIFICATIONS.inc(counts["stale"])
+        for gap in batch.gaps:
+            ROUTER_VERSION_GAPS.inc()
+            log.warning(
+                "gateway %s skipped notification versions %d-%d; a sync request from "
+                "version %d is on %s", gap.gateway_id, gap.first, gap.last, gap.sync_from,
+                self._topics.sync_requests, extra={"gateway": gap.gateway_id},
+            )  # fmt: skip
+        if batch.gaps or counts["filled"]:
+            self._report_gaps()
 
     async def _one_by_one(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
@@ -321,21 +397,24 @@ class Router:
         for label in routed.skipped:
             ROUTER_SKIPPED.labels(*label).inc()
         topics = self._topics
-        for response in routed.responses:
-            key = (routed.gateway_id, response.event_id)
-            if key in batch.seen or self._dedup.seen(key, record.timestamp):
-                ROUTER_DUPLICATES.inc()
-                log.info(
-                    "skipping redelivered event %s from %s", response.event_id, routed.gateway_id
-                )
-                continue
-            batch.seen[key] = record.timestamp
-            for child_key, value in response.added:
-                batch.sends.append(await producer.send(topics.added, value, key=child_key))
-            for child_key, value in response.failed:
-                batch.sends.append(await producer.send(topics.failed, value, key=child_key))
-            batch.counts["added"] += len(response.added)
-            batch.counts["failed"] += len(response.failed)
+        now = utc_now()
+        for event in routed.events:
+            if event.event_id is not None:  # a response: redelivered with the same event_id
+                key = (routed.gateway_id, event.event_id)
+                if key in batch.seen or self._dedup.seen(key, record.timestamp):
+                    ROUTER_DUPLICATES.inc()
+                    log.info(
+                        "skipping redelivered event %s from %s", event.event_id, routed.gateway_id
+                    )
+                    continue
+                batch.seen[key] = record.timestamp
+            applied = apply(routed.gateway_id, event, batch.changes, now)
+            for out in applied.outs:
+                topic = getattr(topics, out.topic)
+                batch.sends.append(await producer.send(topic, out.value, key=out.key))
+            if applied.gap is not None:
+                batch.gaps.append(applied.gap)
+            batch.counts.update(applied.counts)
 
     async def rebuild_dedup(self, assigned: list[TopicPartition]) -> None:
         """Re-learn the (gateway, event_id) pairs of the window before the committed offsets."""
@@ -363,9 +442,59 @@ class Router:
             routed = route(record.value)
         except DecodeError:
             return 0
-        for response in routed.responses:
-            self._dedup.add((routed.gateway_id, response.event_id), record.timestamp)
-        return len(routed.responses)
+        responses = [e.event_id for e in routed.events if e.event_id is not None]
+        for event_id in responses:
+            self._dedup.add((routed.gateway_id, event_id), record.timestamp)
+        return len(responses)
+
+    async def rebuild_memory(self, assigned: list[TopicPartition]) -> None:
+        """Read the router_state partitions of ``assigned`` to the end: the memory of each.
+
+        Called after the previous owners are fenced, so what it reads is everything they
+        committed (the memory matches the committed offsets exactly).
+        """
+        if not assigned:
+            return
+        memories = {tp.partition: Memory() for tp in assigned}
+        learned = 0
+        async with kafka.reader(self.cfg.kafka) as reader:
+            ranges = {
+                tp: span
+                for tp, span in (await kafka.whole(reader, self._topics.router_state)).items()
+                if tp.partition in memories
+            }
+            async with asyncio.timeout(120):
+                async for record in kafka.read_range(reader, ranges):
+                    learned += memories[record.partition].learn(record.key, record.value)
+        for tp in assigned:
+            self._memory[tp] = memories[tp.partition]
+        log.info(
+            "router re-read its memory of partitions %s: %d entries",
+            sorted(memories), learned,
+        )  # fmt: skip
+        self._report_gaps()
+
+    def _report_gaps(self) -> None:
+        """Metrics and the ``route.versions`` readiness detail for the open version gaps.
+
+        The check is there while a gap is open, true (the router routes on), its detail
+        naming the gateways and the versions they miss.
+        """
+        gaps = {gw: r for memory in self._memory.values() for gw, r in memory.open_gaps().items()}
+        ROUTER_GAPS_OPEN.set(len(gaps))
+        ROUTER_VERSIONS_MISSING.set(sum(b - a + 1 for r in gaps.values() for a, b in r))
+        if not gaps:  # the check is shown only while versions are missing
+            self._health.clear("route.versions")
+            return
+        shown = sorted(gaps)[:5]
+        detail = "; ".join(
+            f"{gw} missing {', '.join(f'{a}-{b}' if a != b else str(a) for a, b in gaps[gw])}"
+            for gw in shown
+        )
+        if len(gaps) > len(shown):
+            detail += f"; and {len(gaps) - len(shown)} more gateways"
+        detail += " (sync requests sent; `pipeline reconcile` checks what DPS holds)"
+        self._health.set("route.versions", True, f"version gaps open: {detail}", required=False)
 
 
 def _where(record: ConsumerRecord) -> dict[str, object]:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import hypothesis
 import msgspec
 import orjson
 import pytest
+from hypothesis import strategies as st
 
-from pipeline.core.routing import Dedup, route
+from pipeline.core.routing import Applied, Changes, Dedup, Gap, Memory, Versions, apply, route
 from pipeline.errors import DecodeError
-from pipeline.schemas import DownEventRecord
+from pipeline.schemas import AddedChild, ChildState, DeletedChild, DownEventRecord
+
+NOW = "2026-12-04T18:00:00.000Z"
 
 SEED_DEVICE = (
     b'{"device_id":"c6b39067b0325db34663d3ef421a42f6_subdevice11","name":"subdevice11",'
@@ -62,24 +68,37 @@ def test_children_copied_byte_for_byte() -> None:
     routed = route(record(event))
     assert routed.gateway_id == "gw-1"
     assert routed.skipped == [("$ota", "firmware_upgrade")]
-    assert len(routed.responses) == 1
-    response = routed.responses[0]
-    assert response.event_id == "ev-1"
-    assert response.added == [
+    assert len(routed.events) == 1
+    assert routed.events[0].event_id == "ev-1"
+    outs = apply("gw-1", routed.events[0], Changes(Memory()), NOW).outs
+    assert [(o.topic, o.key, o.value) for o in outs] == [
         (
+            "added",
             b"c6b39067b0325db34663d3ef421a42f6_subdevice11",
             b'{"gateway_id":"gw-1","event_id":"ev-1","event_time":"2015-12-12T12:12:12.000Z",'
             b'"event_time_raw":"20151212T121212Z","source_event":"add_sub_device_response",'
-            b'"version":null,"generation":0,"device":' + SEED_DEVICE + b"}",
-        )
-    ]
-    assert response.failed == [
+            b'"version":null,"generation":1,"device":' + SEED_DEVICE + b"}",
+        ),
         (
+            "lifecycle",
+            b"c6b39067b0325db34663d3ef421a42f6_subdevice11",
+            b'{"device_id":"c6b39067b0325db34663d3ef421a42f6_subdevice11","gateway_id":"gw-1",'
+            b'"state":"added","generation":1,"source_event":"add_sub_device_response",'
+            b'"event_id":"ev-1","version":null,"changed_at":"' + NOW.encode() + b'",'
+            b'"device":' + SEED_DEVICE + b"}",
+        ),
+        (
+            "failed",
             b"subdevice12",
             b'{"gateway_id":"gw-1","event_id":"ev-1","event_time":"2015-12-12T12:12:12.000Z",'
             b'"event_time_raw":"20151212T121212Z","reason":' + orjson.dumps(reason) + b"}",
-        )
+        ),
     ]
+    # The records are what msgspec itself writes for them.
+    added = msgspec.json.decode(outs[0].value, type=AddedChild)
+    assert msgspec.json.encode(added) == outs[0].value
+    state = msgspec.json.decode(outs[1].value, type=ChildState)
+    assert msgspec.json.encode(state) == outs[1].value
 
 
 @pytest.mark.parametrize(
@@ -98,7 +117,7 @@ def test_children_copied_byte_for_byte() -> None:
 )
 def test_event_time(time: str | None, normalised: str | None) -> None:
     routed = route(record(b'{"services":[' + add("e", [SEED_DEVICE], [], time) + b"]}"))
-    value = orjson.loads(routed.responses[0].added[0][1])
+    value = orjson.loads(apply("gw-1", routed.events[0], Changes(Memory()), NOW).outs[0].value)
     assert value["event_time"] == normalised
     assert value["event_time_raw"] == time
 
@@ -109,11 +128,11 @@ def test_several_responses_and_unknown_services() -> None:
         + add("a", [SEED_DEVICE], [])
         + b","
         + add("b", [], [])
-        + b',{"service_id":"$vendor","event_type":"new"},{"service_id":"$sub_device_manager","event_type":"add_sub_device_notify"}]}'
+        + b',{"service_id":"$vendor","event_type":"new"}]}'
     )
     routed = route(record(event))
-    assert [r.event_id for r in routed.responses] == ["a", "b"]
-    assert routed.skipped == [("other", "other"), ("$sub_device_manager", "add_sub_device_notify")]
+    assert [r.event_id for r in routed.events] == ["a", "b"]
+    assert routed.skipped == [("other", "other")]
 
 
 def test_not_a_record() -> None:
@@ -133,3 +152,275 @@ def test_dedup_window_and_bound() -> None:
     assert not dedup.seen(("gw", "a"), 5_000)
     dedup.add(("gw", "e"), 20_000)  # everything older than 10 s goes
     assert len(dedup) == 1
+
+
+# --------------------------------------------------------------------------------------
+# Lifecycle: adds, deletes, versions and gaps decided against the router's memory
+
+
+def device(n: int, gateway: str = "gw-1") -> bytes:
+    return (
+        b'{"parent_device_id":"' + gateway.encode() + b'","node_id":"n' + str(n).encode()
+        + b'","device_id":"d' + str(n).encode() + b'","extra":{"kept":[1,2]}}'
+    )  # fmt: skip
+
+
+def notify(kind: str, version: int | None, *children: int) -> bytes:
+    paras: dict[str, object] = {"devices": [orjson.loads(device(n)) for n in children]}
+    if version is not None:
+        paras["version"] = version
+    service = {
+        "service_id": "$sub_device_manager",
+        "event_type": f"{kind}_sub_device_notify",
+        "event_time": "20241202T130000Z",
+        "paras": paras,
+    }
+    return orjson.dumps(service)
+
+
+def delete_response(event_id: str, *children: int) -> bytes:
+    service = {
+        "service_id": "$sub_device_manager",
+        "event_type": "delete_sub_device_response",
+        "event_id": event_id,
+        "paras": {"successful_devices": [f"d{n}" for n in children], "failed_devices": []},
+    }
+    return orjson.dumps(service)
+
+
+def feed(memory: Memory, *services: bytes, gateway: str = "gw-1") -> list[Applied]:
+    """Route one record holding ``services`` and apply each event, then commit."""
+    routed = route(record(b'{"services":[' + b",".join(services) + b"]}", gateway))
+    changes = Changes(memory)
+    applied = [apply(routed.gateway_id, event, changes, NOW) for event in routed.events]
+    changes.commit()
+    return applied
+
+
+def outs(applied: list[Applied], topic: str) -> list[dict[str, Any]]:
+    return [orjson.loads(o.value) for a in applied for o in a.outs if o.topic == topic]
+
+
+def test_notify_children_are_added_once() -> None:
+    memory = Memory()
+    first = feed(memory, add("ev-1", [device(1)], []), notify("add", 7, 1, 2))
+    added = outs(first, "added")
+    assert [(a["source_event"], a["version"], a["generation"]) for a in added] == [
+        ("add_sub_device_response", None, 1),
+        ("add_sub_device_notify", 7, 1),  # d2 only: d1 was announced by the response
+    ]
+    assert [orjson.loads(device(1)), orjson.loads(device(2))] == [a["device"] for a in added]
+    assert added[1]["event_id"] is None
+    assert first[1].counts == {"added": 1, "duplicate": 1}
+    # A notify redelivered (same version): stale, nothing; the response again: duplicates.
+    again = feed(memory, notify("add", 7, 1, 2), add("ev-1", [device(1)], []))
+    assert outs(again, "added") == []
+    assert again[0].counts == {"stale": 1}
+    assert again[1].counts == {"duplicate": 1}
+
+
+def test_deletes_carry_the_last_device_info_and_generation() -> None:
+    memory = Memory()
+    feed(memory, notify("add", 1, 1, 2))
+    applied = feed(memory, notify("delete", 2, 1), delete_response("del-1", 2, 3))
+    deleted = outs(applied, "deleted")
+    assert [
+        (d["device_id"], d["source_event"], d["event_id"], d["version"], d["generation"])
+        for d in deleted
+    ] == [
+        ("d1", "delete_sub_device_notify", None, 2, 2),
+        ("d2", "delete_sub_device_response", "del-1", None, 2),
+        ("d3", "delete_sub_device_response", "del-1", None, 1),  # never seen added
+    ]
+    assert [d["device"] for d in deleted] == [
+        orjson.loads(device(1)), orjson.loads(device(2)), None,
+    ]  # fmt: skip
+    states = outs(applied, "lifecycle")
+    assert [(s["device_id"], s["state"], s["generation"]) for s in states] == [
+        ("d1", "deleted", 2), ("d2", "deleted", 2), ("d3", "deleted", 1),
+    ]  # fmt: skip
+    # Deleted twice: a duplicate.
+    assert feed(memory, delete_response("del-2", 1))[0].counts == {"duplicate": 1}
+    # The lifecycle and deleted records decode as the schemas say, and encode back.
+    for o in (o for a in applied for o in a.outs):
+        shape = {"deleted": DeletedChild, "lifecycle": ChildState}[o.topic]
+        assert msgspec.json.encode(msgspec.json.decode(o.value, type=shape)) == o.value
+
+
+def test_add_delete_add_counts_generations() -> None:
+    memory = Memory()
+    applied = feed(
+        memory,
+        add("a-1", [device(1)], []),
+        delete_response("d-1", 1),
+        notify("add", 4, 1),
+    )
+    kinds = [(o.topic, orjson.loads(o.value)["generation"]) for a in applied for o in a.outs]
+    assert kinds == [
+        ("added", 1), ("lifecycle", 1), ("deleted", 2), ("lifecycle", 2),
+        ("added", 3), ("lifecycle", 3),
+    ]  # fmt: skip
+
+
+def test_stale_and_duplicate_versions_are_skipped() -> None:
+    memory = Memory()
+    feed(memory, notify("add", 5, 1))
+    for stale in (5, 4, 1):
+        applied = feed(memory, notify("add", stale, 9))
+        assert applied[0].outs == []
+        assert applied[0].counts == {"stale": 1}
+    assert feed(memory, notify("delete", 6, 1))[0].counts == {"deleted": 1}
+    assert memory.versions["gw-1"] == Versions(last=6)
+
+
+def test_a_gap_asks_for_a_sync_and_is_filled() -> None:
+    memory = Memory()
+    feed(memory, notify("add", 3, 1))
+    applied = feed(memory, notify("add", 7, 2))  # 4, 5 and 6 never came
+    assert applied[0].gap == Gap("gw-1", 4, 6, 3)
+    assert outs(applied, "sync_requests") == [
+        {"gateway_id": "gw-1", "version": 3, "missing_from": 4, "missing_to": 6,
+         "detected_at": NOW},
+    ]  # fmt: skip
+    assert [o.key for o in applied[0].outs if o.topic == "sync_requests"] == [b"gw-1"]
+    assert outs(applied, "added")[0]["version"] == 7  # applied
+    assert memory.open_gaps() == {"gw-1": [(4, 6)]}
+    # A second gap: the sync starts before the first one still open.
+    assert feed(memory, notify("add", 10, 3))[0].gap == Gap("gw-1", 8, 9, 3)
+    assert memory.open_gaps() == {"gw-1": [(4, 6), (8, 9)]}
+    # The sync answer fills them; a child a later version already decided is left alone.
+    feed(memory, notify("delete", 11, 2))
+    filled = feed(memory, notify("add", 5, 2, 4))
+    assert filled[0].counts == {"filled": 1, "superseded": 1, "added": 1}
+    assert [(a["device"]["device_id"], a["generation"]) for a in outs(filled, "added")] == [
+        ("d4", 1)
+    ]
+    assert memory.open_gaps() == {"gw-1": [(4, 4), (6, 6), (8, 9)]}
+    for version in (4, 6, 8, 9):
+        feed(memory, notify("add", version))
+    assert memory.open_gaps() == {}
+    assert memory.versions["gw-1"] == Versions(last=11)
+
+
+def test_gateways_are_sequenced_apart() -> None:
+    memory = Memory()
+    feed(memory, notify("add", 1, 1), gateway="gw-a")
+    assert feed(memory, notify("add", 1, 1), gateway="gw-b")[0].counts == {"added": 1}
+    assert feed(memory, notify("add", 9, 2), gateway="gw-b")[0].gap == Gap("gw-b", 2, 8, 1)
+    assert memory.open_gaps() == {"gw-b": [(2, 8)]}
+
+
+def test_invalid_child_events_are_refused() -> None:
+    no_version = notify("add", None, 1)
+    with pytest.raises(DecodeError, match=r"add_sub_device_notify without paras\.version"):
+        route(record(b'{"services":[' + no_version + b"]}"))
+    no_id = delete_response("x", 1).replace(b'"event_id":"x",', b"")
+    with pytest.raises(DecodeError, match="delete_sub_device_response without event_id"):
+        route(record(b'{"services":[' + no_id + b"]}"))
+    with pytest.raises(
+        DecodeError,
+        match=r"^services\[0\] \(delete_sub_device_notify\): Expected `array`, got `int` - "
+        r"at `\$\.devices`$",
+    ):
+        route(
+            record(
+                b'{"services":['
+                + notify("delete", 3).replace(b'"devices":[]', b'"devices":7')
+                + b"]}"
+            )
+        )
+
+
+_events = st.lists(
+    st.tuples(
+        st.sampled_from(["add-notify", "delete-notify", "add-response", "delete-response"]),
+        st.integers(1, 12),  # version
+        st.lists(st.integers(1, 5), min_size=1, max_size=3, unique=True),
+    ),
+    max_size=25,
+)
+
+
+@hypothesis.given(_events)
+def test_memory_rebuilt_from_its_records_decides_alike(
+    events: list[tuple[str, int, list[int]]],
+) -> None:
+    """What a router restarted from router_state decides is what the first one would."""
+    live, persisted = Memory(), []
+    for i, (kind, version, children) in enumerate(events):
+        if kind.endswith("notify"):
+            service = notify(kind.split("-")[0], version, *children)
+        elif kind == "add-response":
+            service = add(f"e{i}", [device(n) for n in children], [])
+        else:
+            service = delete_response(f"e{i}", *children)
+        routed = route(record(b'{"services":[' + service + b"]}"))
+        changes = Changes(live)
+        for event in routed.events:
+            apply("gw-1", event, changes, NOW)
+        persisted += changes.records()
+        changes.commit()
+    rebuilt = Memory()
+    for key, value in persisted:
+        assert rebuilt.learn(key, value)
+    assert rebuilt == live
+    # Generations only grow, one per change of state, and the state alternates.
+    for child in live.children.values():
+        assert child.generation >= 1
+
+
+KINDS = [
+    "add_sub_device_response",
+    "add_sub_device_notify",
+    "delete_sub_device_response",
+    "delete_sub_device_notify",
+]
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+_paras = st.fixed_dictionaries(
+    {},
+    optional={
+        "devices": st.lists(
+            st.fixed_dictionaries({}, optional={"device_id": st.text(max_size=5) | _json}) | _json,
+            max_size=3,
+        ),
+        "version": st.integers(-3, 3) | _json,
+        "successful_devices": st.lists(st.text(max_size=5) | _json, max_size=3),
+        "failed_devices": st.lists(_json, max_size=2),
+    },
+)
+
+
+@hypothesis.given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(KINDS),
+            st.none() | st.text(max_size=4),
+            _paras | _json,
+        ),
+        max_size=4,
+    )
+)
+def test_any_child_event_is_routed_or_refused_with_a_reason(
+    services: list[tuple[str, str | None, Any]],
+) -> None:
+    """Whatever a child event's paras hold: its records, or a DecodeError; never a crash."""
+    body = [
+        {"service_id": "$sub_device_manager", "event_type": kind, "paras": paras}
+        | ({"event_id": event_id} if event_id is not None else {})
+        for kind, event_id, paras in services
+    ]
+    try:
+        routed = route(record(orjson.dumps({"services": body})))
+    except DecodeError as exc:
+        assert str(exc)
+        return
+    changes = Changes(Memory())
+    for event in routed.events:
+        for out in apply("gw-1", event, changes, NOW).outs:
+            orjson.loads(out.value)  # every record is JSON

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from pipeline.config import Config
 from pipeline.io import kafka, mqtt
@@ -74,3 +75,21 @@ async def test_mqtt_session_keeps_unacked_message(cfg: Config, uid: str) -> None
     assert await receive_one(ack=False) == b"keep me"  # received, not acked
     assert await receive_one(ack=True) == b"keep me"  # redelivered, acked now
     assert await receive_one(ack=True) is None  # gone
+
+
+async def test_state_topics_are_made_compacted(cfg: Config) -> None:
+    t = cfg.kafka.topics
+    await kafka.ensure_topics(cfg.kafka, t.all())
+    wanted = {"cleanup.policy": None}
+    async with kafka.admin(cfg.kafka) as client:
+        responses = await client.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, configs=wanted) for name in t.all()]
+        )
+    policies = {
+        name: {key: value for key, value, *_ in entries}["cleanup.policy"]
+        for response in responses
+        for _, _, _, name, entries in response.resources
+    }
+    assert policies == {
+        name: "compact" if name in (t.lifecycle, t.router_state) else "delete" for name in t.all()
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,25 @@ from tests.harness import FIXTURES, read_topic, running, wait_check
 
 pytestmark = pytest.mark.services
 
-ADD = ("$sub_device_manager", "add_sub_device_response")
+
+@dataclasses.dataclass
+class Expected:
+    """What the router should write for a fixture: (key, child JSON) sorted by key."""
+
+    added: list[tuple[bytes, Any]] = dataclasses.field(default_factory=list)
+    failed: list[tuple[bytes, Any]] = dataclasses.field(default_factory=list)
+    deleted: list[tuple[bytes, Any]] = dataclasses.field(default_factory=list)
+    sync_requests: int = 0
 
 
-def oracle(path: Path) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
-    """Expected (key, child JSON) of added and failed children, from plain JSON parsing."""
-    added: list[tuple[bytes, bytes]] = []
-    failed: list[tuple[bytes, bytes]] = []
+def oracle(path: Path) -> Expected:  # noqa: C901, PLR0912 - one loop reads best here
+    """The router's decisions worked out again from plain JSON parsing: each child added
+    or deleted once per change of state, responses de-duplicated by event_id,
+    notifications by their gateway's version."""
+    out = Expected()
     seen: set[tuple[str, str]] = set()
+    state: dict[tuple[str, str], tuple[str, Any]] = {}
+    versions: dict[str, tuple[int, set[int]]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.startswith("#"):
             continue
@@ -39,14 +51,51 @@ def oracle(path: Path) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, byt
         )
         gateway = entry["topic"].split("/")[2]
         for service in payload.get("services") or []:
-            if (service.get("service_id"), service.get("event_type")) != ADD:
+            kind = service.get("event_type")
+            if service.get("service_id") != MANAGER or kind not in KINDS:
                 continue
-            if (gateway, service["event_id"]) in seen:
-                continue  # a redelivery
-            seen.add((gateway, service["event_id"]))
-            added += [(d["device_id"].encode(), d) for d in service["paras"]["successful_devices"]]
-            failed += [(r["node_id"].encode(), r) for r in service["paras"]["failed_devices"]]
-    return sorted(added, key=lambda kv: kv[0]), sorted(failed, key=lambda kv: kv[0])
+            paras = service["paras"]
+            if "event_id" in service:  # a response
+                if (gateway, service["event_id"]) in seen:
+                    continue  # a redelivery
+                seen.add((gateway, service["event_id"]))
+            else:  # a notification
+                version = paras["version"]
+                last, missing = versions.get(gateway, (version - 1, set()))
+                if version > last + 1:
+                    out.sync_requests += 1
+                    missing |= set(range(last + 1, version))
+                elif version <= last and version not in missing:
+                    continue  # stale
+                missing.discard(version)
+                versions[gateway] = (max(last, version), missing)
+            if kind == "add_sub_device_response":
+                out.failed += [(r["node_id"].encode(), r) for r in paras["failed_devices"]]
+            if kind.startswith("add"):
+                devices = paras.get("successful_devices", paras.get("devices"))
+                for d in devices:
+                    if state.get((gateway, d["device_id"]), ("",))[0] != "added":
+                        state[gateway, d["device_id"]] = ("added", d)
+                        out.added.append((d["device_id"].encode(), d))
+                continue
+            ids = paras.get("successful_devices") or [d["device_id"] for d in paras["devices"]]
+            for device_id in ids:
+                before, device = state.get((gateway, device_id), ("", None))
+                if before != "deleted":
+                    state[gateway, device_id] = ("deleted", device)
+                    out.deleted.append((device_id.encode(), device))
+    for field in ("added", "failed", "deleted"):
+        getattr(out, field).sort(key=lambda kv: kv[0])
+    return out
+
+
+MANAGER = "$sub_device_manager"
+KINDS = {
+    "add_sub_device_response",
+    "add_sub_device_notify",
+    "delete_sub_device_response",
+    "delete_sub_device_notify",
+}
 
 
 def children(records: list[Any], field: str) -> list[tuple[bytes, object]]:
@@ -62,6 +111,10 @@ GOOD = [
     "null_optionals.jsonl",
     "extra_fields.jsonl",
     "other_events.jsonl",
+    "add_notify.jsonl",
+    "delete_notify.jsonl",
+    "delete_response.jsonl",
+    "version_gap.jsonl",
 ]
 
 
@@ -69,15 +122,20 @@ GOOD = [
 async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: str) -> None:
     path = FIXTURES / name
     messages = load_fixture(path)
-    added, failed = oracle(path)
+    expected = oracle(path)
     health = Health()
     async with running(Ingest(cfg), health) as task, running(Router(cfg)):
         await wait_check(health, "ingest.mqtt", task)
         assert await replay(cfg.mqtt, [path], progress=False) == len(messages)
         topics = cfg.kafka.topics
         landed = await read_topic(cfg.kafka, topics.down_events, expect=len(messages))
-        got_added = await read_topic(cfg.kafka, topics.added, expect=len(added))
-        got_failed = await read_topic(cfg.kafka, topics.failed, expect=len(failed))
+        got_added = await read_topic(cfg.kafka, topics.added, expect=len(expected.added))
+        got_failed = await read_topic(cfg.kafka, topics.failed, expect=len(expected.failed))
+        got_deleted = await read_topic(cfg.kafka, topics.deleted, expect=len(expected.deleted))
+        syncs = await read_topic(cfg.kafka, topics.sync_requests, expect=expected.sync_requests)
+        lifecycle = await read_topic(
+            cfg.kafka, topics.lifecycle, expect=len(expected.added) + len(expected.deleted)
+        )
     dlq = await read_topic(cfg.kafka, topics.down_events_dlq, expect=0)
     assert dlq == []
     # Every message landed once, byte for byte, keyed by its gateway.
@@ -85,8 +143,11 @@ async def test_fixture_through_ingest_and_router(cfg: Config, uid: str, name: st
     assert sorted(
         (r.key, bytes(d.event), d.mqtt_topic) for r, d in zip(landed, decoded, strict=True)
     ) == sorted((m.topic.split("/")[2].encode(), m.payload, m.topic) for m in messages)
-    assert children(got_added, "device") == added
-    assert children(got_failed, "reason") == failed
+    assert children(got_added, "device") == expected.added
+    assert children(got_failed, "reason") == expected.failed
+    assert children(got_deleted, "device") == expected.deleted
+    assert len(syncs) == expected.sync_requests
+    assert len(lifecycle) == len(expected.added) + len(expected.deleted)
     for record in got_added + got_failed:
         value = json.loads(record.value)
         assert set(value) >= {"gateway_id", "event_id", "event_time", "event_time_raw"}

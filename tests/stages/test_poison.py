@@ -173,7 +173,8 @@ async def test_a_bug_in_ingest_dead_letters_that_message(
 
 
 async def produce_events(cfg: Config, values: list[bytes]) -> None:
-    await kafka.ensure_topics(cfg.kafka, [cfg.kafka.topics.down_events], partitions=1)
+    t = cfg.kafka.topics  # the router's memory is partitioned as its input
+    await kafka.ensure_topics(cfg.kafka, [t.down_events, t.router_state], partitions=1)
     async with kafka.producer(cfg.kafka) as producer:
         for value in values:
             record = DownEventRecord(

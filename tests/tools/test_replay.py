@@ -400,6 +400,10 @@ DEMO_GARBLED = b"\x00\x01garbled frame\xff"
 
 # file: (messages, successful children, failed children), redeliveries included.
 COUNTS = {
+    "add_notify.jsonl": (3, 1, 0),
+    "delete_notify.jsonl": (3, 0, 0),
+    "delete_response.jsonl": (4, 2, 0),
+    "version_gap.jsonl": (5, 0, 0),
     "demo.jsonl": (9, 25, 7),
     "extra_fields.jsonl": (2, 3, 1),
     "fifty_children.jsonl": (1, 50, 0),

@@ -44,10 +44,15 @@ async def ensure_topics(
         configs = {"max.message.bytes": str(cfg.max_record_size)}
         if cfg.min_insync_replicas is not None:
             configs["min.insync.replicas"] = str(cfg.min_insync_replicas)
+        # Topics that hold a latest state per key (the lifecycle, the router's memory).
+        compacted = {**configs, "cleanup.policy": "compact"}
         response = await client.create_topics(
             [
                 NewTopic(
-                    n, partitions or cfg.partitions, cfg.replication_factor, topic_configs=configs
+                    n,
+                    partitions or cfg.partitions,
+                    cfg.replication_factor,
+                    topic_configs=compacted if n in cfg.topics.compacted() else configs,
                 )
                 for n in missing
             ]

@@ -99,6 +99,7 @@ class Session:
         self._alone = alone
         self._backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
         self._acks: mqtt.InOrderAcks | None = None
+        self._client: aiomqtt.Client | None = None
         self.pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -166,6 +167,7 @@ class Session:
                 await mqtt.subscribe(client, self.cfg, topic)
             if self.cfg.bridge_state:
                 await client.subscribe(self.cfg.bridge_state, qos=1)
+            self._client = client
             self._up()
             intake = mqtt.IntakeLimit(client, self.cfg.max_inflight)
             receive = asyncio.create_task(
@@ -207,8 +209,21 @@ class Session:
 
     def _down(self) -> None:
         self.connected = False
+        self._client = None
         MQTT_CONNECTED.labels(self.who.name).set(0)
         self._set_health(ok=False, detail="disconnected")
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish ``payload`` to ``topic`` (QoS 1) through this session, as its identity.
+
+        Raises:
+            aiomqtt.MqttError: the session is not connected, or the publish failed.
+        """
+        client = self._client
+        if client is None:
+            msg = f"session {self.who.name} is not connected"
+            raise aiomqtt.MqttError(msg)
+        await client.publish(topic, payload, qos=1)
 
     async def _refuse_if_deaf(self, client: aiomqtt.Client) -> None:
         """A shared subscription on a ``$`` topic receives nothing on Mosquitto: refuse."""

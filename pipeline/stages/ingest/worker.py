@@ -28,6 +28,7 @@ from pipeline.errors import ConfigError
 from pipeline.io import kafka, mqtt
 from pipeline.io.aio import Backoff, Pacer, sleep_unless_stopped
 from pipeline.ops.metrics import INGEST_EVENTS, INGEST_INFLIGHT, INGEST_MESSAGES, UNEXPECTED_ERRORS
+from pipeline.stages.ingest import sync
 from pipeline.stages.ingest.session import Inbound, KafkaFailedError, Session
 
 if TYPE_CHECKING:
@@ -131,8 +132,10 @@ class Ingest:
         self._beat: Callable[[], None] = _nothing
 
     def topics(self) -> list[str]:
-        """Where it lands messages."""
-        return [self._topics.down_events, self._topics.down_events_dlq]
+        """Where it lands messages (and the sync requests it answers, if it does)."""
+        t = self._topics
+        extra = [t.sync_requests] if sync.enabled(self.cfg.mqtt) else []
+        return [t.down_events, t.down_events_dlq, *extra]
 
     def needs_mqtt(self) -> bool:
         """It does: it starts once the broker answers."""
@@ -168,6 +171,11 @@ class Ingest:
         stop = asyncio.Event()
         run.stopping.add_done_callback(lambda _: stop.set())
         summary = asyncio.create_task(self._summarise(run, stop), name="ingest.sessions")
+        syncs = None
+        if sync.enabled(self.cfg.mqtt):
+            requests = sync.SyncRequests(self.cfg, self._holder())
+            syncs = asyncio.create_task(requests.run(stop), name="ingest.sync-requests")
+            syncs.add_done_callback(lambda _: stop.set())  # it ends only when stopping, or failed
         try:
             while not stop.is_set():
                 self._renew.clear()
@@ -180,6 +188,25 @@ class Ingest:
             summary.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await summary
+            if syncs is not None:
+                stop.set()  # (when the sessions failed, nothing else has set it)
+                await syncs  # what made it fail, if it did
+
+    def _holder(self) -> Callable[[str], Session | None]:
+        """Which session holds a gateway, or None.
+
+        In IoTDA device mode each session is a gateway's own; through a broker the one
+        session holds this replica's listed gateways, or any gateway when none is listed.
+        """
+        if self.cfg.mqtt.iotda is not None and all(s.who.name != "ingest" for s in self._sessions):
+            by_gateway = {s.who.name: s for s in self._sessions}
+            return by_gateway.get
+        [session] = self._sessions
+        listed = share(listed_gateways(self.cfg.mqtt), self.cfg.mqtt.shard)
+        if not listed:
+            return lambda _: session
+        held = {g.device_id for g in listed}
+        return lambda gateway: session if gateway in held else None
 
     async def _run_sessions(self, stop: asyncio.Event) -> None:
         try:
