@@ -111,15 +111,14 @@ class Context:
         for cfg in self.sessions:
             await measure.close_session(cfg.mqtt)
         self.sessions.clear()
-        if self.topics:
-            await kafka.delete_topics(self.base.kafka, self.topics)
-        self.topics.clear()
-        client = kafka.admin(self.base.kafka)
-        await client.start()
-        try:
+        async with kafka.admin(self.base.kafka) as client:
             groups = [g for g, *_ in await client.list_consumer_groups()]
-        finally:
-            await client.close()
+            # Those it made, and those the stages made for themselves (their state topics).
+            prefix = f"bench.{self.run_id}."
+            made = [t for t in await client.list_topics() if t.startswith(prefix)]
+        if ours_topics := sorted({*self.topics, *made}):
+            await kafka.delete_topics(self.base.kafka, ours_topics)
+        self.topics.clear()
         ours = [g for g in groups if g.startswith(f"bench-{self.run_id}-")]
         # A worker the bench killed leaves its group until its session times out.
         async with asyncio.timeout(_GROUPS_LIMIT):
