@@ -34,7 +34,7 @@ from pipeline.dps.protocol import is_allocated
 from pipeline.errors import DpsError, DpsTransient, MappingError
 from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import SINK_CALLS, SINK_RETRIES
-from pipeline.schemas import AllocationFailure, DeletedChild, DeviceInfo, Release, utc_now
+from pipeline.schemas import AllocationFailure, DeviceInfo, Release, utc_now
 from pipeline.stages.sink.outcomes import embeddable
 
 if TYPE_CHECKING:
@@ -53,7 +53,27 @@ __all__ = ["Releaser"]
 
 log = logging.getLogger(__name__)
 
-_deleted = msgspec.json.Decoder(DeletedChild)
+
+class _Deleted(msgspec.Struct, kw_only=True):
+    """What the sink reads of a :class:`~pipeline.schemas.DeletedChild`.
+
+    ``device`` is read as raw JSON (``null`` when absent): msgspec decodes a
+    ``Raw | None`` field as null only, refusing an object there.
+    """
+
+    gateway_id: str
+    device_id: str
+    event_id: str | None = None
+    generation: int = 0
+    device: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+
+    def info(self) -> bytes | None:
+        """The DeviceInfo's JSON, or None when the record has none."""
+        raw = bytes(self.device)
+        return None if raw.strip() in (b"", b"null") else raw
+
+
+_deleted = msgspec.json.Decoder(_Deleted)
 _device = msgspec.json.Decoder(DeviceInfo)
 
 T = TypeVar("T")
@@ -166,9 +186,10 @@ class Releaser:
             await self._dead_letter(record, source, None, _Target(), _Failed("invalid", why))
             return
         target = _Target()
-        if deleted.device is not None:
+        info = deleted.info()
+        if info is not None:
             with contextlib.suppress(MappingError, msgspec.DecodeError):
-                target.sn, target.org_id = self._mapper.locate(_device.decode(deleted.device))
+                target.sn, target.org_id = self._mapper.locate(_device.decode(info))
         if superseded:
             await self._released(record, source, deleted, target, "superseded")
             return
@@ -185,17 +206,18 @@ class Releaser:
     async def _release(
         self,
         source: bytes,
-        deleted: DeletedChild,
+        deleted: _Deleted,
         target: _Target,
     ) -> tuple[Action, str | None]:
-        if deleted.device is None:
+        info = deleted.info()
+        if info is None:
             msg = (
                 "the deleted child has no DeviceInfo: the pipeline never saw it added, so "
                 "its sn is unknown"
             )
             raise _Failed("invalid", msg)
         try:
-            sn, org_id = self._mapper.locate(_device.decode(deleted.device))
+            sn, org_id = self._mapper.locate(_device.decode(info))
         except (MappingError, msgspec.DecodeError) as exc:
             raise _Failed("invalid", f"cannot map the deleted child: {exc}") from None
         backoff = Backoff(self._cfg.retry_initial, self._cfg.retry_max)
@@ -325,7 +347,7 @@ class Releaser:
         self,
         record: ConsumerRecord[bytes, bytes],
         source: bytes,
-        deleted: DeletedChild,
+        deleted: _Deleted,
         target: _Target,
         action: Action,
         *,
@@ -350,7 +372,7 @@ class Releaser:
         self,
         record: ConsumerRecord[bytes, bytes],
         source: bytes,
-        deleted: DeletedChild | None,
+        deleted: _Deleted | None,
         target: _Target,
         failed: _Failed,
     ) -> None:
