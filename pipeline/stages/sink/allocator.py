@@ -93,14 +93,29 @@ class Allocator:
         """Sources of the records whose call is on the wire or whose outcome is being
         written: cancelling one of those could drop an allocation DPS already made."""
 
-    async def process(self, record: ConsumerRecord[bytes, bytes], source: bytes) -> None:
-        """Map, allocate and record the outcome of ``record``."""
+    async def process(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        source: bytes,
+        *,
+        superseded: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Map, allocate and record the outcome of ``record``.
+
+        ``superseded`` is asked before each retry: a later delete or add of the child
+        (:mod:`.lifecycle`) ends the retries, and the record is dead-lettered as such.
+        """
         try:
-            await self._process(record, source)
+            await self._process(record, source, superseded)
         finally:
             self.busy.discard(source)
 
-    async def _process(self, record: ConsumerRecord[bytes, bytes], source: bytes) -> None:
+    async def _process(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        source: bytes,
+        superseded: Callable[[], bool],
+    ) -> None:
         try:
             mapped = self._map(record.value)
         except MappingError as exc:
@@ -116,7 +131,7 @@ class Allocator:
         self._sn_users[sn] += 1
         try:
             async with lock:
-                await self._allocate(record, source, mapped)
+                await self._allocate(record, source, mapped, superseded)
         finally:
             # Not `lock.locked()`: right after a release it is False while the woken waiter
             # has yet to take the lock; a new lock then would let two calls for sn overlap.
@@ -131,7 +146,11 @@ class Allocator:
         return self._mapper.map(value)
 
     async def _allocate(
-        self, record: ConsumerRecord[bytes, bytes], source: bytes, mapped: Mapped
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        source: bytes,
+        mapped: Mapped,
+        superseded: Callable[[], bool],
     ) -> None:
         backoff = Backoff(self._cfg.retry_initial, self._cfg.retry_max)
         first = time.monotonic()
@@ -151,6 +170,17 @@ class Allocator:
             self.busy.discard(source)  # nothing on the wire while it waits, and no slot held
             SINK_RETRIES.inc()
             await asyncio.sleep(delay)
+            if superseded():
+                # A later delete (or add) waits for this record's turn: give it up. Should
+                # an unanswered allocate have taken effect, the delete that follows finds
+                # the sn allocated and releases it.
+                self.busy.add(source)
+                await self._outcomes.dead_letter(
+                    record, source, mapped, kind="superseded", code=None,
+                    message="the child was deleted or added again while this add waited "
+                    "to retry: not allocated", request_id=None, attempts=attempts,
+                )  # fmt: skip
+                return
 
     async def _attempt(
         self,

@@ -408,7 +408,10 @@ class Sink:
                     request_id=None, attempts=0,
                 )  # fmt: skip
             else:
-                await allocator.process(record, source)
+                await allocator.process(
+                    record, source,
+                    superseded=lambda: generation < self._lifecycle.latest(tp.partition, device_id),
+                )  # fmt: skip
 
     async def _release(self, tps: set[TopicPartition] | None) -> None:
         """Hand back the records in progress in ``tps`` (None: all).

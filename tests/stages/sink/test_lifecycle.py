@@ -309,10 +309,11 @@ async def test_deleted_children_are_released_as_on_delete_says_batched_per_group
     if recording:  # recorded only, even the one without an sn; DPS is not asked
         assert calls == []
         assert dlq == []
-        assert {sn: (r.action, r.device_id) for sn, r in by_sn.items()} == {
-            **{sn: ("recorded", f"prod_{sn}") for sn in groups},
-            None: ("recorded", f"prod_{unknown}"),
+        expected: dict[str | None, tuple[str, str]] = {
+            sn: ("recorded", f"prod_{sn}") for sn in groups
         }
+        expected[None] = ("recorded", f"prod_{unknown}")
+        assert {sn: (r.action, r.device_id) for sn, r in by_sn.items()} == expected
         assert all(allocated(emu, sn) for sn in groups)
         return
     action = "resetAllocationStatus" if on_delete == "reset" else "delete"
@@ -322,9 +323,9 @@ async def test_deleted_children_are_released_as_on_delete_says_batched_per_group
         group: sorted(sn for sn, g in groups.items() if g == group)
         for group in set(groups.values())
     }
-    expected = "reset" if on_delete == "reset" else "deleted"
+    action_taken = "reset" if on_delete == "reset" else "deleted"
     assert {sn: (r.action, r.group_id) for sn, r in by_sn.items()} == {
-        sn: (expected, group) for sn, group in groups.items()
+        sn: (action_taken, group) for sn, group in groups.items()
     }
     if on_delete == "reset":
         assert not any(allocated(emu, sn) for sn in groups)
@@ -377,3 +378,34 @@ async def test_the_sink_refuses_to_start_when_added_deleted_and_lifecycle_differ
         f"sink needs the same partition count in its co-partitioned topics: {t.added} 3, "
         f"{t.deleted} 2, {t.lifecycle} 3; recreate them alike (pipeline topics create)"
     )
+
+
+async def test_an_add_waiting_to_retry_gives_way_to_a_later_delete(cfg: Config, uid: str) -> None:
+    sn = f"{uid}-x"
+    await prepare(cfg)
+    async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP}]) as emu:
+        emu.state.set_faults({"fail_sns": [sn]})  # every call for it answered 500
+        cfg = with_emulator(cfg, emu, on_delete="reset", retry_initial=0.2, retry_max=0.5)
+        async with running(Sink(cfg), Health()) as task:
+            (source,) = await write(cfg, [("added", sn, 1)])
+            await eventually(
+                lambda: len(emu.state.calls) >= 2,
+                lambda: f"the add retrying: {actions(emu)}",
+                timeout=30,
+                task=task,
+            )
+            await write(cfg, [("deleted", sn, 2)])
+            dlq = await read_topic(cfg.kafka, cfg.kafka.topics.allocations_dlq, expect=1)
+            emu.state.set_faults({"fail_sns": []})
+            released = await read_topic(cfg.kafka, cfg.kafka.topics.releases, expect=1)
+            got = await read_topic(cfg.kafka, cfg.kafka.topics.allocations)
+
+    (failure,) = failures(dlq)
+    assert (failure.error_kind, failure.sn, source_of(dlq[0])) == ("superseded", sn, source)
+    assert failure.attempts >= 2
+    assert [(r.action, r.generation) for r in releases(released)] == [("not_allocated", 2)]
+    assert got == []
+    calls = actions(emu)
+    assert calls[-1] == ("get", sn, ())  # the delete asked once the sn answered again
+    assert set(calls[:-1]) <= {("allocate", sn, ()), ("get", sn, ())}
+    assert not allocated(emu, sn)
