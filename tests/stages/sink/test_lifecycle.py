@@ -409,3 +409,27 @@ async def test_an_add_waiting_to_retry_gives_way_to_a_later_delete(cfg: Config, 
     assert calls[-1] == ("get", sn, ())  # the delete asked once the sn answered again
     assert set(calls[:-1]) <= {("allocate", sn, ()), ("get", sn, ())}
     assert not allocated(emu, sn)
+
+
+async def test_a_release_recorded_before_a_crash_is_not_made_again(cfg: Config, uid: str) -> None:
+    """A release in ``dps.releases`` past the committed offset (the sink died before its
+    commit) is read back like an allocation: its record makes no call."""
+    done, todo = f"{uid}-done", f"{uid}-todo"
+    await prepare(cfg)
+    devices = [{"sn": sn, "group_id": GROUP} for sn in (done, todo)]
+    async with await start_emulator(devices=devices) as emu:
+        cfg = with_emulator(cfg, emu, on_delete="reset")
+        sources = await write(cfg, [("deleted", done, 1), ("deleted", todo, 1)])
+        async with kafka.producer(cfg.kafka) as producer:  # what the dead sink recorded
+            await producer.send_and_wait(
+                cfg.kafka.topics.releases,
+                b"{}",
+                key=done.encode(),
+                headers=[("source", sources[0]), ("sink-group", cfg.sink.group_id.encode())],
+            )
+        async with running(Sink(cfg), Health()):
+            released = await read_topic(cfg.kafka, cfg.kafka.topics.releases, expect=2)
+
+    assert actions(emu) == [("get", todo, ())]  # not for the one already released
+    assert [source_of(r) for r in released] == sources
+    assert msgspec.json.decode(released[1].value, type=Release).action == "not_allocated"
