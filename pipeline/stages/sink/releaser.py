@@ -248,11 +248,12 @@ class Releaser:
                 raise _Failed("rejected", msg)
             return ("reset" if self._operation == "reset" else "deleted"), None
 
-    async def _guarded(self, sn: str, source: bytes, call: Callable[[], Awaitable[T]]) -> T:
+    async def _guarded(self, sn: str, source: bytes | None, call: Callable[[], Awaitable[T]]) -> T:
         """One DPS call, paced by the limiter and let through by the breaker."""
         taken_at = await self._limiter.wait()
         probe = await self._breaker.acquire()
-        self.busy.add(source)
+        if source is not None:  # a batch call: its members' sources are busy already
+            self.busy.add(source)
         try:
             result = await call()
         except DpsError as exc:
@@ -329,7 +330,7 @@ class Releaser:
         )
         result: tuple[list[str] | None, DpsError | None]
         try:
-            done = await self._guarded(sns[0], b"", lambda: operation(org_id, group_id, sns))
+            done = await self._guarded(sns[0], None, lambda: operation(org_id, group_id, sns))
             result = (done, None)
         except DpsError as exc:
             result = (None, exc)
