@@ -94,14 +94,16 @@ async def test_a_timed_out_allocate_that_took_effect_is_not_repeated(cfg: Config
     await prepare(cfg)
     devices = [{"sn": sn, "group_id": GROUP}, {"sn": warm, "group_id": GROUP}]
     async with await start_emulator(devices=devices) as emu:
-        cfg = with_emulator(cfg, emu, timeout=0.5, retry_initial=0.05, retry_max=0.2)
+        # The read-back on assignment may take 2 x the timeout: not less than 4 s on a
+        # loaded machine.
+        cfg = with_emulator(cfg, emu, timeout=2.0, retry_initial=0.05, retry_max=0.2)
         async with running(Sink(cfg), Health()) as task:
             # First one allocated at full speed: the access token is fetched and cached
             # (the latency delays the token service too).
             await produce_children(cfg, [child(warm)])
             await read_topic(cfg.kafka, cfg.kafka.topics.allocations, expect=1)
             emu.state.calls.clear()
-            emu.state.set_faults({"latency_ms": 1500})  # above the 0.5 s timeout
+            emu.state.set_faults({"latency_ms": 3000})  # above the 2 s timeout
             await produce_children(cfg, [child(sn)])
             # The allocate takes effect after the latency, long after the sink gave up.
             await eventually(
