@@ -15,6 +15,7 @@ __all__ = [
     "DpsError",
     "DpsRejected",
     "DpsTransient",
+    "DpsUnanswered",
     "InputError",
     "InternalError",
     "MappingError",
@@ -171,3 +172,11 @@ class DpsTransient(DpsError):
     """Throttling, server errors, timeouts, connection errors, 1005 and 1203: retry later."""
 
     retriable = True
+
+
+class DpsUnanswered(DpsTransient):
+    """A DPS call that was sent and never answered: it timed out, or its connection broke.
+
+    It may have taken effect: before an allocate is sent again, the sink asks DPS
+    (Get DPS Device) whether the first one did.
+    """

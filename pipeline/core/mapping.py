@@ -152,6 +152,14 @@ class Mapper:
         request = AllocateRequest(sn=sn, device_data=data or None)
         return Mapped(child=child, device=device, sn=sn, org_id=org_id, request=request)
 
+    def locate(self, device: DeviceInfo) -> tuple[str, str]:
+        """The sn and orgId of ``device`` (a deleted child's last DeviceInfo), as :meth:`map`.
+
+        Raises:
+            MappingError: the sn cannot be made from it.
+        """
+        return self._sn(device), self._org_overrides.get(device.product_id or "", self._org_id)
+
     def _sn(self, device: DeviceInfo) -> str:
         values: dict[str, str] = {}
         for field in self._sn_fields:

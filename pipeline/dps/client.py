@@ -37,7 +37,7 @@ from pipeline.dps.protocol import (
     throttled,
     token_encryption,
 )
-from pipeline.errors import DpsRejected, DpsTransient
+from pipeline.errors import DpsRejected, DpsTransient, DpsUnanswered
 from pipeline.schemas import (
     MAX_PAGE_SIZE,
     AllocateRequest,
@@ -407,7 +407,9 @@ class DpsClient:
             if method == "POST":
                 headers["Content-Type"] = "application/json"
             started = time.monotonic()
-            answer = await self._exchange(method, url, headers, body, what=f"DPS {action}")
+            answer = await self._exchange(
+                method, url, headers, body, what=f"DPS {action}", unanswered=DpsUnanswered
+            )
             try:
                 envelope: DpsEnvelope | None = _envelope.decode(answer.payload)
             except msgspec.DecodeError:
@@ -480,9 +482,22 @@ class DpsClient:
         )
 
     async def _exchange(
-        self, method: str, url: yarl.URL, headers: dict[str, str], body: bytes, *, what: str
+        self,
+        method: str,
+        url: yarl.URL,
+        headers: dict[str, str],
+        body: bytes,
+        *,
+        what: str,
+        unanswered: type[DpsTransient] = DpsTransient,
     ) -> _Answer:
-        """One HTTP exchange under the configured deadline; transport failures translated."""
+        """One HTTP exchange under the configured deadline; transport failures translated.
+
+        A call that may have reached the server and got no answer (a timeout, a broken
+        connection after connecting) raises ``unanswered`` (DPS calls:
+        :class:`~pipeline.errors.DpsUnanswered`, since it may have taken effect); one
+        that never connected raises :class:`~pipeline.errors.DpsTransient`.
+        """
         if self._session is None:
             msg = "DpsClient is not open: use it as `async with DpsClient(cfg) as dps:`"
             raise RuntimeError(msg)
@@ -494,7 +509,7 @@ class DpsClient:
                 return _Answer(response.status, response.headers.get("Retry-After"), payload)
         except TimeoutError as exc:  # the session's deadline (aiohttp's are TimeoutErrors too)
             msg = f"{what} to {url.host}:{url.port} timed out after {self._cfg.timeout} s"
-            raise DpsTransient(None, msg) from exc
+            raise unanswered(None, msg) from exc
         except aiohttp.ClientConnectorCertificateError as exc:
             reason = exc.certificate_error
             msg = f"{what}: TLS certificate of {url.host}:{url.port} not trusted: {reason}"
@@ -508,4 +523,4 @@ class DpsClient:
             raise DpsTransient(None, msg, hint=CONNECT_HINT) from exc
         except (aiohttp.ClientError, OSError) as exc:
             msg = f"{what} to {url.host}:{url.port} failed: {type(exc).__name__}: {exc}"
-            raise DpsTransient(None, msg) from exc
+            raise unanswered(None, msg) from exc

@@ -135,7 +135,22 @@ for _counter, _values in (
     (ROUTER_SKIPPED_CHILDREN, ("duplicate", "superseded")),
     (ROUTER_TRANSACTIONS, ("committed", "aborted")),
     (SINK_CALLS, ("ok", "rejected", "transient", "throttled")),
-    (SINK_OUTCOMES, ("allocated", "rejected", "exhausted", "invalid", "already_recorded")),
+    (
+        SINK_OUTCOMES,
+        (
+            "allocated",
+            "rejected",
+            "exhausted",
+            "invalid",
+            "already_recorded",
+            "superseded",
+            "release_recorded",
+            "release_reset",
+            "release_deleted",
+            "release_not_allocated",
+            "release_superseded",
+        ),
+    ),
     (UNEXPECTED_ERRORS, ("ingest", "route", "sink")),
 ):
     for _value in _values:

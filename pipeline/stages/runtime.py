@@ -6,7 +6,8 @@ what to do as partitions come and go); :func:`run` does the rest, in this order:
 
 1. waits for the brokers the stage needs (``mqtt.startup_timeout``,
    ``kafka.startup_timeout``), saying so in its own words;
-2. makes the stage's topics, or waits for them (``kafka.create_topics``);
+2. makes the stage's topics, or waits for them (``kafka.create_topics``), and checks
+   that the topics its subscription names co-partitioned have one partition count;
 3. registers the stage's readiness checks, not ready, and watches that Kafka answers
    (``{stage}.kafka``, every ``kafka.liveness_interval``);
 4. for a consuming stage: opens its consumer, subscribes with the rebalance guard (a
@@ -24,12 +25,14 @@ or touches the process before :func:`run` starts it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pipeline.errors import ConfigError
 from pipeline.io import kafka, mqtt
 from pipeline.io.aio import Stopped
 from pipeline.ops.metrics import report_lag
@@ -40,9 +43,9 @@ if TYPE_CHECKING:
 
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from pipeline.config import Config
+    from pipeline.config import Config, KafkaConfig
 
-__all__ = ["Run", "Stage", "Subscription", "run", "run_all"]
+__all__ = ["Run", "Stage", "Subscription", "check_copartitioned", "run", "run_all"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class Subscription:
         revoked: called with partitions about to go elsewhere (hand back, commit).
         assigned: called with partitions just given, before their records are handed out.
         options: consumer settings beyond ``kafka.consumer``'s (a longer rebalance timeout).
+        copartitioned: topics that must have the same partition count (their partition p
+            holds the same keys); checked at start-up, before the consumer opens.
     """
 
     group_id: str
@@ -64,6 +69,7 @@ class Subscription:
     revoked: Callable[[list[TopicPartition]], Awaitable[None]]
     assigned: Callable[[list[TopicPartition]], Awaitable[None]]
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    copartitioned: Sequence[str] = ()
 
 
 class Stage(Protocol):
@@ -160,6 +166,7 @@ async def run(stage: Stage, stop: asyncio.Event, health: Health | None = None) -
         guard = None
         subscription = stage.subscription()
         if subscription is not None:
+            await check_copartitioned(cfg.kafka, name, subscription.copartitioned)
             consumer = kafka.consumer(
                 cfg.kafka, group_id=subscription.group_id, **subscription.options
             )
@@ -198,6 +205,26 @@ async def run_all(stages: Sequence[Stage], stop: asyncio.Event, health: Health) 
     async with asyncio.TaskGroup() as group:
         for stage in stages:
             group.create_task(one(stage), name=f"pipeline.{stage.name}")
+
+
+async def check_copartitioned(cfg: KafkaConfig, name: str, topics: Sequence[str]) -> None:
+    """Fail with one line unless ``topics`` all have the same partition count.
+
+    Raises:
+        ConfigError: they do not (the line names each topic and its count).
+    """
+    if len(topics) < 2:  # noqa: PLR2004  (a pair at least)
+        return
+    async with kafka.reader(cfg) as reader:
+        found = await kafka.partitions(reader, *topics)
+    counts = collections.Counter(tp.topic for tp in found)
+    if len({counts[topic] for topic in topics}) > 1:
+        listed = ", ".join(f"{topic} {counts[topic]}" for topic in topics)
+        msg = (
+            f"{name} needs the same partition count in its co-partitioned topics: "
+            f"{listed}; recreate them alike (pipeline topics create)"
+        )
+        raise ConfigError(msg)
 
 
 async def _relay(events: Sequence[asyncio.Event], stopping: asyncio.Future[None]) -> None:

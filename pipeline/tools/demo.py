@@ -163,7 +163,7 @@ async def _run(console: Console, cfg: Config, path: Path, run_id: str) -> int:
                 "to see what they were doing"
             )
             return 1
-        calls = len(emulator.state.calls)
+        calls = sum(1 for call in emulator.state.calls if call.action == "allocate")
         await _summary(console, cfg, len(messages), calls, time.monotonic() - started)
     return 0
 

@@ -1,4 +1,4 @@
-"""Sink stage: DPS allocate for every added child, concurrently, committing safely.
+"""Sink stage: allocate added children in DPS, release deleted ones, committing safely.
 
 One job per module:
 
@@ -7,7 +7,10 @@ One job per module:
 - :mod:`.breaker`: pauses the sink while DPS fails for everyone, one probe per period;
 - :mod:`.limiter`: the call rate, at most ``sink.rate_limit``, lowered by throttling;
 - :mod:`.allocator`: per-sn exclusivity, call slots and the retry loop of one record;
-- :mod:`.outcomes`: writing allocations and DLQ records, with their ``source`` header;
+- :mod:`.releaser`: deleted children, as ``sink.on_delete`` says, batched per group;
+- :mod:`.lifecycle`: each child's latest generation, one operation per child at a time;
+- :mod:`.outcomes`: writing allocations, releases and DLQ records, with their ``source``
+  header;
 - :mod:`.recovery`: reading back the group's recorded outcomes after a crash.
 """
 

@@ -13,6 +13,10 @@
   after ``Retry-After``. After ``sink.give_up_after`` seconds the record is
   dead-lettered as ``exhausted``; business refusals are dead-lettered as ``rejected``
   at once.
+- An allocate that was sent and never answered (timed out, connection cut) may have
+  taken effect: before allocating again, DPS is asked (Get DPS Device). If it shows the
+  sn allocated, the allocation is recorded from that answer and allocate is not called
+  again; if not, allocate is called; if the check itself fails, it is tried again later.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pipeline.errors import DpsError, MappingError
+import msgspec
+
+from pipeline.dps.protocol import is_allocated
+from pipeline.errors import DpsError, DpsUnanswered, MappingError
 from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import SINK_CALL_SECONDS, SINK_CALLS, SINK_RETRIES
 from pipeline.stages.sink.outcomes import log_context
@@ -31,7 +38,6 @@ from pipeline.stages.sink.outcomes import log_context
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import msgspec
     from aiokafka import ConsumerRecord
 
     from pipeline.config import SinkConfig
@@ -46,6 +52,7 @@ __all__ = ["Allocator"]
 log = logging.getLogger(__name__)
 
 _CALLED_OK = SINK_CALLS.labels("ok")  # once, not per call
+_encode = msgspec.json.Encoder().encode
 
 
 class Allocator:
@@ -86,14 +93,29 @@ class Allocator:
         """Sources of the records whose call is on the wire or whose outcome is being
         written: cancelling one of those could drop an allocation DPS already made."""
 
-    async def process(self, record: ConsumerRecord[bytes, bytes], source: bytes) -> None:
-        """Map, allocate and record the outcome of ``record``."""
+    async def process(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        source: bytes,
+        *,
+        superseded: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Map, allocate and record the outcome of ``record``.
+
+        ``superseded`` is asked before each retry: a later delete or add of the child
+        (:mod:`.lifecycle`) ends the retries, and the record is dead-lettered as such.
+        """
         try:
-            await self._process(record, source)
+            await self._process(record, source, superseded)
         finally:
             self.busy.discard(source)
 
-    async def _process(self, record: ConsumerRecord[bytes, bytes], source: bytes) -> None:
+    async def _process(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        source: bytes,
+        superseded: Callable[[], bool],
+    ) -> None:
         try:
             mapped = self._map(record.value)
         except MappingError as exc:
@@ -109,7 +131,7 @@ class Allocator:
         self._sn_users[sn] += 1
         try:
             async with lock:
-                await self._allocate(record, source, mapped)
+                await self._allocate(record, source, mapped, superseded)
         finally:
             # Not `lock.locked()`: right after a release it is False while the woken waiter
             # has yet to take the lock; a new lock then would let two calls for sn overlap.
@@ -124,24 +146,41 @@ class Allocator:
         return self._mapper.map(value)
 
     async def _allocate(
-        self, record: ConsumerRecord[bytes, bytes], source: bytes, mapped: Mapped
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        source: bytes,
+        mapped: Mapped,
+        superseded: Callable[[], bool],
     ) -> None:
         backoff = Backoff(self._cfg.retry_initial, self._cfg.retry_max)
         first = time.monotonic()
         attempts = 0
+        unsure = False  # an allocate went unanswered: it may have taken effect
         while True:
             attempts += 1
             # A slot covers a call and the recording of its outcome: a crash can then lose
             # the outcome of `concurrency` allocations at most (allocated again after it).
             async with self._slots:
-                delay = await self._attempt(
-                    record, source, mapped, attempts=attempts, first=first, backoff=backoff
-                )
+                delay, unsure = await self._attempt(
+                    record, source, mapped, attempts=attempts, first=first, backoff=backoff,
+                    unsure=unsure,
+                )  # fmt: skip
             if delay is None:
                 return
             self.busy.discard(source)  # nothing on the wire while it waits, and no slot held
             SINK_RETRIES.inc()
             await asyncio.sleep(delay)
+            if superseded():
+                # A later delete (or add) waits for this record's turn: give it up. Should
+                # an unanswered allocate have taken effect, the delete that follows finds
+                # the sn allocated and releases it.
+                self.busy.add(source)
+                await self._outcomes.dead_letter(
+                    record, source, mapped, kind="superseded", code=None,
+                    message="the child was deleted or added again while this add waited "
+                    "to retry: not allocated", request_id=None, attempts=attempts,
+                )  # fmt: skip
+                return
 
     async def _attempt(
         self,
@@ -152,15 +191,27 @@ class Allocator:
         attempts: int,
         first: float,
         backoff: Backoff,
-    ) -> float | None:
+        unsure: bool,
+    ) -> tuple[float | None, bool]:
         """One call, and the outcome if it settles the record; else the delay before a retry.
 
         Whether a failed call is tried again is the error's ``retriable`` alone (the DPS
-        client sets it from the answer, :func:`pipeline.dps.protocol.classify`).
+        client sets it from the answer, :func:`pipeline.dps.protocol.classify`). When
+        ``unsure`` (an earlier allocate went unanswered), DPS is asked first whether it
+        took effect. Returns the delay (None: settled) and whether it is still unsure.
         """
         try:
-            device, request_id = await self._call(record, source, mapped)
+            if unsure:
+                found = await self._check(record, source, mapped)
+                unsure = False
+                if found is not None:
+                    device, request_id = found, None
+                else:
+                    device, request_id = await self._call(record, source, mapped)
+            else:
+                device, request_id = await self._call(record, source, mapped)
         except DpsError as exc:
+            unsure = unsure or isinstance(exc, DpsUnanswered)
             if not exc.retriable:
                 context = log_context(record, mapped) | {"code": exc.code}
                 log.warning("DPS rejected sn %s: %s", mapped.sn, exc, extra=context)
@@ -168,7 +219,7 @@ class Allocator:
                     record, source, mapped, kind="rejected", code=exc.code, message=exc.msg,
                     request_id=exc.request_id, attempts=attempts, http_status=exc.http_status,
                 )  # fmt: skip
-                return None
+                return None, False
             if time.monotonic() - first >= self._cfg.give_up_after:
                 context = log_context(record, mapped) | {"code": exc.code}
                 log.warning(
@@ -180,17 +231,50 @@ class Allocator:
                     message=exc.msg, request_id=exc.request_id, attempts=attempts,
                     http_status=exc.http_status,
                 )  # fmt: skip
-                return None
+                return None, False
             if exc.throttled and exc.retry_after is not None:
                 delay = exc.retry_after  # DPS is fine, it said when: no backoff
             else:
                 delay = backoff.next(exc.retry_after)
             log.debug("sn %s: %s; retrying in %.2f s", mapped.sn, exc, delay)
-            return delay
+            return delay, unsure
         await self._outcomes.allocated(
             record, mapped, device, request_id=request_id, attempts=attempts, source=source
         )
-        return None
+        return None, False
+
+    async def _check(
+        self, record: ConsumerRecord[bytes, bytes], source: bytes, mapped: Mapped
+    ) -> msgspec.Raw | None:
+        """Get DPS Device: the device if DPS shows ``mapped.sn`` allocated, else None.
+
+        Paced and guarded like an allocate. A refusal (35400, ...) is not an answer to the
+        question: the allocate that follows is judged on its own.
+        """
+        taken_at = await self._limiter.wait()
+        probe = await self._breaker.acquire()
+        self.busy.add(source)
+        try:
+            device = await self._dps.get_device(mapped.org_id, mapped.sn)
+        except DpsError as exc:
+            self._failed(exc, probe, record, mapped, taken_at)
+            if exc.retriable:
+                raise
+            return None
+        except BaseException:
+            self._breaker.abandon(probe)
+            raise
+        finally:
+            self._on_answer()
+        self._breaker.succeeded(probe)
+        self._limiter.succeeded()
+        if device is None or not is_allocated(device):
+            return None
+        log.info(
+            "sn %s: an unanswered allocate took effect; recording it from Get DPS Device",
+            mapped.sn, extra=log_context(record, mapped),
+        )  # fmt: skip
+        return msgspec.Raw(_encode(device))
 
     async def _call(
         self, record: ConsumerRecord[bytes, bytes], source: bytes, mapped: Mapped

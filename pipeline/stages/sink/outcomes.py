@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeEr
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import SINK_OUTCOMES
-from pipeline.schemas import Allocation, AllocationFailure, utc_now
+from pipeline.schemas import Allocation, AllocationFailure, Release, utc_now
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -33,7 +33,15 @@ if TYPE_CHECKING:
     from pipeline.config import Topics
     from pipeline.core.mapping import Mapped
 
-__all__ = ["GROUP", "SOURCE", "Outcomes", "log_context", "parse_source", "source_header"]
+__all__ = [
+    "GROUP",
+    "SOURCE",
+    "Outcomes",
+    "embeddable",
+    "log_context",
+    "parse_source",
+    "source_header",
+]
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +172,7 @@ class Outcomes:
         source: bytes,
         mapped: Mapped | None,
         *,
-        kind: Literal["rejected", "exhausted", "invalid"],
+        kind: Literal["rejected", "exhausted", "invalid", "superseded"],
         code: int | None,
         message: str,
         request_id: str | None,
@@ -193,7 +201,7 @@ class Outcomes:
             msg=message,
             request_id=request_id,
             failed_at=utc_now(),
-            record=_embeddable(record.value),
+            record=embeddable(record.value),
         )
         key = mapped.sn if mapped else None
         topic = self._topics.allocations_dlq
@@ -210,6 +218,35 @@ class Outcomes:
                 msg = f"cannot record a DLQ record in {topic}: {exc}"
                 raise StageFailed(msg) from exc
         SINK_OUTCOMES.labels(kind).inc()
+
+    async def released(self, release: Release, source: bytes) -> None:
+        """What the sink did for a deleted child: to ``dps.releases``, keyed by sn.
+
+        Raises:
+            StageFailed: Kafka refused it for a reason no retry cures (too large included:
+                a release is small; its input record is as large as an added child's).
+        """
+        key = release.sn or release.device_id
+        try:
+            await self._record(self._topics.releases, key, _ENCODER.encode(release), source)
+        except _TooLarge as exc:
+            msg = f"cannot record a release in {self._topics.releases}: {exc}"
+            raise StageFailed(msg) from exc
+        SINK_OUTCOMES.labels(f"release_{release.action}").inc()
+
+    async def release_failed(self, failure: AllocationFailure, source: bytes) -> None:
+        """A deleted child could not be released (``operation`` reset or delete): to the DLQ.
+
+        Raises:
+            StageFailed: Kafka refused it for a reason no retry cures.
+        """
+        topic = self._topics.allocations_dlq
+        try:
+            await self._record(topic, failure.sn, _ENCODER.encode(failure), source)
+        except _TooLarge as exc:
+            msg = f"cannot record a DLQ record in {topic}: {exc}"
+            raise StageFailed(msg) from exc
+        SINK_OUTCOMES.labels(failure.error_kind).inc()
 
     async def _record(self, topic: str, key: str | None, value: bytes, source: bytes) -> None:
         """Write an outcome and wait for Kafka's acknowledgement, retrying what may pass.
@@ -251,7 +288,7 @@ class Outcomes:
                 return
 
 
-def _embeddable(value: bytes | None) -> msgspec.Raw:
+def embeddable(value: bytes | None) -> msgspec.Raw:
     """The input record as a JSON value: verbatim when it is JSON, else as a JSON string."""
     if value is None:  # a tombstone
         return msgspec.Raw(b"null")

@@ -25,7 +25,7 @@ from pipeline.io import kafka
 from pipeline.stages.sink.outcomes import GROUP, SOURCE, parse_source
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Awaitable, Callable, Iterable
 
     from aiokafka import AIOKafkaConsumer
 
@@ -49,13 +49,23 @@ class Recovery:
         group: the sink's consumer group; other groups' outcomes are another pipeline's.
         limit: seconds a read-back may take; past it :meth:`learn` fails (records of
             its partitions would otherwise wait without an end).
+        also: what else must be known before records of the partitions start (the
+            children's lifecycle, :class:`~.lifecycle.Lifecycle`), read within ``limit``.
     """
 
-    def __init__(self, cfg: KafkaConfig, group: str, *, limit: float) -> None:
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        group: str,
+        *,
+        limit: float,
+        also: Callable[[list[TopicPartition]], Awaitable[None]] | None = None,
+    ) -> None:
         self._cfg = cfg
+        self._also = also
         self._group = group.encode()
         self._limit = limit
-        self._outputs = [cfg.topics.allocations, cfg.topics.allocations_dlq]
+        self._outputs = [cfg.topics.allocations, cfg.topics.allocations_dlq, cfg.topics.releases]
         self._recorded: dict[TopicPartition, set[int]] = {}
         # Partitions whose read-back is not done yet; each event is set when it ends
         # (done, failed or forgotten). Events, not futures: a waiter cancelled (its
@@ -127,6 +137,8 @@ class Recovery:
                     # the committed offsets is older than the first uncommitted input (less
                     # clock skew).
                     await self._read_sources(since - _CLOCK_SKEW_MS, found)
+                if self._also is not None:
+                    await self._also(tps)  # within the same limit, before any record starts
         except TimeoutError as exc:
             self._fail(tps)
             msg = f"reading back the recorded outcomes took longer than {self._limit:g} s"

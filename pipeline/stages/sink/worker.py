@@ -33,10 +33,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+
 from pipeline.config import DpsConfig
 from pipeline.core.mapping import Mapper
 from pipeline.dps.client import DpsClient
-from pipeline.errors import StageFailed
+from pipeline.errors import MappingError, StageFailed
 from pipeline.io import kafka
 from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import (
@@ -48,10 +50,12 @@ from pipeline.ops.metrics import (
 from pipeline.stages.runtime import Subscription
 from pipeline.stages.sink.allocator import Allocator
 from pipeline.stages.sink.breaker import Breaker
+from pipeline.stages.sink.lifecycle import Lifecycle, generation_of
 from pipeline.stages.sink.limiter import RateLimiter
 from pipeline.stages.sink.offsets import OffsetTracker
 from pipeline.stages.sink.outcomes import Outcomes, log_context, source_header
 from pipeline.stages.sink.recovery import Recovery
+from pipeline.stages.sink.releaser import Releaser
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -100,9 +104,13 @@ class Sink:
             Backoff(s.retry_initial, s.retry_max), self._dps_state, failures=s.breaker_failures
         )
         self._limiter = RateLimiter(s.rate_limit)
-        self._recovery = Recovery(cfg.kafka, s.group_id, limit=self._hand_back_limit)
+        self._lifecycle = Lifecycle(cfg.kafka)
+        self._recovery = Recovery(
+            cfg.kafka, s.group_id, limit=self._hand_back_limit, also=self._lifecycle.learn
+        )
         self._consumer: AIOKafkaConsumer | None = None
         self._allocator: Allocator | None = None
+        self._releaser: Releaser | None = None
         self._jobs: dict[asyncio.Task[None], tuple[TopicPartition, bytes]] = {}
         # Read-backs in progress, each with the partitions it reads back.
         self._read_backs: dict[asyncio.Task[None], frozenset[TopicPartition]] = {}
@@ -119,7 +127,7 @@ class Sink:
     def topics(self) -> list[str]:
         """What it reads and writes."""
         t = self._topics
-        return [t.added, t.allocations, t.allocations_dlq]
+        return [t.added, t.deleted, t.lifecycle, t.allocations, t.releases, t.allocations_dlq]
 
     def needs_mqtt(self) -> bool:
         """It does not."""
@@ -140,14 +148,24 @@ class Sink:
           the read-back is a task of ours (:meth:`recover`).
         - ``session_timeout_ms`` and ``heartbeat_interval_ms`` stay aiokafka's defaults
           (10 s, 3 s): a member that dies is dropped about 10 s after its last heartbeat.
+
+        Added and deleted children are consumed together with range assignment (aiokafka's
+        default, round robin, would not keep partition p of both with one member): with
+        ``lifecycle``, all three have one partition count (checked at start-up) and one
+        key, so partition p of each holds the same children (:mod:`.lifecycle`).
         """
         rebalance_timeout_ms = int((self._hand_back_limit + _REBALANCE_MARGIN) * 1000)
+        t = self._topics
         return Subscription(
             self.cfg.sink.group_id,
-            [self._topics.added],
+            [t.added, t.deleted],
             revoked=self.hand_back,
             assigned=self.recover,
-            options={"rebalance_timeout_ms": rebalance_timeout_ms},
+            options={
+                "rebalance_timeout_ms": rebalance_timeout_ms,
+                "partition_assignment_strategy": (RangePartitionAssignor,),
+            },
+            copartitioned=[t.added, t.deleted, t.lifecycle],
         )
 
     def checks(self) -> list[str]:
@@ -210,6 +228,10 @@ class Sink:
                 producer, self._topics, self.cfg.sink.group_id, on_recorded=self._beat
             )
             self._allocator = Allocator(
+                self.cfg.sink, mapper=self._mapper, dps=dps, breaker=self._breaker,
+                limiter=self._limiter, outcomes=outcomes, on_answer=self._beat,
+            )  # fmt: skip
+            self._releaser = Releaser(
                 self.cfg.sink, mapper=self._mapper, dps=dps, breaker=self._breaker,
                 limiter=self._limiter, outcomes=outcomes, on_answer=self._beat,
             )  # fmt: skip
@@ -336,9 +358,8 @@ class Sink:
         if self._recovery.take(tp, record.offset):
             SINK_OUTCOMES.labels("already_recorded").inc()
             return
-        assert self._allocator is not None  # noqa: S101  (set before intake starts)
         try:
-            await self._allocator.process(record, source)
+            await self._operate(outcomes, tp, record, source)
         except StageFailed:
             raise
         except Exception as exc:
@@ -350,6 +371,48 @@ class Sink:
                 message=f"internal error: {exc!r}", request_id=None, attempts=0,
             )  # fmt: skip
 
+    async def _operate(
+        self,
+        outcomes: Outcomes,
+        tp: TopicPartition,
+        record: ConsumerRecord[bytes, bytes],
+        source: bytes,
+    ) -> None:
+        """An add or a delete, in its child's turn (:mod:`.lifecycle`)."""
+        allocator, releaser = self._allocator, self._releaser
+        assert allocator is not None  # noqa: S101  (set before intake starts)
+        assert releaser is not None  # noqa: S101
+        deleting = tp.topic == self._topics.deleted
+        generation = generation_of(record.value)
+        if record.key is None or generation is None:
+            # Unreadable, or not keyed by its child: the mapping dead-letters it.
+            if deleting:
+                await releaser.process(record, source, superseded=False)
+            else:
+                await allocator.process(record, source)
+            return
+        device_id = record.key.decode("utf-8", "replace")
+        async with self._lifecycle.turn(tp.partition, device_id, generation) as superseded:
+            if deleting:
+                await releaser.process(record, source, superseded=superseded)
+            elif superseded:
+                latest = self._lifecycle.latest(tp.partition, device_id)
+                try:
+                    mapped = self._mapper.map(record.value or b"")
+                except MappingError:
+                    mapped = None
+                await outcomes.dead_letter(
+                    record, source, mapped, kind="superseded", code=None,
+                    message=f"child {device_id} was deleted or added again after this add "
+                    f"(generation {generation}, latest {latest}): not allocated",
+                    request_id=None, attempts=0,
+                )  # fmt: skip
+            else:
+                await allocator.process(
+                    record, source,
+                    superseded=lambda: generation < self._lifecycle.latest(tp.partition, device_id),
+                )  # fmt: skip
+
     async def _release(self, tps: set[TopicPartition] | None) -> None:
         """Hand back the records in progress in ``tps`` (None: all).
 
@@ -360,7 +423,10 @@ class Sink:
         jobs = {task: src for task, (tp, src) in self._jobs.items() if tps is None or tp in tps}
         if not jobs:
             return
-        busy = self._allocator.busy if self._allocator is not None else set()
+        busy = set[bytes]()
+        for part in (self._allocator, self._releaser):
+            if part is not None:
+                busy |= part.busy
         log.info("handing back %d records in progress", len(jobs))
         deadline = time.monotonic() + self._hand_back_limit
         cancelled: set[asyncio.Task[None]] = set()
@@ -378,6 +444,8 @@ class Sink:
         await self._stop_read_backs(None)
         self._recovery.forget(self._owned)
         await self._release(None)
+        if self._releaser is not None:
+            await self._releaser.close()
         committer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await committer
@@ -410,6 +478,7 @@ class Sink:
         # starts again for those), and their records waiting for it are told no.
         self._read_back(await self._stop_read_backs(tps) & self._owned)
         self._recovery.forget(revoked)
+        self._lifecycle.forget({tp.partition for tp in tps} - {tp.partition for tp in self._owned})
         await self._release(tps)
         await self._commit()
         self._tracker.forget(revoked)

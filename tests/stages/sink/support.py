@@ -144,7 +144,13 @@ def allocations(records: list[ConsumerRecord[bytes, bytes]]) -> list[Allocation]
 
 
 def ok(call: CallRecord) -> bool:
-    return call.http_status == 200 and call.code == 0
+    """An allocate call that succeeded (the log holds every operation: get, reset, ...)."""
+    return call.action == "allocate" and call.http_status == 200 and call.code == 0
+
+
+def allocate_calls(emu: RunningEmulator) -> list[CallRecord]:
+    """The allocate calls of the emulator's log, in order."""
+    return [c for c in emu.state.calls if c.action == "allocate"]
 
 
 def ok_calls(emu: RunningEmulator) -> list[CallRecord]:

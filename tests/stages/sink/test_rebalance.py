@@ -9,6 +9,7 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from pipeline.config import Config
 from pipeline.dps.emulator import start_emulator
@@ -262,8 +263,12 @@ async def test_a_hand_back_longer_than_aiokafkas_default_timeouts_still_commits(
             # Another member joins: the sink hands back while its call takes 14.5 s more.
             hand_backs.clear()
             joined_at = time.monotonic()
-            async with kafka.consumer(cfg.kafka, group_id=cfg.sink.group_id) as other:
-                other.subscribe([cfg.kafka.topics.added])
+            async with kafka.consumer(
+                cfg.kafka,
+                group_id=cfg.sink.group_id,
+                partition_assignment_strategy=(RangePartitionAssignor,),  # as the sink's
+            ) as other:
+                other.subscribe([cfg.kafka.topics.added, cfg.kafka.topics.deleted])
                 async with asyncio.timeout(90):
                     while not other.assignment():
                         await other.getmany(timeout_ms=200)
