@@ -18,6 +18,10 @@ partition p of each holds the same children, and the sink (range assignment) own
   in generation order, and DPS ends as the latest generation says.
 - Generation 0 (written before the router tracked lifecycles) is superseded only by a
   known generation above it, never by an absent entry.
+- Generations count within one gateway (the router of that gateway's partition numbers
+  them): a child added again under another gateway (a gateway replaced) starts at 1
+  there. Between operations of two gateways the later record wins: the Kafka timestamps
+  the routers gave them (the child record and its ChildState share a transaction).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import KafkaConfig
 
-__all__ = ["Lifecycle", "generation_of"]
+__all__ = ["Lifecycle", "Stamp", "stamp_of"]
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +52,46 @@ class _State(msgspec.Struct):
     """The fields of a ChildState the sink needs."""
 
     device_id: str
+    gateway_id: str
     generation: int
 
 
-class _Generation(msgspec.Struct):
-    """The generation of an AddedChild or a DeletedChild (0 when absent: written before)."""
-
+class _Stamped(msgspec.Struct):
+    gateway_id: str = ""
     generation: int = 0
 
 
+class Stamp(msgspec.Struct, frozen=True):
+    """Where an operation stands in its child's life.
+
+    Its gateway, its generation (0 when absent: written before lifecycles were tracked)
+    and its record's Kafka timestamp.
+    """
+
+    gateway_id: str = ""
+    generation: int = 0
+    at_ms: int = 0
+
+    def before(self, other: Stamp) -> bool:
+        """Whether ``other`` is a later operation of the child."""
+        if self.gateway_id == other.gateway_id:
+            return self.generation < other.generation
+        return self.at_ms < other.at_ms
+
+
 _state = msgspec.json.Decoder(_State)
-_generation = msgspec.json.Decoder(_Generation)
+_stamped = msgspec.json.Decoder(_Stamped)
 
 
-def generation_of(value: bytes | None) -> int | None:
-    """The ``generation`` of an added or deleted child's record; None if unreadable."""
+def stamp_of(value: bytes | None, at_ms: int) -> Stamp | None:
+    """The stamp of an added or deleted child's record written at ``at_ms``; None if unreadable."""
     if value is None:
         return None
     try:
-        return _generation.decode(value).generation
+        stamped = _stamped.decode(value)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
+    return Stamp(stamped.gateway_id, stamped.generation, at_ms)
 
 
 class Lifecycle:
@@ -81,7 +104,7 @@ class Lifecycle:
     def __init__(self, cfg: KafkaConfig) -> None:
         self._cfg = cfg
         self._topic = cfg.topics.lifecycle
-        self._latest: dict[int, dict[str, int]] = {}
+        self._latest: dict[int, dict[str, Stamp]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: collections.Counter[str] = collections.Counter()
 
@@ -108,7 +131,8 @@ class Lifecycle:
                     where = f"{record.topic}/{record.partition}/{record.offset}"
                     log.warning("skipping an unreadable lifecycle record at %s: %s", where, exc)
                     continue
-                self.see(record.partition, state.device_id, state.generation)
+                stamp = Stamp(state.gateway_id, state.generation, record.timestamp)
+                self.see(record.partition, state.device_id, stamp)
         for number in numbers:
             self._latest.setdefault(number, {})
         log.info(
@@ -121,29 +145,34 @@ class Lifecycle:
         for number in numbers:
             self._latest.pop(number, None)
 
-    def see(self, partition: int, device_id: str, generation: int) -> None:
-        """An operation of ``generation`` started (or was recorded): raise the latest."""
+    def see(self, partition: int, device_id: str, stamp: Stamp) -> None:
+        """An operation at ``stamp`` started (or was recorded): raise the latest."""
         known = self._latest.setdefault(partition, {})
-        if generation > known.get(device_id, 0):
-            known[device_id] = generation
+        latest = known.get(device_id)
+        if latest is None or latest.before(stamp):
+            known[device_id] = stamp
 
-    def latest(self, partition: int, device_id: str) -> int:
-        """The child's latest generation known (0: none)."""
-        return self._latest.get(partition, {}).get(device_id, 0)
+    def latest(self, partition: int, device_id: str) -> Stamp:
+        """The child's latest known (generation 0: none)."""
+        return self._latest.get(partition, {}).get(device_id, Stamp())
+
+    def superseded(self, partition: int, device_id: str, stamp: Stamp) -> bool:
+        """Whether a later operation of the child, of the same gateway, is known."""
+        return stamp.before(self.latest(partition, device_id))
 
     @contextlib.asynccontextmanager
-    async def turn(self, partition: int, device_id: str, generation: int) -> AsyncIterator[bool]:
-        """The child's turn for an operation of ``generation``; yields whether it is superseded.
+    async def turn(self, partition: int, device_id: str, stamp: Stamp) -> AsyncIterator[bool]:
+        """The child's turn for an operation at ``stamp``; yields whether it is superseded.
 
         The operation raises the child's latest as it starts; it then waits for the
         operations on the child before it.
         """
-        self.see(partition, device_id, generation)
+        self.see(partition, device_id, stamp)
         lock = self._locks.setdefault(device_id, asyncio.Lock())
         self._users[device_id] += 1
         try:
             async with lock:
-                yield generation < self.latest(partition, device_id)
+                yield self.superseded(partition, device_id, stamp)
         finally:
             self._users[device_id] -= 1
             if not self._users[device_id]:

@@ -50,7 +50,7 @@ from pipeline.ops.metrics import (
 from pipeline.stages.runtime import Subscription
 from pipeline.stages.sink.allocator import Allocator
 from pipeline.stages.sink.breaker import Breaker
-from pipeline.stages.sink.lifecycle import Lifecycle, generation_of
+from pipeline.stages.sink.lifecycle import Lifecycle, stamp_of
 from pipeline.stages.sink.limiter import RateLimiter
 from pipeline.stages.sink.offsets import OffsetTracker
 from pipeline.stages.sink.outcomes import Outcomes, log_context, source_header
@@ -383,8 +383,8 @@ class Sink:
         assert allocator is not None  # noqa: S101  (set before intake starts)
         assert releaser is not None  # noqa: S101
         deleting = tp.topic == self._topics.deleted
-        generation = generation_of(record.value)
-        if record.key is None or generation is None:
+        stamp = stamp_of(record.value, record.timestamp)
+        if record.key is None or stamp is None:
             # Unreadable, or not keyed by its child: the mapping dead-letters it.
             if deleting:
                 await releaser.process(record, source, superseded=False)
@@ -392,11 +392,11 @@ class Sink:
                 await allocator.process(record, source)
             return
         device_id = record.key.decode("utf-8", "replace")
-        async with self._lifecycle.turn(tp.partition, device_id, generation) as superseded:
+        async with self._lifecycle.turn(tp.partition, device_id, stamp) as superseded:
             if deleting:
                 await releaser.process(record, source, superseded=superseded)
             elif superseded:
-                latest = self._lifecycle.latest(tp.partition, device_id)
+                latest = self._lifecycle.latest(tp.partition, device_id).generation
                 try:
                     mapped = self._mapper.map(record.value or b"")
                 except MappingError:
@@ -404,13 +404,13 @@ class Sink:
                 await outcomes.dead_letter(
                     record, source, mapped, kind="superseded", code=None,
                     message=f"child {device_id} was deleted or added again after this add "
-                    f"(generation {generation}, latest {latest}): not allocated",
+                    f"(generation {stamp.generation}, latest {latest}): not allocated",
                     request_id=None, attempts=0,
                 )  # fmt: skip
             else:
                 await allocator.process(
                     record, source,
-                    superseded=lambda: generation < self._lifecycle.latest(tp.partition, device_id),
+                    superseded=lambda: self._lifecycle.superseded(tp.partition, device_id, stamp),
                 )  # fmt: skip
 
     async def _release(self, tps: set[TopicPartition] | None) -> None:

@@ -433,3 +433,45 @@ async def test_a_release_recorded_before_a_crash_is_not_made_again(cfg: Config, 
     assert actions(emu) == [("get", todo, ())]  # not for the one already released
     assert [source_of(r) for r in released] == sources
     assert msgspec.json.decode(released[1].value, type=Release).action == "not_allocated"
+
+
+async def test_a_child_added_again_under_another_gateway_is_allocated(
+    cfg: Config, uid: str
+) -> None:
+    """Generations count within a gateway: re-added under a replacement gateway, the child
+    starts at generation 1 there. Between gateways the later record wins (Kafka's
+    timestamps), so the old gateway's add and delete are superseded and the replacement's
+    add is allocated, whatever order the sink takes the two topics in."""
+    sn = f"{uid}-x"
+    await prepare(cfg)
+    t = cfg.kafka.topics
+    key = f"prod_{sn}".encode()
+
+    def moved(value: bytes) -> bytes:  # the same record, from the replacement gateway
+        return value.replace(GATEWAY.encode(), b"gw-replacement", 1)
+
+    async with kafka.producer(cfg.kafka) as producer:
+        for topic, value in (
+            (t.added, added(sn, 1)),
+            (t.lifecycle, state(sn, 1, "added")),
+            (t.deleted, deleted(sn, 2)),
+            (t.lifecycle, state(sn, 2, "deleted")),
+        ):
+            await producer.send_and_wait(topic, value, key=key)
+        await asyncio.sleep(0.01)  # the replacement's records are a later millisecond
+        for topic, value in (
+            (t.added, moved(added(sn, 1))),
+            (t.lifecycle, moved(state(sn, 1, "added"))),
+        ):
+            await producer.send_and_wait(topic, value, key=key)
+    async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP}]) as emu:
+        cfg = with_emulator(cfg, emu, on_delete="reset")
+        async with running(Sink(cfg), Health()):
+            got = await read_topic(cfg.kafka, t.allocations, expect=1)
+            released = await read_topic(cfg.kafka, t.releases, expect=1)
+            dlq = await read_topic(cfg.kafka, t.allocations_dlq, expect=1)
+    assert actions(emu) == [("allocate", sn, ())]
+    assert allocated(emu, sn)
+    assert [r.key for r in got] == [sn.encode()]
+    assert [r.action for r in releases(released)] == ["superseded"]
+    assert [(f.error_kind, f.gateway_id) for f in failures(dlq)] == [("superseded", GATEWAY)]
