@@ -79,7 +79,10 @@ class Replicas:
         wide = msgspec.structs.replace(
             cfg, kafka=msgspec.structs.replace(cfg.kafka, partitions=PARTITIONS)
         )
-        await ctx.topics_for(wide, "added", "allocations", "allocations_dlq")
+        # The sink reads added, deleted and lifecycle co-partitioned: one partition count.
+        await ctx.topics_for(
+            wide, "added", "deleted", "lifecycle", "allocations", "allocations_dlq"
+        )
         out = Output(cfg, cfg.kafka.topics.allocations)
         await out.start()
         workers = [await ctx.worker("sink", cfg, f"{name}-{i}") for i in range(count)]

@@ -2,7 +2,8 @@
 
 The sink runs against a gateway that answers each sn its own way: an HTML page with
 status 200 (no DPS envelope: a status, no code), DPS's 35404 (a code, status 200), or
-nothing before the deadline (neither).
+nothing before the deadline (neither: its Get DPS Device, asked before a retry, gets
+no answer either).
 """
 
 from __future__ import annotations
@@ -45,9 +46,15 @@ async def gateway(uid: str) -> AsyncIterator[str]:
         await asyncio.sleep(_TIMEOUT * 2)  # past the client's deadline: no answer
         return web.json_response({"code": 0})
 
+    async def get_device(_request: web.Request) -> web.Response:
+        # Asked after an allocate that got no answer: none either (so still no status).
+        await asyncio.sleep(_TIMEOUT * 2)
+        return web.json_response({"code": 0})
+
     app = web.Application()
     app.router.add_post("/apim-token-service/v2.0/token/get", token)
     app.router.add_post("/dps-service/v2.5/pvs/device", device)
+    app.router.add_get("/dps-service/v2.5/pvs/device", get_device)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=_TIMEOUT * 2)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
