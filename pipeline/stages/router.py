@@ -24,7 +24,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 
 from pipeline.core.routing import Changes, Dedup, Gap, Memory, apply, route
 from pipeline.errors import DecodeError, StageFailed
@@ -298,14 +298,20 @@ class Router:
         producer = self._producers[tp]
         batch = _Batch(self._memory.setdefault(tp, Memory()))
         async with producer.transaction():
-            for record in records:
-                await self._route_one(producer, record, batch)
-            for state, value in batch.changes.records():  # the memory, beside its decisions
-                batch.sends.append(
-                    await producer.send(
-                        self._topics.router_state, value, key=state, partition=tp.partition
+            try:
+                for record in records:
+                    await self._route_one(producer, record, batch)
+                for state, value in batch.changes.records():  # the memory, beside its decisions
+                    batch.sends.append(
+                        await producer.send(
+                            self._topics.router_state, value, key=state, partition=tp.partition
+                        )
                     )
-                )
+            except IllegalOperation:
+                # aiokafka refuses further sends once the transaction has failed (the
+                # producer was fenced, say): the sends before say why, and that is raised.
+                await asyncio.gather(*batch.sends)
+                raise
             # aiokafka commits a transaction even when a send in it failed (the record is
             # then lost): wait for every send, so a failure aborts the transaction instead.
             await asyncio.gather(*batch.sends)
