@@ -47,6 +47,8 @@ __all__ = ["demo_config", "run", "wait_idle"]
 _DATA = importlib.resources.files("pipeline.tools") / "data"
 DEMO_FIXTURE = _DATA / "demo.jsonl"
 """The bundled demo fixture (package data, so it ships in the wheel and the image)."""
+DEMO_LATER = _DATA / "demo-later.jsonl"
+"""Sent once the bundled fixture is done: the platform deletes a child."""
 DEMO_DEVICES = _DATA / "demo-devices.json"
 """The devices the demo's DPS emulator knows (two sns are missing or group-less on purpose)."""
 
@@ -74,6 +76,7 @@ def demo_config(cfg: Config, run_id: str, dps_url: str) -> Config:
             group_id=f"demo-{run_id}-sink",
             dps=replace(cfg.sink.dps, base_url=dps_url),
             device_data={"deviceName": "name", "model": "model"},
+            on_delete="reset",
         ),
     )
 
@@ -87,6 +90,7 @@ async def wait_idle(cfg: Config, published: int, limit: float = 120) -> None:
             landed = await kafka.size(cfg.kafka, t.down_events, t.down_events_dlq)
             router_lag = await kafka.backlog(cfg.kafka, cfg.router.group_id, t.down_events)
             sink_lag = await kafka.backlog(cfg.kafka, cfg.sink.group_id, t.added)
+            sink_lag += await kafka.backlog(cfg.kafka, cfg.sink.group_id, t.deleted)
             stable = stable + 1 if landed >= published and not router_lag and not sink_lag else 0
             await asyncio.sleep(0.3)
 
@@ -128,9 +132,12 @@ async def _on_configured(console: Console, cfg: Config, fixture: str | None) -> 
 async def _with_fixture(
     console: Console, cfg: Config, fixture: str | None, run_id: str | None = None
 ) -> int:
-    with importlib.resources.as_file(DEMO_FIXTURE) as bundled:
-        path = Path(fixture) if fixture else bundled
-        return await _run(console, cfg, path, run_id or uuid.uuid4().hex[:8])
+    with (
+        importlib.resources.as_file(DEMO_FIXTURE) as bundled,
+        importlib.resources.as_file(DEMO_LATER) as later,
+    ):
+        paths = [Path(fixture)] if fixture else [bundled, later]
+        return await _run(console, cfg, paths, run_id or uuid.uuid4().hex[:8])
 
 
 async def _remove(cfg: Config, run_id: str) -> None:
@@ -144,8 +151,8 @@ async def _remove(cfg: Config, run_id: str) -> None:
         await kafka.delete_groups(cfg.kafka, [f"demo-{run_id}-router", f"demo-{run_id}-sink"])
 
 
-async def _run(console: Console, cfg: Config, path: Path, run_id: str) -> int:
-    messages = load_fixture(path)
+async def _run(console: Console, cfg: Config, paths: list[Path], run_id: str) -> int:
+    messages = [message for path in paths for message in load_fixture(path)]
     started = time.monotonic()
     with importlib.resources.as_file(DEMO_DEVICES) as devices_file:
         devices = load_devices(devices_file)
@@ -154,7 +161,7 @@ async def _run(console: Console, cfg: Config, path: Path, run_id: str) -> int:
         console.print(f"run {run_id}: DPS emulator at {emulator.url}, topics demo.{run_id}.*")
         timed_out = False
         try:
-            await _run_stages(cfg, path, run_id, console)
+            await _run_stages(cfg, paths, run_id, console)
         except* TimeoutError:
             timed_out = True
         if timed_out:
@@ -163,12 +170,12 @@ async def _run(console: Console, cfg: Config, path: Path, run_id: str) -> int:
                 "to see what they were doing"
             )
             return 1
-        calls = sum(1 for call in emulator.state.calls if call.action == "allocate")
+        calls = collections.Counter(call.action for call in emulator.state.calls)
         await _summary(console, cfg, len(messages), calls, time.monotonic() - started)
     return 0
 
 
-async def _run_stages(cfg: Config, path: Path, run_id: str, console: Console) -> None:
+async def _run_stages(cfg: Config, paths: list[Path], run_id: str, console: Console) -> None:
     stop = asyncio.Event()
     health = Health()
     stages: list[runtime.Stage] = [Ingest(cfg, retire=True), Router(cfg), Sink(cfg)]
@@ -178,16 +185,20 @@ async def _run_stages(cfg: Config, path: Path, run_id: str, console: Console) ->
             async with asyncio.timeout(60):
                 while not health.report().get("ingest.mqtt"):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
-            published = await replay(cfg.mqtt, [path], topic_prefix=f"demo/{run_id}/")
-            with console.status("waiting until every stage is idle"):
-                await wait_idle(cfg, published)
+            published = 0
+            for path in paths:  # each once the one before is done
+                published += await replay(cfg.mqtt, [path], topic_prefix=f"demo/{run_id}/")
+                with console.status("waiting until every stage is idle"):
+                    await wait_idle(cfg, published)
         finally:
             stop.set()
 
 
-async def _summary(console: Console, cfg: Config, published: int, calls: int, took: float) -> None:
+async def _summary(
+    console: Console, cfg: Config, published: int, calls: collections.Counter[str], took: float
+) -> None:
     t = cfg.kafka.topics
-    landed, dlq, added, failed, allocated, rejected = await asyncio.gather(
+    landed, dlq, added, failed, deleted, allocated, released, rejected = await asyncio.gather(
         *(
             _read(cfg, topic)
             for topic in (
@@ -195,10 +206,15 @@ async def _summary(console: Console, cfg: Config, published: int, calls: int, to
                 t.down_events_dlq,
                 t.added,
                 t.failed,
+                t.deleted,
                 t.allocations,
+                t.releases,
                 t.allocations_dlq,
             )
         )
+    )
+    notified = sum(
+        1 for r in added if json.loads(r.value).get("source_event") == "add_sub_device_notify"
     )
     table = Table(title=f"demo summary ({took:.1f} s)", show_header=False)
     table.add_column(justify="left")
@@ -208,10 +224,14 @@ async def _summary(console: Console, cfg: Config, published: int, calls: int, to
         ("down events landed in Kafka", len(landed)),
         ("messages dead-lettered by ingest", len(dlq)),
         ("children added (unique)", len(added)),
+        ("of them added elsewhere (notify)", notified),
         ("children IoTDA failed to add", len(failed)),
-        ("DPS allocate calls", calls),
+        ("children deleted", len(deleted)),
+        ("DPS allocate calls", calls["allocate"]),
         ("allocations succeeded", len(allocated)),
         ("allocations dead-lettered", len(rejected)),
+        ("DPS reset calls (sink.on_delete = reset)", calls["resetAllocationStatus"]),
+        ("children released", len(released)),
     ):
         table.add_row(label, str(value))
     console.print(table)

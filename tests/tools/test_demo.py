@@ -22,14 +22,18 @@ from tests.harness import worker_env
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 SUMMARY = {
-    "MQTT messages published": 9,
-    "down events landed in Kafka": 8,
+    "MQTT messages published": 11,
+    "down events landed in Kafka": 10,
     "messages dead-lettered by ingest": 1,
-    "children added (unique)": 20,
+    "children added (unique)": 21,
+    "of them added elsewhere (notify)": 1,
     "children IoTDA failed to add": 5,
-    "DPS allocate calls": 20,
-    "allocations succeeded": 18,
+    "children deleted": 1,
+    "DPS allocate calls": 21,
+    "allocations succeeded": 19,
     "allocations dead-lettered": 2,
+    "DPS reset calls (sink.on_delete = reset)": 1,
+    "children released": 1,
 }
 """What the bundled fixture must give, every time."""
 

@@ -208,7 +208,7 @@ async def test_replay_publishes_every_message_in_order(cfg: Config, uid: str) ->
         count = await replay(
             cfg.mqtt, files, topic_prefix=prefix, progress=False, honour_delays=False
         )
-        assert count == len(expected) == 9 + 3 + 18
+        assert count == len(expected) == 10 + 3 + 18
         assert await _collect(sub, count) == expected
 
 
@@ -404,7 +404,7 @@ COUNTS = {
     "delete_notify.jsonl": (3, 0, 0),
     "delete_response.jsonl": (4, 2, 0),
     "version_gap.jsonl": (5, 0, 0),
-    "demo.jsonl": (9, 25, 7),
+    "demo.jsonl": (10, 25, 7),
     "extra_fields.jsonl": (2, 3, 1),
     "fifty_children.jsonl": (1, 50, 0),
     "malformed.jsonl": (18, 0, 0),
