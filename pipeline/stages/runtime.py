@@ -156,6 +156,11 @@ async def run(stage: Stage, stop: asyncio.Event, health: Health | None = None) -
     except Stopped:
         return  # stopped while waiting: nothing started, nothing to hand back
     await kafka.prepare_topics(cfg.kafka, stage.topics())
+    subscription = stage.subscription()
+    if subscription is not None:
+        # Before anything is started: a liveness probe cancelled while its client
+        # connects would leave aiokafka's bootstrap connection open.
+        await check_copartitioned(cfg.kafka, name, subscription.copartitioned)
     stopping: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     current = Run(name, health, stopping)
     liveness = kafka.Liveness(cfg.kafka, name, lambda ok, why: health.set(f"{name}.kafka", ok, why))
@@ -164,9 +169,7 @@ async def run(stage: Stage, stop: asyncio.Event, health: Health | None = None) -
         stack.push_async_callback(_cancel, watchers)
         stack.push_async_callback(_release, current.closing)  # after the consumer closes
         guard = None
-        subscription = stage.subscription()
         if subscription is not None:
-            await check_copartitioned(cfg.kafka, name, subscription.copartitioned)
             consumer = kafka.consumer(
                 cfg.kafka, group_id=subscription.group_id, **subscription.options
             )
