@@ -28,7 +28,8 @@ from pipeline.config import KafkaConfig
 from pipeline.io import kafka
 
 # The bundled demo (pipeline/tools/data/demo.jsonl with the emulator's --demo devices).
-ADDED = 20  # unique children IoTDA added (the redelivered event yields nothing new)
+ADDED = 21  # unique children IoTDA added: 20 by responses (the redelivered event yields
+# nothing new), 1 by an add_sub_device_notify
 FAILED = 5  # children IoTDA failed to add
 INGEST_DLQ = 1  # the malformed message
 DPS_DLQ = {35404: 1, 35601: 1}  # group missing, sn unknown
