@@ -6,6 +6,7 @@ import asyncio
 import collections
 import functools
 import json
+import time
 from typing import Any
 
 import msgspec
@@ -15,6 +16,7 @@ import pytest
 from pipeline.config import Config
 from pipeline.errors import StageFailed
 from pipeline.io import kafka
+from pipeline.ops.metrics import ROUTER_DUPLICATES, ROUTER_SKIPPED_CHILDREN
 from pipeline.schemas import DownEventRecord
 from pipeline.stages import runtime
 from pipeline.stages.router import Router
@@ -82,7 +84,10 @@ async def test_ingest_sigkill_mid_replay_loses_nothing(cfg: Config, uid: str) ->
     assert await kafka.size(cfg.kafka, cfg.kafka.topics.down_events_dlq) == 0
 
 
-async def produce_events(cfg: Config, events: list[tuple[str, str, dict[str, object]]]) -> None:
+async def produce_events(
+    cfg: Config, events: list[tuple[str, str, dict[str, object]]], *, at_ms: int | None = None
+) -> None:
+    """Down-event records, as ingest lands them; ``at_ms``: their timestamp (default now)."""
     await kafka.ensure_topics(cfg.kafka, cfg.kafka.topics.all())
     async with kafka.producer(cfg.kafka) as producer:
         for gateway, _, event in events:
@@ -93,7 +98,10 @@ async def produce_events(cfg: Config, events: list[tuple[str, str, dict[str, obj
                 event=msgspec.Raw(orjson.dumps(event)),
             )
             await producer.send(
-                cfg.kafka.topics.down_events, msgspec.json.encode(record), key=gateway.encode()
+                cfg.kafka.topics.down_events,
+                msgspec.json.encode(record),
+                key=gateway.encode(),
+                timestamp_ms=at_ms,
             )
         await producer.flush()
 
@@ -137,7 +145,8 @@ async def test_redelivered_events_yield_children_once_even_after_restart(
     a = ("gw-1", "a", add_response(f"a-{uid}", ["a1", "a2", "a3"], ["af"]))
     b = ("gw-1", "b", add_response(f"b-{uid}", ["b1"]))
     same_id_other_gateway = ("gw-2", "a", add_response(f"a-{uid}", ["c1"]))
-    await produce_events(cfg, [a, a, b, same_id_other_gateway])
+    t0 = int(time.time() * 1000)
+    await produce_events(cfg, [a, a, b, same_id_other_gateway], at_ms=t0)
     async with running(Router(cfg)):
         added = await read_topic(cfg.kafka, cfg.kafka.topics.added, expect=5)
     assert sorted(r.key for r in added) == [
@@ -160,13 +169,20 @@ async def test_redelivered_events_yield_children_once_even_after_restart(
     short = msgspec.structs.replace(
         cfg, router=msgspec.structs.replace(cfg.router, dedup_window=0.5)
     )
-    await asyncio.sleep(1)
-    await produce_events(cfg, [b])
+    # The window is measured on record timestamps: one repeat inside it, one after it.
+    await produce_events(cfg, [b], at_ms=t0 + 100)
+    await produce_events(cfg, [b], at_ms=t0 + 2000)
+    events_before = ROUTER_DUPLICATES._value.get()
+    children_before = ROUTER_SKIPPED_CHILDREN.labels("duplicate")._value.get()
     async with running(Router(short)):
         await caught_up(cfg.kafka, cfg.router.group_id, cfg.kafka.topics.down_events)
     added = await read_topic(cfg.kafka, cfg.kafka.topics.added)
     assert sorted(r.key for r in added).count(b"prod_b1") == 1
     assert len(added) == 5
+    # The first caught by the (gateway, event_id) window, the second (past it) by the
+    # child's state.
+    assert ROUTER_DUPLICATES._value.get() == events_before + 1
+    assert ROUTER_SKIPPED_CHILDREN.labels("duplicate")._value.get() == children_before + 1
 
 
 async def test_sigterm_router_commits_and_exits_zero(cfg: Config, uid: str) -> None:
