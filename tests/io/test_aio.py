@@ -61,5 +61,6 @@ async def test_a_cancelled_wait_cancels_what_it_waited_for() -> None:
 async def test_stop_first_cancels_the_work() -> None:
     stopped = asyncio.get_running_loop().create_future()
     stopped.set_result(None)
+    never = asyncio.Event()  # work that would never end on its own
     with pytest.raises(Stopped):
-        await unless_stopped(stopped, asyncio.sleep(10))
+        await unless_stopped(stopped, never.wait())
