@@ -20,7 +20,7 @@ from pipeline.io import _aiokafka_internals
 from pipeline.tls import client_context
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Awaitable, Callable, Iterator
     from types import TracebackType
 
     from pipeline.config import KafkaConfig
@@ -118,6 +118,17 @@ def _bootstrapping() -> Iterator[None]:
         raise KafkaConnectionError(_NO_BOOTSTRAP) from exc
 
 
+async def _start_or_close(
+    start: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]
+) -> None:
+    """Start a client; close it again when starting fails or is cancelled."""
+    try:
+        await start()
+    except BaseException:
+        await close()
+        raise
+
+
 class _Producer(AIOKafkaProducer):  # type: ignore[misc]
     """aiokafka's producer, closed when ``async with`` fails to start it, quietly when fenced.
 
@@ -136,11 +147,7 @@ class _Producer(AIOKafkaProducer):  # type: ignore[misc]
         await super().stop()
 
     async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
+        await _start_or_close(self.start, self.stop)
         return self
 
 
@@ -153,11 +160,7 @@ class _Consumer(AIOKafkaConsumer):  # type: ignore[misc]
             await super().start()
 
     async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
+        await _start_or_close(self.start, self.stop)
         return self
 
 
@@ -174,11 +177,7 @@ class _Admin(AIOKafkaAdminClient):  # type: ignore[misc]
             await super().start()
 
     async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
+        await _start_or_close(self.start, self.close)
         return self
 
     async def __aexit__(
