@@ -12,6 +12,7 @@ Exit codes, by what the error is (``pipeline --help`` lists them too):
   traceback logged), or a stage stopped because it could not go on safely
   (:class:`~pipeline.errors.StageFailed`). A restart, once the service is back, cures it.
 - 3: ``pipeline reconcile`` found DPS differing from the topics (it lists the differences).
+- 4: ``pipeline trace`` found no record of the device in the topics (or in the window).
 - 70 (``EX_SOFTWARE``): a bug. An internal invariant broke
   (:class:`~pipeline.errors.InternalError`) or an error nobody expected; its traceback is
   logged as one JSON line.
@@ -57,6 +58,7 @@ exit codes:
       go on safely: one line naming it; a restart cures it once the service is back
   2   bad configuration or input: one line naming the key, the file:line or the argument
   3   reconcile: DPS differs from what the topics say (the differences are listed)
+  4   trace: no record of that device in the topics (or in the window)
   70  a bug (an internal invariant broke, or an unexpected error): traceback logged
   130 a tool interrupted (Ctrl-C)
 """
@@ -81,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_workers(sub)
     _add_tools(sub)
     _add_admin(sub)
+    _add_trace(sub)
     return parser
 
 
@@ -251,6 +254,34 @@ def _add_admin(sub: Any) -> None:
     p.add_argument("--port", type=int, help="default: the first configured metrics port open")
     p.add_argument("--path", default="/healthz", help="default: /healthz (or /readyz, ...)")
     p.set_defaults(handler=_healthcheck)
+
+
+def _add_trace(sub: Any) -> None:
+    p = sub.add_parser(
+        "trace",
+        help="one device's journey through the topics, oldest first",
+        description="Print every record the pipeline wrote about one device, oldest first: "
+        "the down event, the router's added, failed or deleted record, each allocation, DLQ "
+        "record, release and redrive, with topic, partition, offset, time and trace id. "
+        "Reads only the partitions the device's keys are in. Exit 0 when found, 4 when not.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sn", help="the child's sn in DPS")
+    which.add_argument("--device-id", help="the child's IoTDA device_id")
+    which.add_argument(
+        "--event-id", help="a down event's event_id: every child it names (reads every partition)"
+    )
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only records written at or after this: a duration (90m, 24h, 7d) or an ISO "
+        "8601 time (default: the beginning of each topic)",
+    )
+    p.add_argument(
+        "--until", metavar="WHEN", help="only records written before this (same forms as --since)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(handler=_trace)
 
 
 _STOPPED_BY_SIGTERM = ("ingest", "route", "sink", "run", "record")
@@ -434,6 +465,32 @@ async def _reconcile(args: argparse.Namespace, cfg: Config) -> int:
         rate=args.rate,
         concurrency=args.concurrency,
         progress=not args.no_progress,
+    )
+
+
+async def _trace(args: argparse.Namespace, cfg: Config) -> int:
+    import datetime as dt  # noqa: PLC0415
+
+    from pipeline.core.reconcile import parse_since  # noqa: PLC0415
+    from pipeline.io import kafka  # noqa: PLC0415
+    from pipeline.tools.trace import trace  # noqa: PLC0415
+
+    now = dt.datetime.now(dt.UTC)
+    since = None if args.since is None else parse_since(args.since, now)
+    try:
+        until = None if args.until is None else parse_since(args.until, now)
+    except InputError:
+        msg = f"--until {args.until!r}: give a duration (30s, 90m, 24h) or an ISO 8601 time"
+        raise InputError(msg) from None
+    await kafka.wait_until_reachable(cfg.kafka, within=0)
+    return await trace(
+        cfg,
+        sn=args.sn,
+        device_id=args.device_id,
+        event_id=args.event_id,
+        since=since,
+        until=until,
+        as_json=args.json,
     )
 
 

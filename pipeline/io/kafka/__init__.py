@@ -30,12 +30,21 @@ from pipeline.io.kafka.clients import (
     TXN_RESTART_BACKOFF,
     admin,
     consumer,
+    partition_of,
     producer,
     reader,
     shorten_transaction_backoff,
 )
 from pipeline.io.kafka.preflight import probe, wait_until_reachable
-from pipeline.io.kafka.ranges import Ranges, backlog, partitions, read_range, size, whole
+from pipeline.io.kafka.ranges import (
+    Ranges,
+    backlog,
+    partitions,
+    read_range,
+    size,
+    whole,
+    window,
+)
 from pipeline.io.kafka.watch import Liveness, Rebalance, watch_lag
 
 __all__ = [
@@ -49,6 +58,7 @@ __all__ = [
     "delete_groups",
     "delete_topics",
     "ensure_topics",
+    "partition_of",
     "partitions",
     "prepare_topics",
     "probe",
@@ -61,4 +71,5 @@ __all__ = [
     "wait_until_reachable",
     "watch_lag",
     "whole",
+    "window",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "TXN_RESTART_BACKOFF",
     "admin",
     "consumer",
+    "partition_of",
     "producer",
     "reader",
     "settings",
@@ -71,7 +72,16 @@ class _KeyPartitioner:
     def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
         if key is None:
             return int(_DEFAULT(key, all_partitions, available))
-        return all_partitions[(murmurhash2(key, _MURMUR2_SEED) & 0x7FFFFFFF) % len(all_partitions)]
+        return all_partitions[partition_of(key, len(all_partitions))]
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition of ``partitions`` that every pipeline producer puts ``key`` in.
+
+    Java's (and aiokafka's) default for a keyed record: ``murmur2(key) % partitions``.
+    ``pipeline trace`` reads only this partition of a topic keyed by ``key``.
+    """
+    return (murmurhash2(key, _MURMUR2_SEED) & 0x7FFFFFFF) % partitions
 
 
 _DEFAULT = DefaultPartitioner()

@@ -1,8 +1,9 @@
 """Reading a topic between two offsets, and what lies between them.
 
 Every "read the records of a topic between two offsets" goes through :func:`read_range`,
-with ranges from :func:`whole` or built from :func:`partitions` and the consumer's
-offsets; :func:`size` and :func:`backlog` count what such a range holds.
+with ranges from :func:`whole`, from :func:`window` (a time window, by the brokers' time
+index) or built from :func:`partitions` and the consumer's offsets; :func:`size` and
+:func:`backlog` count what such a range holds.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import KafkaConfig
 
-__all__ = ["Ranges", "backlog", "partitions", "read_range", "size", "whole"]
+__all__ = ["Ranges", "backlog", "partitions", "read_range", "size", "whole", "window"]
 
 Ranges = dict[TopicPartition, tuple[int, int]]
 """Per partition, the offsets ``[start, end)`` to read."""
@@ -87,6 +88,36 @@ async def whole(client: AIOKafkaConsumer, *topics: str) -> Ranges:
     begins = await client.beginning_offsets(tps)
     ends = await client.end_offsets(tps)
     return {tp: (begins[tp], ends[tp]) for tp in tps}
+
+
+async def window(
+    client: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+) -> Ranges:
+    """The ranges of ``tps`` holding the records timestamped in ``[since_ms, until_ms)``.
+
+    Found by the brokers' time index (``offsets_for_times``), not by reading: a window
+    costs two lookups per partition whatever the partition holds. A bound left out is
+    the partition's beginning or end. Timestamps are the records' (CreateTime, set by the
+    producer); a record timestamped out of order with its neighbours may fall either side.
+    """
+    if not tps:
+        return {}
+    begins = await client.beginning_offsets(tps)
+    ends = await client.end_offsets(tps)
+
+    async def at(ms: int | None, default: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        if ms is None:
+            return default
+        found = await client.offsets_for_times(dict.fromkeys(tps, ms))
+        # None: no record at or after ms, so the range ends (or starts) at the end.
+        return {tp: ends[tp] if found[tp] is None else found[tp].offset for tp in tps}
+
+    starts = await at(since_ms, begins)
+    stops = await at(until_ms, ends)
+    return {tp: (starts[tp], max(starts[tp], stops[tp])) for tp in tps}
 
 
 async def size(cfg: KafkaConfig, *topics: str) -> int:
