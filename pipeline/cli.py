@@ -473,7 +473,7 @@ async def _trace(args: argparse.Namespace, cfg: Config) -> int:
 
     from pipeline.core.reconcile import parse_since  # noqa: PLC0415
     from pipeline.io import kafka  # noqa: PLC0415
-    from pipeline.tools.trace import trace  # noqa: PLC0415
+    from pipeline.tools.trace import check_query, trace  # noqa: PLC0415
 
     now = dt.datetime.now(dt.UTC)
     since = None if args.since is None else parse_since(args.since, now)
@@ -482,6 +482,9 @@ async def _trace(args: argparse.Namespace, cfg: Config) -> int:
     except InputError:
         msg = f"--until {args.until!r}: give a duration (30s, 90m, 24h) or an ISO 8601 time"
         raise InputError(msg) from None
+    check_query(
+        sn=args.sn, device_id=args.device_id, event_id=args.event_id, since=since, until=until
+    )
     await kafka.wait_until_reachable(cfg.kafka, within=0)
     return await trace(
         cfg,

@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import Config
 
-__all__ = ["NOT_FOUND", "Journey", "Step", "trace", "trace_id", "walk"]
+__all__ = ["NOT_FOUND", "Journey", "Step", "check_query", "trace", "trace_id", "walk"]
 
 NOT_FOUND = 4
 """The exit code when no record of the device is in the topics (or the window)."""
@@ -452,6 +452,36 @@ def _reason(raw: msgspec.Raw) -> dict[str, str]:
             "error_msg": reason.error_msg}  # fmt: skip
 
 
+def check_query(
+    *,
+    sn: str | None = None,
+    device_id: str | None = None,
+    event_id: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> dict[str, str]:
+    """What is asked, as ``{name: value}``; checked before any broker is asked.
+
+    Raises:
+        InputError: not exactly one of them, an empty one, or ``since`` not before ``until``.
+    """
+    given = {
+        k: v for k, v in (("sn", sn), ("device_id", device_id), ("event_id", event_id))
+        if v is not None
+    }  # fmt: skip
+    if len(given) != 1:
+        msg = "give one of --sn, --device-id, --event-id"
+        raise InputError(msg)
+    ((name, value),) = given.items()
+    if not value.strip():
+        msg = f"--{name.replace('_', '-')}: empty"
+        raise InputError(msg)
+    if since is not None and until is not None and since >= until:
+        msg = f"--since {since.isoformat()} is not before --until {until.isoformat()}"
+        raise InputError(msg)
+    return given
+
+
 async def walk(
     cfg: Config,
     *,
@@ -466,18 +496,8 @@ async def walk(
     Raises:
         InputError: not exactly one of them, an empty one, or ``since`` after ``until``.
     """
-    given = {k: v for k, v in (("sn", sn), ("device_id", device_id), ("event_id", event_id))
-             if v is not None}  # fmt: skip
-    if len(given) != 1:
-        msg = "give one of --sn, --device-id, --event-id"
-        raise InputError(msg)
-    ((name, value),) = given.items()
-    if not value.strip():
-        msg = f"--{name.replace('_', '-')}: empty"
-        raise InputError(msg)
-    if since is not None and until is not None and since >= until:
-        msg = f"--since {since.isoformat()} is not before --until {until.isoformat()}"
-        raise InputError(msg)
+    given = check_query(sn=sn, device_id=device_id, event_id=event_id, since=since, until=until)
+    (value,) = given.values()
     async with kafka.reader(cfg.kafka) as client:
         walker = _Walk(cfg, client, _ms(since), _ms(until))
         await walker.start()
