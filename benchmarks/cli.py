@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 
 from benchmarks.options import Options
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.ops.logs import setup_logging
 
@@ -108,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
         "replicas (uses --rounds, --messages and --allocations)",
     )
     parser.add_argument(
+        "--history",
+        type=int,
+        metavar="N",
+        help="instead: fill the topics with N down events (N records each, 2N added) and "
+        "time `pipeline trace` and `pipeline audit` on them (benchmarks/history.py); "
+        "writes benchmarks/results/summary-history.json",
+    )
+    parser.add_argument(
         "--out",
         metavar="FILE.json",
         type=Path,
@@ -170,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return _fail(2, f"benchmarks: {exc}")
+    if args.history is not None:
+        return _history(args, cfg)
     options = Options(
         rounds=args.rounds, messages=args.messages, events=args.events,
         allocations=args.allocations, sustain=args.sustain, rates=args.rates,
@@ -188,6 +198,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ConnectionError, PipelineError) as exc:  # a broker not reachable, in one line
         return _fail(1, f"benchmarks: {exc}")
+
+
+def _history(args: argparse.Namespace, cfg: Config) -> int:
+    """``--history N``: trace and audit on N records a topic (:mod:`benchmarks.history`)."""
+    from benchmarks import history  # noqa: PLC0415
+    from pipeline.tools.console import make_console  # noqa: PLC0415
+
+    if args.history < 1:
+        return _fail(2, f"benchmarks: --history {args.history}: must be 1 or more")
+    summary = args.summary or RESULTS / "summary-history.json"
+    try:
+        return asyncio.run(
+            history.run(
+                cfg, args.history, config_path=args.config, summary=summary,
+                console=make_console(stderr=True),
+            )
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        return 130
 
 
 def _from_raw(args: argparse.Namespace) -> int:

@@ -498,7 +498,7 @@ async def walk(
     """
     given = check_query(sn=sn, device_id=device_id, event_id=event_id, since=since, until=until)
     (value,) = given.values()
-    async with kafka.reader(cfg.kafka) as client:
+    async with kafka.reader(cfg.kafka, fetch_max_wait_ms=10) as client:
         walker = _Walk(cfg, client, _ms(since), _ms(until))
         await walker.start()
         if sn is not None:
