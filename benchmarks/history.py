@@ -295,21 +295,27 @@ def _cases(n: int, start_ms: int) -> list[tuple[str, list[str], int]]:
         ((i, k) for c in range(GAP_EVERY - 1, 2 * n, GAP_EVERY) for i, k in [divmod(c, 2)]),
         None,
     )
-    picks = [("allocated, mid", n // 2, 0), ("dead-lettered, late", n - 3, 1),
-             ("allocated, early", 7, 0)]  # fmt: skip
+    picks = [("allocated, mid", n // 2, 0, True), ("dead-lettered, late", n - 3, 1, True),
+             ("allocated, early", 7, 0, False)]  # fmt: skip
     if gap is not None:
-        picks.append(("planted gap", *gap))
+        picks.append(("planted gap", *gap, False))
     cases = []
-    for name, i, k in picks:
+    for name, i, k, whole in picks:
         at = int(start_ms + i * step)
         window = ["--since", _iso(at - int(_WINDOW.total_seconds() * 1000)),
                   "--until", _iso(at + int(_WINDOW.total_seconds() * 1000))]  # fmt: skip
-        cases.append((f"--sn, {name}", ["trace", "--sn", child_sn(i, k)], 0))
+        if whole:  # the whole history: the sn and device_id partitions read to the end
+            cases.append((f"--sn, {name}", ["trace", "--sn", child_sn(i, k)], 0))
         cases.append((f"--sn, {name}, window", ["trace", "--sn", child_sn(i, k), *window], 0))
     mid = n // 3
-    cases.append(("--device-id", ["trace", "--device-id", child_device(mid, 1)], 0))
-    cases.append(("--sn, IoTDA-failed", ["trace", "--sn", f"f-{mid:08d}"], 0))
-    cases.append(("--sn, unknown", ["trace", "--sn", "no-such-sn"], 4))
+    at = int(start_ms + mid * step)
+    window = ["--since", _iso(at - int(_WINDOW.total_seconds() * 1000)),
+              "--until", _iso(at + int(_WINDOW.total_seconds() * 1000))]  # fmt: skip
+    cases.append(
+        ("--device-id, window", ["trace", "--device-id", child_device(mid, 1), *window], 0)
+    )
+    cases.append(("--sn, IoTDA-failed, window", ["trace", "--sn", f"f-{mid:08d}", *window], 0))
+    cases.append(("--sn, unknown, window", ["trace", "--sn", "no-such-sn", *window], 4))
     return cases
 
 

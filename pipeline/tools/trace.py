@@ -81,6 +81,14 @@ _RANK = {"down_event": 0, "added": 1, "redriven": 1, "deleted": 1, "failed": 1}
 _FIRST_STEP = 1_000
 """Offsets read in the first step backwards when looking for a down event (x4 each step)."""
 
+_SCAN = {
+    "fetch_max_wait_ms": 10,
+    "max_partition_fetch_bytes": 16 << 20,
+    "fetch_max_bytes": 64 << 20,
+}
+"""A reader that scans: big fetches, and no waiting at a range's end for records that
+may follow (the broker's 500 ms default, per fetch)."""
+
 _TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -498,7 +506,7 @@ async def walk(
     """
     given = check_query(sn=sn, device_id=device_id, event_id=event_id, since=since, until=until)
     (value,) = given.values()
-    async with kafka.reader(cfg.kafka, fetch_max_wait_ms=10) as client:
+    async with kafka.reader(cfg.kafka, **_SCAN) as client:
         walker = _Walk(cfg, client, _ms(since), _ms(until))
         await walker.start()
         if sn is not None:

@@ -105,19 +105,26 @@ async def window(
     """
     if not tps:
         return {}
-    begins = await client.beginning_offsets(tps)
-    ends = await client.end_offsets(tps)
-
-    async def at(ms: int | None, default: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
-        if ms is None:
-            return default
-        found = await client.offsets_for_times(dict.fromkeys(tps, ms))
-        # None: no record at or after ms, so the range ends (or starts) at the end.
-        return {tp: ends[tp] if found[tp] is None else found[tp].offset for tp in tps}
-
-    starts = await at(since_ms, begins)
-    stops = await at(until_ms, ends)
+    begins, ends, since, until = await asyncio.gather(
+        client.beginning_offsets(tps),
+        client.end_offsets(tps),
+        _at(client, tps, since_ms),
+        _at(client, tps, until_ms),
+    )
+    # No record at or after a bound: the range starts (or ends) at the end.
+    starts = {tp: begins[tp] if since_ms is None else since.get(tp, ends[tp]) for tp in tps}
+    stops = {tp: ends[tp] if until_ms is None else until.get(tp, ends[tp]) for tp in tps}
     return {tp: (starts[tp], max(starts[tp], stops[tp])) for tp in tps}
+
+
+async def _at(
+    client: AIOKafkaConsumer, tps: list[TopicPartition], ms: int | None
+) -> dict[TopicPartition, int]:
+    """Per partition, the first offset timestamped at or after ``ms`` (none: left out)."""
+    if ms is None:
+        return {}
+    found = await client.offsets_for_times(dict.fromkeys(tps, ms))
+    return {tp: at.offset for tp, at in found.items() if at is not None}
 
 
 async def size(cfg: KafkaConfig, *topics: str) -> int:
