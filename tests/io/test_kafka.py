@@ -45,6 +45,30 @@ async def test_read_range_skips_markers_and_aborted_records(cfg: Config, uid: st
         assert await kafka.whole(reader, topic) == {tp: (0, end)}
 
 
+async def test_window_finds_a_time_range_by_the_time_index(cfg: Config, uid: str) -> None:
+    topic = f"window-{uid}"
+    await kafka.ensure_topics(cfg.kafka, [topic], partitions=2)
+    base = 1_700_000_000_000
+    async with kafka.producer(cfg.kafka) as producer:
+        for i in range(10):  # partition 0: timestamps base, base+1000, ...; partition 1: none
+            await producer.send_and_wait(
+                topic, b"%d" % i, partition=0, timestamp_ms=base + i * 1000
+            )
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    async with kafka.reader(cfg.kafka) as reader:
+        assert await kafka.window(reader, [p0, p1]) == {p0: (0, 10), p1: (0, 0)}
+        assert await kafka.window(reader, [p0], base + 2500, base + 5000) == {p0: (3, 5)}
+        assert await kafka.window(reader, [p0], base + 2000) == {p0: (2, 10)}
+        assert await kafka.window(reader, [p0], None, base + 1) == {p0: (0, 1)}
+        # Past the last record: an empty range at the end; an inverted window is empty.
+        assert await kafka.window(reader, [p0], base + 99_000) == {p0: (10, 10)}
+        assert await kafka.window(reader, [p0], base + 5000, base + 2000) == {p0: (5, 5)}
+        got = [r.value async for r in kafka.read_range(reader, await kafka.window(
+            reader, [p0, p1], base + 7000, base + 9000))]  # fmt: skip
+        assert got == [b"7", b"8"]
+        assert await kafka.window(reader, []) == {}
+
+
 def test_the_partitioner_agrees_with_aiokafkas() -> None:
     ours, theirs = _KeyPartitioner(), DefaultPartitioner()
     rng = random.Random(7)
@@ -54,4 +78,5 @@ def test_the_partitioner_agrees_with_aiokafkas() -> None:
         parts = list(range(n))
         for key in keys:
             assert ours(key, parts, parts) == theirs(key, parts, parts)
+            assert kafka.partition_of(key, n) == theirs(key, parts, parts)
     assert ours(None, [0, 1], [1]) == 1  # no key: any available partition
