@@ -81,13 +81,10 @@ _RANK = {"down_event": 0, "added": 1, "redriven": 1, "deleted": 1, "failed": 1}
 _FIRST_STEP = 1_000
 """Offsets read in the first step backwards when looking for a down event (x4 each step)."""
 
-_SCAN = {
-    "fetch_max_wait_ms": 10,
-    "max_partition_fetch_bytes": 16 << 20,
-    "fetch_max_bytes": 64 << 20,
-}
-"""A reader that scans: big fetches, and no waiting at a range's end for records that
-may follow (the broker's 500 ms default, per fetch)."""
+_SCAN = {"fetch_max_wait_ms": 10}
+"""No waiting at a range's end for records that may follow (the broker's 500 ms default,
+per fetch). Fetches stay ``kafka.max_record_size`` a partition: larger ones read (and
+aiokafka decodes) far past a short range's end."""
 
 _TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
