@@ -13,9 +13,11 @@
    ``acks=all``, many in flight; topics with ``kafka.partitions`` partitions.
 2. Measure, each a ``pipeline`` subprocess as an operator runs it, :data:`RUNS` times:
    ``trace --sn`` for children across the history (allocated, dead-lettered, a planted
-   gap, an IoTDA-failed one), with and without a 10-minute ``--since``/``--until``
-   window around the event; ``trace --device-id``; and ``audit --since --until`` over
-   the whole history when the command exists (``pipeline audit --help`` succeeds).
+   gap, an IoTDA-failed one, one that does not exist) with a 10-minute
+   ``--since``/``--until`` window around the event, two of them also without a window
+   (the key's partitions read whole); ``trace --device-id``; and ``audit --since
+   --until`` over the whole history when the command exists (``pipeline audit --help``
+   succeeds).
    Wall time and peak RSS of each child (``os.wait4``'s rusage).
 3. Report medians; write them to ``benchmarks/results/summary-history.json``.
 

@@ -13,7 +13,9 @@ record until nothing new turns up:
 
 - an sn: ``dps.allocations``, ``dps.allocations.dlq`` and ``dps.releases`` (keyed by sn);
   with ``sink.sn_from = "node_id"`` the sn is the node_id, so ``iotda.subdevices.failed``
-  (keyed by node_id) too. Their records name the device_id.
+  (keyed by node_id) too. Their records name the device_id. An sn with no outcome yet
+  names none: then every partition of the added and deleted topics is read (within the
+  window) for the child that maps to it.
 - a device_id: ``iotda.subdevices.added`` and ``iotda.subdevices.deleted`` (keyed by
   device_id). Their DeviceInfo gives the node_id (failed) and the sn (as the sink maps
   it, ``[sink]``).
@@ -251,7 +253,36 @@ class _Walk:
                 values.clear()
             for record in await self._read_keys(wanted):
                 self._take(record)
-        await self._down_events()
+
+    async def by_sn(self, sn: str) -> None:
+        """Every record of the child whose sn is ``sn``.
+
+        The outcomes name the device_id. A child without one yet (the sink has not got to
+        it, or it is a gap) has only its added record, keyed by a device_id the sn does
+        not give: then the added and deleted topics are read, every partition (within
+        the window), for the child that maps to ``sn``.
+        """
+        self.want("sn", sn)
+        await self.follow()
+        if self.steps:  # an outcome (naming the device_id), or a failed child
+            return
+        t = self._topics
+        tps = await kafka.partitions(self._client, t.added, t.deleted)
+        ranges = await kafka.window(self._client, tps, self._since, self._until)
+        wanted = sn.encode()
+        async for record in kafka.read_range(self._client, ranges):
+            if record.value is not None and wanted in record.value and self._maps_to(record, sn):
+                self._take(record)
+        await self.follow()
+
+    def _maps_to(self, record: ConsumerRecord[bytes, bytes], sn: str) -> bool:
+        """Whether the added or deleted child ``record`` has the sn ``sn``."""
+        decoder = _DECODERS["added" if record.topic == self._topics.added else "deleted"]
+        try:
+            device = _DEVICE.decode(decoder.decode(record.value or b"").device)
+            return device is not None and self._mapper.locate(device)[0] == sn
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, MappingError):
+            return False
 
     async def _read_keys(self, wanted: dict[str, set[str]]) -> list[ConsumerRecord[bytes, bytes]]:
         """The records of ``wanted``'s keys, from the one partition each key can be in."""
@@ -373,7 +404,7 @@ class _Walk:
             with contextlib.suppress(MappingError):
                 self.want("sn", self._mapper.locate(device)[0])
 
-    async def _down_events(self) -> None:
+    async def down_events(self) -> None:
         """Each (gateway, event_id) named: its down event, backwards from the first record."""
         for (gateway, event_id), before in sorted(self._events.items()):
             if (gateway, event_id) in self._found_events:
@@ -507,12 +538,13 @@ async def walk(
         walker = _Walk(cfg, client, _ms(since), _ms(until))
         await walker.start()
         if sn is not None:
-            walker.want("sn", sn)
+            await walker.by_sn(sn)
         elif device_id is not None:
             walker.want("device", device_id)
         else:
             await walker.by_event(value)
         await walker.follow()
+        await walker.down_events()
     steps = sorted(walker.steps, key=lambda s: s._order)  # noqa: SLF001
     return Journey(
         query=given,

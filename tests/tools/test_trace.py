@@ -23,7 +23,7 @@ from pipeline.tools.redrive import redrive
 from pipeline.tools.replay import replay
 from pipeline.tools.trace import NOT_FOUND, check_query, trace, trace_id, walk
 from tests.harness import add_response, read_topic, running, wait_check
-from tests.stages.sink.support import with_emulator
+from tests.stages.sink.support import child, with_emulator
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -201,6 +201,21 @@ async def test_nothing_found(cfg: Config, uid: str) -> None:
     out = io.StringIO()
     assert await trace(cfg, device_id=f"none-{uid}", as_json=True, out=out) == NOT_FOUND
     assert json.loads(out.getvalue())["steps"] == []
+
+
+async def test_a_child_without_an_outcome_is_found_by_its_sn(cfg: Config, uid: str) -> None:
+    # The sink has not got to it: only the router's added record, keyed by device_id.
+    t = cfg.kafka.topics
+    await kafka.ensure_topics(cfg.kafka, t.all())
+    sn, device_id = f"waiting-{uid}", f"prod_waiting-{uid}"
+    async with kafka.producer(cfg.kafka) as producer:
+        for n in range(3):  # others first, in whichever partitions
+            await producer.send_and_wait(t.added, child(f"other-{n}-{uid}"), key=b"other-%d" % n)
+        await producer.send_and_wait(t.added, child(sn), key=device_id.encode())
+    journey = await walk(cfg, sn=sn)
+    assert steps(journey) == [("added", t.added)]
+    assert journey.steps[0].detail["device_id"] == device_id
+    assert journey.steps[0].detail["node_id"] == sn
 
 
 def test_bad_input_is_refused_before_any_broker() -> None:
