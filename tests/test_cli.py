@@ -409,7 +409,7 @@ def test_help_lists_the_exit_codes() -> None:
     assert proc.returncode == 0
     codes = proc.stdout.split("exit codes:\n", 1)[1]
     assert [line.split()[0] for line in codes.splitlines() if line[:3].strip()] == [
-        "0", "1", "2", "3", "70", "130"
+        "0", "1", "2", "3", "4", "70", "130"
     ]  # fmt: skip
 
 
