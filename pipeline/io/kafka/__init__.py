@@ -35,7 +35,15 @@ from pipeline.io.kafka.clients import (
     shorten_transaction_backoff,
 )
 from pipeline.io.kafka.preflight import probe, wait_until_reachable
-from pipeline.io.kafka.ranges import Ranges, backlog, partitions, read_range, size, whole
+from pipeline.io.kafka.ranges import (
+    Ranges,
+    backlog,
+    partitions,
+    read_range,
+    since,
+    size,
+    whole,
+)
 from pipeline.io.kafka.watch import Liveness, Rebalance, watch_lag
 
 __all__ = [
@@ -57,6 +65,7 @@ __all__ = [
     "reader",
     "record_limit",
     "shorten_transaction_backoff",
+    "since",
     "size",
     "wait_until_reachable",
     "watch_lag",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import KafkaConfig
 
-__all__ = ["Ranges", "backlog", "partitions", "read_range", "size", "whole"]
+__all__ = ["Ranges", "backlog", "partitions", "read_range", "since", "size", "whole"]
 
 Ranges = dict[TopicPartition, tuple[int, int]]
 """Per partition, the offsets ``[start, end)`` to read."""
@@ -87,6 +87,20 @@ async def whole(client: AIOKafkaConsumer, *topics: str) -> Ranges:
     begins = await client.beginning_offsets(tps)
     ends = await client.end_offsets(tps)
     return {tp: (begins[tp], ends[tp]) for tp in tps}
+
+
+async def since(client: AIOKafkaConsumer, when_ms: int, *topics: str) -> Ranges:
+    """The ranges from the first record written at or after ``when_ms`` to the end now.
+
+    A time-indexed seek (``offsets_for_times``): a partition with nothing that recent
+    gets an empty range.
+    """
+    tps = await partitions(client, *topics)
+    if not tps:
+        return {}
+    ends = await client.end_offsets(tps)
+    found = await client.offsets_for_times(dict.fromkeys(tps, max(0, when_ms)))
+    return {tp: (ends[tp] if found.get(tp) is None else found[tp].offset, ends[tp]) for tp in tps}
 
 
 async def size(cfg: KafkaConfig, *topics: str) -> int:
