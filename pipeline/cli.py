@@ -180,6 +180,12 @@ def _add_audit(sub: Any) -> None:
         help="run again every DURATION (5m), the window moving with the clock, rewriting "
         "--prometheus FILE each time, until stopped; needs --prometheus",
     )
+    p.add_argument(
+        "--only",
+        choices=("routing", "outcomes"),
+        help="routing: only that every add response was routed (no sink running); "
+        "outcomes: only the children's outcomes (default: both)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.set_defaults(handler=_audit)
 
@@ -517,6 +523,7 @@ async def _audit(args: argparse.Namespace, cfg: Config) -> int:
             as_json=args.json,
             prometheus=prometheus,
             progress=not args.no_progress and every is None,
+            only=args.only,
         )
 
     await kafka.wait_until_reachable(cfg.kafka, within=0)

@@ -31,7 +31,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 from rich.markup import escape
@@ -68,9 +68,11 @@ if TYPE_CHECKING:
 
     from pipeline.config import Config
 
-__all__ = ["GAPS", "LIMIT", "SKEW", "audit", "check", "summary"]
+__all__ = ["GAPS", "LIMIT", "SKEW", "Only", "audit", "check", "summary"]
 
 log = logging.getLogger(__name__)
+
+Only = Literal["routing", "outcomes"]
 
 GAPS = 1
 """The exit code when the promise does not hold."""
@@ -395,8 +397,12 @@ async def check(
     limit: int = LIMIT,
     progress: bool = True,
     now: dt.datetime | None = None,
+    only: Only | None = None,
 ) -> Report:
     """Audit the window ``[since, until)``; the report.
+
+    ``only``: ``routing`` checks the events alone (no sink running), ``outcomes`` the
+    children's outcomes alone.
 
     Raises:
         ConfigError: the added topic does not exist.
@@ -420,19 +426,27 @@ async def check(
             audit.origins.seal()
             audit.routed.seal()
             audit.failures.seal()
-            outcomes = await kafka.since(
-                client, window.early_ms, topics.allocations, topics.releases, topics.allocations_dlq
-            )
-            async with bar.reading(client, outcomes, "outcomes") as records:
-                async for record in records:
-                    audit.outcome(record)
-            events = await kafka.since(client, window.since_ms, topics.down_events)
-            async with bar.reading(client, events, "events") as records:
-                async for record in records:
-                    audit.event(record)
+            if only != "routing":
+                outcomes = await kafka.since(
+                    client,
+                    window.early_ms,
+                    topics.allocations,
+                    topics.releases,
+                    topics.allocations_dlq,
+                )
+                async with bar.reading(client, outcomes, "outcomes") as records:
+                    async for record in records:
+                        audit.outcome(record)
+            if only != "outcomes":
+                events = await kafka.since(client, window.since_ms, topics.down_events)
+                async with bar.reading(client, events, "events") as records:
+                    async for record in records:
+                        audit.event(record)
         counts: Counter[str] = Counter()
-        gaps = await _details(client, audit, audit.added, counts)
-        gaps += await _details(client, audit, audit.deleted, counts)
+        gaps: list[Gap] = []
+        if only != "routing":
+            gaps += await _details(client, audit, audit.added, counts)
+            gaps += await _details(client, audit, audit.deleted, counts)
         gaps += audit.known(await _states(client, cfg, audit))
     counts["unrouted"] = sum(g.kind == "unrouted" for g in gaps)
     missing = [g.waiting_s or 0.0 for g in gaps if g.kind == "missing"]
@@ -498,12 +512,13 @@ async def audit(
     as_json: bool = False,
     prometheus: Path | None = None,
     progress: bool = True,
+    only: Only | None = None,
     out: IO[str] | None = None,
 ) -> int:
     """Audit, print, write the metrics if asked; returns the exit code (0 or :data:`GAPS`)."""
     stream = out or sys.stdout
     started = time.monotonic()
-    report = await check(cfg, since=since, until=until, limit=limit, progress=progress)
+    report = await check(cfg, since=since, until=until, limit=limit, progress=progress, only=only)
     elapsed = time.monotonic() - started
     log.info("audit: %s in %.1f s", summary(report), elapsed)
     if prometheus is not None:
