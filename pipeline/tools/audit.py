@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import Config
 
-__all__ = ["GAPS", "LIMIT", "SKEW", "Only", "audit", "check", "summary"]
+__all__ = ["GAPS", "LIMIT", "SKEW", "Only", "audit", "check", "show", "summary"]
 
 log = logging.getLogger(__name__)
 
@@ -503,6 +503,18 @@ def summary(report: Report) -> str:
     )
 
 
+def show(report: Report, stream: IO[str], *, as_json: bool = False) -> None:
+    """The findings as a table and the summary line, or one JSON document."""
+    if as_json:
+        document = msgspec.to_builtins(report) | {"holds": report.holds}
+        stream.write(msgspec.json.encode(document).decode() + "\n")
+        return
+    console = make_console(file=stream)
+    if report.gaps:
+        console.print(_table(report))
+    console.print(escape(summary(report)))
+
+
 async def audit(
     cfg: Config,
     *,
@@ -535,14 +547,7 @@ async def audit(
             window_s=window.total_seconds(),
             duration_s=elapsed,
         )
-    if as_json:
-        document = msgspec.to_builtins(report) | {"holds": report.holds}
-        stream.write(msgspec.json.encode(document).decode() + "\n")
-    else:
-        console = make_console(file=stream)
-        if report.gaps:
-            console.print(_table(report))
-        console.print(escape(summary(report)))
+    show(report, stream, as_json=as_json)
     if report.unreadable:
         log.warning("audit: %d records could not be read (not counted)", report.unreadable)
     return 0 if report.holds else GAPS
