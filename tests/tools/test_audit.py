@@ -220,3 +220,26 @@ async def test_bad_input_exits_2(argv: list[str]) -> None:
     )  # fmt: skip
     _, stderr = await proc.communicate()
     assert proc.returncode == 2, stderr.decode()
+
+
+async def test_every_rewrites_the_metrics_file_each_round(cfg: Config, tmp_path: Path) -> None:
+    await plant(cfg, int(time.time() * 1000))
+    metrics = tmp_path / "audit.prom"
+    proc = await harness.start(
+        *PIPELINE, "audit", "--since", "1h", "--every", "1s", "--prometheus", str(metrics),
+        env=harness.worker_env(cfg), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    runs: set[str] = set()
+    async with asyncio.timeout(60):
+        while len(runs) < 2:  # two rounds, each one rewriting the file whole
+            assert proc.returncode is None
+            if metrics.exists():
+                text = metrics.read_text()
+                assert 'pipeline_audit_gaps{kind="missing"} 2.0' in text
+                runs |= {
+                    line for line in text.splitlines()
+                    if line.startswith("pipeline_audit_last_run_timestamp_seconds ")
+                }  # fmt: skip
+            await asyncio.sleep(0.2)
+    await harness.kill(proc)
