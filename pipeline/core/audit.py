@@ -59,6 +59,7 @@ BREAKING: frozenset[GapKind] = frozenset({"missing", "duplicate", "unrouted"})
 """The kinds that break the promise (exit 1); ``dead-lettered`` is an outcome, listed."""
 
 _MAX = 255  # the counters saturate: "more than one" is all that matters past 1
+_BUCKETS = 64
 
 
 def trace_id(traceparent: bytes | None) -> str:
@@ -87,19 +88,24 @@ def failed_key(gateway_id: str, event_id: str | None, node_id: str) -> int:
 
 
 class Hashes:
-    """A set of 8-byte hashes: appended while reading, then sealed (sorted) for lookups."""
+    """A set of 8-byte hashes: appended while reading, then sealed (sorted) for lookups.
+
+    Kept in :data:`_BUCKETS` arrays by the hash's low bits, each sorted on its own: sorting
+    makes a Python int of every value for a moment, and a bucket is a 64th of them.
+    """
 
     def __init__(self) -> None:
-        self._values = array("q")
+        self._buckets = [array("q") for _ in range(_BUCKETS)]
         self._sealed = False
 
     def add(self, value: int) -> None:
         """Add one hash (before :meth:`seal`)."""
-        self._values.append(value)
+        self._buckets[value & (_BUCKETS - 1)].append(value)
 
     def seal(self) -> None:
         """Sort the hashes; lookups work from here on."""
-        self._values = array("q", sorted(self._values))
+        for i, bucket in enumerate(self._buckets):
+            self._buckets[i] = array("q", sorted(bucket))
         self._sealed = True
 
     def __contains__(self, value: object) -> bool:
@@ -108,11 +114,12 @@ class Hashes:
             raise RuntimeError(msg)
         if not isinstance(value, int):
             return False
-        i = bisect_left(self._values, value)
-        return i < len(self._values) and self._values[i] == value
+        bucket = self._buckets[value & (_BUCKETS - 1)]
+        i = bisect_left(bucket, value)
+        return i < len(bucket) and bucket[i] == value
 
     def __len__(self) -> int:
-        return len(self._values)
+        return sum(map(len, self._buckets))
 
 
 class Origins:
