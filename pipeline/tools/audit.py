@@ -85,6 +85,11 @@ child's."""
 REDRIVEN_FROM = "redriven-from"
 TRACEPARENT = "traceparent"
 _PROGRESS_STEP = 5000
+_AT_A_TIME = 2000
+"""Records taken from the consumer at a time: few decoded records held at once."""
+_FETCH_BYTES = 8 * 1024 * 1024
+"""The reader's ``fetch_max_bytes``: what one fetch brings of all partitions together
+(Kafka still returns a larger record whole)."""
 
 
 class _Id(msgspec.Struct):
@@ -167,7 +172,8 @@ class _Progress:
 
         async def records() -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
             n = 0
-            async with contextlib.aclosing(kafka.read_range(client, ranges)) as stream:
+            reading = kafka.read_range(client, ranges, max_records=_AT_A_TIME)
+            async with contextlib.aclosing(reading) as stream:
                 async for record in stream:
                     yield record
                     n += 1
@@ -412,7 +418,7 @@ async def check(
     audit = _Audit(cfg, window, int(moment.timestamp() * 1000), limit)
     topics = cfg.kafka.topics
     bar = _Progress(enabled=progress)
-    async with kafka.reader(cfg.kafka) as client:
+    async with kafka.reader(cfg.kafka, fetch_max_bytes=_FETCH_BYTES) as client:
         with bar.shown():
             # One time-indexed seek for every topic: the first offsets request for a
             # topic the reader never read waits for its metadata (seconds, once).
