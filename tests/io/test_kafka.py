@@ -45,6 +45,24 @@ async def test_read_range_skips_markers_and_aborted_records(cfg: Config, uid: st
         assert await kafka.whole(reader, topic) == {tp: (0, end)}
 
 
+async def test_since_seeks_by_time_and_max_records_reads_in_slices(cfg: Config, uid: str) -> None:
+    topic = f"since-{uid}"
+    await kafka.ensure_topics(cfg.kafka, [topic], partitions=2)
+    async with kafka.producer(cfg.kafka) as producer:
+        for i, at in enumerate((1_000, 2_000, 3_000, 4_000)):
+            await producer.send_and_wait(topic, b"%d" % i, partition=0, timestamp_ms=at)
+        await producer.send_and_wait(topic, b"old", partition=1, timestamp_ms=1_000)
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    async with kafka.reader(cfg.kafka) as reader:
+        assert await kafka.since(reader, 2_500, topic) == {p0: (2, 4), p1: (1, 1)}
+        assert await kafka.since(reader, 0, topic) == {p0: (0, 4), p1: (0, 1)}
+        assert await kafka.since(reader, 9_000, topic) == {p0: (4, 4), p1: (1, 1)}
+        assert await kafka.since(reader, 0, f"none-{uid}") == {}
+        ranges = await kafka.since(reader, 0, topic)
+        sliced = [r.value async for r in kafka.read_range(reader, ranges, max_records=1)]
+        assert sorted(sliced) == [b"0", b"1", b"2", b"3", b"old"]
+
+
 def test_the_partitioner_agrees_with_aiokafkas() -> None:
     ours, theirs = _KeyPartitioner(), DefaultPartitioner()
     rng = random.Random(7)
