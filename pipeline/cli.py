@@ -13,6 +13,7 @@ Exit codes, by what the error is (``pipeline --help`` lists them too):
   (:class:`~pipeline.errors.StageFailed`). A restart, once the service is back, cures it.
 - 3: ``pipeline reconcile`` found DPS differing from the topics (it lists the differences).
 - 4: ``pipeline trace`` found no record of the device in the topics (or in the window).
+- ``pipeline audit`` exits 1 when the promise does not hold (it lists the gaps).
 - 70 (``EX_SOFTWARE``): a bug. An internal invariant broke
   (:class:`~pipeline.errors.InternalError`) or an error nobody expected; its traceback is
   logged as one JSON line.
@@ -56,6 +57,7 @@ exit codes:
   0   success; a worker stopped by SIGTERM
   1   a service (Kafka, MQTT, DPS) could not be reached or failed, or a stage could not
       go on safely: one line naming it; a restart cures it once the service is back
+      (audit: 1 when a child has no outcome or more than one, or an event was not routed)
   2   bad configuration or input: one line naming the key, the file:line or the argument
   3   reconcile: DPS differs from what the topics say (the differences are listed)
   4   trace: no record of that device in the topics (or in the window)
@@ -84,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_tools(sub)
     _add_admin(sub)
     _add_trace(sub)
+    _add_audit(sub)
     return parser
 
 
@@ -140,6 +143,54 @@ def _add_tools(sub: Any) -> None:
         "configured: use mqtt.* and kafka.* (the default elsewhere)",
     )
     p.set_defaults(handler=_demo)
+
+
+def _add_audit(sub: Any) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="check that every child in a time window got exactly one outcome",
+        description="From the topics alone: every child in the added (and deleted) topic "
+        "written in [--since, --until) has exactly one outcome (an allocation or release, "
+        "or a DLQ record no redrive put back), and every add_sub_device_response in the "
+        "window was routed whole. Lists each gap with its trace id; exit 0 when the "
+        "promise holds, 1 when it does not.",
+    )
+    p.add_argument(
+        "--since",
+        required=True,
+        metavar="WHEN",
+        help="the window's start: a duration back from now (30m, 1h, 7d) or an RFC 3339 / "
+        "ISO 8601 time",
+    )
+    p.add_argument("--until", metavar="WHEN", help="the window's end, the same way (default: now)")
+    p.add_argument(
+        "--limit",
+        type=_at_least_one,
+        default=100,
+        metavar="N",
+        help="findings listed of each kind, at most (all are counted; default: 100)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument(
+        "--prometheus",
+        metavar="FILE",
+        help="also write the results as pipeline_audit_* metrics to FILE (Prometheus text "
+        "format, for node-exporter's textfile collector; replaced atomically)",
+    )
+    p.add_argument(
+        "--every",
+        metavar="DURATION",
+        help="run again every DURATION (5m), the window moving with the clock, rewriting "
+        "--prometheus FILE each time, until stopped; needs --prometheus",
+    )
+    p.add_argument(
+        "--only",
+        choices=("routing", "outcomes"),
+        help="routing: only that every add response was routed (no sink running); "
+        "outcomes: only the children's outcomes (default: both)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.set_defaults(handler=_audit)
 
 
 def _add_admin(sub: Any) -> None:
@@ -495,6 +546,55 @@ async def _trace(args: argparse.Namespace, cfg: Config) -> int:
         until=until,
         as_json=args.json,
     )
+
+
+async def _audit(args: argparse.Namespace, cfg: Config) -> int:
+    import datetime as dt  # noqa: PLC0415
+
+    from aiokafka.errors import KafkaError  # noqa: PLC0415
+
+    from pipeline.core.reconcile import parse_duration, parse_since  # noqa: PLC0415
+    from pipeline.io import kafka  # noqa: PLC0415
+    from pipeline.tools.audit import audit  # noqa: PLC0415
+
+    def window() -> tuple[dt.datetime, dt.datetime | None]:
+        now = dt.datetime.now(dt.UTC)
+        since = parse_since(args.since, now)
+        until = None if args.until is None else parse_since(args.until, now, "--until")
+        if until is not None and until <= since:
+            msg = f"--until {args.until!r}: must be after --since {args.since!r}"
+            raise InputError(msg)
+        return since, until
+
+    window()  # bad input fails before Kafka is asked
+    every = None if args.every is None else parse_duration(args.every, "--every")
+    if every is not None and (args.prometheus is None or every.total_seconds() <= 0):
+        msg = f"--every {args.every!r}: needs --prometheus FILE and a duration above 0"
+        raise InputError(msg)
+    prometheus = None if args.prometheus is None else Path(args.prometheus)
+
+    async def once() -> int:
+        since, until = window()
+        return await audit(
+            cfg,
+            since=since,
+            until=until,
+            limit=args.limit,
+            as_json=args.json,
+            prometheus=prometheus,
+            progress=not args.no_progress and every is None,
+            only=args.only,
+        )
+
+    await kafka.wait_until_reachable(cfg.kafka, within=0)
+    if every is None:
+        return await once()
+    while True:  # until SIGTERM or Ctrl-C; a failed round is logged, the next one tries again
+        try:
+            await once()
+        except (ServiceUnreachable, OSError, KafkaError) as exc:
+            log.warning("audit: this round failed (%s); next in %s", exc, every)
+        await asyncio.sleep(every.total_seconds())
 
 
 async def _bridge_config(args: argparse.Namespace, _cfg: Config) -> int:

@@ -26,10 +26,12 @@ from aiokafka.errors import KafkaError
 from paho.mqtt.enums import CallbackAPIVersion
 
 from pipeline.config import Config, KafkaConfig, to_environ
+from pipeline.core.audit import Report
 from pipeline.io import kafka
 from pipeline.ops.server import Health
 from pipeline.stages import runtime
 from pipeline.tools import demo
+from pipeline.tools.audit import Only, check, show, summary
 from pipeline.tools.services import Brokers, LocalKafka, LocalMosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,6 +282,34 @@ async def group_stable(cfg: KafkaConfig, group: str, members: int, *, timeout: f
                     if state == "Stable" and len(joined) == members:
                         return
                 await asyncio.sleep(0.1)
+
+
+async def audit_holds(
+    cfg: Config,
+    *,
+    only: Only | None = None,
+    children: int | None = None,
+    events: int | None = None,
+) -> Report:
+    """The oracle of the chaos and scale tests: ``pipeline audit`` over this test's own
+    topics (named by ``cfg``, every record of them: the window is the last day) finds the
+    promise kept, with ``children`` added children and ``events`` add responses if given.
+
+    ``only``: ``routing`` where no sink ran, ``outcomes`` where no router ran.
+    """
+    import datetime as dt  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    report = await check(cfg, since=since, only=only, progress=False)
+    out = io.StringIO()
+    show(report, out)
+    assert report.holds, f"pipeline audit would exit 1:\n{out.getvalue()}"
+    if children is not None:
+        assert report.children == children, summary(report)
+    if events is not None:
+        assert report.events == events, summary(report)
+    return report
 
 
 def by_key(records: list[ConsumerRecord[bytes, bytes]]) -> list[tuple[Any, Any]]:

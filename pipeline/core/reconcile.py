@@ -47,6 +47,7 @@ __all__ = [
     "expect",
     "has_device",
     "judge",
+    "parse_duration",
     "parse_since",
     "within",
 ]
@@ -224,8 +225,21 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_since(text: str, now: dt.datetime) -> dt.datetime:
-    """``--since``: a duration back from ``now`` (``90m``, ``24h``, ``7d``) or a time.
+def parse_duration(text: str, flag: str) -> dt.timedelta:
+    """A duration (``30s``, ``90m``, ``24h``, ``7d``, ``2w``) given to ``flag``.
+
+    Raises:
+        InputError: not a duration.
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        msg = f"{flag} {text!r}: give a duration (30s, 90m, 24h, 7d, 2w)"
+        raise InputError(msg)
+    return dt.timedelta(seconds=float(match[1]) * _UNIT[match[2]])
+
+
+def parse_since(text: str, now: dt.datetime, flag: str = "--since") -> dt.datetime:
+    """``--since`` (or ``flag``): a duration back from ``now`` (``90m``, ``24h``) or a time.
 
     A time is ISO 8601 (``2026-12-01``, ``2026-12-01T08:00:00Z``); without an offset it
     is UTC.
@@ -233,13 +247,13 @@ def parse_since(text: str, now: dt.datetime) -> dt.datetime:
     Raises:
         InputError: neither.
     """
-    if match := _DURATION.match(text):
-        return now - dt.timedelta(seconds=float(match[1]) * _UNIT[match[2]])
+    if _DURATION.match(text):
+        return now - parse_duration(text, flag)
     try:
         when = dt.datetime.fromisoformat(text.strip())
     except ValueError:
         msg = (
-            f"--since {text!r}: give a duration (30s, 90m, 24h, 7d, 2w) or an ISO 8601 time "
+            f"{flag} {text!r}: give a duration (30s, 90m, 24h, 7d, 2w) or an ISO 8601 time "
             "(2026-12-01T08:00:00Z)"
         )
         raise InputError(msg) from None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from pathlib import Path
 
 __all__ = [
     "CONSUMER_LAG",
@@ -39,6 +40,7 @@ __all__ = [
     "STAGE_WORK_WAITING",
     "UNEXPECTED_ERRORS",
     "report_lag",
+    "write_audit_metrics",
 ]
 
 INGEST_MESSAGES = Counter(
@@ -182,3 +184,52 @@ def report_lag(stage: str, lags: Mapping[tuple[str, int], int]) -> None:
     for (topic, partition), lag in lags.items():
         CONSUMER_LAG.labels(stage, topic, str(partition)).set(lag)
     _lag_reported[stage] = set(lags)
+
+
+def write_audit_metrics(
+    path: Path,
+    *,
+    children: int,
+    deleted: int,
+    events: int,
+    counts: Mapping[str, int],
+    oldest_missing_s: float,
+    holds: bool,
+    window_s: float,
+    duration_s: float,
+) -> None:
+    """``pipeline audit``'s results as ``pipeline_audit_*`` gauges, in the text format.
+
+    Written to a file of their own (node-exporter's textfile collector reads it), through
+    a temporary file renamed over it, so a scrape never sees half of it.
+    """
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(name, doc, labels, registry=registry)
+
+    children_g = gauge(
+        "pipeline_audit_children", "Children in the audited window, by topic", ("topic",)
+    )
+    children_g.labels("added").set(children)
+    children_g.labels("deleted").set(deleted)
+    gauge("pipeline_audit_events", "add_sub_device_response events in the window").set(events)
+    gaps = gauge(
+        "pipeline_audit_gaps",
+        "Findings by kind: missing (no outcome yet), duplicate (more than one), "
+        "unrouted (an event's children not all routed), dead-lettered (waiting for a redrive)",
+        ("kind",),
+    )
+    for kind, count in counts.items():
+        gaps.labels(kind).set(count)
+    gauge(
+        "pipeline_audit_oldest_missing_seconds",
+        "How long the oldest child without an outcome has waited (0 when none)",
+    ).set(oldest_missing_s)
+    gauge("pipeline_audit_promise_holds", "1 when the promise held, else 0").set(int(holds))
+    gauge("pipeline_audit_window_seconds", "Length of the audited window").set(window_s)
+    gauge("pipeline_audit_duration_seconds", "How long the audit took").set(duration_s)
+    gauge(
+        "pipeline_audit_last_run_timestamp_seconds", "When the audit finished (Unix time)"
+    ).set_to_current_time()
+    write_to_textfile(str(path), registry)

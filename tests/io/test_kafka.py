@@ -69,6 +69,24 @@ async def test_window_finds_a_time_range_by_the_time_index(cfg: Config, uid: str
         assert await kafka.window(reader, []) == {}
 
 
+async def test_max_records_reads_a_time_window_in_slices(cfg: Config, uid: str) -> None:
+    topic = f"slices-{uid}"
+    await kafka.ensure_topics(cfg.kafka, [topic], partitions=2)
+    async with kafka.producer(cfg.kafka) as producer:
+        for i, at in enumerate((1_000, 2_000, 3_000, 4_000)):
+            await producer.send_and_wait(topic, b"%d" % i, partition=0, timestamp_ms=at)
+        await producer.send_and_wait(topic, b"old", partition=1, timestamp_ms=1_000)
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    async with kafka.reader(cfg.kafka) as reader:
+        tps = await kafka.partitions(reader, topic)
+        assert await kafka.window(reader, tps, 2_500) == {p0: (2, 4), p1: (1, 1)}
+        assert await kafka.partitions(reader, f"none-{uid}") == []
+        ranges = await kafka.window(reader, tps, 0)
+        assert ranges == {p0: (0, 4), p1: (0, 1)}
+        sliced = [r.value async for r in kafka.read_range(reader, ranges, max_records=1)]
+        assert sorted(sliced) == [b"0", b"1", b"2", b"3", b"old"]
+
+
 def test_the_partitioner_agrees_with_aiokafkas() -> None:
     ours, theirs = _KeyPartitioner(), DefaultPartitioner()
     rng = random.Random(7)

@@ -25,6 +25,7 @@ from tests.harness import (
     Records,
     add_response,
     arrived,
+    audit_holds,
     caught_up,
     free_port,
     kill,
@@ -137,6 +138,8 @@ async def test_router_sigkill_each_child_exactly_once(cfg: Config, uid: str) -> 
     assert max(keys.values()) == 1  # exactly once in the committed output
     assert len(added) == expected
     assert sorted(r.key for r in failed) == sorted(f"f{i}".encode() for i in range(events_n))
+    # The oracle: every response routed whole (no sink ran: routing only).
+    await audit_holds(cfg, only="routing", children=expected, events=events_n)
 
 
 async def test_redelivered_events_yield_children_once_even_after_restart(

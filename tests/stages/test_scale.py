@@ -27,7 +27,15 @@ from pipeline.dps.emulator import RunningEmulator, start_emulator
 from pipeline.io import kafka
 from pipeline.schemas import AddedChild, Allocation, DeviceInfo
 from pipeline.tools.replay import FixtureMessage, replay_messages
-from tests.harness import add_response, free_port, group_stable, read_topic, spawn, wait_readyz
+from tests.harness import (
+    add_response,
+    audit_holds,
+    free_port,
+    group_stable,
+    read_topic,
+    spawn,
+    wait_readyz,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -217,6 +225,8 @@ async def test_replicas_of_every_stage_under_churn_lose_nothing(
     ok_calls = collections.Counter(c.sn for c in emulator.state.calls if c.code == 0)
     repeated = sum(n - 1 for n in ok_calls.values())
     assert repeated <= CONCURRENCY * workers.kills["sink"]
+    # The oracle: every response routed, every child exactly one outcome.
+    await audit_holds(cfg, children=events * CHILDREN)
     assert all(workers.changes[stage] >= 3 for stage in ("ingest", "route", "sink")), (
         workers.changes
     )

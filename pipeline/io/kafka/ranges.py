@@ -55,8 +55,13 @@ async def partitions(client: AIOKafkaConsumer, *topics: str) -> list[TopicPartit
 async def read_range(
     client: AIOKafkaConsumer,
     ranges: Mapping[TopicPartition, tuple[int, int]],
+    *,
+    max_records: int | None = None,
 ) -> AsyncGenerator[ConsumerRecord[bytes, bytes]]:
     """Every record with ``start <= offset < end``, partition by partition in offset order.
+
+    ``max_records``: records taken from the consumer at a time (default: all it fetched),
+    so that a long read holds few decoded records at once.
 
     ``client`` is assigned exactly the partitions with something to read. A partition
     is done when the consumer's position reaches ``end``: a read-committed consumer never
@@ -72,7 +77,7 @@ async def read_range(
         if tp in live:
             client.seek(tp, start)
     while live:
-        batch = await client.getmany(*live, timeout_ms=500)
+        batch = await client.getmany(*live, timeout_ms=500, max_records=max_records)
         for tp, records in batch.items():
             for record in records:
                 if record.offset < live.get(tp, -1):

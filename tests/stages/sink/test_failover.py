@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError
 from pipeline.config import Config
 from pipeline.dps.emulator import CallRecord, start_emulator
 from pipeline.io import kafka
-from tests.harness import kill, read_topic, spawn, terminate
+from tests.harness import audit_holds, kill, read_topic, spawn, terminate
 from tests.stages.sink.support import (
     GROUP,
     Tail,
@@ -277,3 +277,5 @@ async def test_a_sigkilled_sinks_partitions_are_served_by_another_replica_within
 
     assert served <= FAILOVER_LIMIT, f"served {served:.1f} s after the SIGKILL"
     nothing_lost_few_repeated(sns, got, dlq, calls, bound=concurrency)
+    # The oracle: each child exactly one outcome (no router ran: outcomes only).
+    await audit_holds(cfg, only="outcomes", children=len(sns))

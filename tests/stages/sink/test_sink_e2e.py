@@ -26,7 +26,7 @@ from pipeline.schemas import AllocationFailure
 from pipeline.stages.sink import Sink
 from pipeline.stages.sink.allocator import Allocator
 from pipeline.tools.redrive import redrive
-from tests.harness import kill, read_topic, running, spawn, terminate
+from tests.harness import audit_holds, kill, read_topic, running, spawn, terminate
 from tests.stages.sink.support import (
     GATEWAY,
     GROUP,
@@ -316,6 +316,8 @@ async def test_sigkill_mid_stream_loses_nothing_and_repeats_at_most_the_in_fligh
     assert len(got) - total <= concurrency
     assert all(per_sn[sn] >= n for sn, n in outcomes.items())
     assert all(source_of(r) for r in got)
+    # The oracle: each child exactly one outcome (no router ran: outcomes only).
+    await audit_holds(cfg, only="outcomes", children=total)
 
 
 # --------------------------------------------------------------------------------------
