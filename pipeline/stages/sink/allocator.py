@@ -333,5 +333,5 @@ class Allocator:
             log.warning("%s", exc.diagnosis(), extra=context)
         self._breaker.failed(
             probe, mapped.sn, exc.diagnosis(), operator=exc.hint is not None,
-            retry_after=exc.retry_after,
+            retry_after=exc.retry_after, sent_at=taken_at,
         )  # fmt: skip

@@ -126,6 +126,22 @@ def test_one_record_that_keeps_failing_among_healthy_ones_never_opens_the_breake
     assert not b.open
 
 
+def test_calls_sent_before_dps_last_answered_do_not_open_the_breaker() -> None:
+    # Calls that hung for dps.timeout end together while later calls were answered.
+    clock = Clock()
+    changes: list[tuple[bool, str | None]] = []
+    b = breaker(changes, failures=20, clock=clock)
+    b.succeeded(False)  # answered at 1000
+    for i in range(50):
+        b.failed(False, f"sn-{i}", "timed out after 10.0 s", sent_at=990.0 + i / 100)
+    assert (changes, b.open) == ([], False)
+    # Sent after DPS last answered: evidence that it fails now.
+    clock.now = 1001.0
+    for i in range(20):
+        b.failed(False, f"sn-{i}", "timed out after 10.0 s", sent_at=1000.5)
+    assert changes == [(True, "timed out after 10.0 s")]
+
+
 def test_breaker_opens_when_calls_for_different_sns_fail_in_a_row() -> None:
     changes: list[tuple[bool, str | None]] = []
     b = breaker(changes, failures=20)
@@ -312,15 +328,7 @@ async def test_limiter_spaces_calls_evenly() -> None:
 # Call slots: late calls give theirs back
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def _answers(slots: CallSlots, clock: _Clock, latencies: list[float]) -> None:
+async def _answers(slots: CallSlots, clock: Clock, latencies: list[float]) -> None:
     """Calls DPS answered after ``latencies`` (on ``clock``), one slot each."""
 
     async def answered(seconds: float) -> None:
@@ -338,7 +346,7 @@ async def _until(check: Callable[[], bool]) -> None:
 
 
 async def test_the_soft_deadline_is_a_high_quantile_of_answered_calls() -> None:
-    clock = _Clock()
+    clock = Clock()
     slots = CallSlots(4, detached_limit=4, timeout=5.0, clock=clock)
     await _answers(slots, clock, [0.01] * 31)
     assert slots.soft_deadline == 5.0  # too few answers yet: nothing detaches
@@ -368,7 +376,7 @@ async def test_the_soft_deadline_is_a_high_quantile_of_answered_calls() -> None:
 
 
 async def test_a_late_call_gives_its_slot_back_up_to_the_detached_limit() -> None:
-    clock = _Clock()
+    clock = Clock()
     slots = CallSlots(1, detached_limit=1, timeout=60.0, clock=clock)
     await _answers(slots, clock, [0.01] * 32)
     assert slots.soft_deadline == 0.1
@@ -403,7 +411,7 @@ async def test_a_late_call_gives_its_slot_back_up_to_the_detached_limit() -> Non
 
 
 async def test_without_detached_calls_a_slot_is_held_for_the_whole_call() -> None:
-    clock = _Clock()
+    clock = Clock()
     slots = CallSlots(1, detached_limit=0, timeout=60.0, clock=clock)
     await _answers(slots, clock, [0.01] * 64)
     assert slots.soft_deadline == 60.0
