@@ -303,8 +303,9 @@ class SinkConfig(_Section, frozen=True):
     release_linger: Seconds = 0.2
     """Deleted children wait up to this long for others of their group, to share a call."""
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
-    """Allocate calls in flight (each until its outcome is recorded), at most; a record
-    waiting to retry holds none."""
+    """Call slots: allocate calls in flight (each until its outcome is recorded), at most,
+    besides those DPS is late to answer (``detached_limit``); a record waiting to retry
+    holds none."""
     detached_limit: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 512
     """Calls DPS is late to answer (past a soft deadline learnt from its answers) that may
     give their call slot back and stay on the wire without one, at most; 0: a call holds
