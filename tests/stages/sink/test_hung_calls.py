@@ -46,7 +46,7 @@ async def test_hung_calls_give_their_slots_back_up_to_the_limit(cfg: Config, uid
 
     Phase 1: as many hung calls as slots; 40 children produced afterwards are allocated
     while all of them still hang (without detaching, none could be: every slot is held
-    for the 30 s timeout). Phase 2: more hung calls than slots and detached places
+    for the 60 s timeout). Phase 2: more hung calls than slots and detached places
     together: the calls in flight at DPS reach concurrency + detached_limit and never
     more (the emulator counts them). Lifting the fault answers the hung calls; each
     child is allocated by exactly one call.
@@ -61,7 +61,7 @@ async def test_hung_calls_give_their_slots_back_up_to_the_limit(cfg: Config, uid
     async with await start_emulator(
         devices=[{"sn": sn, "group_id": GROUP} for sn in everyone]
     ) as emu:
-        cfg = with_emulator(cfg, emu, timeout=30.0, concurrency=concurrency, detached_limit=limit)
+        cfg = with_emulator(cfg, emu, timeout=60.0, concurrency=concurrency, detached_limit=limit)
         state = emu.state
         detached = detaches()
         async with running(Sink(cfg), Health()) as task:
