@@ -110,7 +110,7 @@ async def test_hung_calls_give_their_slots_back_up_to_the_limit(cfg: Config, uid
 async def test_hung_allocates_that_took_effect_are_checked_not_repeated(
     cfg: Config, uid: str
 ) -> None:
-    """10 % of every DPS call takes effect, then hangs until the sink gives up (2 s).
+    """10 % of every DPS call takes effect, then hangs until the sink gives up (3 s).
 
     Exact accounting from the emulator's call log, as for cut connections: one allocate
     per sn, and for each sn whose allocate was abandoned one Get DPS Device, plus one per
@@ -121,7 +121,7 @@ async def test_hung_allocates_that_took_effect_are_checked_not_repeated(
     await prepare(cfg)
     async with await start_emulator(devices=[{"sn": sn, "group_id": GROUP} for sn in sns]) as emu:
         cfg = with_emulator(
-            cfg, emu, timeout=2.0, concurrency=8, detached_limit=16,
+            cfg, emu, timeout=3.0, concurrency=8, detached_limit=16,
             retry_initial=0.05, retry_max=0.2,
         )  # fmt: skip
         detached = detaches()
