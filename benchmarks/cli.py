@@ -116,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
         "writes benchmarks/results/summary-history.json",
     )
     parser.add_argument(
+        "--degraded",
+        action="store_true",
+        help="instead: the sink healthy and with 5 %% of DPS calls hanging, with and "
+        "without detached calls (benchmarks/degraded.py; uses --rounds)",
+    )
+    parser.add_argument(
         "--out",
         metavar="FILE.json",
         type=Path,
@@ -180,6 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(2, f"benchmarks: {exc}")
     if args.history is not None:
         return _history(args, cfg)
+    if args.degraded:
+        from benchmarks import degraded  # noqa: PLC0415
+
+        return asyncio.run(
+            degraded.run(
+                cfg, rounds=args.rounds, config_path=args.config,
+                out=args.out or RESULTS / "raw" / "degraded.json",
+                summary=args.summary or RESULTS / "summary-degraded.json",
+            )
+        )  # fmt: skip
     options = Options(
         rounds=args.rounds, messages=args.messages, events=args.events,
         allocations=args.allocations, sustain=args.sustain, rates=args.rates,

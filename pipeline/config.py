@@ -303,11 +303,17 @@ class SinkConfig(_Section, frozen=True):
     release_linger: Seconds = 0.2
     """Deleted children wait up to this long for others of their group, to share a call."""
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
-    """Allocate calls in flight (each until its outcome is recorded), at most; a record
-    waiting to retry holds none."""
+    """Call slots: allocate calls in flight (each until its outcome is recorded), at most,
+    besides those DPS is late to answer (``detached_limit``); a record waiting to retry
+    holds none."""
+    detached_limit: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 512
+    """Calls DPS is late to answer (past a soft deadline learnt from its answers) that may
+    give their call slot back and stay on the wire without one, at most; 0: a call holds
+    its slot until it ends (up to ``dps.timeout``). Calls in flight stay at most
+    ``concurrency`` + this."""
     max_pending: Count | None = None
     """Records in progress (calling, waiting to retry, or queued), at most; when unset,
-    8 times ``concurrency``."""
+    8 times ``concurrency`` plus ``detached_limit``."""
     rate_limit: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
     """Allocate calls per second, at most; unlimited when unset. Under throttling (HTTP
     429) the sink learns a lower rate by itself, never above this one."""
@@ -325,8 +331,8 @@ class SinkConfig(_Section, frozen=True):
 
     @property
     def pending_limit(self) -> int:
-        """``max_pending``, or its default for ``concurrency``."""
-        return self.max_pending or self.concurrency * _PENDING_PER_CALL
+        """``max_pending``, or its default for ``concurrency`` and ``detached_limit``."""
+        return self.max_pending or self.concurrency * _PENDING_PER_CALL + self.detached_limit
 
 
 class MetricsConfig(_Section, frozen=True):

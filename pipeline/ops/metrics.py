@@ -31,11 +31,14 @@ __all__ = [
     "SINK_BREAKER_OPENS",
     "SINK_CALLS",
     "SINK_CALL_SECONDS",
+    "SINK_DETACHED",
+    "SINK_DETACHES",
     "SINK_INFLIGHT",
     "SINK_OUTCOMES",
     "SINK_PAUSED",
     "SINK_RATE",
     "SINK_RETRIES",
+    "SINK_SOFT_DEADLINE",
     "STAGE_LAST_PROGRESS",
     "STAGE_WORK_WAITING",
     "UNEXPECTED_ERRORS",
@@ -119,6 +122,17 @@ SINK_BREAKER_OPENS = Counter(
 )
 SINK_RATE = Gauge(
     "pipeline_sink_rate_limit", "Allocate calls per second currently allowed (0: unlimited)"
+)
+SINK_DETACHED = Gauge(
+    "pipeline_sink_detached_calls",
+    "DPS calls past the soft deadline that gave their call slot back and are still pending",
+)
+SINK_DETACHES = Counter(
+    "pipeline_sink_detaches", "DPS calls that gave their call slot back past the soft deadline"
+)
+SINK_SOFT_DEADLINE = Gauge(
+    "pipeline_sink_soft_deadline_seconds",
+    "Seconds after which a pending DPS call gives its call slot back (sink.dps.timeout: never)",
 )
 
 UNEXPECTED_ERRORS = Counter(

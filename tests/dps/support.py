@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from pipeline.dps.protocol import sign, token_encryption
+
+if TYPE_CHECKING:
+    import aiohttp
 
 KEY = "demo-app-key"
 SECRET = "demo-app-secret"
@@ -45,6 +48,7 @@ async def call(
     signed_params: dict[str, str] | None = None,
     signed_body: bytes | None = None,
     headers: dict[str, str] | None = None,
+    timeout: aiohttp.ClientTimeout | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """A DPS call signed by hand; ``signed_*`` sign something else than what is sent."""
     ts = now_ms()
@@ -63,8 +67,9 @@ async def call(
     } | (headers or {})
     sent = {k: v for k, v in sent.items() if v}
     async with http.request(
-        method, emu.url + DEVICE_URL, params=params, data=body or None, headers=sent
-    ) as resp:
+        method, emu.url + DEVICE_URL, params=params, data=body or None, headers=sent,
+        **({"timeout": timeout} if timeout is not None else {}),
+    ) as resp:  # fmt: skip
         return resp.status, await resp.json()
 
 

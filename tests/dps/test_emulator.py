@@ -371,6 +371,10 @@ async def test_faults_merge_and_validate(http, emu):
         "fail_sns": [],
         "cut_rate": 0.0,
         "no_dps_role": False,
+        "hang_rate": 0.0,
+        "hang_sns": [],
+        "hang_ms": None,
+        "hang_after_effect": False,
     }
     assert await admin(http, emu, "GET", "/_emulator/faults") == (200, defaults)
     await admin(http, emu, "POST", "/_emulator/faults", {"error_status": 502})
@@ -462,6 +466,71 @@ async def test_latency_delays_answers(http, emu):
     started = time.monotonic()
     await token(http, emu)
     assert time.monotonic() - started >= 0.15
+
+
+async def until(check, what: str) -> None:
+    """Poll ``check`` (the emulator's state) until it holds; fail after 10 s."""
+    async with asyncio.timeout(10):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_hung_call_is_held_until_the_fault_is_lifted_and_counted_in_flight(http, emu):
+    await admin(http, emu, "POST", "/_emulator/faults", {"hang_sns": ["SN-1"]})
+    hung = asyncio.create_task(allocate(http, emu, "SN-1"))
+    await until(lambda: emu.state.in_flight == 1, "the hung call in flight")
+    status, answer = await allocate(http, emu, "SN-2")  # the others go through meanwhile
+    assert (status, answer["code"]) == (200, 0)
+    assert not hung.done()
+    assert emu.state.devices["SN-1"].allocated_time is None  # held before taking effect
+    assert await admin(http, emu, "GET", "/_emulator/in-flight") == (
+        200, {"in_flight": 1, "peak": 2},
+    )  # fmt: skip
+    await admin(http, emu, "POST", "/_emulator/faults", {"hang_sns": []})  # lifted: released
+    status, answer = await hung
+    assert (status, answer["code"]) == (200, 0)
+    assert emu.state.devices["SN-1"].allocated_time is not None
+    assert [(c.sn, c.http_status, c.code, c.hung, c.abandoned) for c in emu.state.calls] == [
+        ("SN-1", 200, 0, True, False),
+        ("SN-2", 200, 0, False, False),
+    ]
+    assert await admin(http, emu, "DELETE", "/_emulator/in-flight") == (204, None)
+    assert await admin(http, emu, "GET", "/_emulator/in-flight") == (
+        200, {"in_flight": 0, "peak": 0},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("after_effect", [False, True])
+async def test_a_hung_call_whose_caller_gives_up(http, emu, after_effect):
+    """Held until the caller closes the connection: before the effect, it never takes effect."""
+    tok = await token(http, emu)
+    await admin(
+        http, emu, "POST", "/_emulator/faults",
+        {"hang_rate": 1.0, "hang_after_effect": after_effect},
+    )  # fmt: skip
+    params = {"action": "allocate", "orgId": ORG}
+    with pytest.raises(TimeoutError):
+        await call(
+            http, emu, "POST", params, b'{"sn":"SN-1"}', access_token=tok,
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        )  # fmt: skip
+    await until(lambda: emu.state.in_flight == 0, "the abandoned call to end")
+    [logged] = emu.state.calls
+    assert (logged.hung, logged.abandoned) == (True, True)
+    if after_effect:
+        assert (logged.http_status, logged.code) == (200, 0)
+        assert emu.state.devices["SN-1"].allocated_time is not None
+    else:
+        assert (logged.http_status, logged.code) == (499, None)
+        assert emu.state.devices["SN-1"].allocated_time is None
+    assert emu.state.peak_in_flight == 1
+
+
+async def test_hang_ms_answers_a_hung_call_late(http, emu):
+    await admin(http, emu, "POST", "/_emulator/faults", {"hang_rate": 1.0, "hang_ms": 50})
+    status, answer = await allocate(http, emu, "SN-1")
+    assert (status, answer["code"]) == (200, 0)
+    assert [(c.http_status, c.hung, c.abandoned) for c in emu.state.calls] == [(200, True, False)]
 
 
 async def test_reset_keeps_devices(http, emu):

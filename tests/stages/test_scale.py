@@ -54,6 +54,8 @@ SIZES = [
 """Events (x 4 children), rounds of churn, and the publishing rate (churn while they flow)."""
 CHILDREN = 4
 CONCURRENCY = 32
+DETACHED = 8
+"""``sink.detached_limit``: calls DPS was late to answer, in flight without a slot."""
 GATEWAYS = 30
 
 
@@ -197,6 +199,7 @@ async def test_replicas_of_every_stage_under_churn_lose_nothing(
             sink=msgspec.structs.replace(
                 cfg.sink,
                 concurrency=CONCURRENCY,
+                detached_limit=DETACHED,
                 dps=msgspec.structs.replace(cfg.sink.dps, base_url=emulator.url),
             ),
         )
@@ -224,7 +227,7 @@ async def test_replicas_of_every_stage_under_churn_lose_nothing(
     # Repeated DPS calls only for what was in flight at a sink's kill.
     ok_calls = collections.Counter(c.sn for c in emulator.state.calls if c.code == 0)
     repeated = sum(n - 1 for n in ok_calls.values())
-    assert repeated <= CONCURRENCY * workers.kills["sink"]
+    assert repeated <= (CONCURRENCY + DETACHED) * workers.kills["sink"]
     # The oracle: every response routed, every child exactly one outcome.
     await audit_holds(cfg, children=events * CHILDREN)
     assert all(workers.changes[stage] >= 3 for stage in ("ingest", "route", "sink")), (
@@ -234,5 +237,5 @@ async def test_replicas_of_every_stage_under_churn_lose_nothing(
         f"\nscale-out: {events * CHILDREN} children from {GATEWAYS} gateways, 6 partitions; "
         f"membership changes {dict(workers.changes)}, SIGKILLs {dict(workers.kills)}; "
         f"each child once downstream; {repeated} repeated DPS calls "
-        f"(bound {CONCURRENCY} x {workers.kills['sink']} sink kills)"
+        f"(bound {CONCURRENCY + DETACHED} x {workers.kills['sink']} sink kills)"
     )

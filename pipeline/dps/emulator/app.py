@@ -3,13 +3,19 @@
 Every gateway request passes through three middlewares, outermost first:
 
 1. ``ledger``: counts token requests and logs every DPS call (every operation) with its
-   action and its answer;
+   action and its answer, and counts the DPS calls in flight;
 2. ``faults``: injected latency and outage (token service and DPS), then throttling,
-   the sns that always fail, the random error rate and connection cuts (DPS only, every
-   operation alike);
+   the sns that always fail, the random error rate, hung calls and connection cuts (DPS
+   only, every operation alike);
 3. ``authenticate``: the gateway's access-token and signature check (DPS only).
 
 The admin API (``/_emulator/...``) is a sub-application that none of them touch.
+
+A DPS call runs to its end whether or not its caller stays (as a real server would: a
+call whose caller timed out during ``latency_ms`` still takes effect): the ledger runs
+the rest of the chain as a task of its own, and when the caller closes the connection
+(the server cancels the request's handler, :func:`.serve.start_emulator`) it only marks
+the call abandoned and tells a hung call its caller left.
 
 Where the docs are silent the emulator makes one choice and says so (the documented
 facts are in the package docstring):
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import http
 import logging
@@ -56,7 +63,7 @@ import orjson
 from aiohttp import web
 
 from pipeline.dps.emulator.search import SearchError, matcher, sort_devices
-from pipeline.dps.emulator.state import REGION_ID, CallRecord, EmulatorState
+from pipeline.dps.emulator.state import REGION_ID, CallRecord, EmulatorState, Faults
 from pipeline.dps.protocol import (
     DEFAULT_PAGE_SIZE,
     DEVICE_PATH,
@@ -93,6 +100,10 @@ _CUT = web.ResponseKey("dps_cut", bool)
 """Set on a response that was never sent: the connection was cut instead."""
 _CALL = web.RequestKey("dps_call", CallRecord)
 """The call log's entry for this DPS request (set by the ledger, read by faults)."""
+_GONE = web.RequestKey("dps_gone", asyncio.Future[None])
+"""Done when the caller of this DPS request closed the connection (set by the ledger)."""
+_CLIENT_CLOSED = 499
+"""The status logged for a hung call whose caller left before it took effect (nginx's)."""
 
 _encode = msgspec.json.Encoder().encode
 
@@ -222,7 +233,7 @@ def _record(state: EmulatorState, request: web.Request, body: bytes) -> CallReco
 # Middlewares
 
 
-def _ledger(state: EmulatorState) -> Middleware:
+def _ledger(state: EmulatorState, running: set[asyncio.Task[web.StreamResponse]]) -> Middleware:
     @web.middleware
     async def ledger(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == _TOKEN:
@@ -230,14 +241,58 @@ def _ledger(state: EmulatorState) -> Middleware:
         if not (request.path == _DEVICE and request.method in {"GET", "POST"}):
             return await handler(request)
         call = _record(state, request, await request.read())
+        gone = asyncio.get_running_loop().create_future()
         request[_CALL] = call
-        response = await handler(request)
-        call.http_status = response.status
-        call.code = response.get(_CODE)
-        call.cut = response.get(_CUT, False)
-        return response
+        request[_GONE] = gone
+        state.call_started()
+        task = asyncio.ensure_future(handler(request))
+        running.add(task)
+        task.add_done_callback(lambda done: _settle(state, call, done, running))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller closed the connection: the call goes on without it.
+            if not task.done():
+                call.abandoned = True
+                gone.set_result(None)
+            raise
 
     return ledger
+
+
+def _settle(
+    state: EmulatorState,
+    call: CallRecord,
+    task: asyncio.Task[web.StreamResponse],
+    running: set[asyncio.Task[web.StreamResponse]],
+) -> None:
+    """A DPS call ended: log how it was answered, and count it out of flight."""
+    running.discard(task)
+    state.call_ended()
+    if task.cancelled() or task.exception() is not None:
+        return  # the emulator is stopping, or aiohttp answers the error itself
+    response = task.result()
+    call.http_status = response.status
+    call.code = response.get(_CODE)
+    call.cut = response.get(_CUT, False)
+
+
+async def _hold(state: EmulatorState, call: CallRecord, gone: asyncio.Future[None]) -> bool:
+    """Hold a hung call until its caller leaves, ``hang_ms`` pass or the fault is lifted.
+
+    Returns whether the caller is still there.
+    """
+    loop = asyncio.get_running_loop()
+    limit = state.faults.hang_ms
+    until = None if limit is None else loop.time() + limit / 1000
+    while not gone.done() and state.still_hung(call):
+        left = None if until is None else until - loop.time()
+        if left is not None and left <= 0:
+            break
+        await asyncio.wait(
+            {gone, state.faults_changed()}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+        )
+    return not gone.done()
 
 
 def _faults(state: EmulatorState) -> Middleware:
@@ -257,22 +312,37 @@ def _faults(state: EmulatorState) -> Middleware:
             return _reply(
                 429, "Too Many Requests", status=429, headers={"Retry-After": retry_after}
             )
-        call = request.get(_CALL)
-        named = {call.sn, *(call.sns or ())} if call is not None else set()
-        if not named.isdisjoint(current.fail_sns) or (
-            current.error_rate and random.random() < current.error_rate
-        ):
-            status = current.error_status
-            return _reply(status, _phrase(status), status=status)
-        response = await handler(request)
-        if current.cut_rate and random.random() < current.cut_rate:
-            # The call took effect; the caller gets a dropped connection instead of the answer.
-            response[_CUT] = True
-            if request.transport is not None:
-                request.transport.close()
-        return response
+        return await _dps_faults(state, current, request, handler)
 
     return faults
+
+
+async def _dps_faults(
+    state: EmulatorState, current: Faults, request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """The faults of DPS calls alone, after throttling: errors, hangs and cuts."""
+    call = request.get(_CALL)
+    named = {call.sn, *(call.sns or ())} if call is not None else set()
+    if not named.isdisjoint(current.fail_sns) or (
+        current.error_rate and random.random() < current.error_rate
+    ):
+        status = current.error_status
+        return _reply(status, _phrase(status), status=status)
+    gone = request.get(_GONE)
+    hold = None
+    if call is not None and gone is not None and state.hang(call):
+        hold = functools.partial(_hold, state, call, gone)
+    if hold is not None and not current.hang_after_effect and not await hold():
+        return web.Response(status=_CLIENT_CLOSED)  # the caller left: never takes effect
+    response = await handler(request)
+    if hold is not None and current.hang_after_effect:
+        await hold()  # it took effect; the answer may find nobody
+    if current.cut_rate and random.random() < current.cut_rate:
+        # The call took effect; the caller gets a dropped connection instead of the answer.
+        response[_CUT] = True
+        if request.transport is not None:
+            request.transport.close()
+    return response
 
 
 def _authenticate(state: EmulatorState) -> Middleware:
@@ -504,6 +574,14 @@ class _Admin:
         self.state.calls.clear()
         return web.Response(status=204)
 
+    async def in_flight(self, _request: web.Request) -> web.Response:
+        state = self.state
+        return _json(orjson.dumps({"in_flight": state.in_flight, "peak": state.peak_in_flight}))
+
+    async def reset_peak(self, _request: web.Request) -> web.Response:
+        self.state.reset_peak()
+        return web.Response(status=204)
+
     async def get_faults(self, _request: web.Request) -> web.Response:
         return _json(_encode(self.state.faults))
 
@@ -533,6 +611,8 @@ def _admin_app(state: EmulatorState) -> web.Application:
     app.router.add_post("/devices", admin.register_devices)
     app.router.add_get("/calls", admin.list_calls, allow_head=False)
     app.router.add_delete("/calls", admin.clear_calls)
+    app.router.add_get("/in-flight", admin.in_flight, allow_head=False)
+    app.router.add_delete("/in-flight", admin.reset_peak)
     app.router.add_get("/faults", admin.get_faults, allow_head=False)
     app.router.add_post("/faults", admin.set_faults)
     app.router.add_post("/reset", admin.reset)
@@ -542,7 +622,18 @@ def _admin_app(state: EmulatorState) -> web.Application:
 def build_app(state: EmulatorState) -> web.Application:
     """The emulator's aiohttp application over ``state``."""
     gateway = _Gateway(state)
-    app = web.Application(middlewares=[_ledger(state), _faults(state), _authenticate(state)])
+    running: set[asyncio.Task[web.StreamResponse]] = set()
+    app = web.Application(
+        middlewares=[_ledger(state, running), _faults(state), _authenticate(state)]
+    )
+
+    async def stop_calls(_app: web.Application) -> None:
+        """Calls that outlived their callers (a long latency) end with the emulator."""
+        for task in list(running):
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    app.on_cleanup.append(stop_calls)
     app.router.add_post(_TOKEN, gateway.token)
     app.router.add_post(_DEVICE, gateway.device)
     app.router.add_get(_DEVICE, gateway.device, allow_head=False)

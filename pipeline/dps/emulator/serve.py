@@ -74,7 +74,14 @@ async def start_emulator(
         devices=devices,
         accept_any_sn=accept_any_sn,
     )
-    runner = web.AppRunner(build_app(state), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+    # handler_cancellation: a caller that closes its connection cancels the request's
+    # handler, which is how the ledger learns it left (a hung call then ends).
+    runner = web.AppRunner(
+        build_app(state),
+        access_log=None,
+        shutdown_timeout=_SHUTDOWN_TIMEOUT,
+        handler_cancellation=True,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

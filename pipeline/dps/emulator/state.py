@@ -6,7 +6,9 @@ it directly.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import random
 import secrets
 import time
 from pathlib import Path
@@ -143,6 +145,12 @@ class CallRecord(msgspec.Struct, kw_only=True):
     cut: bool = False
     """The connection was closed instead of answering (fault ``cut_rate``): the call took
     effect as ``http_status`` and ``code`` say, but the caller never heard it."""
+    hung: bool = False
+    """Held unanswered by the hang fault (``hang_rate``, ``hang_sns``)."""
+    abandoned: bool = False
+    """The caller closed the connection (gave up) before it was answered. A call that hung
+    before taking effect and was abandoned never takes effect: its ``http_status`` is 499
+    (nginx's "client closed request") and its ``code`` null."""
     at: str
     """When it was received, RFC 3339 UTC."""
 
@@ -175,6 +183,20 @@ class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     no_dps_role: bool = False
     """The application's service account has no DPS role: Reset Device Allocation Status,
     the one operation that documents it, answers 35603."""
+    hang_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """Share of DPS calls held without an answer (a hung call): until the caller gives up
+    (closes the connection), ``hang_ms`` pass, or the fault is lifted (``hang_rate`` set
+    to 0); then it is answered as usual if the caller is still there."""
+    hang_sns: list[str] = msgspec.field(default_factory=list)
+    """Sns whose DPS calls are always held as ``hang_rate`` holds them (lifted when the
+    sn leaves the list)."""
+    hang_ms: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    """How long a hung call is held at most; null: until the caller gives up or the fault
+    is lifted."""
+    hang_after_effect: bool = False
+    """Hung calls take effect first and are held after (an allocate that happened while
+    the caller sees only a timeout); otherwise they are held before taking effect, and
+    one whose caller gave up never takes effect."""
 
 
 class _Bucket:
@@ -247,6 +269,13 @@ class EmulatorState:
         self.faults = Faults()
         self._bucket: _Bucket | None = None
         self._seq = 0
+        self._changed: asyncio.Future[None] | None = None
+        self.in_flight = 0
+        """DPS calls received and not yet finished (answered, cut, or given up by a hung
+        call whose caller left)."""
+        self.peak_in_flight = 0
+        """The most DPS calls in flight at once since the start or the last
+        :meth:`reset_peak`."""
         if devices is not None:
             self.register(devices)
 
@@ -388,6 +417,47 @@ class EmulatorState:
         self.calls.append(call)
         return call
 
+    def call_started(self) -> None:
+        """A DPS call is being handled: count it in flight."""
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def call_ended(self) -> None:
+        """A DPS call counted by :meth:`call_started` is finished."""
+        self.in_flight -= 1
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak of calls in flight afresh (from the calls in flight now)."""
+        self.peak_in_flight = self.in_flight
+
+    def hang(self, call: CallRecord) -> bool:
+        """Whether the hang fault holds ``call`` (drawn once per call for ``hang_rate``).
+
+        Sets ``call.hung``; :meth:`still_hung` then says whether the fault still holds it.
+        """
+        faults = self.faults
+        call.hung = bool(
+            (call.sn is not None and call.sn in faults.hang_sns)
+            or (faults.hang_rate and random.random() < faults.hang_rate)
+        )
+        return call.hung
+
+    def still_hung(self, call: CallRecord) -> bool:
+        """Whether the fault that holds ``call`` is still set (lifting it releases the call)."""
+        faults = self.faults
+        return faults.hang_rate > 0 or (call.sn is not None and call.sn in faults.hang_sns)
+
+    def faults_changed(self) -> asyncio.Future[None]:
+        """A future done at the next change of the faults (hung calls look again)."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+    def _notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
+
     def set_faults(self, changes: Mapping[str, Any]) -> Faults:
         """Merge ``changes`` into the current faults.
 
@@ -398,6 +468,7 @@ class EmulatorState:
         if faults.throttle_rps != self.faults.throttle_rps:
             self._bucket = _Bucket(faults.throttle_rps) if faults.throttle_rps else None
         self.faults = faults
+        self._notify()
         return faults
 
     def throttled(self) -> bool:
@@ -408,7 +479,9 @@ class EmulatorState:
         """Forget calls, faults and tokens; registered devices and their state stay."""
         self.calls.clear()
         self._seq = 0
+        self.reset_peak()
         self.faults = Faults()
+        self._notify()
         self._bucket = None
         self.tokens.clear()
         self.token_requests = 0

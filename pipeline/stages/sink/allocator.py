@@ -2,9 +2,11 @@
 
 - Never two calls at once for the same sn (a per-sn lock, kept only while in use).
 - At most ``sink.concurrency`` calls in flight; a slot is held until the call's outcome
-  is recorded, so a crash loses at most that many outcomes of calls DPS answered. A
-  record waiting to retry holds no slot: records failing on their own do not slow the
-  others down.
+  is recorded, so a crash loses at most that many outcomes of calls DPS answered (plus
+  those of the detached calls below). A record waiting to retry holds no slot: records
+  failing on their own do not slow the others down. A call DPS is late to answer gives
+  its slot back and goes on without one, up to ``sink.detached_limit`` such calls
+  (:mod:`.slots`): calls that hang hold up their own records only.
 - Each call takes its turn at the :class:`~.limiter.RateLimiter` and passes the
   :class:`~.breaker.Breaker`; how it went is reported to both (throttling to the
   limiter only: it is not a failure).
@@ -34,6 +36,7 @@ from pipeline.errors import DpsError, DpsUnanswered, MappingError
 from pipeline.io.aio import Backoff
 from pipeline.ops.metrics import SINK_CALL_SECONDS, SINK_CALLS, SINK_RETRIES
 from pipeline.stages.sink.outcomes import log_context
+from pipeline.stages.sink.slots import CallSlots
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -81,12 +84,14 @@ class Allocator:
     ) -> None:
         self._cfg = cfg
         self._mapper = mapper
-        self._dps = dps
+        self._slots = CallSlots(
+            cfg.concurrency, detached_limit=cfg.detached_limit, timeout=cfg.dps.timeout
+        )
+        self._dps = self._slots.watch(dps)  # late calls give their slot back (.slots)
         self._breaker = breaker
         self._limiter = limiter
         self._outcomes = outcomes
         self._on_answer = on_answer
-        self._slots = asyncio.Semaphore(cfg.concurrency)
         self._sn_locks: dict[str, asyncio.Lock] = {}
         self._sn_users: collections.Counter[str] = collections.Counter()
         self.busy: set[bytes] = set()
@@ -159,7 +164,8 @@ class Allocator:
         while True:
             attempts += 1
             # A slot covers a call and the recording of its outcome: a crash can then lose
-            # the outcome of `concurrency` allocations at most (allocated again after it).
+            # the outcome of `concurrency` + `detached_limit` allocations at most (allocated
+            # again after it).
             async with self._slots:
                 delay, unsure = await self._attempt(
                     record, source, mapped, attempts=attempts, first=first, backoff=backoff,
@@ -327,5 +333,5 @@ class Allocator:
             log.warning("%s", exc.diagnosis(), extra=context)
         self._breaker.failed(
             probe, mapped.sn, exc.diagnosis(), operator=exc.hint is not None,
-            retry_after=exc.retry_after,
+            retry_after=exc.retry_after, sent_at=taken_at,
         )  # fmt: skip

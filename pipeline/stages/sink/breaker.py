@@ -10,6 +10,10 @@ The breaker opens only on evidence that DPS fails for everyone:
 - or at once, on a failure only the operator can cure (a wrong secret, a ``base_url``
   that refuses connections: the failures that carry a hint).
 
+A call sent before DPS last answered is no evidence that it fails now: a call that hung
+for ``dps.timeout`` while later calls were answered (:mod:`.slots`) does not count,
+however many such timeouts end together.
+
 While open, one call at a time goes through as a probe, once per backoff period. The
 period starts short (``retry_initial``) and only a failed probe lengthens it (doubling,
 jittered, up to ``retry_max``, ``Retry-After`` honoured), so calls that were already in
@@ -54,6 +58,7 @@ class Breaker:
         self._on_change = on_change
         self._failures = failures
         self._run = 0  # failed calls since the last success
+        self._answered_at = -float("inf")  # when DPS last answered
         self._run_sn: str | None = None  # the sn of the first of them
         self._mixed = False  # whether another sn failed since
         self._open = False
@@ -95,6 +100,7 @@ class Breaker:
 
     def succeeded(self, probe: bool) -> None:
         """DPS answered (success, refusal or throttling): it works; close if open."""
+        self._answered_at = self._clock()
         self._reset_run()
         if self._open:
             self._open = False
@@ -112,6 +118,7 @@ class Breaker:
         *,
         operator: bool = False,
         retry_after: float | None = None,
+        sent_at: float | None = None,
     ) -> None:
         """A call for ``sn`` failed transiently.
 
@@ -121,8 +128,12 @@ class Breaker:
             reason: the failure, for an operator (readiness detail, logs).
             operator: only the operator can cure it (it has a hint): open at once.
             retry_after: the server's ``Retry-After``, the least the next probe waits.
+            sent_at: when the call was sent (the breaker's clock); one sent before DPS
+                last answered does not count. None: just now.
         """
         try:
+            if not (probe or operator) and sent_at is not None and sent_at < self._answered_at:
+                return  # DPS answered since it was sent: says nothing about DPS now
             if self._open:
                 # Calls that were in flight when it opened say nothing new; a failed probe
                 # says DPS still fails: wait longer before the next.

@@ -74,6 +74,8 @@ _REBALANCE_MARGIN = 10.0
 follows it, and Kafka's own round trips."""
 _POLL = 0.05
 """Seconds between looks at records being handed back."""
+_RELEASE_POOL = 100
+"""Connections to DPS for the releaser's calls, beyond the allocator's (slots, detached)."""
 
 
 def _nothing(*_: object) -> None:
@@ -223,7 +225,10 @@ class Sink:
         # linger would only delay it. Under load, records still share a request: those
         # sent while one is on the wire go together in the next.
         producer = kafka.producer(self.cfg.kafka, linger_ms=0)
-        async with producer, DpsClient(self.cfg.sink.dps) as dps:
+        s = self.cfg.sink
+        # Room for every call slot and detached call, and for the releaser's calls.
+        pool = s.concurrency + s.detached_limit + _RELEASE_POOL
+        async with producer, DpsClient(s.dps, pool_size=pool) as dps:
             outcomes = Outcomes(
                 producer, self._topics, self.cfg.sink.group_id, on_recorded=self._beat
             )

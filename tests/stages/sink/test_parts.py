@@ -1,17 +1,20 @@
-"""The sink's parts on their own: the offset tracker, the breaker and the rate limiter."""
+"""The sink's parts on their own: offset tracker, breaker, rate limiter and call slots."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from aiokafka import TopicPartition
 
+from pipeline.errors import DpsTransient, DpsUnanswered
 from pipeline.io.aio import Backoff
 from pipeline.stages.sink import Breaker, OffsetTracker
 from pipeline.stages.sink.limiter import RateLimiter
 from pipeline.stages.sink.offsets import OutOfOrder
 from pipeline.stages.sink.outcomes import parse_source, source_header
+from pipeline.stages.sink.slots import CallSlots
 
 # --------------------------------------------------------------------------------------
 # Offsets
@@ -121,6 +124,22 @@ def test_one_record_that_keeps_failing_among_healthy_ones_never_opens_the_breake
         b.failed(False, "poison", "DPS code 500: Internal Server Error")
     assert changes == []
     assert not b.open
+
+
+def test_calls_sent_before_dps_last_answered_do_not_open_the_breaker() -> None:
+    # Calls that hung for dps.timeout end together while later calls were answered.
+    clock = Clock()
+    changes: list[tuple[bool, str | None]] = []
+    b = breaker(changes, failures=20, clock=clock)
+    b.succeeded(False)  # answered at 1000
+    for i in range(50):
+        b.failed(False, f"sn-{i}", "timed out after 10.0 s", sent_at=990.0 + i / 100)
+    assert (changes, b.open) == ([], False)
+    # Sent after DPS last answered: evidence that it fails now.
+    clock.now = 1001.0
+    for i in range(20):
+        b.failed(False, f"sn-{i}", "timed out after 10.0 s", sent_at=1000.5)
+    assert changes == [(True, "timed out after 10.0 s")]
 
 
 def test_breaker_opens_when_calls_for_different_sns_fail_in_a_row() -> None:
@@ -303,3 +322,96 @@ async def test_limiter_spaces_calls_evenly() -> None:
     # Five intervals of 20 ms at least (sleeps never end early); no upper bound is asserted.
     assert loop.time() - started >= 5 * 0.02 - 0.001
     assert turns == sorted(turns)
+
+
+# --------------------------------------------------------------------------------------
+# Call slots: late calls give theirs back
+
+
+async def _answers(slots: CallSlots, clock: Clock, latencies: list[float]) -> None:
+    """Calls DPS answered after ``latencies`` (on ``clock``), one slot each."""
+
+    async def answered(seconds: float) -> None:
+        clock.now += seconds
+
+    for seconds in latencies:
+        async with slots:
+            await slots.call(answered(seconds))
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+async def test_the_soft_deadline_is_a_high_quantile_of_answered_calls() -> None:
+    clock = Clock()
+    slots = CallSlots(4, detached_limit=4, timeout=5.0, clock=clock)
+    await _answers(slots, clock, [0.01] * 31)
+    assert slots.soft_deadline == 5.0  # too few answers yet: nothing detaches
+    await _answers(slots, clock, [0.01])
+    assert slots.soft_deadline == 0.1  # 4 x 10 ms, raised to the floor
+    # 8 % of the calls hang and answer late: the 90th percentile ignores them.
+    await _answers(slots, clock, [0.05] * 470 + [4.0] * 42)
+    assert slots.soft_deadline == pytest.approx(0.2)
+    # Unanswered calls are no latency; refusals and errors DPS answered are.
+    await _answers(slots, clock, [2.0] * 512)  # DPS slow for everyone: never detach
+    assert slots.soft_deadline == 5.0
+
+    async def failed(exc: Exception, seconds: float) -> None:
+        clock.now += seconds
+        raise exc
+
+    for _ in range(512):
+        async with slots:
+            with pytest.raises(DpsUnanswered):
+                await slots.call(failed(DpsUnanswered(None, "timed out"), 0.01))
+    assert slots.soft_deadline == 5.0
+    for _ in range(512):
+        async with slots:
+            with pytest.raises(DpsTransient):
+                await slots.call(failed(DpsTransient(500, "err", http_status=500), 0.02))
+    assert slots.soft_deadline == pytest.approx(0.1)
+
+
+async def test_a_late_call_gives_its_slot_back_up_to_the_detached_limit() -> None:
+    clock = Clock()
+    slots = CallSlots(1, detached_limit=1, timeout=60.0, clock=clock)
+    await _answers(slots, clock, [0.01] * 32)
+    assert slots.soft_deadline == 0.1
+    loop = asyncio.get_running_loop()
+    hung_a, hung_b = loop.create_future(), loop.create_future()
+    entered: list[str] = []
+
+    async def attempt(name: str, call: asyncio.Future[None] | None) -> None:
+        async with slots:
+            entered.append(name)
+            if call is not None:
+                await slots.call(call)
+
+    a = asyncio.create_task(attempt("a", hung_a))
+    await _until(lambda: slots.detached == 1)  # a gave its slot back
+    b = asyncio.create_task(attempt("b", hung_b))  # so b gets it
+    await _until(lambda: entered == ["a", "b"])
+    c = asyncio.create_task(attempt("c", None))
+    # b is late too, but the one detached place is a's: b keeps its slot, c waits.
+    await _until(lambda: bool(slots._late))  # b's deadline passed
+    assert (entered, slots.detached) == (["a", "b"], 1)
+    hung_a.set_result(None)  # a ends: b takes the detached place, c the slot
+    await a
+    await c
+    assert (entered, slots.detached) == (["a", "b", "c"], 1)
+    hung_b.set_result(None)
+    await b
+    assert slots.detached == 0
+    async with asyncio.timeout(1):
+        async with slots:  # the one slot is free again
+            pass
+
+
+async def test_without_detached_calls_a_slot_is_held_for_the_whole_call() -> None:
+    clock = Clock()
+    slots = CallSlots(1, detached_limit=0, timeout=60.0, clock=clock)
+    await _answers(slots, clock, [0.01] * 64)
+    assert slots.soft_deadline == 60.0
