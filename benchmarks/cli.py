@@ -184,18 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return _fail(2, f"benchmarks: {exc}")
-    if args.history is not None:
-        return _history(args, cfg)
-    if args.degraded:
-        from benchmarks import degraded  # noqa: PLC0415
-
-        return asyncio.run(
-            degraded.run(
-                cfg, rounds=args.rounds, config_path=args.config,
-                out=args.out or RESULTS / "raw" / "degraded.json",
-                summary=args.summary or RESULTS / "summary-degraded.json",
-            )
-        )  # fmt: skip
+    for wanted, mode in ((args.history is not None, _history), (args.degraded, _degraded)):
+        if wanted:  # a mode of its own instead of the default run
+            return mode(args, cfg)
     options = Options(
         rounds=args.rounds, messages=args.messages, events=args.events,
         allocations=args.allocations, sustain=args.sustain, rates=args.rates,
@@ -233,6 +224,19 @@ def _history(args: argparse.Namespace, cfg: Config) -> int:
         )  # fmt: skip
     except KeyboardInterrupt:
         return 130
+
+
+def _degraded(args: argparse.Namespace, cfg: Config) -> int:
+    """``--degraded``: the sink healthy and with hanging DPS calls (:mod:`benchmarks.degraded`)."""
+    from benchmarks import degraded  # noqa: PLC0415
+
+    return asyncio.run(
+        degraded.run(
+            cfg, rounds=args.rounds, config_path=args.config,
+            out=args.out or RESULTS / "raw" / "degraded.json",
+            summary=args.summary or RESULTS / "summary-degraded.json",
+        )
+    )  # fmt: skip
 
 
 def _from_raw(args: argparse.Namespace) -> int:
