@@ -41,6 +41,7 @@ from pipeline.dps.client import DpsClient
 from pipeline.errors import MappingError, StageFailed
 from pipeline.io import kafka
 from pipeline.io.aio import Backoff
+from pipeline.ops import tracing
 from pipeline.ops.metrics import (
     SINK_BREAKER_OPENS,
     SINK_INFLIGHT,
@@ -123,6 +124,7 @@ class Sink:
         # Progress and readiness go to the runtime once the sink runs; nowhere before.
         self._beat: Callable[[], None] = _nothing
         self._check: Callable[[str, bool, str | None], None] = _nothing
+        self._tracing = tracing.OFF
 
     def topics(self) -> list[str]:
         """What it reads and writes."""
@@ -217,13 +219,14 @@ class Sink:
         consumer = run.consumer
         assert consumer is not None  # noqa: S101  (a consuming stage gets its consumer)
         self._beat, self._check = run.beat, run.check
+        self._tracing = run.tracing
         self._consumer = consumer
         SINK_INFLIGHT.set_function(self._in_progress)  # read when scraped
         # Every outcome is awaited as soon as it is sent (its call slot waits for it): a
         # linger would only delay it. Under load, records still share a request: those
         # sent while one is on the wire go together in the next.
         producer = kafka.producer(self.cfg.kafka, linger_ms=0)
-        async with producer, DpsClient(self.cfg.sink.dps) as dps:
+        async with producer, DpsClient(self.cfg.sink.dps, tracing=run.tracing) as dps:
             outcomes = Outcomes(
                 producer, self._topics, self.cfg.sink.group_id, on_recorded=self._beat
             )
@@ -337,7 +340,8 @@ class Sink:
             # back meanwhile: the record stays uncommitted.
             return
         try:
-            await self._process(outcomes, tp, record, source)
+            with self._tracing.process(record, group=self.cfg.sink.group_id):
+                await self._process(outcomes, tp, record, source)
         except StageFailed as exc:
             if self._error is None:
                 self._error = exc
