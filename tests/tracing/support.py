@@ -65,7 +65,7 @@ async def publish(cfg: Config, topic: str, payload: bytes, parent: str | None = 
     """Publish as a gateway's platform would, MQTT 5, with ``parent`` as user property."""
     properties = None
     if parent is not None:
-        properties = Properties(PacketTypes.PUBLISH)
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.UserProperty = [("traceparent", parent), ("tracestate", "vendor=1")]
     client: Client = mqtt.connect(cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-pub", persistent=False)
     async with client:

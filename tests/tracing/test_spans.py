@@ -7,6 +7,7 @@ import json
 
 import msgspec
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
 from prometheus_client.openmetrics.exposition import generate_latest
@@ -160,18 +161,18 @@ async def test_each_child_is_one_trace_from_mqtt_to_dps(cfg, uid, spans, json_lo
     assert rejected["span_id"] == hexid(sink_spans[REJECTED].context.span_id, 16)
 
     # The call latency carries an exemplar of a sampled trace, in OpenMetrics.
-    text = generate_latest(REGISTRY).decode()
+    text = generate_latest(REGISTRY).decode()  # type: ignore[no-untyped-call]
     exemplars = [line for line in text.splitlines()
                  if line.startswith("pipeline_sink_call_seconds_bucket") and "# {" in line]  # fmt: skip
     assert exemplars
     assert any(f'trace_id="{tid}"' in line for line in exemplars for tid in (first, second))
 
 
-def parent_of(span):
+def parent_of(span: ReadableSpan) -> int | None:
     return span.parent.span_id if span.parent is not None else None
 
 
-def parent_id_of(span):
+def parent_id_of(span: ReadableSpan) -> str | None:
     return hexid(span.parent.span_id, 16) if span.parent is not None else None
 
 
