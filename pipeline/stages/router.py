@@ -371,9 +371,9 @@ class Router:
                 async with producer.transaction():
                     sent = await self._dead_letter(producer, record, reason)
                     await sent
-                await producer.send_offsets_to_transaction(
-                    {tp: record.offset + 1}, self.cfg.router.group_id
-                )
+                    await producer.send_offsets_to_transaction(
+                        {tp: record.offset + 1}, self.cfg.router.group_id
+                    )
         except KafkaError as again:
             where = f"{tp.topic}/{tp.partition}/{record.offset}"
             msg = f"Kafka refused even the DLQ record for {where}: {again}"
