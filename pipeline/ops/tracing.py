@@ -48,8 +48,10 @@ __all__ = [
     "Tracing",
     "current",
     "exemplar",
+    "from_mqtt",
     "log_ids",
     "start",
+    "valid",
 ]
 
 TRACEPARENT = "traceparent"
@@ -58,7 +60,9 @@ TRACESTATE = "tracestate"
 MQTT_DOWN = "$oc/devices/{device_id}/sys/events/down"
 """The MQTT destination template (a span name must not hold the gateway)."""
 
-_VALID = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+_VALID = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
 _ATTRIBUTES = {
     "gateway_id": "iotda.gateway_id",
     "event_id": "iotda.event_id",
@@ -71,14 +75,16 @@ _current: contextvars.ContextVar[Hop | None] = contextvars.ContextVar("pipeline_
 
 
 def _new_traceparent() -> str:
-    """A fresh, unsampled W3C traceparent (random ids, never all zeros)."""
-    trace_id = random.getrandbits(128) or 1
-    span_id = random.getrandbits(64) or 1
-    return f"00-{trace_id:032x}-{span_id:016x}-00"
+    """A fresh, unsampled W3C traceparent (random ids; the all-zero ones are invalid)."""
+    ids = random.getrandbits(192).to_bytes(24).hex()  # one draw: the cheapest way here
+    if ids[:32] == _ZERO_TRACE or ids[32:] == _ZERO_SPAN:
+        return _new_traceparent()
+    return f"00-{ids[:32]}-{ids[32:]}-00"
 
 
-def _valid(traceparent: str | None) -> bool:
-    return traceparent is not None and _VALID.match(traceparent) is not None
+def valid(traceparent: str | None) -> bool:
+    """Whether ``traceparent`` is a W3C traceparent this pipeline continues (version 00)."""
+    return traceparent is not None and _VALID.fullmatch(traceparent) is not None
 
 
 def _from_headers(headers: Sequence[tuple[str, bytes]] | None) -> tuple[str | None, str | None]:
@@ -221,7 +227,7 @@ class Tracing:
         ``properties`` is aiomqtt's ``Message.properties``), or starts one.
         """
         parent, state = from_mqtt(properties)
-        return Hop(parent, state) if parent and _valid(parent) else Hop(_new_traceparent())
+        return Hop(parent, state) if parent and valid(parent) else Hop(_new_traceparent())
 
     def process(self, record: Any, *, group: str | None = None) -> Hop:
         """The hop of one Kafka record (aiokafka's) consumed as ``group``, to handle ``with`` it.
@@ -229,7 +235,7 @@ class Tracing:
         It continues the trace of the record's ``traceparent`` header, or starts one.
         """
         parent, state = _from_headers(record.headers)
-        return Hop(parent, state) if parent and _valid(parent) else Hop(_new_traceparent())
+        return Hop(parent, state) if parent and valid(parent) else Hop(_new_traceparent())
 
     def operation(self, name: str, **attributes: str | int) -> Hop:
         """The hop of a tool's run (``redrive allocations``): a root span when on."""
@@ -242,7 +248,7 @@ class Tracing:
         ``cause``: the redrive's hop); end it with :meth:`Hop.sent`.
         """
         parent, state = _from_headers(record.headers)
-        return Hop(parent, state) if parent and _valid(parent) else Hop(_new_traceparent())
+        return Hop(parent, state) if parent and valid(parent) else Hop(_new_traceparent())
 
     def call(self, method: str, url: Any, *, sn: str | None = None) -> Call:
         """One HTTP call to DPS (``url``: a ``yarl.URL``) in the current hop, ``with`` it."""
@@ -431,7 +437,7 @@ class _SpanTracing(Tracing):
 
     def _parent(self, parent: str | None, state: str | None) -> Any:
         """The context to start a span in: the one ``parent`` names, or none (a new trace)."""
-        if not (parent and _valid(parent)):
+        if not (parent and valid(parent)):
             return None
         carrier = {TRACEPARENT: parent, TRACESTATE: state} if state else {TRACEPARENT: parent}
         return self._propagator.extract(carrier)
