@@ -143,12 +143,12 @@ class Hop:
 
     @property
     def headers(self) -> list[tuple[str, bytes]]:
-        """The trace context headers of a record written for this hop (a fresh list)."""
+        """The trace context headers of a record written for this hop (do not change it)."""
         if self._headers is None:
             self._headers = [(TRACEPARENT, self.traceparent.encode())]
             if self.tracestate:
                 self._headers.append((TRACESTATE, self.tracestate.encode()))
-        return list(self._headers)
+        return self._headers
 
     def ids(self) -> tuple[str, str]:
         """(trace_id, span_id), as 32 and 16 hex digits: what a log line carries."""
