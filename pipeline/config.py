@@ -43,6 +43,7 @@ __all__ = [
     "SinkConfig",
     "TlsConfig",
     "Topics",
+    "TracingConfig",
     "listed_gateways",
     "load_config",
     "to_environ",
@@ -352,6 +353,14 @@ class MetricsConfig(_Section, frozen=True):
     """Seconds between samples of each consumer's lag (``pipeline_consumer_lag``)."""
 
 
+class TracingConfig(_Section, frozen=True):
+    """OpenTelemetry traces (the ``OTEL_*`` environment configures the rest)."""
+
+    enabled: bool = False
+    """Spans per message, record and DPS call, exported over OTLP/HTTP. Off, records
+    still carry ``traceparent`` and log lines ``trace_id`` (nothing is exported)."""
+
+
 class Config(_Section, frozen=True):
     """The whole configuration."""
 
@@ -360,6 +369,7 @@ class Config(_Section, frozen=True):
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
     sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
 
 
 class Gateway(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -38,6 +38,7 @@ from pipeline.dps.protocol import (
     token_encryption,
 )
 from pipeline.errors import DpsRejected, DpsTransient, DpsUnanswered
+from pipeline.ops import tracing
 from pipeline.schemas import (
     MAX_PAGE_SIZE,
     AllocateRequest,
@@ -100,10 +101,14 @@ class DpsClient:
     Args:
         cfg: where the API gateway is and the application's credentials.
         pool_size: connections kept open to the gateway, at most.
+        tracing: each HTTP call is a client span of it, inside the current hop.
     """
 
-    def __init__(self, cfg: DpsConfig, *, pool_size: int = 100) -> None:
+    def __init__(
+        self, cfg: DpsConfig, *, pool_size: int = 100, tracing: tracing.Tracing = tracing.OFF
+    ) -> None:
         self._cfg = cfg
+        self._tracing = tracing
         self._base = yarl.URL(cfg.base_url)
         self._device_url = self._base / DEVICE_PATH
         self._pool_size = pool_size
@@ -332,13 +337,15 @@ class DpsClient:
         )
         url = self._base / TOKEN_PATH
         started = time.monotonic()
-        answer = await self._exchange(
-            "POST",
-            url,
-            {"Content-Type": "application/json"},
-            _encode(request),
-            what="token request",
-        )
+        with self._tracing.call("POST", url) as call:
+            answer = await self._exchange(
+                "POST",
+                url,
+                {"Content-Type": "application/json", **call.headers()},
+                _encode(request),
+                what="token request",
+            )
+            call.answered(answer.status)
         try:
             response = _token_response.decode(answer.payload)
         except msgspec.DecodeError as exc:
@@ -380,11 +387,19 @@ class DpsClient:
         self, method: str, params: dict[str, str], body: bytes, *, sn: str
     ) -> tuple[msgspec.Raw, str | None]:
         """A call whose ``data`` is a PvsDevice: the data as DPS sent it, and the requestId."""
-        answer, envelope, refreshed = await self._send(method, params, body, subject=f"sn={sn}")
+        answer, envelope, refreshed = await self._send(
+            method, params, body, subject=f"sn={sn}", sn=sn
+        )
         return self._result(answer, envelope, refreshed=refreshed)
 
     async def _send(
-        self, method: str, params: dict[str, str], body: bytes, *, subject: str
+        self,
+        method: str,
+        params: dict[str, str],
+        body: bytes,
+        *,
+        subject: str,
+        sn: str | None = None,
     ) -> tuple[_Answer, DpsEnvelope | None, bool]:
         """One signed DPS call, once more with a fresh token if DPS says the token expired.
 
@@ -407,14 +422,17 @@ class DpsClient:
             if method == "POST":
                 headers["Content-Type"] = "application/json"
             started = time.monotonic()
-            answer = await self._exchange(
-                method, url, headers, body, what=f"DPS {action}", unanswered=DpsUnanswered
-            )
-            try:
-                envelope: DpsEnvelope | None = _envelope.decode(answer.payload)
-            except msgspec.DecodeError:
-                envelope = None
-            code = envelope.code if envelope is not None else None
+            with self._tracing.call(method, url, sn=sn) as call:
+                headers.update(call.headers())
+                answer = await self._exchange(
+                    method, url, headers, body, what=f"DPS {action}", unanswered=DpsUnanswered
+                )
+                try:
+                    envelope: DpsEnvelope | None = _envelope.decode(answer.payload)
+                except msgspec.DecodeError:
+                    envelope = None
+                code = envelope.code if envelope is not None else None
+                call.answered(answer.status, code)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "DPS %s %s -> HTTP %d code %s requestId %s in %.1f ms",

@@ -18,11 +18,17 @@ from typing import Any, ClassVar, TextIO
 import orjson
 from aiokafka.errors import KafkaError
 
+from pipeline.ops.tracing import log_ids
+
 __all__ = ["LibraryNoise", "setup_logging"]
 
 
 class JsonFormatter(logging.Formatter):
-    """Format a record as ``{"ts", "level", "logger", "msg", ...extra}``."""
+    """Format a record as ``{"ts", "level", "logger", "msg", ...extra}``.
+
+    A line written while a message or record is handled carries its ``trace_id`` and
+    ``span_id`` (:mod:`pipeline.ops.tracing`).
+    """
 
     _RESERVED: ClassVar[frozenset[str]] = frozenset(
         logging.LogRecord("", 0, "", 0, "", (), None).__dict__
@@ -41,6 +47,8 @@ class JsonFormatter(logging.Formatter):
             for k, v in record.__dict__.items()
             if k not in self._RESERVED and not k.startswith("_")
         )
+        if (ids := log_ids()) is not None:
+            out["trace_id"], out["span_id"] = ids
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=repr).decode()

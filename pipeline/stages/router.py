@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 
 from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 
-from pipeline.core.routing import Changes, Dedup, Gap, Memory, apply, route
+from pipeline.core.routing import Changes, Dedup, Gap, Memory, Out, apply, route
 from pipeline.errors import DecodeError, StageFailed
 from pipeline.io import kafka
 from pipeline.io.aio import Backoff, Stopped, unless_stopped
+from pipeline.ops import tracing
 from pipeline.ops.metrics import (
     ROUTER_CHILDREN,
     ROUTER_DUPLICATES,
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
 __all__ = ["Router"]
 
 log = logging.getLogger(__name__)
+
+_CHILD_TOPICS = frozenset({"added", "failed", "deleted"})
+"""Outputs that are a child each (``Out.topic`` names the ``kafka.topics`` key)."""
 
 
 class _Batch:
@@ -98,6 +102,7 @@ class Router:
         self._memory: dict[TopicPartition, Memory] = {}
         self._health = Health()  # the runtime's, once working
         self._busy = False
+        self._tracing = tracing.OFF  # the runtime's, once working
 
     def transactional_id(self, tp: TopicPartition) -> str:
         """The transactional id of the producer that writes what ``tp`` yields."""
@@ -138,6 +143,7 @@ class Router:
         consumer = run.consumer
         assert consumer is not None  # noqa: S101  (a consuming stage gets its consumer)
         self._health = run.health
+        self._tracing = run.tracing
         self._report_gaps()
         self._consumer = consumer
         run.after_close(self._stop_all)
@@ -358,15 +364,16 @@ class Router:
         """Dead-letter the input whose outputs Kafka refused, in its own transaction."""
         producer = self._producers[tp]
         reason = f"router: Kafka refused the child records of this event: {exc}"
-        log.error(reason, extra=_where(record))
-        ROUTER_RECORDS.labels("dlq").inc()
         try:
-            async with producer.transaction():
-                sent = await self._dead_letter(producer, record, reason)
-                await sent
-                await producer.send_offsets_to_transaction(
-                    {tp: record.offset + 1}, self.cfg.router.group_id
-                )
+            with self._tracing.process(record, group=self.cfg.router.group_id) as hop:
+                log.error(reason, extra=_where(record))
+                ROUTER_RECORDS.labels("dlq").inc(exemplar=hop.exemplar())
+                async with producer.transaction():
+                    sent = await self._dead_letter(producer, record, reason)
+                    await sent
+                    await producer.send_offsets_to_transaction(
+                        {tp: record.offset + 1}, self.cfg.router.group_id
+                    )
         except KafkaError as again:
             where = f"{tp.topic}/{tp.partition}/{record.offset}"
             msg = f"Kafka refused even the DLQ record for {where}: {again}"
@@ -375,21 +382,33 @@ class Router:
     async def _dead_letter(
         self, producer: AIOKafkaProducer, record: ConsumerRecord, reason: str
     ) -> asyncio.Future[object]:
+        """Send ``record`` to the DLQ with ``reason``, in the trace of the hop handling it."""
+        hop = tracing.current()
+        hop.fail(reason)
+        out = hop.send(self._topics.down_events_dlq, record.key)
         future: asyncio.Future[object] = await producer.send(
             self._topics.down_events_dlq,
             record.value,
             key=record.key,
-            headers=[("error", reason.encode()), ("received-at", utc_now().encode())],
+            headers=[("error", reason.encode()), ("received-at", utc_now().encode()), *out.headers],
         )
+        out.watch(future)
         return future
 
     async def _route_one(
         self, producer: AIOKafkaProducer, record: ConsumerRecord, batch: _Batch
     ) -> None:
+        """Route one down-event record, as a hop of its trace."""
+        with self._tracing.process(record, group=self.cfg.router.group_id) as hop:
+            await self._route_traced(producer, record, batch, hop)
+
+    async def _route_traced(
+        self, producer: AIOKafkaProducer, record: ConsumerRecord, batch: _Batch, hop: tracing.Hop
+    ) -> None:
         try:
             routed = route(record.value)
         except DecodeError as exc:
-            ROUTER_RECORDS.labels("dlq").inc()
+            ROUTER_RECORDS.labels("dlq").inc(exemplar=hop.exemplar())
             log.warning("dead-lettering a down-event record: %s", exc, extra=_where(record))
             batch.sends.append(await self._dead_letter(producer, record, f"router: {exc}"))
             return
@@ -400,9 +419,9 @@ class Router:
             batch.sends.append(await self._dead_letter(producer, record, reason))
             return
         ROUTER_RECORDS.labels("routed").inc()
+        hop.describe(gateway_id=routed.gateway_id)
         for label in routed.skipped:
             ROUTER_SKIPPED.labels(*label).inc()
-        topics = self._topics
         now = utc_now()
         for event in routed.events:
             if event.event_id is not None:  # a response: redelivered with the same event_id
@@ -414,13 +433,29 @@ class Router:
                     )
                     continue
                 batch.seen[key] = record.timestamp
+            hop.describe(event_id=event.event_id)
             applied = apply(routed.gateway_id, event, batch.changes, now)
-            for out in applied.outs:
-                topic = getattr(topics, out.topic)
-                batch.sends.append(await producer.send(topic, out.value, key=out.key))
+            await self._send_outs(producer, applied.outs, batch, hop)
             if applied.gap is not None:
                 batch.gaps.append(applied.gap)
             batch.counts.update(applied.counts)
+
+    async def _send_outs(
+        self, producer: AIOKafkaProducer, outs: list[Out], batch: _Batch, hop: tracing.Hop
+    ) -> None:
+        """Send what an event applied: each child record a ``send`` of the event's trace.
+
+        A child's lifecycle record follows it, in its trace; a sync request is the event's.
+        """
+        child = hop
+        for out in outs:
+            topic = getattr(self._topics, out.topic)
+            if out.topic in _CHILD_TOPICS:
+                child = hop.send(topic, out.key)
+            sent = await producer.send(topic, out.value, key=out.key, headers=child.headers)
+            if out.topic in _CHILD_TOPICS:
+                child.watch(sent)
+            batch.sends.append(sent)
 
     async def rebuild_dedup(self, assigned: list[TopicPartition]) -> None:
         """Re-learn the (gateway, event_id) pairs of the window before the committed offsets."""

@@ -37,6 +37,7 @@ from pipeline.io import kafka, mqtt
 from pipeline.io.aio import Stopped
 from pipeline.ops.metrics import report_lag
 from pipeline.ops.server import Health
+from pipeline.ops.tracing import OFF, Tracing, start
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -115,6 +116,8 @@ class Run:
     (wait on it with :func:`~pipeline.io.aio.unless_stopped`)."""
     consumer: AIOKafkaConsumer | None = None
     """The stage's consumer, subscribed (consuming stages only)."""
+    tracing: Tracing = OFF
+    """The stage's tracing (``[tracing]``), flushed when the stage stops."""
     closing: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
 
     def after_close(self, release: Callable[[], Awaitable[None]]) -> None:
@@ -162,9 +165,10 @@ async def run(stage: Stage, stop: asyncio.Event, health: Health | None = None) -
         # connects would leave aiokafka's bootstrap connection open.
         await check_copartitioned(cfg.kafka, name, subscription.copartitioned)
     stopping: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    current = Run(name, health, stopping)
+    current = Run(name, health, stopping, tracing=start(name, cfg.tracing))
     liveness = kafka.Liveness(cfg.kafka, name, lambda ok, why: health.set(f"{name}.kafka", ok, why))
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(current.tracing.close)  # last: the spans of everything
         watchers = [asyncio.create_task(liveness.run(), name=f"{name}.kafka-liveness")]
         stack.push_async_callback(_cancel, watchers)
         stack.push_async_callback(_release, current.closing)  # after the consumer closes

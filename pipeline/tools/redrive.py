@@ -24,6 +24,10 @@ made visible only its committed batches. ``down-events`` publishes to MQTT, whic
 Kafka transaction covers: its batches' offsets are committed the same way, so a crash or
 a takeover publishes again at most the batch in flight (the router skips a response it
 has seen, by gateway and event_id).
+
+A redriven record continues the trace of the DLQ record (its ``traceparent``; for
+``down-events`` as MQTT 5 user properties); with tracing on, its ``send`` span links to
+the run's ``redrive`` span.
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ from typing import TYPE_CHECKING
 import msgspec
 from aiokafka import TopicPartition
 from aiokafka.errors import ProducerFenced
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from pipeline.errors import StageFailed
 from pipeline.io import kafka, mqtt
+from pipeline.ops import tracing
 from pipeline.schemas import AddedChild, AllocationFailure
 
 if TYPE_CHECKING:
@@ -94,7 +101,10 @@ async def redrive(
     source = topics.allocations_dlq if dlq == "allocations" else topics.down_events_dlq
     group = redrive_group(cfg, dlq)
     consumer = kafka.consumer(cfg.kafka, group_id=group)
+    traces = tracing.start("redrive", cfg.tracing)
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(traces.close)
+        stack.enter_context(traces.operation(f"redrive {dlq}", **{"pipeline.dlq": source}))
         await stack.enter_async_context(consumer)
         producer = None
         if not dry_run:
@@ -112,7 +122,7 @@ async def redrive(
         ends = await consumer.end_offsets(tps)
         starts = await _starts(consumer, tps, from_beginning=from_beginning)
         ranges: kafka.Ranges = {tp: (starts[tp], ends[tp]) for tp in tps}
-        mover = _Mover(cfg, dlq, group, producer, client, codes=codes, kinds=kinds)
+        mover = _Mover(cfg, dlq, group, producer, client, codes=codes, kinds=kinds, traces=traces)
         pending: list[ConsumerRecord[bytes, bytes]] = []
         try:
             async for record in kafka.read_range(consumer, ranges):
@@ -168,8 +178,12 @@ class _Mover:
         *,
         codes: list[int] | None,
         kinds: list[str] | None,
+        traces: tracing.Tracing = tracing.OFF,
     ) -> None:
         self._added = cfg.kafka.topics.added
+        self._mqtt_v5 = cfg.mqtt.protocol == "5"
+        self._traces = traces
+        self._run = tracing.current()  # the run's hop: each redriven record links to it
         self._dlq = dlq
         self._group = group
         self._producer = producer
@@ -196,16 +210,22 @@ class _Mover:
                 if self._client is not None:  # down-events: to MQTT, outside the transaction
                     payload = _payload_of(record, self._codes, self._kinds)
                     if payload is not None:
-                        await self._client.publish(payload[0].decode(), payload[1], qos=1)
+                        topic = payload[0].decode()
+                        out = self._traces.resend(record, topic, cause=self._run)
+                        await self._client.publish(
+                            topic, payload[1], qos=1, properties=self._properties(out)
+                        )
+                        out.sent()
                         moved += 1
                     continue
                 child = _child_of(record, self._codes, self._kinds)
                 if child is not None:
                     origin = f"{record.topic}/{record.partition}/{record.offset}"
-                    headers = [("redriven-from", origin.encode())]
-                    sends.append(
-                        await producer.send(self._added, child[1], key=child[0], headers=headers)
-                    )
+                    out = self._traces.resend(record, self._added, cause=self._run)
+                    headers = [("redriven-from", origin.encode()), *out.headers]
+                    sent = await producer.send(self._added, child[1], key=child[0], headers=headers)
+                    out.watch(sent)
+                    sends.append(sent)
                     moved += 1
             # aiokafka commits a transaction even when a send in it failed: wait for each
             # (and see every failure, so none is logged as never retrieved).
@@ -215,6 +235,14 @@ class _Mover:
             await producer.send_offsets_to_transaction(offsets, self._group)
         self.moved += moved
         log.info("redrive %s: a batch committed, %d records moved so far", self._dlq, self.moved)
+
+    def _properties(self, out: tracing.Hop) -> Properties | None:
+        """MQTT 5 user properties carrying ``out``'s trace context (3.1.1 has none)."""
+        if not self._mqtt_v5:
+            return None
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.UserProperty = [(name, value.decode()) for name, value in out.headers]
+        return properties
 
     def _target(self, record: ConsumerRecord[bytes, bytes]) -> object | None:
         if self._dlq == "allocations":

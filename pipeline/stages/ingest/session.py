@@ -55,6 +55,8 @@ class Inbound:
     topic: str
     payload: bytes
     received_at: str
+    properties: object = None
+    """The MQTT 5 properties it came with (its ``traceparent`` user property, say)."""
 
 
 class Sender(Protocol):
@@ -259,7 +261,9 @@ class Session:
                 self._bridge(message.topic.value, payload)
                 acks.done(token)
                 continue
-            inbound = Inbound(self, token, message.topic.value, payload, utc_now())
+            inbound = Inbound(
+                self, token, message.topic.value, payload, utc_now(), message.properties
+            )
             self.pending += 1
             self._idle.clear()
             await self._sender.send(inbound)

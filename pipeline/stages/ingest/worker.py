@@ -27,6 +27,7 @@ from pipeline.core.shards import share
 from pipeline.errors import ConfigError
 from pipeline.io import kafka, mqtt
 from pipeline.io.aio import Backoff, Pacer, sleep_unless_stopped
+from pipeline.ops import tracing
 from pipeline.ops.metrics import INGEST_EVENTS, INGEST_INFLIGHT, INGEST_MESSAGES, UNEXPECTED_ERRORS
 from pipeline.stages.ingest import sync
 from pipeline.stages.ingest.session import Inbound, KafkaFailedError, Session
@@ -130,6 +131,7 @@ class Ingest:
         self._events: dict[tuple[str, str], Any] = {}
         self._sessions: list[Session] = []
         self._beat: Callable[[], None] = _nothing
+        self._tracing = tracing.OFF
 
     def topics(self) -> list[str]:
         """Where it lands messages (and the sync requests it answers, if it does)."""
@@ -165,6 +167,7 @@ class Ingest:
             for who, filters in specs
         ]  # fmt: skip
         self._beat = run.beat
+        self._tracing = run.tracing
         INGEST_INFLIGHT.set_function(lambda: sum(s.pending for s in self._sessions))
         if len(specs) > 1:
             run.check("mqtt", False, f"0 of {len(specs)} gateway sessions connected")
@@ -256,20 +259,30 @@ class Ingest:
             await sleep_unless_stopped(stop, 1.0)
 
     async def send(self, inbound: Inbound) -> None:
-        """Land one message: hand its record to the producer; the session hears back."""
+        """Land one message: hand its record to the producer; the session hears back.
+
+        The record continues the message's trace (``traceparent``), or starts one.
+        """
         producer = self._producer
         assert producer is not None  # noqa: S101  (run() sets it before sessions start)
-        landing = self._landing(inbound)
-        topic = self._topics.down_events_dlq if landing.dead else self._topics.down_events
-        try:
-            future = await producer.send(
-                topic, landing.value, key=landing.key, headers=landing.headers
-            )
-        except KafkaError as exc:
-            if _refused(exc):
-                self._renew.set()
-            raise KafkaFailedError(str(exc)) from exc
-        future.add_done_callback(functools.partial(self._landed, inbound, landing))
+        with self._tracing.receive(inbound.topic, inbound.properties) as hop:
+            landing = self._landing(inbound)
+            hop.describe(gateway_id=landing.gateway)
+            if landing.reason is not None:
+                hop.fail(landing.reason)
+            topic = self._topics.down_events_dlq if landing.dead else self._topics.down_events
+            out = hop.send(topic, landing.key)
+            try:
+                future = await producer.send(
+                    topic, landing.value, key=landing.key, headers=landing.headers + out.headers
+                )
+            except KafkaError as exc:
+                out.sent(error=exc)
+                if _refused(exc):
+                    self._renew.set()
+                raise KafkaFailedError(str(exc)) from exc
+            out.watch(future)
+            future.add_done_callback(functools.partial(self._landed, inbound, landing))
 
     def _landing(self, inbound: Inbound) -> Landing:
         try:
@@ -295,7 +308,7 @@ class Ingest:
 
     def _counted(self, landing: Landing) -> None:
         if landing.dead:
-            _DEAD.inc()
+            _DEAD.inc(exemplar=tracing.exemplar())
             log.warning(
                 "dead-lettered a message from %s: %s",
                 landing.gateway or "an unknown topic",
@@ -303,7 +316,7 @@ class Ingest:
                 extra={"gateway": landing.gateway},
             )
             return
-        _LANDED.inc()
+        _LANDED.inc(exemplar=tracing.exemplar())
         if landing.event is not None:
             for service in landing.event.services or ():
                 label = service_label(service)

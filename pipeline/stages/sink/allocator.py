@@ -34,6 +34,7 @@ import msgspec
 from pipeline.dps.protocol import is_allocated
 from pipeline.errors import DpsError, DpsUnanswered, MappingError
 from pipeline.io.aio import Backoff
+from pipeline.ops import tracing
 from pipeline.ops.metrics import SINK_CALL_SECONDS, SINK_CALLS, SINK_RETRIES
 from pipeline.stages.sink.outcomes import log_context
 from pipeline.stages.sink.slots import CallSlots
@@ -132,6 +133,8 @@ class Allocator:
             )  # fmt: skip
             return
         sn = mapped.sn
+        child = mapped.child
+        tracing.current().describe(sn=sn, gateway_id=child.gateway_id, event_id=child.event_id)
         lock = self._sn_locks.setdefault(sn, asyncio.Lock())
         self._sn_users[sn] += 1
         try:
@@ -300,9 +303,10 @@ class Allocator:
             self._breaker.abandon(probe)
             raise
         finally:
-            SINK_CALL_SECONDS.observe(time.monotonic() - started)
+            # The exemplar links a slow call to its trace (OpenMetrics; sampled traces only).
+            SINK_CALL_SECONDS.observe(time.monotonic() - started, exemplar=tracing.exemplar())
             self._on_answer()
-        _CALLED_OK.inc()
+        _CALLED_OK.inc(exemplar=tracing.exemplar())
         self._breaker.succeeded(probe)
         self._limiter.succeeded()
         return answer

@@ -1,6 +1,8 @@
 """Writing the sink's outcomes: allocations, and DLQ records with the reason.
 
-Every outcome carries two headers: ``source`` (where its input record was, as
+Every outcome continues the trace of its input record (``traceparent``: a ``send`` of
+the sink's hop; a DLQ record also marks the hop failed, with the reason and the DPS
+code). Every outcome carries two headers: ``source`` (where its input record was, as
 ``topic/partition/offset``) and ``sink-group``. Recovery (:mod:`.recovery`) reads them
 back after a crash, so a record whose outcome is already in Kafka is not allocated again.
 
@@ -22,6 +24,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeEr
 
 from pipeline.errors import PipelineError, StageFailed
 from pipeline.io.aio import Backoff
+from pipeline.ops import tracing
 from pipeline.ops.metrics import SINK_OUTCOMES
 from pipeline.schemas import Allocation, AllocationFailure, Release, utc_now
 
@@ -164,7 +167,7 @@ class Outcomes:
                 request_id=request_id, attempts=attempts,
             )  # fmt: skip
             return
-        _ALLOCATED.inc()
+        _ALLOCATED.inc(exemplar=tracing.exemplar())
 
     async def dead_letter(
         self,
@@ -205,6 +208,7 @@ class Outcomes:
         )
         key = mapped.sn if mapped else None
         topic = self._topics.allocations_dlq
+        tracing.current().fail(f"{kind}: {message}", code=code)
         try:
             await self._record(topic, key, _ENCODER.encode(failure), source)
         except _TooLarge:
@@ -217,7 +221,7 @@ class Outcomes:
             except _TooLarge as exc:
                 msg = f"cannot record a DLQ record in {topic}: {exc}"
                 raise StageFailed(msg) from exc
-        SINK_OUTCOMES.labels(kind).inc()
+        SINK_OUTCOMES.labels(kind).inc(exemplar=tracing.exemplar())
 
     async def released(self, release: Release, source: bytes) -> None:
         """What the sink did for a deleted child: to ``dps.releases``, keyed by sn.
@@ -232,7 +236,7 @@ class Outcomes:
         except _TooLarge as exc:
             msg = f"cannot record a release in {self._topics.releases}: {exc}"
             raise StageFailed(msg) from exc
-        SINK_OUTCOMES.labels(f"release_{release.action}").inc()
+        SINK_OUTCOMES.labels(f"release_{release.action}").inc(exemplar=tracing.exemplar())
 
     async def release_failed(self, failure: AllocationFailure, source: bytes) -> None:
         """A deleted child could not be released (``operation`` reset or delete): to the DLQ.
@@ -241,12 +245,13 @@ class Outcomes:
             StageFailed: Kafka refused it for a reason no retry cures.
         """
         topic = self._topics.allocations_dlq
+        tracing.current().fail(f"{failure.error_kind}: {failure.msg}", code=failure.code)
         try:
             await self._record(topic, failure.sn, _ENCODER.encode(failure), source)
         except _TooLarge as exc:
             msg = f"cannot record a DLQ record in {topic}: {exc}"
             raise StageFailed(msg) from exc
-        SINK_OUTCOMES.labels(failure.error_kind).inc()
+        SINK_OUTCOMES.labels(failure.error_kind).inc(exemplar=tracing.exemplar())
 
     async def _record(self, topic: str, key: str | None, value: bytes, source: bytes) -> None:
         """Write an outcome and wait for Kafka's acknowledgement, retrying what may pass.
@@ -257,18 +262,19 @@ class Outcomes:
                 record without a key, a missing authorisation).
         """
         backoff: Backoff | None = None
+        out = tracing.current().send(topic, key)  # in the trace of the record handled
+        headers = [(SOURCE, source), (GROUP, self._group), *out.headers]
         while True:
             try:
-                await self._producer.send_and_wait(
-                    topic,
-                    value,
-                    key=key.encode() if key else None,
-                    headers=[(SOURCE, source), (GROUP, self._group)],
+                metadata = await self._producer.send_and_wait(
+                    topic, value, key=key.encode() if key else None, headers=headers
                 )
             except MessageSizeTooLargeError as exc:
+                out.sent(error=exc)
                 raise _TooLarge(str(exc)) from exc
             except Exception as exc:
                 if not _retriable(exc):
+                    out.sent(error=exc)
                     msg = (
                         f"cannot record an outcome in {topic}: {type(exc).__name__}: {exc} "
                         "(not retriable)"
@@ -284,6 +290,7 @@ class Outcomes:
                 )  # fmt: skip
                 await asyncio.sleep(delay)
             else:
+                out.sent(metadata)
                 self._on_recorded()
                 return
 

@@ -33,6 +33,7 @@ import msgspec
 from pipeline.dps.protocol import is_allocated
 from pipeline.errors import DpsError, DpsTransient, MappingError
 from pipeline.io.aio import Backoff
+from pipeline.ops import tracing
 from pipeline.ops.metrics import SINK_CALLS, SINK_RETRIES
 from pipeline.schemas import AllocationFailure, DeviceInfo, Release, utc_now
 from pipeline.stages.sink.outcomes import embeddable
@@ -190,6 +191,9 @@ class Releaser:
         if info is not None:
             with contextlib.suppress(MappingError, msgspec.DecodeError):
                 target.sn, target.org_id = self._mapper.locate(_device.decode(info))
+        tracing.current().describe(
+            sn=target.sn, gateway_id=deleted.gateway_id, event_id=deleted.event_id
+        )
         if superseded:
             await self._released(record, source, deleted, target, "superseded")
             return

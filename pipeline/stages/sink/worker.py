@@ -41,6 +41,7 @@ from pipeline.dps.client import DpsClient
 from pipeline.errors import MappingError, StageFailed
 from pipeline.io import kafka
 from pipeline.io.aio import Backoff
+from pipeline.ops import tracing
 from pipeline.ops.metrics import (
     SINK_BREAKER_OPENS,
     SINK_INFLIGHT,
@@ -125,6 +126,7 @@ class Sink:
         # Progress and readiness go to the runtime once the sink runs; nowhere before.
         self._beat: Callable[[], None] = _nothing
         self._check: Callable[[str, bool, str | None], None] = _nothing
+        self._tracing = tracing.OFF
 
     def topics(self) -> list[str]:
         """What it reads and writes."""
@@ -219,6 +221,7 @@ class Sink:
         consumer = run.consumer
         assert consumer is not None  # noqa: S101  (a consuming stage gets its consumer)
         self._beat, self._check = run.beat, run.check
+        self._tracing = run.tracing
         self._consumer = consumer
         SINK_INFLIGHT.set_function(self._in_progress)  # read when scraped
         # Every outcome is awaited as soon as it is sent (its call slot waits for it): a
@@ -228,7 +231,7 @@ class Sink:
         s = self.cfg.sink
         # Room for every call slot and detached call, and for the releaser's calls.
         pool = s.concurrency + s.detached_limit + _RELEASE_POOL
-        async with producer, DpsClient(s.dps, pool_size=pool) as dps:
+        async with producer, DpsClient(s.dps, pool_size=pool, tracing=run.tracing) as dps:
             outcomes = Outcomes(
                 producer, self._topics, self.cfg.sink.group_id, on_recorded=self._beat
             )
@@ -342,7 +345,8 @@ class Sink:
             # back meanwhile: the record stays uncommitted.
             return
         try:
-            await self._process(outcomes, tp, record, source)
+            with self._tracing.process(record, group=self.cfg.sink.group_id):
+                await self._process(outcomes, tp, record, source)
         except StageFailed as exc:
             if self._error is None:
                 self._error = exc
