@@ -10,10 +10,11 @@
 # environment; see the top of that file). JAEGER_VERSION overrides the module version
 # (v1.75.0 is the approved one; its binary reports Jaeger v2).
 # A lock in the cache folder makes a second caller wait for the first build instead of
-# building again. Needs Go (1.24 or newer). Measured here (2 cores, shared): 7.5 min with
-# empty Go module and build caches, 35 s with a warm build cache; an 81 MB static binary
-# (-trimpath, -s -w; 121 MB without). It has no UI assets (not in the Go module): the
-# query API works, the UI page is a placeholder.
+# building again. Needs Go (1.24 or newer). Measured here (2 cores shared with other work):
+# 7.5 min with Jaeger's modules not yet downloaded, 23 min with an empty build cache while
+# the machine ran at load 16, 35 s with a warm build cache; an 81 MB static binary
+# (-trimpath, -s -w). It has no UI assets (they are not in the Go module): the query API
+# works, the UI page is Jaeger's placeholder.
 set -o errexit -o pipefail -o nounset
 # shellcheck source=deploy/container/lib.sh
 . "$(dirname "$0")/../container/lib.sh"
