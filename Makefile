@@ -28,8 +28,8 @@ test-long: install
 	.venv/bin/pytest -p no:xdist -m long -s
 
 # The traces in a real Jaeger v2 (built once from the Go module proxy into the cache by
-# deploy/local/jaeger.sh, ~5 min the first time): the tests marked `jaeger`, each fixture
-# starting its own Jaeger on free ports (deploy/local/jaeger.yaml). CI runs it after make test.
+# deploy/local/jaeger.sh, ~8 min the first time): the tests marked `jaeger`, against a
+# Jaeger they start on free ports (deploy/local/jaeger.yaml). CI runs it after make test.
 test-tracing: install
 	./deploy/local/jaeger.sh
 	.venv/bin/pytest -p no:xdist -m jaeger

@@ -6,7 +6,7 @@
 #                                       # then up -d --wait (builds the pipeline image
 #                                       # only when missing: `up --build` after changes)
 #   deploy/compose/stack.sh up --tracing [ARGS]  # ... with the profile "tracing": Jaeger
-#                                       # (its image once: build-base.sh --jaeger, ~5 min to
+#                                       # (its image once: build-base.sh --jaeger, ~8 min to
 #                                       # build the binary the first time) and the workers'
 #                                       # tracing on; query API/UI on 127.0.0.1:16686
 #                                       # (JAEGER_UI_HOST_PORT)

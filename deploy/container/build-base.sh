@@ -171,7 +171,7 @@ kafka_image() {
 jaeger_image() {
   has_image "$JAEGER_LOCAL" && { log "$JAEGER_LOCAL exists"; return 0; }
   local bin ctx
-  bin=$(JAEGER_VERSION=v1.75.0 "$ROOT/deploy/local/jaeger.sh" --path)  # builds it once (~5 min)
+  bin=$(JAEGER_VERSION=v1.75.0 "$ROOT/deploy/local/jaeger.sh" --path)  # builds it once (~8 min)
   ctx=$(mktemp -d "$CACHE/jaeger-context.XXXXXX")
   cp -l "$bin" "$ctx/jaeger" 2>/dev/null || cp "$bin" "$ctx/jaeger"
   timed "build $JAEGER_LOCAL" build --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" \
