@@ -1,5 +1,5 @@
 # The two commands of the README, and their parts.
-.PHONY: install demo test test-long test-latest check monitoring-check test-deploy bench services-up services-down
+.PHONY: install demo test test-long test-tracing test-latest check monitoring-check test-deploy bench services-up services-down
 
 install:
 	./deploy/local/install.sh
@@ -19,13 +19,20 @@ WORKERS ?= 4
 
 test: check monitoring-check
 	.venv/bin/pipeline schemas export --check
-	.venv/bin/pytest -n $(WORKERS) --dist worksteal -m "not long"
+	.venv/bin/pytest -n $(WORKERS) --dist worksteal -m "not long and not jaeger"
 
 # What `make test` checks on less, at full size and in real time: rates under partial
 # DPS failure, the 50,000-child scale-out (PIPELINE_SCALE_EVENTS, PIPELINE_SCALE_ROUNDS).
 # CI runs it when the budget allows (.ci/run).
 test-long: install
 	.venv/bin/pytest -p no:xdist -m long -s
+
+# The traces in a real Jaeger v2 (built once from the Go module proxy into the cache by
+# deploy/local/jaeger.sh, ~8 min the first time): the tests marked `jaeger`, against a
+# Jaeger they start on free ports (deploy/local/jaeger.yaml). CI runs it after make test.
+test-tracing: install
+	./deploy/local/jaeger.sh
+	.venv/bin/pytest -p no:xdist -m jaeger
 
 # The newest versions pyproject.toml allows instead of the locked ones, in a virtualenv of
 # their own: a release within our bounds that breaks us fails here before a lock update.

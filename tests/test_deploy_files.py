@@ -34,11 +34,27 @@ def test_compose_takes_every_image_from_a_variable_with_the_upstream_default() -
         r"^\s*image: (.*)$", (DEPLOY / "compose" / "compose.yaml").read_text(), re.MULTILINE
     )
     assert sorted(images) == [
+        "${JAEGER_IMAGE:-jaegertracing/jaeger:2.12.0}",
         "${KAFKA_IMAGE:-apache/kafka:4.1.1}",
         "${MOSQUITTO_IMAGE:-eclipse-mosquitto:2}",
         "${PIPELINE_IMAGE:-iot-pipeline:local}",
     ]
     assert "${PYTHON_IMAGE:-python:3.11-slim}" in (DEPLOY / "compose" / "compose.yaml").read_text()
+
+
+def test_jaeger_config_binds_every_listener_to_the_chosen_host_and_ports() -> None:
+    # deploy/local/jaeger.yaml, the tests' and compose's Jaeger: every listener it opens binds
+    # JAEGER_LISTEN_HOST (127.0.0.1 unless set) on a port the caller names, one variable
+    # each, the ones its header documents; no listener of the all-in-one defaults is left.
+    text = (DEPLOY / "local" / "jaeger.yaml").read_text()
+    endpoints = re.findall(r"^\s*endpoint: (.*)$", text, re.MULTILINE)
+    bound = r'"\$\{env:JAEGER_LISTEN_HOST:-127\.0\.0\.1\}:\$\{env:(JAEGER_\w+_PORT)\}"'
+    ports = [m[1] for e in endpoints if (m := re.fullmatch(bound, e))]
+    assert len(ports) == len(endpoints) == len(set(ports)) == 5, endpoints
+    documented = re.findall(r"^#   (JAEGER_\w+_PORT) ", text, re.MULTILINE)
+    assert sorted(ports) == sorted(documented)
+    assert re.search(r"^    metrics:\n      level: none\n      readers: \[\]$", text, re.MULTILINE)
+    assert re.search(r"^      receivers: \[otlp\]$", text, re.MULTILINE)
 
 
 def test_compose_workers_do_not_create_topics() -> None:

@@ -5,6 +5,11 @@
 #                                       # (compose-v2.sh), base images (build-base.sh),
 #                                       # then up -d --wait (builds the pipeline image
 #                                       # only when missing: `up --build` after changes)
+#   deploy/compose/stack.sh up --tracing [ARGS]  # ... with the profile "tracing": Jaeger
+#                                       # (its image once: build-base.sh --jaeger, ~8 min to
+#                                       # build the binary the first time) and the workers'
+#                                       # tracing on; query API/UI on 127.0.0.1:16686
+#                                       # (JAEGER_UI_HOST_PORT)
 #   deploy/compose/stack.sh down        # compose down, volumes kept (--volumes: forget data)
 #   deploy/compose/stack.sh ARGS...     # any docker compose command: ps, logs -f kafka, ...
 #
@@ -28,10 +33,11 @@ compose() {
   docker compose "${env[@]}" -f "$HERE/compose.yaml" "$@"
 }
 
-images_ready() {
+images_ready() {  # images_ready [VAR...]: the base images (and these) exist
   [ -f "$ENV_FILE" ] || return 1
   local var
-  for var in PYTHON_IMAGE MOSQUITTO_IMAGE KAFKA_IMAGE; do
+  for var in PYTHON_IMAGE MOSQUITTO_IMAGE KAFKA_IMAGE "$@"; do
+    grep -q "^$var=" "$ENV_FILE" || return 1
     docker image inspect "$(sed -n "s/^$var=//p" "$ENV_FILE")" >/dev/null 2>&1 || return 1
   done
 }
@@ -39,9 +45,17 @@ images_ready() {
 case "${1:-}" in
   up)
     shift
+    base=() images=()
+    if [ "${1:-}" = --tracing ]; then
+      shift
+      base=(--jaeger) images=(JAEGER_IMAGE)
+      # Later commands see the jaeger service only with the profile in their environment:
+      #   COMPOSE_PROFILES=tracing deploy/compose/stack.sh logs jaeger   (or ... down)
+      export COMPOSE_PROFILES=tracing TRACING_ENABLED=true
+    fi
     "$ROOT/deploy/container/docker-up.sh"
     docker compose version 2>/dev/null | grep -q ' v2\.' || "$HERE/compose-v2.sh"
-    images_ready || "$ROOT/deploy/container/build-base.sh"
+    images_ready "${images[@]}" || "$ROOT/deploy/container/build-base.sh" "${base[@]}"
     # Every build writes a new image id (BuildKit stamps the creation time), which makes
     # compose recreate the containers: hence no unconditional build here.
     timed "compose up -d --wait $*" compose up -d --wait "$@"

@@ -14,6 +14,9 @@
 #  6. The bundled demo replayed into it (the compose `replay` service), then exact
 #     expectations read from the stack's Kafka on the host (deploy/compose/verify.py).
 #  7. `compose stop` (SIGTERM, 60 s grace): every worker exits 0. Then `down --volumes`.
+# TEST_DEPLOY_TRACING=1 adds the profile "tracing" (the Jaeger image once, build-base.sh
+# --jaeger; the workers' tracing on; query API on 127.0.0.1:$JAEGER_UI_HOST_PORT) and, after
+# step 6, the trace of inverter-a-02 from ingest through the DPS call (verify.py trace).
 # Each step is timed into ~/.cache/iot-pipeline/timings.log; the whole run on stderr.
 set -o errexit -o pipefail -o nounset
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -26,6 +29,10 @@ export MQTT_HOST_PORT="${MQTT_HOST_PORT:-21883}" KAFKA_HOST_PORT="${KAFKA_HOST_P
 export DPS_HOST_PORT="${DPS_HOST_PORT:-28085}" INGEST_METRICS_PORT="${INGEST_METRICS_PORT:-29101}"
 export ROUTE_METRICS_PORT="${ROUTE_METRICS_PORT:-29102}" SINK_METRICS_PORT="${SINK_METRICS_PORT:-29103}"
 export PIPELINE_IMAGE="${PIPELINE_IMAGE:-iot-pipeline:test}"
+TRACING="${TEST_DEPLOY_TRACING:-0}"
+if [ "$TRACING" = 1 ]; then
+  export COMPOSE_PROFILES=tracing TRACING_ENABLED=true JAEGER_UI_HOST_PORT="${JAEGER_UI_HOST_PORT:-26686}"
+fi
 ENV_FILE="$CACHE/images.env"
 PY="$ROOT/.venv/bin/python"
 [ -x "$PY" ] || die "no .venv: run deploy/local/install.sh (make install) first"
@@ -38,8 +45,10 @@ compose() { docker compose --env-file "$ENV_FILE" -f "$HERE/compose.yaml" "$@"; 
 
 images_ready() {
   [ -f "$ENV_FILE" ] || return 1
-  local var
-  for var in PYTHON_IMAGE MOSQUITTO_IMAGE KAFKA_IMAGE; do
+  local var vars=(PYTHON_IMAGE MOSQUITTO_IMAGE KAFKA_IMAGE)
+  [ "$TRACING" = 0 ] || vars+=(JAEGER_IMAGE)
+  for var in "${vars[@]}"; do
+    grep -q "^$var=" "$ENV_FILE" || return 1
     docker image inspect "$(sed -n "s/^$var=//p" "$ENV_FILE")" >/dev/null 2>&1 || return 1
   done
 }
@@ -62,7 +71,9 @@ trap cleanup EXIT
 # 1-3: engine, Compose, base images (each skipped when already there).
 "$ROOT/deploy/container/docker-up.sh"
 docker compose version 2>/dev/null | grep -q ' v2\.' || "$HERE/compose-v2.sh"
-images_ready || "$ROOT/deploy/container/build-base.sh"
+if ! images_ready; then
+  if [ "$TRACING" = 1 ]; then "$ROOT/deploy/container/build-base.sh" --jaeger; else "$ROOT/deploy/container/build-base.sh"; fi
+fi
 set -a
 # shellcheck source=/dev/null  # written by build-base.sh: PYTHON_IMAGE, MOSQUITTO_IMAGE, KAFKA_IMAGE
 . "$ENV_FILE"
@@ -104,6 +115,10 @@ timed "verify the demo" env PYTHONPATH="$ROOT" "$PY" "$HERE/verify.py" demo \
   --bootstrap "127.0.0.1:$KAFKA_HOST_PORT" --wait 120
 PYTHONPATH="$ROOT" "$PY" "$HERE/verify.py" endpoints \
   --ports "$INGEST_METRICS_PORT,$ROUTE_METRICS_PORT,$SINK_METRICS_PORT"
+if [ "$TRACING" = 1 ]; then
+  timed "verify the trace of inverter-a-02" env PYTHONPATH="$ROOT" "$PY" "$HERE/verify.py" trace \
+    --jaeger "http://127.0.0.1:$JAEGER_UI_HOST_PORT" --sn inverter-a-02 --wait 60
+fi
 
 # 7: SIGTERM; every worker stops cleanly.
 timed "compose stop (SIGTERM)" compose stop --timeout 60 >/dev/null 2>&1

@@ -5,13 +5,17 @@ operator endpoints through their host ports:
 
     python deploy/compose/verify.py demo --bootstrap 127.0.0.1:29092
     python deploy/compose/verify.py endpoints --ports 29101,29102,29103
+    python deploy/compose/verify.py trace --jaeger http://127.0.0.1:26686 --sn inverter-a-02
 
 ``demo``: waits (up to --wait s) until the topics hold what the bundled demo must give,
 then checks it exactly: every valid child allocated, the ingest DLQ with its reason, the
 two DPS DLQ reasons (35404 group missing, 35601 sn unknown) and the children IoTDA failed
 to add. ``endpoints``: /readyz 200 with every check true, /healthz 200, and the /metrics
-counters that show the demo went through. Exit status 0 when all hold; one line per
-failed expectation otherwise.
+counters that show the demo went through. ``trace`` (profile "tracing",
+``TEST_DEPLOY_TRACING=1``): Jaeger's query API holds exactly one trace with a span tagged
+``dps.sn`` = the sn, and that trace has spans of ingest, the router and the sink (told by
+service or span name) and the DPS call (an HTTP client span). Exit status 0 when all
+hold; one line per failed expectation otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import json
 import sys
 import time
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -140,6 +145,68 @@ def endpoints(ports: dict[str, int]) -> list[str]:
     return problems
 
 
+STAGES = ("ingest", "route", "sink")  # in a service or span name: "route" also in "router"
+
+
+def _jaeger(base: str, path: str, **query: str) -> Any:
+    url = f"{base}{path}?{urllib.parse.urlencode(query)}" if query else f"{base}{path}"
+    status, body = _get(url)
+    if status != OK:
+        msg = f"GET {url}: {status} {body[:200]}"
+        raise RuntimeError(msg)
+    return json.loads(body)["data"]
+
+
+def _traces_of(base: str, sn: str) -> dict[str, Any]:
+    """Every trace (by id) with a span tagged ``dps.sn`` = sn, searched in every service."""
+    found: dict[str, Any] = {}
+    for service in _jaeger(base, "/api/services") or []:
+        tags = json.dumps({"dps.sn": sn})
+        for trace in _jaeger(base, "/api/traces", service=service, tags=tags, lookback="2h"):
+            found[trace["traceID"]] = trace
+    return found
+
+
+def _span_tags(span: dict[str, Any]) -> dict[str, Any]:
+    return {tag["key"]: tag["value"] for tag in span.get("tags", [])}
+
+
+def trace(base: str, sn: str, wait: float) -> list[str]:
+    deadline = time.monotonic() + wait
+    while True:  # the workers export in batches: the last spans may come a few seconds late
+        names, problems = _check_trace(base, sn, _traces_of(base, sn))
+        if not problems or time.monotonic() > deadline:
+            print(f"  trace of {sn}: {len(names)} spans")
+            for name in sorted(names):
+                print(f"    {name}")
+            return problems
+        time.sleep(2.0)
+
+
+def _check_trace(base: str, sn: str, traces: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The trace's spans as "service operation", and what it lacks."""
+    if len(traces) != 1:
+        return [], [
+            f"{len(traces)} traces with a span tagged dps.sn={sn}, expected 1: {sorted(traces)}"
+        ]
+    (trace_id,) = traces
+    whole = _jaeger(base, f"/api/traces/{trace_id}")[0]
+    processes = whole["processes"]
+    names = [
+        f"{processes[span['processID']]['serviceName']} {span['operationName']}"
+        for span in whole["spans"]
+    ]
+    problems = [
+        f"trace {trace_id}: no span of {stage}"
+        for stage in STAGES
+        if not any(stage in name.lower() for name in names)
+    ]
+    tags = [_span_tags(span) for span in whole["spans"]]
+    if not any(t.get("span.kind") == "client" and "http.request.method" in t for t in tags):
+        problems.append(f"trace {trace_id}: no HTTP client span (the DPS call)")
+    return names, problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -148,9 +215,15 @@ def main() -> int:
     p.add_argument("--wait", type=float, default=120.0)
     p = sub.add_parser("endpoints")
     p.add_argument("--ports", required=True, help="ingest,route,sink metrics host ports")
+    p = sub.add_parser("trace")
+    p.add_argument("--jaeger", required=True, help="Jaeger's query base URL")
+    p.add_argument("--sn", default="inverter-a-02")
+    p.add_argument("--wait", type=float, default=30.0)
     args = parser.parse_args()
     if args.what == "demo":
         problems = asyncio.run(demo(args.bootstrap, args.wait))
+    elif args.what == "trace":
+        problems = trace(args.jaeger.rstrip("/"), args.sn, args.wait)
     else:
         ports = dict(zip(("ingest", "route", "sink"), map(int, args.ports.split(",")), strict=True))
         problems = endpoints(ports)

@@ -7,15 +7,19 @@
 #   deploy/container/build-base.sh --local    # always build the local stand-ins
 #   deploy/container/build-base.sh --upstream # always pull the upstream images
 #   deploy/container/build-base.sh --rebuild  # local, rebuilding images that exist
+#   deploy/container/build-base.sh --jaeger   # also the Jaeger image (compose profile tracing)
 #
 #   local image              stand-in for          from
 #   local/debian:bookworm    debian:bookworm-slim  debootstrap --variant=minbase + docker import
 #   local/python:3.11        python:3.11-slim      python.Dockerfile (Debian's python3 3.11)
 #   local/mosquitto:2        eclipse-mosquitto:2   mosquitto.Dockerfile (Debian's mosquitto)
 #   local/kafka:4.1.1        apache/kafka:4.1.1    kafka.Dockerfile (OpenJDK 17 + Maven jars)
+#   local/jaeger:1.75.0      jaegertracing/jaeger:2.12.0  jaeger.Dockerfile (only with --jaeger;
+#                                                  the binary from deploy/local/jaeger.sh)
 #
 # Either way the image names go to ~/.cache/iot-pipeline/images.env (PYTHON_IMAGE,
-# MOSQUITTO_IMAGE, KAFKA_IMAGE), for `docker compose --env-file` or `set -a; . FILE`.
+# MOSQUITTO_IMAGE, KAFKA_IMAGE, and JAEGER_IMAGE once --jaeger made it), for
+# `docker compose --env-file` or `set -a; . FILE`.
 #
 # The local Debian base trusts the same CAs as this host: the certificates in
 # /usr/local/share/ca-certificates are copied in and update-ca-certificates is run, so
@@ -26,11 +30,12 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=deploy/container/lib.sh
 . "$HERE/lib.sh"
 
-MODE=auto REBUILD=0
+MODE=auto REBUILD=0 JAEGER=0
 for arg in "$@"; do
   case $arg in
     --local) MODE=local ;; --upstream) MODE=upstream ;; --auto) MODE=auto ;;
     --rebuild) MODE=local REBUILD=1 ;;
+    --jaeger) JAEGER=1 ;;
     -h|--help) sed -n '2,/^set -o/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $arg" ;;
   esac
@@ -43,6 +48,8 @@ DEBIAN_IMAGE=local/debian:$SUITE
 PYTHON_LOCAL=local/python:3.11     PYTHON_UPSTREAM=python:3.11-slim
 MOSQUITTO_LOCAL=local/mosquitto:2  MOSQUITTO_UPSTREAM=eclipse-mosquitto:2
 KAFKA_LOCAL=local/kafka:$KAFKA_VERSION KAFKA_UPSTREAM=apache/kafka:$KAFKA_VERSION
+# Jaeger's Go module v1.75.0 is the release v2.12.0 (its RELEASE.md), the upstream image's tag.
+JAEGER_LOCAL=local/jaeger:1.75.0   JAEGER_UPSTREAM=jaegertracing/jaeger:2.12.0
 ENV_FILE="$CACHE/images.env"
 
 docker info >/dev/null 2>&1 || die "no Docker daemon answers; run deploy/container/docker-up.sh"
@@ -161,9 +168,22 @@ kafka_image() {
   rm -rf "$ctx"
 }
 
-write_env() {  # write_env PYTHON MOSQUITTO KAFKA
+jaeger_image() {
+  has_image "$JAEGER_LOCAL" && { log "$JAEGER_LOCAL exists"; return 0; }
+  local bin ctx
+  bin=$(JAEGER_VERSION=v1.75.0 "$ROOT/deploy/local/jaeger.sh" --path)  # builds it once (~8 min)
+  ctx=$(mktemp -d "$CACHE/jaeger-context.XXXXXX")
+  cp -l "$bin" "$ctx/jaeger" 2>/dev/null || cp "$bin" "$ctx/jaeger"
+  timed "build $JAEGER_LOCAL" build --build-arg DEBIAN_IMAGE="$DEBIAN_IMAGE" \
+    -t "$JAEGER_LOCAL" -f "$HERE/jaeger.Dockerfile" "$ctx"
+  rm -rf "$ctx"
+}
+
+write_env() {  # write_env PYTHON MOSQUITTO KAFKA [JAEGER] (none: keep the file's JAEGER_IMAGE)
   mkdir -p "$CACHE"
+  local jaeger=${4:-$(sed -n 's/^JAEGER_IMAGE=//p' "$ENV_FILE" 2>/dev/null || true)}
   printf 'PYTHON_IMAGE=%s\nMOSQUITTO_IMAGE=%s\nKAFKA_IMAGE=%s\n' "$1" "$2" "$3" > "$ENV_FILE"
+  [ -z "$jaeger" ] || printf 'JAEGER_IMAGE=%s\n' "$jaeger" >> "$ENV_FILE"
   log "image names in $ENV_FILE:"; sed 's/^/  /' "$ENV_FILE" >&2
 }
 
@@ -171,15 +191,18 @@ if [ "$MODE" = auto ]; then
   if registry_reachable; then MODE=upstream; else MODE=local; log "no registry reachable: building local base images"; fi
 fi
 if [ "$MODE" = upstream ]; then
-  for image in "$PYTHON_UPSTREAM" "$MOSQUITTO_UPSTREAM" "$KAFKA_UPSTREAM"; do
+  images=("$PYTHON_UPSTREAM" "$MOSQUITTO_UPSTREAM" "$KAFKA_UPSTREAM")
+  [ "$JAEGER" = 0 ] || images+=("$JAEGER_UPSTREAM")
+  for image in "${images[@]}"; do
     timed "pull $image" docker pull -q "$image" >/dev/null
   done
-  write_env "$PYTHON_UPSTREAM" "$MOSQUITTO_UPSTREAM" "$KAFKA_UPSTREAM"
+  write_env "${images[@]}"
 else
   debian_base
   python_base
   mosquitto_image
   kafka_image
-  write_env "$PYTHON_LOCAL" "$MOSQUITTO_LOCAL" "$KAFKA_LOCAL"
+  [ "$JAEGER" = 0 ] || jaeger_image
+  write_env "$PYTHON_LOCAL" "$MOSQUITTO_LOCAL" "$KAFKA_LOCAL" "$([ "$JAEGER" = 0 ] || echo "$JAEGER_LOCAL")"
 fi
-docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^(local/|python|eclipse-mosquitto|apache/kafka)' >&2 || true
+docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^(local/|python|eclipse-mosquitto|apache/kafka|jaegertracing)' >&2 || true
