@@ -48,7 +48,6 @@ __all__ = [
     "child_key",
     "failed_key",
     "older_first",
-    "trace_id",
     "unrouted",
 ]
 
@@ -60,21 +59,6 @@ BREAKING: frozenset[GapKind] = frozenset({"missing", "duplicate", "unrouted"})
 
 _MAX = 255  # the counters saturate: "more than one" is all that matters past 1
 _BUCKETS = 64
-
-
-def trace_id(traceparent: bytes | None) -> str:
-    """The trace id of a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), or ``-``."""
-    if not traceparent:
-        return "-"
-    parts = traceparent.split(b"-")
-    if len(parts) < 4 or len(parts[1]) != 32:  # noqa: PLR2004 - the W3C field widths
-        return "-"
-    try:
-        text = parts[1].decode("ascii")
-        int(text, 16)
-    except ValueError:  # also UnicodeDecodeError
-        return "-"
-    return "-" if text == "0" * 32 else text.lower()
 
 
 def child_key(gateway_id: str, device_id: str) -> int:

@@ -27,8 +27,9 @@ import asyncio
 import contextvars
 import os
 import random
-import re
 from typing import TYPE_CHECKING, Any, Self
+
+from pipeline.core.tracecontext import TRACEPARENT, TRACESTATE, valid
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -54,13 +55,9 @@ __all__ = [
     "valid",
 ]
 
-TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
-
 MQTT_DOWN = "$oc/devices/{device_id}/sys/events/down"
 """The MQTT destination template (a span name must not hold the gateway)."""
 
-_VALID = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _ATTRIBUTES = {
@@ -80,11 +77,6 @@ def _new_traceparent() -> str:
     if ids[:32] == _ZERO_TRACE or ids[32:] == _ZERO_SPAN:
         return _new_traceparent()
     return f"00-{ids[:32]}-{ids[32:]}-00"
-
-
-def valid(traceparent: str | None) -> bool:
-    """Whether ``traceparent`` is a W3C traceparent this pipeline continues (version 00)."""
-    return traceparent is not None and _VALID.fullmatch(traceparent) is not None
 
 
 def _from_headers(headers: Sequence[tuple[str, bytes]] | None) -> tuple[str | None, str | None]:

@@ -49,10 +49,10 @@ from pipeline.core.audit import (
     child_key,
     failed_key,
     older_first,
-    trace_id,
     unrouted,
 )
 from pipeline.core.routing import route
+from pipeline.core.tracecontext import TRACEPARENT, trace_id
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.io import kafka
 from pipeline.ops.metrics import write_audit_metrics
@@ -83,7 +83,6 @@ SKEW = dt.timedelta(minutes=1)
 router's record) written by a host whose clock is behind can carry a time before its
 child's."""
 REDRIVEN_FROM = "redriven-from"
-TRACEPARENT = "traceparent"
 _PROGRESS_STEP = 5000
 _AT_A_TIME = 2000
 """Records taken from the consumer at a time: few decoded records held at once."""
@@ -325,7 +324,7 @@ class _Audit:
                     key=gateway,
                     at=_utc(record.timestamp),
                     waiting_s=max(0.0, (self.now_ms - record.timestamp) / 1000),
-                    trace_id=trace_id(_header(record, TRACEPARENT)),
+                    trace_id=trace_id(_header(record, TRACEPARENT)) or "-",
                     detail=f"event {event_id}: {'; '.join(parts)}",
                 )
             )
@@ -388,7 +387,7 @@ async def _details(
                 key=record.key.decode(errors="replace") if record.key else "-",
                 at=_utc(record.timestamp),
                 waiting_s=waited,
-                trace_id=trace_id(_header(record, TRACEPARENT)),
+                trace_id=trace_id(_header(record, TRACEPARENT)) or "-",
                 detail=verdict.detail,
             )
         )

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import re
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -47,6 +46,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.core.mapping import Mapper
+from pipeline.core.tracecontext import record_trace_id
 from pipeline.errors import InputError, MappingError
 from pipeline.io import kafka
 from pipeline.schemas import (
@@ -62,14 +62,13 @@ from pipeline.schemas import (
 from pipeline.tools.console import make_console
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
     from typing import IO
 
     from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
     from pipeline.config import Config
 
-__all__ = ["NOT_FOUND", "Journey", "Step", "check_query", "trace", "trace_id", "walk"]
+__all__ = ["NOT_FOUND", "Journey", "Step", "check_query", "trace", "walk"]
 
 NOT_FOUND = 4
 """The exit code when no record of the device is in the topics (or the window)."""
@@ -87,8 +86,6 @@ _SCAN = {"fetch_max_wait_ms": 10}
 """No waiting at a range's end for records that may follow (the broker's 500 ms default,
 per fetch). Fetches stay ``kafka.max_record_size`` a partition: larger ones read (and
 aiokafka decodes) far past a short range's end."""
-
-_TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 class Step(msgspec.Struct, kw_only=True):
@@ -118,16 +115,6 @@ class Journey(msgspec.Struct, kw_only=True):
     since: str | None
     until: str | None
     steps: list[Step]
-
-
-def trace_id(headers: Iterable[tuple[str, bytes]] | None) -> str | None:
-    """The trace id of a record's W3C ``traceparent`` header, or None without a valid one."""
-    for name, value in headers or ():
-        if name == "traceparent":
-            match = _TRACEPARENT.match(bytes(value).strip().lower())
-            if match and match[1] != b"0" * 32:
-                return match[1].decode()
-    return None
 
 
 # -- Decoding ------------------------------------------------------------------------------
@@ -310,7 +297,8 @@ class _Walk:
         kept = {k: v for k, v in detail.items() if v is not None}
         found = Step(
             step=step, topic=record.topic, partition=record.partition, offset=record.offset,
-            timestamp=_time(record.timestamp), trace_id=trace_id(record.headers), detail=kept,
+            timestamp=_time(record.timestamp), trace_id=record_trace_id(record.headers),
+            detail=kept,
         )  # fmt: skip
         self.steps.append(found)
         return True

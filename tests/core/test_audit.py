@@ -13,7 +13,6 @@ from pipeline.core.audit import (
     child_key,
     failed_key,
     older_first,
-    trace_id,
     unrouted,
 )
 
@@ -103,29 +102,6 @@ def test_unrouted_children_and_failures() -> None:
     lost = unrouted("gw", "e1", ["a", "b"], ["f1", "f2"], added=added, failures=failures)
     assert lost == (["b"], ["f2"])
     assert unrouted("gw", "e2", [], ["f1"], added=added, failures=failures) == ([], ["f1"])
-
-
-@pytest.mark.parametrize(
-    ("header", "expected"),
-    [
-        (
-            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "4bf92f3577b34da6a3ce929d0e0e4736",
-        ),
-        (
-            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-00",
-            "4bf92f3577b34da6a3ce929d0e0e4736",
-        ),
-        (b"00-00000000000000000000000000000000-00f067aa0ba902b7-01", "-"),
-        (b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", "-"),
-        (b"00-zzf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "-"),
-        (b"\xff-\xff", "-"),
-        (b"", "-"),
-        (None, "-"),
-    ],
-)
-def test_trace_id_from_traceparent(header: bytes | None, expected: str) -> None:
-    assert trace_id(header) == expected
 
 
 def gap(kind: str, at: str, offset: int = 0) -> Gap:

@@ -21,7 +21,7 @@ from pipeline.stages.router import Router
 from pipeline.stages.sink import Sink
 from pipeline.tools.redrive import redrive
 from pipeline.tools.replay import replay
-from pipeline.tools.trace import NOT_FOUND, check_query, trace, trace_id, walk
+from pipeline.tools.trace import NOT_FOUND, check_query, trace, walk
 from tests.harness import add_response, read_topic, running, wait_check
 from tests.stages.sink.support import child, with_emulator
 
@@ -239,25 +239,3 @@ def test_bad_input_is_refused_before_any_broker() -> None:
         )  # fmt: skip
         assert (done.returncode, done.stdout) == (2, ""), done.stderr
         assert line in done.stderr
-
-
-@pytest.mark.parametrize(
-    ("header", "expected"),
-    [
-        (
-            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "4bf92f3577b34da6a3ce929d0e0e4736",
-        ),
-        (
-            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-00",
-            "4bf92f3577b34da6a3ce929d0e0e4736",
-        ),
-        (b"00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),  # invalid: all zero
-        (b"00-4bf92f35-00f067aa0ba902b7-01", None),
-        (b"not a traceparent", None),
-    ],
-)
-def test_trace_id_from_the_traceparent_header(header: bytes, expected: str | None) -> None:
-    assert trace_id([("other", b"x"), ("traceparent", header)]) == expected
-    assert trace_id([("other", b"x")]) is None
-    assert trace_id(None) is None

@@ -1,5 +1,6 @@
-"""A real Jaeger v2 for the ``jaeger`` tests: the binary of ``deploy/local/jaeger.sh``,
-every listener on 127.0.0.1 on a free port, spans in memory; stopped after the test."""
+"""A real Jaeger v2 for the ``jaeger`` tests: the binary of ``deploy/local/jaeger.sh`` with
+the configuration users run, ``deploy/local/jaeger.yaml``, every listener on 127.0.0.1 on
+a free port, spans in memory; stopped after the test."""
 
 from __future__ import annotations
 
@@ -18,44 +19,8 @@ from tests.harness import free_port
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = "v1.75.0"
 
-CONFIG = """\
-service:
-  extensions: [jaeger_storage, jaeger_query]
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [batch]
-      exporters: [jaeger_storage_exporter]
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      level: warn
-extensions:
-  jaeger_query:
-    storage:
-      traces: memstore
-    http:
-      endpoint: 127.0.0.1:{query}
-    grpc:
-      endpoint: 127.0.0.1:{query_grpc}
-  jaeger_storage:
-    backends:
-      memstore:
-        memory:
-          max_traces: 100000
-receivers:
-  otlp:
-    protocols:
-      http:
-        endpoint: 127.0.0.1:{otlp}
-processors:
-  batch:
-    timeout: 100ms
-exporters:
-  jaeger_storage_exporter:
-    trace_storage: memstore
-"""
+CONFIG = ROOT / "deploy" / "local" / "jaeger.yaml"
+"""The configuration users run: every listener on ``JAEGER_LISTEN_HOST``, ports from env."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +48,17 @@ def jaeger_binary() -> Path:
 
 @pytest.fixture
 async def jaeger(tmp_path: Path) -> AsyncIterator[Jaeger]:
-    ports = {"query": free_port(), "query_grpc": free_port(), "otlp": free_port()}
-    config = tmp_path / "jaeger.yaml"
-    config.write_text(CONFIG.format(**ports), encoding="utf-8")
+    names = ("OTLP_GRPC", "OTLP_HTTP", "QUERY", "QUERY_GRPC", "HEALTH")
+    ports = {name: free_port() for name in names}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env |= {f"JAEGER_{name}_PORT": str(port) for name, port in ports.items()}
+    env["JAEGER_LISTEN_HOST"] = "127.0.0.1"
     log = (tmp_path / "jaeger.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
-        str(jaeger_binary()), "--config", str(config), stdout=log, stderr=subprocess.STDOUT
-    )
-    api = f"http://127.0.0.1:{ports['query']}"
+        str(jaeger_binary()), "--config", str(CONFIG), stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{ports['QUERY']}"
     try:
         async with aiohttp.ClientSession() as http, asyncio.timeout(60):
             while True:  # until the query API answers
@@ -104,7 +72,7 @@ async def jaeger(tmp_path: Path) -> AsyncIterator[Jaeger]:
                 except aiohttp.ClientConnectionError:
                     pass
                 await asyncio.sleep(0.1)
-        yield Jaeger(otlp=f"http://127.0.0.1:{ports['otlp']}", api=api)
+        yield Jaeger(otlp=f"http://127.0.0.1:{ports['OTLP_HTTP']}", api=api)
     finally:
         if proc.returncode is None:
             proc.terminate()
