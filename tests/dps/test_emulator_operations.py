@@ -569,7 +569,8 @@ async def test_calls_can_be_listed_by_action(http, emu):
     assert calls[3] | {"at": None} == {
         "seq": 4, "action": "resetAllocationStatus", "sn": None, "sns": ["SN-1"],
         "group_id": "g-1", "expression": None, "org_id": ORG, "device_data": None,
-        "http_status": 200, "code": 0, "cut": False, "at": None,
+        "http_status": 200, "code": 0, "cut": False, "hung": False, "abandoned": False,
+        "at": None,
     }  # fmt: skip
     status, resets = await admin(http, emu, "GET", "/_emulator/calls?action=resetAllocationStatus")
     assert status == 200
