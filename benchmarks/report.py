@@ -126,6 +126,12 @@ def document(
     return doc
 
 
+def _percentiles(name: str, values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {f"{name}_p50_ms": None, f"{name}_p99_ms": None}
+    return {f"{name}_p50_ms": percentile(values, 50), f"{name}_p99_ms": percentile(values, 99)}
+
+
 def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
     steps = [
         {
@@ -137,6 +143,9 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
             "p99_ms": step.p99,
             "round_p50_ms": [percentile(values, 50) for values in step.latencies_ms],
             "round_p99_ms": [percentile(values, 99) for values in step.latencies_ms],
+            # The second clock (arrival at a consumer) and the first hop (ingest's output).
+            **_percentiles("receipt", [v for r in step.receipts_ms for v in r]),
+            **_percentiles("ingest", [v for r in step.landed_ms for v in r]),
             "latencies_ms": step.pooled,
         }
         for step in e2e.steps
@@ -160,6 +169,8 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
         b = e2e.burst
         out["burst"] = {
             "messages": b.messages,
+            "wanted": b.wanted,
+            "published_seconds": b.published_seconds,
             "landed": b.landed,
             "landed_seconds": b.landed_seconds,
             "routed": b.routed,
@@ -200,8 +211,15 @@ def table(console: Console, doc: dict[str, Any]) -> None:
             if b["landed_seconds"] is not None
             else f"{b['landed']:,} landed by ingest within the time limit"
         )
+        wanted = b.get("wanted", b["messages"])
+        taken = (
+            ""
+            if b["messages"] >= wanted
+            else f" (of {wanted:,} asked for: the broker took no more within the time limit)"
+        )
         console.print(
-            f"burst: {b['messages']:,} messages published while the workers ran, {landed}; "
+            f"burst: {b['messages']:,} messages published while the workers ran{taken}, "
+            f"{landed}; "
             f"memory read {b['seconds']:.0f} s after "
             f"the first publish, when the router had routed {b['routed']:,} of them and the "
             f"sink allocated {b['allocated']:,} of {b['messages'] * 4:,} children"
@@ -249,7 +267,8 @@ def _latency(e2e: dict[str, Any]) -> Table:
         title=f"end to end, 4 children per message: sustained {sustained:,.0f} msg/s; "
         "latency of all rounds \\[each round's]"
     )
-    for column in ("offered load", "msg/s", "children", "p50 ms", "p99 ms"):
+    columns = ("offered load", "msg/s", "children", "p50 ms", "p99 ms")
+    for column in (*columns, "receipt p50/p99", "ingest p50/p99"):
         t.add_column(column, justify="right")
     for step in e2e["steps"]:
         t.add_row(
@@ -258,8 +277,22 @@ def _latency(e2e: dict[str, Any]) -> Table:
             f"{step['children']:,}",
             f"{_rate(step['p50_ms'])} [{', '.join(map(_rate, step['round_p50_ms']))}]",
             f"{_rate(step['p99_ms'])} [{', '.join(map(_rate, step['round_p99_ms']))}]",
+            _pair(step, "receipt"),
+            _pair(step, "ingest"),
         )
+    t.caption = (
+        "p50/p99: publish -> the allocation record's broker append time; receipt: publish "
+        "-> its arrival at a consumer of the allocations topic (this host's clock); ingest: "
+        "publish -> the down event's append time (the MQTT broker and ingest)"
+    )
     return t
+
+
+def _pair(step: dict[str, Any], name: str) -> str:
+    p50, p99 = step.get(f"{name}_p50_ms"), step.get(f"{name}_p99_ms")
+    if p50 is None or p99 is None:
+        return "-"
+    return f"{_rate(p50)}/{_rate(p99)}"
 
 
 def _memory(memory: dict[str, dict[str, float]]) -> Table:

@@ -15,6 +15,7 @@ in the machine's load does not favour one side.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import statistics
 import time
@@ -234,9 +235,14 @@ class Stages:
         cfg = ctx.config(name)
         await ctx.topics_for(cfg, "down_events", "down_events_dlq")
         await ctx.session_for(cfg)
-        await replay_messages(
-            cfg.mqtt, self._messages, topic_prefix=ctx.mqtt_prefix(cfg), progress=False
-        )
+        try:
+            async with asyncio.timeout(ctx.options.limit):
+                await replay_messages(
+                    cfg.mqtt, self._messages, topic_prefix=ctx.mqtt_prefix(cfg), progress=False
+                )
+        except TimeoutError:
+            msg = f"MQTT: the broker did not take {n} messages in {ctx.options.limit:g} s"
+            raise measure.Incomplete(msg) from None
         out = Output(cfg, cfg.kafka.topics.down_events)
         try:
             match kind:
