@@ -77,6 +77,8 @@ class Step:
     """Per round, one per child allocation: its arrival at a consumer - publish."""
     landed_ms: list[list[float]] = dataclasses.field(default_factory=list)
     """Per round, one per message: its down event's broker append time - publish."""
+    routed_ms: list[list[float]] = dataclasses.field(default_factory=list)
+    """Per round, one per child: its added record's broker append time - publish."""
 
     @property
     def pooled(self) -> list[float]:
@@ -189,8 +191,8 @@ def _latencies(records: list[ConsumerRecord[bytes, bytes]]) -> list[float]:
     return out
 
 
-def _landed(records: list[ConsumerRecord[bytes, bytes]]) -> list[float]:
-    """Per down-event record (ingest's output): its broker append time - publish time, ms."""
+def _hop(records: list[ConsumerRecord[bytes, bytes]]) -> list[float]:
+    """Per record carrying an e2e event_id: its broker append time - publish time, ms."""
     out = []
     for record in records:
         if (found := _EVENT_ID.search(record.value)) is not None:
@@ -263,6 +265,10 @@ class _Through:
     """Per child: arrival at a consumer of the allocations - publish (this host's clock)."""
     landed_ms: list[float]
     """Per message: append of its down event (ingest's output) - publish."""
+    routed_ms: list[float]
+    """Per child: append of its added record (the router's output) - publish. The router
+    writes in transactions: a record is appended before its transaction commits and
+    seen by the sink only after."""
 
 
 class _Pipeline:
@@ -283,8 +289,9 @@ class _Pipeline:
         """
         topics = self.cfg.kafka.topics
         out, landed = Output(self.cfg, topics.allocations), Output(self.cfg, topics.down_events)
-        await out.start()
-        await landed.start()
+        routed = Output(self.cfg, topics.added)
+        for output in (out, landed, routed):
+            await output.start()
         async with _Receipts(self.cfg) as receipts:
             published = await _publish(
                 self.cfg, self.prefix, count, phase, per_s=per_s, limit=limit
@@ -299,7 +306,8 @@ class _Pipeline:
             records = await out.wait(n, limit=limit, alive=self.alive)
             receipts_ms = await receipts.until(n, limit=10.0)
         down = await landed.wait(count, limit=limit)
-        return _Through(published, records, receipts_ms, _landed(down))
+        added = await routed.wait(n, limit=limit)
+        return _Through(published, records, receipts_ms, _hop(down), _hop(added))
 
     async def _routed(self, since: dict[TopicPartition, int]) -> int:
         """Down events the router has committed since the offsets ``since``."""
@@ -384,10 +392,11 @@ async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
                 step.latencies_ms.append(latencies)
                 step.receipts_ms.append(done.receipts_ms)
                 step.landed_ms.append(done.landed_ms)
+                step.routed_ms.append(done.routed_ms)
                 say(
                     f"  {fraction:g} x: {done.published.per_s:,.0f} msg/s, p50/p99 ms: "
                     f"append {_p(latencies)}, receipt {_p(done.receipts_ms)}, "
-                    f"ingest {_p(done.landed_ms)}"
+                    f"ingest {_p(done.landed_ms)}, route {_p(done.routed_ms)}"
                 )
         sustained_memory = pipe.memory()
         burst = None
