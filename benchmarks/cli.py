@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"messages of the burst; 0 skips it (default {o.burst})",
     )
     parser.add_argument(
+        "--together",
+        action="store_true",
+        help="end to end with the three stages in one `pipeline run` process (default: "
+        "one process each, as the Kubernetes manifests deploy them)",
+    )
+    parser.add_argument(
         "--replicas",
         action="store_true",
         help="instead: throughput of 1, 2 and 4 sink replicas and of 1 and 2 ingest "
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds, messages=args.messages, events=args.events,
         allocations=args.allocations, sustain=args.sustain, rates=args.rates,
         rate_seconds=args.rate_seconds, latency_rounds=args.latency_rounds, burst=args.burst,
-        replicas=args.replicas,
+        together=args.together, replicas=args.replicas,
     )  # fmt: skip
     try:
         return asyncio.run(

@@ -1,6 +1,7 @@
 """End to end: the sustained rate, latency against offered load, and memory after a burst.
 
-The three workers run as separate processes on one set of topics, as deployed. Each
+The three workers run as separate processes on one set of topics, as deployed (with
+``--together``: one ``pipeline run`` process holding all three). Each
 message is an add_sub_device_response with 4 children whose ``event_id`` carries the
 time it was published (:func:`~.workload.e2e_message`); every allocation record repeats
 that ``event_id``, and ``dps.allocations`` is broker-stamped, so a child's latency is
@@ -369,7 +370,7 @@ async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
     await ctx.session_for(cfg)
     workers: dict[str, procs.Proc] = {}
     try:
-        for command in ("ingest", "route", "sink"):
+        for command in ("run",) if o.together else ("ingest", "route", "sink"):
             workers[command] = await ctx.worker(command, cfg, f"e2e-{command}")
         pipe = _Pipeline(ctx, cfg, workers)
         await pipe.through(_WARMUP, "w", None, o.limit)

@@ -140,10 +140,10 @@ def document(
     else:
         doc["e2e"] = _e2e(e2e, targets)
         for stage, mem in e2e.sustained_memory.items():
-            memory[stage]["sustained_peak_mb"] = mem.peak_mb
+            memory.setdefault(stage, {})["sustained_peak_mb"] = mem.peak_mb
         if e2e.burst is not None:
             for stage, mem in e2e.burst.memory.items():
-                memory[stage]["burst_peak_mb"] = mem.peak_mb
+                memory.setdefault(stage, {})["burst_peak_mb"] = mem.peak_mb
                 memory[stage]["burst_rss_after_mb"] = mem.now_mb
     doc["memory"] = memory
     for stage, figures in memory.items():
