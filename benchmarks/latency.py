@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["E2E", "Burst", "Step", "end_to_end", "percentile"]
 
-_WARMUP = 20
+WARMUP = 20
 
 
 class _Allocation(msgspec.Struct):
@@ -272,7 +272,7 @@ class _Through:
     seen by the sink only after."""
 
 
-class _Pipeline:
+class Pipeline:
     def __init__(self, ctx: Context, cfg: Config, workers: dict[str, procs.Proc]) -> None:
         self.ctx, self.cfg, self.workers = ctx, cfg, workers
         self.prefix = ctx.mqtt_prefix(cfg)
@@ -372,8 +372,8 @@ async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
     try:
         for command in ("run",) if o.together else ("ingest", "route", "sink"):
             workers[command] = await ctx.worker(command, cfg, f"e2e-{command}")
-        pipe = _Pipeline(ctx, cfg, workers)
-        await pipe.through(_WARMUP, "w", None, o.limit)
+        pipe = Pipeline(ctx, cfg, workers)
+        await pipe.through(WARMUP, "w", None, o.limit)
         backlog = await pipe.through(o.sustain, "s", None, o.limit)
         sustained = rate(len(backlog.records), *span(backlog.records)) / workload.CHILDREN
         say(

@@ -210,6 +210,22 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def versions(
+    ref: str, commit: str, rates: dict[str, list[float]], targets: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The sustained rate of this checkout against ``ref``'s; its target (higher) appended."""
+    ratio = statistics.median(rates["current"]) / statistics.median(rates["baseline"])
+    what = f"e2e sustained rate / {ref}'s (same run)"
+    targets.append(_target(what, ratio, "> 1", ratio > 1))
+    return {
+        "ref": ref,
+        "commit": commit,
+        "unit": "msg/s",
+        "measures": {who: _summary(values) for who, values in rates.items()},
+        "ratio": ratio,
+    }
+
+
 def summary(doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` without the per-child latencies: each end-to-end step keeps their count."""
     if "e2e" not in doc:
@@ -234,6 +250,16 @@ def table(console: Console, doc: dict[str, Any]) -> None:
     if "e2e" in doc:
         console.print(_latency(doc["e2e"]))
     console.print(_memory(doc["memory"]))
+    if "baseline" in doc:
+        v = doc["baseline"]
+        now, then = v["measures"]["current"], v["measures"]["baseline"]
+        console.print(
+            f"end-to-end sustained rate, medians of {len(now['samples'])} interleaved rounds "
+            f"\\[min-max]: this checkout {_rate(now['median'])} "
+            f"\\[{_rate(now['min'])}-{_rate(now['max'])}] msg/s, {v['ref']} "
+            f"({v['commit'][:10]}) {_rate(then['median'])} "
+            f"\\[{_rate(then['min'])}-{_rate(then['max'])}] msg/s: ratio {v['ratio']:.2f}"
+        )
     if "burst" in doc.get("e2e", {}):
         b = doc["e2e"]["burst"]
         landed = (
