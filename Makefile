@@ -59,8 +59,10 @@ test-deploy: install
 	./deploy/compose/test-deploy.sh
 
 # benchmarks/ (not in the wheel or the image): each stage against its raw ceiling, latency
-# against load, memory, at the default sizes (~2 min on the configured brokers, started from
-# deploy/local if down). Writes benchmarks/results/summary.json and bench.png (tracked) and
+# against load, memory, at the default sizes on the configured brokers, started from
+# deploy/local if down (2 min 36 s on a quiet machine with a Mosquitto saving every second,
+# 21 min on a loaded one with deploy/local's, which saves after every change: see
+# docs/measured.md). Writes benchmarks/results/summary.json and bench.png (tracked) and
 # every figure to benchmarks/results/raw/ (untracked); `python -m benchmarks --help` for more.
 bench: install
 	.venv/bin/python -m benchmarks

@@ -11,6 +11,9 @@ check that it does the transport and nothing else:
   producer (``acks=all``, idempotent, same linger); each message is acknowledged from its
   send's completion callback, in completion order, with no decoding and no record
   envelope (the payload is the value, the MQTT topic the key);
+- :func:`in_order`: the naive loop acknowledging as MQTT requires and ingest must: each
+  message's PUBACK waits until its send and every earlier message's have completed
+  (a deque of received messages; the contiguous done prefix is acknowledged);
 - :func:`transactional`: aiokafka read-process-write, the router's consumer and
   transactional producer, ``router.batch_max`` records per transaction; per input record
   it sends the same number of child records of the same size (slices of the input value)
@@ -21,6 +24,15 @@ check that it does the transport and nothing else:
   emulator) allocate, each with a fresh timestamp and signature
   (:func:`pipeline.dps.protocol.sign`) over the very bodies the sink sends, on a pool as
   large as the DPS client's; success is checked (HTTP 200 and code 0), nothing is parsed;
+- :func:`kiko` ("Kafka in, Kafka out"): the sink's transport around the same calls:
+  the sink's consumer settings (its group, range assignment, ``max_records`` of
+  ``sink.pending_limit``) read the same added records; per record, in one of
+  ``concurrency`` slots, the signed allocate call of :func:`allocate` (the request bodies
+  the sink sends, one per record, in the order the records arrive), then one outcome
+  record (the DPS answer, under the record's key) sent on the sink's producer (``linger_ms
+  0``) and awaited in the slot, as the sink does; the highest finished offset of each
+  partition committed every ``sink.commit_interval`` and at the end (no contiguous-prefix
+  bookkeeping: the commit's cost is the same);
 - :func:`typed_decode`: msgspec typed decode of the same Structs as
   :func:`pipeline.core.decode.decode_down`, without its checks and error translation.
 
@@ -37,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
 import sys
 import time
@@ -47,6 +60,7 @@ import aiohttp
 import msgspec
 import orjson
 import yarl
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from benchmarks.workload import Request
 from pipeline.config import Config, load_config
@@ -57,9 +71,18 @@ from pipeline.schemas import ADD_RESPONSE, PARAS, SUB_DEVICE_MANAGER, DownEvent
 
 if TYPE_CHECKING:
     import aiomqtt
-    from aiokafka import AIOKafkaProducer
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-__all__ = ["allocate", "drain", "main", "naive", "transactional", "typed_decode"]
+__all__ = [
+    "allocate",
+    "drain",
+    "in_order",
+    "kiko",
+    "main",
+    "naive",
+    "transactional",
+    "typed_decode",
+]
 
 POOL_SIZE = 100
 """Connections the DPS client keeps (``DpsClient(pool_size=100)``); the ceiling uses as many."""
@@ -127,6 +150,41 @@ async def naive(cfg: Config, count: int) -> dict[str, Any]:
             assert isinstance(payload, bytes)  # noqa: S101  (received messages are bytes)
             future = await producer.send(topic, payload, key=message.topic.value.encode())
             future.add_done_callback(functools.partial(_ack, client, message))
+            received += 1
+            if received == 1:
+                clock.start()
+            if received == count:
+                break
+        await producer.flush()
+        await asyncio.sleep(0)  # let the last completion callbacks run
+    return clock.result(received)
+
+
+async def in_order(cfg: Config, count: int) -> dict[str, Any]:
+    """As :func:`naive`, but each PUBACK in receive order once it and all before it are safe."""
+    topic = cfg.kafka.topics.down_events
+    client = mqtt.connect(cfg.mqtt)
+    mqtt.manual_ack(client)
+    window: collections.deque[list[Any]] = collections.deque()  # [message, done]
+
+    def done(entry: list[Any], future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        entry[1] = True
+        while window and window[0][1]:
+            mqtt.ack(client, window.popleft()[0])
+
+    received = 0
+    clock = _Clock()
+    async with kafka.producer(cfg.kafka) as producer, client:
+        await mqtt.subscribe(client, cfg.mqtt, mqtt.subscription_topic(cfg.mqtt))
+        async for message in client.messages:
+            payload = message.payload
+            assert isinstance(payload, bytes)  # noqa: S101  (received messages are bytes)
+            entry = [message, False]
+            window.append(entry)
+            future = await producer.send(topic, payload, key=message.topic.value.encode())
+            future.add_done_callback(functools.partial(done, entry))
             received += 1
             if received == 1:
                 clock.start()
@@ -208,26 +266,112 @@ async def allocate(cfg: Config, requests: list[Request], concurrency: int) -> di
         async def worker() -> None:
             nonlocal done
             for request in pending:
-                params = {"action": "allocate", "orgId": request.org_id}
-                body = request.body.encode()
-                stamp = time.time_ns() // 1_000_000
-                headers = {
-                    "apim-accesstoken": token,
-                    "apim-timestamp": str(stamp),
-                    "apim-signature": sign(token, params, body, stamp, secret),
-                    "Content-Type": "application/json",
-                }
-                url = (base / DEVICE_PATH).with_query(params)
-                async with session.post(url, data=body, headers=headers) as response:
-                    answer = await response.read()
-                if response.status != 200 or b'"code":0,' not in answer:  # noqa: PLR2004
-                    failed.append(f"HTTP {response.status}: {answer[:200]!r}")
+                await _call(session, base, token, secret, request, failed=failed)
                 done += 1
                 clock.start()
 
         async with asyncio.TaskGroup() as tg:
             for i in range(concurrency):
                 tg.create_task(worker(), name=f"ceiling.allocate-{i}")
+    if failed:
+        msg = f"{len(failed)} of {done} allocations failed, e.g. {failed[0]}"
+        raise RuntimeError(msg)
+    return clock.result(done)
+
+
+async def _call(
+    session: aiohttp.ClientSession,
+    base: yarl.URL,
+    token: str,
+    secret: str,
+    request: Request,
+    *,
+    failed: list[str],
+) -> bytes:
+    """One signed allocate call; its answer (a failure is noted in ``failed``)."""
+    params = {"action": "allocate", "orgId": request.org_id}
+    body = request.body.encode()
+    stamp = time.time_ns() // 1_000_000
+    headers = {
+        "apim-accesstoken": token,
+        "apim-timestamp": str(stamp),
+        "apim-signature": sign(token, params, body, stamp, secret),
+        "Content-Type": "application/json",
+    }
+    url = (base / DEVICE_PATH).with_query(params)
+    async with session.post(url, data=body, headers=headers) as response:
+        answer = await response.read()
+    if response.status != 200 or b'"code":0,' not in answer:  # noqa: PLR2004
+        failed.append(f"HTTP {response.status}: {answer[:200]!r}")
+    return answer
+
+
+async def _commit(consumer: AIOKafkaConsumer, finished: dict[TopicPartition, int]) -> None:
+    if finished:
+        await consumer.commit({tp: offset + 1 for tp, offset in finished.items()})
+
+
+async def _committer(
+    consumer: AIOKafkaConsumer, finished: dict[TopicPartition, int], interval: float
+) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await _commit(consumer, finished)
+
+
+async def kiko(cfg: Config, requests: list[Request], concurrency: int) -> dict[str, Any]:
+    """Consume one added record per request; call, record the outcome, commit; see above."""
+    dps, sink = cfg.sink.dps, cfg.sink
+    secret = dps.app_secret.reveal()
+    base = yarl.URL(dps.base_url)
+    bodies = iter(requests)
+    slots = asyncio.Semaphore(concurrency)
+    finished: dict[TopicPartition, int] = {}
+    done = 0
+    failed: list[str] = []
+    clock = _Clock()
+    consumer = kafka.consumer(
+        cfg.kafka,
+        group_id=sink.group_id,
+        partition_assignment_strategy=(RangePartitionAssignor,),
+    )
+    producer = kafka.producer(cfg.kafka, linger_ms=0)  # as the sink's
+    connector = aiohttp.TCPConnector(limit=POOL_SIZE)
+    async with (
+        consumer,
+        producer,
+        aiohttp.ClientSession(connector=connector) as session,
+        asyncio.TaskGroup() as tg,
+    ):
+        token = await _token(session, base, dps.app_key, secret)
+
+        async def call(tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+            nonlocal done
+            try:
+                answer = await _call(session, base, token, secret, next(bodies), failed=failed)
+                await (await producer.send(cfg.kafka.topics.allocations, answer, key=record.key))
+                finished[tp] = max(finished.get(tp, -1), record.offset)
+                done += 1
+                clock.start()
+            finally:
+                slots.release()
+
+        commits = tg.create_task(
+            _committer(consumer, finished, sink.commit_interval), name="ceiling.kiko-commit"
+        )
+        consumer.subscribe([cfg.kafka.topics.added])
+        started = 0
+        while started < len(requests):
+            batch = await consumer.getmany(timeout_ms=500, max_records=sink.pending_limit)
+            for tp, records in batch.items():
+                for record in records[: len(requests) - started]:
+                    await slots.acquire()
+                    tg.create_task(call(tp, record), name=f"ceiling.kiko-{started}")
+                    started += 1
+        for _ in range(concurrency):  # every call has finished once all slots are free
+            await slots.acquire()
+        commits.cancel()
+        await _commit(consumer, finished)
     if failed:
         msg = f"{len(failed)} of {done} allocations failed, e.g. {failed[0]}"
         raise RuntimeError(msg)
@@ -253,6 +397,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("drain", "aiomqtt drain, manual PUBACK on arrival"),
         ("naive", "aiomqtt drain + one aiokafka send per message, PUBACK after Kafka"),
+        ("in-order", "as naive, PUBACKs in receive order (as MQTT requires)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--count", type=int, required=True, help="messages to receive")
@@ -261,9 +406,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--children", type=int, required=True, help="records produced per input")
     p.add_argument("--child-bytes", type=int, required=True, help="size of each produced value")
     p.add_argument("--key-bytes", type=int, required=True, help="size of each produced key")
-    p = sub.add_parser("allocate", help="aiohttp, N allocate calls in flight")
-    p.add_argument("--requests", required=True, help="JSON list of {org_id, body}")
-    p.add_argument("--concurrency", type=int, default=32)
+    for name, text in (
+        ("allocate", "aiohttp, N allocate calls in flight"),
+        ("kiko", "Kafka in, the allocate calls, one outcome record each out, commits"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--requests", required=True, help="JSON list of {org_id, body}")
+        p.add_argument("--concurrency", type=int, default=32)
     return parser
 
 
@@ -274,10 +423,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             return await drain(cfg, args.count)
         case "naive":
             return await naive(cfg, args.count)
+        case "in-order":
+            return await in_order(cfg, args.count)
         case "transactional":
             return await transactional(
                 cfg, args.count, args.children, args.child_bytes, args.key_bytes
             )
+        case "kiko":
+            requests = _REQUESTS.decode(await asyncio.to_thread(Path(args.requests).read_bytes))
+            return await kiko(cfg, requests, args.concurrency)
         case _:
             requests = _REQUESTS.decode(await asyncio.to_thread(Path(args.requests).read_bytes))
             return await allocate(cfg, requests, args.concurrency)

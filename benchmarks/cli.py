@@ -102,6 +102,19 @@ def _parser() -> argparse.ArgumentParser:
         help=f"messages of the burst; 0 skips it (default {o.burst})",
     )
     parser.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        help="also: the end-to-end sustained rate of GIT_REF's code (exported to a temporary "
+        "directory with its own virtualenv) and of this checkout, in interleaved rounds "
+        "(--rounds, --sustain), and their ratio",
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="end to end with the three stages in one `pipeline run` process (default: "
+        "one process each, as the Kubernetes manifests deploy them)",
+    )
+    parser.add_argument(
         "--replicas",
         action="store_true",
         help="instead: throughput of 1, 2 and 4 sink replicas and of 1 and 2 ingest "
@@ -191,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds, messages=args.messages, events=args.events,
         allocations=args.allocations, sustain=args.sustain, rates=args.rates,
         rate_seconds=args.rate_seconds, latency_rounds=args.latency_rounds, burst=args.burst,
-        replicas=args.replicas,
+        together=args.together, baseline=args.baseline, replicas=args.replicas,
     )  # fmt: skip
     try:
         return asyncio.run(

@@ -15,6 +15,7 @@ from pipeline.io import kafka
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from benchmarks.baseline import Baseline
     from benchmarks.options import Options
 
 __all__ = ["Context"]
@@ -85,14 +86,20 @@ class Context:
         self.sessions.append(cfg)
         await measure.open_session(cfg.mqtt)
 
-    async def worker(self, command: str, cfg: Config, name: str) -> procs.Proc:
-        """Start ``pipeline <command>`` (ingest, route, sink) with ``cfg``."""
+    async def worker(
+        self, command: str, cfg: Config, name: str, *, baseline: Baseline | None = None
+    ) -> procs.Proc:
+        """Start ``pipeline <command>`` (ingest, route, sink) with ``cfg``; of ``baseline``."""
+        env = procs.child_env(cfg)
+        if baseline is not None:
+            env = baseline.environ(env)
         return await procs.start(
             name,
             ["pipeline", "--log-level", "warning", command],
-            env=procs.child_env(cfg),
+            env=env,
             log_dir=self.log_dir,
             config_path=self.config_path,
+            python=None if baseline is None else baseline.python,
         )
 
     async def ceiling(self, loop: str, cfg: Config, name: str, *args: str) -> procs.Proc:

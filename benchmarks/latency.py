@@ -1,6 +1,7 @@
 """End to end: the sustained rate, latency against offered load, and memory after a burst.
 
-The three workers run as separate processes on one set of topics, as deployed. Each
+The three workers run as separate processes on one set of topics, as deployed (with
+``--together``: one ``pipeline run`` process holding all three). Each
 message is an add_sub_device_response with 4 children whose ``event_id`` carries the
 time it was published (:func:`~.workload.e2e_message`); every allocation record repeats
 that ``event_id``, and ``dps.allocations`` is broker-stamped, so a child's latency is
@@ -23,15 +24,16 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import msgspec
 
 from benchmarks import procs, workload
 from benchmarks.measure import Incomplete, Output, rate, span
 from pipeline.io import kafka, mqtt
-from pipeline.tools.replay import MAX_CONCURRENT_PUBLISHES, FixtureMessage, replay_messages
+from pipeline.tools.replay import MAX_CONCURRENT_PUBLISHES, FixtureMessage
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["E2E", "Burst", "Step", "end_to_end", "percentile"]
 
-_WARMUP = 20
+WARMUP = 20
 
 
 class _Allocation(msgspec.Struct):
@@ -71,7 +73,13 @@ class Step:
     messages: list[int] = dataclasses.field(default_factory=list)
     """Messages published, per round."""
     latencies_ms: list[list[float]] = dataclasses.field(default_factory=list)
-    """Per round, one per child allocation."""
+    """Per round, one per child allocation: its record's broker append time - publish."""
+    receipts_ms: list[list[float]] = dataclasses.field(default_factory=list)
+    """Per round, one per child allocation: its arrival at a consumer - publish."""
+    landed_ms: list[list[float]] = dataclasses.field(default_factory=list)
+    """Per round, one per message: its down event's broker append time - publish."""
+    routed_ms: list[list[float]] = dataclasses.field(default_factory=list)
+    """Per round, one per child: its added record's broker append time - publish."""
 
     @property
     def pooled(self) -> list[float]:
@@ -94,6 +102,10 @@ class Burst:
     """A burst, how far each stage had got, and each worker's memory then."""
 
     messages: int
+    """Published (acknowledged by the broker)."""
+    wanted: int
+    """Asked for: fewer were published when the broker did not take them within the limit."""
+    published_seconds: float
     landed: int
     landed_seconds: float | None
     """From the first publish until ingest had landed them all (None: not within the
@@ -118,30 +130,60 @@ class E2E:
     burst: Burst | None
 
 
-async def _publish(cfg: Config, prefix: str, count: int, phase: str, per_s: float | None) -> float:
-    """Publish ``count`` e2e messages at ``per_s`` (or as fast as possible); returns msg/s."""
-    limit = max(1, min(MAX_CONCURRENT_PUBLISHES, cfg.mqtt.max_inflight))
-    slots = asyncio.Semaphore(limit)
+class _Published(msgspec.Struct):
+    """What a publisher got the broker to accept."""
+
+    count: int
+    """Messages the broker acknowledged (PUBACK)."""
+    seconds: float
+    """From the first publish to the last PUBACK, or to the time limit."""
+
+    @property
+    def per_s(self) -> float:
+        return self.count / max(self.seconds, 1e-3)
+
+
+async def _publish(
+    cfg: Config, prefix: str, count: int, phase: str, *, per_s: float | None, limit: float
+) -> _Published:
+    """Publish ``count`` e2e messages at ``per_s`` (None: at once), for ``limit`` s at most.
+
+    Each message's event_id carries the time it is handed to the client (after the
+    pacing and a free publish slot), so a broker slow to acknowledge holds the publisher
+    back: what it accepted is in ``count`` and the offered rate, not in the latencies.
+    """
+    slot_count = max(1, min(MAX_CONCURRENT_PUBLISHES, cfg.mqtt.max_inflight))
+    slots = asyncio.Semaphore(slot_count)
     client = mqtt.connect(cfg.mqtt, client_id=f"{cfg.mqtt.client_id}-pub-{phase}", persistent=False)
-    client.pending_calls_threshold = limit
+    client.pending_calls_threshold = slot_count
+    acked = 0
     started = time.monotonic()
-    async with client, asyncio.TaskGroup() as tg:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit), client, asyncio.TaskGroup() as tg:
 
-        async def publish(message: FixtureMessage) -> None:
-            try:
-                await client.publish(prefix + message.topic, message.payload, qos=1)
-            finally:
-                slots.release()
+            async def publish(message: FixtureMessage) -> None:
+                nonlocal acked
+                try:
+                    await client.publish(prefix + message.topic, message.payload, qos=1)
+                finally:
+                    slots.release()
+                acked += 1
 
-        for seq in range(count):
-            if per_s is not None and (wait := started + seq / per_s - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
-            await slots.acquire()
-            tg.create_task(publish(workload.e2e_message(seq, phase)), name=f"bench.publish-{seq}")
-    return count / max(time.monotonic() - started, 1e-3)
+            for seq in range(count):
+                if per_s is not None and (wait := started + seq / per_s - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                await slots.acquire()
+                message = workload.e2e_message(seq, phase)
+                tg.create_task(publish(message), name=f"bench.publish-{seq}")
+    return _Published(acked, time.monotonic() - started)
+
+
+_EVENT_ID = re.compile(rb"e2e-[0-9a-z]+-[0-9]{7}-[0-9]+")
+"""An :func:`~.workload.e2e_message` event_id, as it appears in a down-event record."""
 
 
 def _latencies(records: list[ConsumerRecord[bytes, bytes]]) -> list[float]:
+    """Per allocation record: its broker append time - its message's publish time, ms."""
     out = []
     for record in records:
         sent = workload.sent_ns(_allocation.decode(record.value).event_id)
@@ -150,7 +192,87 @@ def _latencies(records: list[ConsumerRecord[bytes, bytes]]) -> list[float]:
     return out
 
 
-class _Pipeline:
+def _hop(records: list[ConsumerRecord[bytes, bytes]]) -> list[float]:
+    """Per record carrying an e2e event_id: its broker append time - publish time, ms."""
+    out = []
+    for record in records:
+        if (found := _EVENT_ID.search(record.value)) is not None:
+            sent = workload.sent_ns(found.group().decode())
+            if sent is not None:
+                out.append(record.timestamp - sent / 1e6)
+    return out
+
+
+class _Receipts:
+    """The second clock: a consumer of the allocations topic that stamps each record on arrival.
+
+    It reads from where the topic ends when it is entered, as any downstream consumer
+    would, and notes ``time.time()`` when a fetch hands it a record: receipt time -
+    publish time is the latency a reader of the pipeline's output sees, on this host's
+    clock alone, independent of the broker's append times.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self.latencies_ms: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._reader = kafka.reader(self._cfg.kafka, fetch_max_wait_ms=50)
+        await self._reader.start()
+        tps = await kafka.partitions(self._reader, self._cfg.kafka.topics.allocations)
+        self._reader.assign(tps)
+        await self._reader.seek_to_end(*tps)
+        for tp in tps:  # resolve the positions now, before anything is published
+            await self._reader.position(tp)
+        self._task = asyncio.create_task(self._run(), name="bench.receipts")
+        return self
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._reader.getmany(timeout_ms=200)
+            now_ms = time.time() * 1000
+            for records in batch.values():
+                for record in records:
+                    sent = workload.sent_ns(_allocation.decode(record.value).event_id)
+                    if sent is not None:
+                        self.latencies_ms.append(now_ms - sent / 1e6)
+
+    async def until(self, n: int, limit: float) -> list[float]:
+        """Once ``n`` records have arrived (what arrived when ``limit`` s have passed)."""
+        deadline = time.monotonic() + limit
+        while len(self.latencies_ms) < n and time.monotonic() < deadline:
+            if self._task is not None and self._task.done():
+                self._task.result()  # raises what stopped it
+            await asyncio.sleep(0.05)
+        return list(self.latencies_ms)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._reader.stop()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Through:
+    """One batch of messages through the pipeline: three clocks on it."""
+
+    published: _Published
+    records: list[ConsumerRecord[bytes, bytes]]
+    """The allocation records (broker-stamped)."""
+    receipts_ms: list[float]
+    """Per child: arrival at a consumer of the allocations - publish (this host's clock)."""
+    landed_ms: list[float]
+    """Per message: append of its down event (ingest's output) - publish."""
+    routed_ms: list[float]
+    """Per child: append of its added record (the router's output) - publish. The router
+    writes in transactions: a record is appended before its transaction commits and
+    seen by the sink only after."""
+
+
+class Pipeline:
     def __init__(self, ctx: Context, cfg: Config, workers: dict[str, procs.Proc]) -> None:
         self.ctx, self.cfg, self.workers = ctx, cfg, workers
         self.prefix = ctx.mqtt_prefix(cfg)
@@ -159,15 +281,34 @@ class _Pipeline:
         for proc in self.workers.values():
             proc.check()
 
-    async def through(
-        self, count: int, phase: str, per_s: float | None, limit: float
-    ) -> tuple[float, list[ConsumerRecord[bytes, bytes]]]:
-        """Publish ``count`` messages; their allocation records once all are in."""
-        out = Output(self.cfg, self.cfg.kafka.topics.allocations)
-        await out.start()
-        offered = await _publish(self.cfg, self.prefix, count, phase, per_s)
-        records = await out.wait(count * workload.CHILDREN, limit=limit, alive=self.alive)
-        return offered, records
+    async def through(self, count: int, phase: str, per_s: float | None, limit: float) -> _Through:
+        """Publish ``count`` messages; their allocation records once all are in.
+
+        Raises:
+            Incomplete: the broker did not acknowledge them all within ``limit`` s, or
+                their allocations did not all arrive within ``limit`` s after that.
+        """
+        topics = self.cfg.kafka.topics
+        out, landed = Output(self.cfg, topics.allocations), Output(self.cfg, topics.down_events)
+        routed = Output(self.cfg, topics.added)
+        for output in (out, landed, routed):
+            await output.start()
+        async with _Receipts(self.cfg) as receipts:
+            published = await _publish(
+                self.cfg, self.prefix, count, phase, per_s=per_s, limit=limit
+            )
+            if published.count < count:
+                msg = (
+                    f"MQTT: the broker acknowledged {published.count} of {count} messages "
+                    f"in {published.seconds:.0f} s ({published.per_s:,.0f} msg/s)"
+                )
+                raise Incomplete(msg)
+            n = count * workload.CHILDREN
+            records = await out.wait(n, limit=limit, alive=self.alive)
+            receipts_ms = await receipts.until(n, limit=10.0)
+        down = await landed.wait(count, limit=limit)
+        added = await routed.wait(n, limit=limit)
+        return _Through(published, records, receipts_ms, _hop(down), _hop(added))
 
     async def _routed(self, since: dict[TopicPartition, int]) -> int:
         """Down events the router has committed since the offsets ``since``."""
@@ -189,11 +330,12 @@ class _Pipeline:
         await allocated.start()
         since = await landed.ends()
         started = time.monotonic()
-        batch = [workload.e2e_message(seq, "b") for seq in range(count)]
-        await replay_messages(cfg.mqtt, batch, topic_prefix=self.prefix, progress=False)
+        # A broker slow to accept a backlog (one whole-database save per change) may not
+        # take all of it within the limit: the burst is then what it did take.
+        published = await _publish(cfg, self.prefix, count, "b", per_s=None, limit=o.limit)
         landed_after: float | None = None
         with contextlib.suppress(Incomplete):  # memory is read all the same
-            await landed.wait(count, limit=o.limit, alive=self.alive)
+            await landed.wait(published.count, limit=o.limit, alive=self.alive)
             landed_after = time.monotonic() - started
         # The router and the sink work on through the backlog the burst left; their
         # memory is read while they do, ingest's once it has been idle for a while.
@@ -202,7 +344,9 @@ class _Pipeline:
             self.alive()
             await asyncio.sleep(0.5)
         return Burst(
-            messages=count,
+            messages=published.count,
+            wanted=count,
+            published_seconds=published.seconds,
             landed=await landed.count(),
             landed_seconds=landed_after,
             routed=await self._routed(since),
@@ -210,6 +354,12 @@ class _Pipeline:
             seconds=time.monotonic() - started,
             memory=self.memory(),
         )
+
+
+def _p(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{percentile(values, 50):,.0f}/{percentile(values, 99):,.0f}"
 
 
 async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
@@ -220,14 +370,15 @@ async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
     await ctx.session_for(cfg)
     workers: dict[str, procs.Proc] = {}
     try:
-        for command in ("ingest", "route", "sink"):
+        for command in ("run",) if o.together else ("ingest", "route", "sink"):
             workers[command] = await ctx.worker(command, cfg, f"e2e-{command}")
-        pipe = _Pipeline(ctx, cfg, workers)
-        await pipe.through(_WARMUP, "w", None, o.limit)
-        _, records = await pipe.through(o.sustain, "s", None, o.limit)
-        sustained = rate(len(records), *span(records)) / workload.CHILDREN
+        pipe = Pipeline(ctx, cfg, workers)
+        await pipe.through(WARMUP, "w", None, o.limit)
+        backlog = await pipe.through(o.sustain, "s", None, o.limit)
+        sustained = rate(len(backlog.records), *span(backlog.records)) / workload.CHILDREN
         say(
-            f"  sustained: {sustained:,.0f} msg/s ({sustained * workload.CHILDREN:,.0f} children/s)"
+            f"  sustained: {sustained:,.0f} msg/s ({sustained * workload.CHILDREN:,.0f} children/s;"
+            f" the broker took the backlog at {backlog.published.per_s:,.0f} msg/s)"
         )
         steps = {fraction: Step(fraction) for fraction in o.rates}
         for r in range(o.latency_rounds):
@@ -235,15 +386,19 @@ async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
             for i, fraction in [*enumerate(o.rates)][k:] + [*enumerate(o.rates)][:k]:
                 per_s = fraction * sustained
                 count = max(2, round(per_s * o.rate_seconds))
-                offered, records = await pipe.through(
-                    count, f"r{r}{i}", per_s, o.limit + 4 * o.rate_seconds
-                )
-                step, latencies = steps[fraction], _latencies(records)
-                step.offered.append(offered)
+                done = await pipe.through(count, f"r{r}{i}", per_s, o.limit + 4 * o.rate_seconds)
+                step, latencies = steps[fraction], _latencies(done.records)
+                step.offered.append(done.published.per_s)
                 step.messages.append(count)
                 step.latencies_ms.append(latencies)
-                p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-                say(f"  {fraction:g} x: {offered:,.0f} msg/s, p50 {p50:,.0f} ms, p99 {p99:,.0f} ms")
+                step.receipts_ms.append(done.receipts_ms)
+                step.landed_ms.append(done.landed_ms)
+                step.routed_ms.append(done.routed_ms)
+                say(
+                    f"  {fraction:g} x: {done.published.per_s:,.0f} msg/s, p50/p99 ms: "
+                    f"append {_p(latencies)}, receipt {_p(done.receipts_ms)}, "
+                    f"ingest {_p(done.landed_ms)}, route {_p(done.routed_ms)}"
+                )
         sustained_memory = pipe.memory()
         burst = None
         if o.burst:

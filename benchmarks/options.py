@@ -22,6 +22,10 @@ class Options:
     latency_rounds: int = 2
     burst: int = 25_000
     burst_settle: float = 10.0
+    baseline: str | None = None
+    """A git ref whose end-to-end sustained rate is measured beside this checkout's."""
+    together: bool = False
+    """End to end with the three stages in one ``pipeline run`` process instead of three."""
     replicas: bool = False
     """Measure throughput against the number of replicas instead (:mod:`.replicas`)."""
     limit: float = 180.0

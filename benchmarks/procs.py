@@ -152,18 +152,20 @@ async def start(
     log_dir: Path,
     config_path: str | None,
     capture: bool = False,
+    python: Path | None = None,
 ) -> Proc:
     """Start ``python -m <argv...>``; stderr goes to ``log_dir/<name>.log``.
 
     ``argv`` starts with the module (``pipeline`` or ``benchmarks.ceilings``);
-    ``--config`` is inserted after it when the bench itself was given one.
+    ``--config`` is inserted after it when the bench itself was given one. ``python``:
+    another checkout's interpreter (:mod:`.baseline`), run from that checkout's root.
     """
     module, *rest = argv
     config = ["--config", config_path] if config_path else []
     log = log_dir / f"{name}.log"
     with log.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
+            str(python) if python is not None else sys.executable,
             "-m",
             module,
             *config,
@@ -172,5 +174,6 @@ async def start(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if capture else asyncio.subprocess.DEVNULL,
             stderr=stderr,
+            cwd=python.parents[2] if python is not None else None,  # <root>/.venv/bin/python
         )
     return Proc(name, process, log)

@@ -30,12 +30,17 @@ __all__ = ["TARGETS", "chart", "document", "summary", "table"]
 RSS_LIMIT_MB = 150.0
 TARGETS = {
     ("decode", "msgspec typed decode"): 0.9,
-    ("ingest", "naive"): 1.0,
+    ("ingest", "in-order"): 0.95,
     ("ingest", "drain"): 0.6,
     ("route", "transactional"): 0.8,
-    ("sink", "aiohttp"): 0.8,
+    ("sink", "kiko"): 0.9,
+    ("sink", "aiohttp"): 0.6,
 }
-"""Least acceptable ratio of a stage to each of its ceilings."""
+"""Least acceptable ratio of a stage to each of its ceilings (issue 18). A ceiling without
+one (ingest's naive loop, which acknowledges out of order as MQTT forbids) is shown, not
+judged."""
+CPU_TARGETS = {("sink", "aiohttp"): 1.4}
+"""Most CPU per unit a stage may spend, as a multiple of a ceiling's (medians)."""
 LATENCY_FRACTION = 0.5
 LATENCY_TARGETS = {"p50": 60.0, "p99": 200.0}
 """Milliseconds, at :data:`LATENCY_FRACTION` of the sustained rate."""
@@ -52,6 +57,54 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
 def _target(what: str, value: float | None, target: str, met: bool | None) -> dict[str, Any]:
     return {"what": what, "value": value, "target": target, "met": met}
+
+
+def _cpu_target(
+    stage: str, kind: str, measures: dict[str, dict[str, Any]], most: float
+) -> dict[str, Any]:
+    """CPU per unit of the stage over the ceiling ``kind``'s (medians of the rounds)."""
+    own = [v for v in measures["stage"]["cpu_us_per_unit"] if v is not None]
+    other = [v for v in measures[kind]["cpu_us_per_unit"] if v is not None]
+    what = f"{stage}: CPU per unit, stage / {kind}"
+    if not own or not other:
+        return _target(what, None, f"<= {most:g}", None)
+    ratio = statistics.median(own) / statistics.median(other)
+    return _target(what, ratio, f"<= {most:g}", ratio <= most)
+
+
+def _stage(
+    stage: str,
+    unit: str,
+    kinds: tuple[str, ...],
+    measured: dict[str, list[Sample]],
+    targets: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """One stage's figures against each of its ceilings; its targets appended to ``targets``."""
+    stage_rates = [s.rate for s in measured["stage"]]
+    entry: dict[str, Any] = {"unit": unit, "measures": {}, "ratios": {}, "round_ratios": {}}
+    for kind in kinds:
+        rates = [s.rate for s in measured[kind]]
+        entry["measures"][kind] = _summary(rates) | {
+            "counts": [s.count for s in measured[kind]],
+            "seconds": [s.seconds for s in measured[kind]],
+            "cpu": [s.cpu for s in measured[kind]],
+            # CPU per unit depends little on how much of a core the process got.
+            "cpu_us_per_unit": [
+                None if s.cpu is None else s.cpu / s.rate * 1e6 for s in measured[kind]
+            ],
+        }
+        if kind == "stage":
+            entry["measures"][kind]["peak_mb"] = [s.peak_mb for s in measured[kind]]
+            continue
+        ratio = statistics.median(stage_rates) / statistics.median(rates)
+        entry["ratios"][kind] = ratio
+        entry["round_ratios"][kind] = [a / b for a, b in zip(stage_rates, rates, strict=True)]
+        if (least := TARGETS.get((stage, kind))) is not None:
+            what = f"{stage}: stage / {kind}"
+            targets.append(_target(what, ratio, f">= {least}", ratio >= least))
+        if (most := CPU_TARGETS.get((stage, kind))) is not None:
+            targets.append(_cpu_target(stage, kind, entry["measures"], most))
+    return entry
 
 
 def document(
@@ -75,31 +128,7 @@ def document(
     targets.append(_target(f"decode: {own} / {ceiling}", ratio, f">= {least}", ratio >= least))
     doc["stages"] = {}
     for stage, (unit, kinds) in STAGES.items():
-        measured = samples[stage]
-        stage_rates = [s.rate for s in measured["stage"]]
-        entry: dict[str, Any] = {"unit": unit, "measures": {}, "ratios": {}, "round_ratios": {}}
-        for kind in kinds:
-            rates = [s.rate for s in measured[kind]]
-            entry["measures"][kind] = _summary(rates) | {
-                "counts": [s.count for s in measured[kind]],
-                "seconds": [s.seconds for s in measured[kind]],
-                "cpu": [s.cpu for s in measured[kind]],
-                # CPU per unit depends little on how much of a core the process got.
-                "cpu_us_per_unit": [
-                    None if s.cpu is None else s.cpu / s.rate * 1e6 for s in measured[kind]
-                ],
-            }
-            if kind == "stage":
-                entry["measures"][kind]["peak_mb"] = [s.peak_mb for s in measured[kind]]
-                continue
-            ratio = statistics.median(stage_rates) / statistics.median(rates)
-            entry["ratios"][kind] = ratio
-            entry["round_ratios"][kind] = [a / b for a, b in zip(stage_rates, rates, strict=True)]
-            least = TARGETS[stage, kind]
-            targets.append(
-                _target(f"{stage}: stage / {kind}", ratio, f">= {least}", ratio >= least)
-            )
-        doc["stages"][stage] = entry
+        doc["stages"][stage] = _stage(stage, unit, kinds, samples[stage], targets)
     memory: dict[str, dict[str, float | None]] = {
         stage: {"rounds_peak_mb": max(s.peak_mb or 0.0 for s in samples[stage]["stage"])}
         for stage in STAGES
@@ -111,10 +140,10 @@ def document(
     else:
         doc["e2e"] = _e2e(e2e, targets)
         for stage, mem in e2e.sustained_memory.items():
-            memory[stage]["sustained_peak_mb"] = mem.peak_mb
+            memory.setdefault(stage, {})["sustained_peak_mb"] = mem.peak_mb
         if e2e.burst is not None:
             for stage, mem in e2e.burst.memory.items():
-                memory[stage]["burst_peak_mb"] = mem.peak_mb
+                memory.setdefault(stage, {})["burst_peak_mb"] = mem.peak_mb
                 memory[stage]["burst_rss_after_mb"] = mem.now_mb
     doc["memory"] = memory
     for stage, figures in memory.items():
@@ -124,6 +153,12 @@ def document(
         )
     doc["targets"] = targets
     return doc
+
+
+def _percentiles(name: str, values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {f"{name}_p50_ms": None, f"{name}_p99_ms": None}
+    return {f"{name}_p50_ms": percentile(values, 50), f"{name}_p99_ms": percentile(values, 99)}
 
 
 def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
@@ -137,6 +172,10 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
             "p99_ms": step.p99,
             "round_p50_ms": [percentile(values, 50) for values in step.latencies_ms],
             "round_p99_ms": [percentile(values, 99) for values in step.latencies_ms],
+            # The second clock (arrival at a consumer) and the first hop (ingest's output).
+            **_percentiles("receipt", [v for r in step.receipts_ms for v in r]),
+            **_percentiles("ingest", [v for r in step.landed_ms for v in r]),
+            **_percentiles("route", [v for r in step.routed_ms for v in r]),
             "latencies_ms": step.pooled,
         }
         for step in e2e.steps
@@ -160,6 +199,8 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
         b = e2e.burst
         out["burst"] = {
             "messages": b.messages,
+            "wanted": b.wanted,
+            "published_seconds": b.published_seconds,
             "landed": b.landed,
             "landed_seconds": b.landed_seconds,
             "routed": b.routed,
@@ -167,6 +208,22 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
             "seconds": b.seconds,
         }
     return out
+
+
+def versions(
+    ref: str, commit: str, rates: dict[str, list[float]], targets: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The sustained rate of this checkout against ``ref``'s; its target (higher) appended."""
+    ratio = statistics.median(rates["current"]) / statistics.median(rates["baseline"])
+    what = f"e2e sustained rate / {ref}'s (same run)"
+    targets.append(_target(what, ratio, "> 1", ratio > 1))
+    return {
+        "ref": ref,
+        "commit": commit,
+        "unit": "msg/s",
+        "measures": {who: _summary(values) for who, values in rates.items()},
+        "ratio": ratio,
+    }
 
 
 def summary(doc: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +250,16 @@ def table(console: Console, doc: dict[str, Any]) -> None:
     if "e2e" in doc:
         console.print(_latency(doc["e2e"]))
     console.print(_memory(doc["memory"]))
+    if "baseline" in doc:
+        v = doc["baseline"]
+        now, then = v["measures"]["current"], v["measures"]["baseline"]
+        console.print(
+            f"end-to-end sustained rate, medians of {len(now['samples'])} interleaved rounds "
+            f"\\[min-max]: this checkout {_rate(now['median'])} "
+            f"\\[{_rate(now['min'])}-{_rate(now['max'])}] msg/s, {v['ref']} "
+            f"({v['commit'][:10]}) {_rate(then['median'])} "
+            f"\\[{_rate(then['min'])}-{_rate(then['max'])}] msg/s: ratio {v['ratio']:.2f}"
+        )
     if "burst" in doc.get("e2e", {}):
         b = doc["e2e"]["burst"]
         landed = (
@@ -200,8 +267,15 @@ def table(console: Console, doc: dict[str, Any]) -> None:
             if b["landed_seconds"] is not None
             else f"{b['landed']:,} landed by ingest within the time limit"
         )
+        wanted = b.get("wanted", b["messages"])
+        taken = (
+            ""
+            if b["messages"] >= wanted
+            else f" (of {wanted:,} asked for: the broker took no more within the time limit)"
+        )
         console.print(
-            f"burst: {b['messages']:,} messages published while the workers ran, {landed}; "
+            f"burst: {b['messages']:,} messages published while the workers ran{taken}, "
+            f"{landed}; "
             f"memory read {b['seconds']:.0f} s after "
             f"the first publish, when the router had routed {b['routed']:,} of them and the "
             f"sink allocated {b['allocated']:,} of {b['messages'] * 4:,} children"
@@ -249,7 +323,8 @@ def _latency(e2e: dict[str, Any]) -> Table:
         title=f"end to end, 4 children per message: sustained {sustained:,.0f} msg/s; "
         "latency of all rounds \\[each round's]"
     )
-    for column in ("offered load", "msg/s", "children", "p50 ms", "p99 ms"):
+    columns = ("offered load", "msg/s", "children", "p50 ms", "p99 ms")
+    for column in (*columns, "receipt p50/p99", "ingest p50/p99", "route p50/p99"):
         t.add_column(column, justify="right")
     for step in e2e["steps"]:
         t.add_row(
@@ -258,8 +333,24 @@ def _latency(e2e: dict[str, Any]) -> Table:
             f"{step['children']:,}",
             f"{_rate(step['p50_ms'])} [{', '.join(map(_rate, step['round_p50_ms']))}]",
             f"{_rate(step['p99_ms'])} [{', '.join(map(_rate, step['round_p99_ms']))}]",
+            _pair(step, "receipt"),
+            _pair(step, "ingest"),
+            _pair(step, "route"),
         )
+    t.caption = (
+        "p50/p99: publish -> the allocation record's broker append time; receipt: publish "
+        "-> its arrival at a consumer of the allocations topic (this host's clock); ingest: "
+        "publish -> the down event's append time (the MQTT broker and ingest); route: "
+        "publish -> the added record's append time (before its transaction commits)"
+    )
     return t
+
+
+def _pair(step: dict[str, Any], name: str) -> str:
+    p50, p99 = step.get(f"{name}_p50_ms"), step.get(f"{name}_p99_ms")
+    if p50 is None or p99 is None:
+        return "-"
+    return f"{_rate(p50)}/{_rate(p99)}"
 
 
 def _memory(memory: dict[str, dict[str, float]]) -> Table:
@@ -314,7 +405,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), width_ratios=(3, 2))
     groups = [("decode", doc["decode"]), *doc["stages"].items()]
-    colours = ("#1f6fb4", "#9a9a9a", "#c8c8c8")
+    colours = ("#1f6fb4", "#6f6f6f", "#9a9a9a", "#c8c8c8")
     for g, (_, entry) in enumerate(groups):
         kinds = list(entry["measures"])
         width = 0.8 / len(kinds)
@@ -322,7 +413,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
             s = entry["measures"][kind]
             x = g + (k - (len(kinds) - 1) / 2) * width
             err = [[s["median"] - s["min"]], [s["max"] - s["median"]]]
-            label = "stage" if k == 0 else "ceiling" if k == 1 else "ceiling (2nd)"
+            label = "stage" if k == 0 else f"ceiling {k}"
             left.bar(x, s["median"], width, color=colours[k], yerr=err, capsize=3,
                      label=label if g == 1 else None)  # fmt: skip
             left.annotate(kind, (x, s["min"] * 0.9), ha="center", va="top", fontsize=7,

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from rich.console import Console
 
-from benchmarks import procs, profile, replicas, report
+from benchmarks import baseline, procs, profile, replicas, report
 from benchmarks.context import Context
 from benchmarks.latency import end_to_end
 from benchmarks.services import ensure_services
@@ -173,14 +173,37 @@ async def _measure(console: Console, ctx: Context, profile_dir: Path | None) -> 
             except procs.BenchError as exc:  # keep what the rounds measured
                 console.print(f"[red]end to end failed: {exc}[/red] (logs in {ctx.log_dir})")
                 failure = str(exc)
+        versions = None
+        if o.baseline is not None and failure is None:
+            versions, failure = await _against(console, ctx, o.baseline)
     finally:
         await emulator.stop()
     doc = report.document(_meta(ctx), decode, stages.samples, e2e)
+    if versions is not None:
+        base, rates = versions
+        doc["baseline"] = report.versions(base.ref, base.commit, rates, doc["targets"])
     if failure is not None:
         doc["e2e_error"] = failure
     if profiles is not None:
         doc["profiles"] = profiles
     return doc
+
+
+async def _against(
+    console: Console, ctx: Context, ref: str
+) -> tuple[tuple[baseline.Baseline, dict[str, list[float]]] | None, str | None]:
+    """The sustained rates of this checkout and of ``ref``; or why they were not measured."""
+    o = ctx.options
+    console.print(
+        f"sustained rate against {ref}: {o.rounds} interleaved rounds of "
+        f"{o.sustain:,} messages (installing it first)"
+    )
+    try:
+        async with baseline.checkout(ref) as base:
+            return (base, await baseline.sustained(ctx, base, console.print)), None
+    except procs.BenchError as exc:
+        console.print(f"[red]baseline failed: {exc}[/red] (logs in {ctx.log_dir})")
+        return None, f"baseline: {exc}"
 
 
 async def _replicas(console: Console, ctx: Context, stages: Stages) -> dict[str, Any]:

@@ -15,6 +15,7 @@ in the machine's load does not favour one side.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import statistics
 import time
@@ -44,9 +45,9 @@ _DECODE_BLOCK = 250
 """Messages decoded by one loop before the other takes its turn."""
 
 STAGES = {
-    "ingest": ("msg/s", ("stage", "naive", "drain")),
+    "ingest": ("msg/s", ("stage", "in-order", "naive", "drain")),
     "route": ("children/s", ("stage", "transactional")),
-    "sink": ("allocations/s", ("stage", "aiohttp")),
+    "sink": ("allocations/s", ("stage", "kiko", "aiohttp")),
 }
 """Per stage: its unit, and what is measured (the stage first, then its ceilings)."""
 
@@ -234,16 +235,21 @@ class Stages:
         cfg = ctx.config(name)
         await ctx.topics_for(cfg, "down_events", "down_events_dlq")
         await ctx.session_for(cfg)
-        await replay_messages(
-            cfg.mqtt, self._messages, topic_prefix=ctx.mqtt_prefix(cfg), progress=False
-        )
+        try:
+            async with asyncio.timeout(ctx.options.limit):
+                await replay_messages(
+                    cfg.mqtt, self._messages, topic_prefix=ctx.mqtt_prefix(cfg), progress=False
+                )
+        except TimeoutError:
+            msg = f"MQTT: the broker did not take {n} messages in {ctx.options.limit:g} s"
+            raise measure.Incomplete(msg) from None
         out = Output(cfg, cfg.kafka.topics.down_events)
         try:
             match kind:
                 case "stage":
                     return await self._worker("ingest", cfg, name, out, n)
-                case "naive":
-                    return await self._ceiling("naive", cfg, name, out, n, "--count", str(n))
+                case "in-order" | "naive":
+                    return await self._ceiling(kind, cfg, name, out, n, "--count", str(n))
                 case _:
                     return await self._ceiling("drain", cfg, name, None, n, "--count", str(n))
         finally:
@@ -271,12 +277,12 @@ class Stages:
         cfg = ctx.config(name, added=self._sink_in)
         await ctx.topics_for(cfg, "allocations", "allocations_dlq")
         try:
+            out = Output(cfg, cfg.kafka.topics.allocations)
             if kind == "stage":
-                out = Output(cfg, cfg.kafka.topics.allocations)
                 return await self._worker("sink", cfg, name, out, n)
-            return await self._ceiling(
-                "allocate", cfg, name, None, n,
-                "--requests", str(self._requests), "--concurrency", str(cfg.sink.concurrency),
-            )  # fmt: skip
+            calls = ("--requests", str(self._requests), "--concurrency", str(cfg.sink.concurrency))
+            if kind == "kiko":
+                return await self._ceiling("kiko", cfg, name, out, n, *calls)
+            return await self._ceiling("allocate", cfg, name, None, n, *calls)
         finally:
             await self._emulator("DELETE", "calls")  # the emulator's call log stays small

@@ -117,7 +117,13 @@ async def test_bench_runs_end_to_end_and_reports_consistent_figures(
         assert step["p50_ms"] == percentile(step["latencies_ms"], 50)
         assert step["p99_ms"] == percentile(step["latencies_ms"], 99)
         assert _positive(step["offered_msg_per_s"])
-    assert e2e["burst"]["messages"] == e2e["burst"]["landed"] == TINY.burst
+        # The second clock and the hops: every one measured, each hop before the end.
+        for name in ("receipt", "ingest", "route"):
+            assert _positive(step[f"{name}_p50_ms"])
+            assert step[f"{name}_p50_ms"] <= step[f"{name}_p99_ms"]
+        assert step["ingest_p50_ms"] <= step["p50_ms"] <= step["receipt_p50_ms"]
+    burst = e2e["burst"]
+    assert burst["messages"] == burst["wanted"] == burst["landed"] == TINY.burst
 
     assert set(doc["memory"]) == set(STAGES)
     for figures in doc["memory"].values():
@@ -129,7 +135,16 @@ async def test_bench_runs_end_to_end_and_reports_consistent_figures(
     for target in doc["targets"]:
         assert _positive(target["value"])
         assert isinstance(target["met"], bool)
-    assert len(doc["targets"]) == 1 + 4 + 2 + 3  # decode, 4 ratios, 2 latencies, 3 RSS
+    # decode; ingest 2 ratios, route 1, sink 2 and its CPU per allocation; 2 latencies; 3 RSS
+    assert [t["what"] for t in doc["targets"]][1:7] == [
+        "ingest: stage / in-order",
+        "ingest: stage / drain",
+        "route: stage / transactional",
+        "sink: stage / kiko",
+        "sink: stage / aiohttp",
+        "sink: CPU per unit, stage / aiohttp",
+    ]
+    assert len(doc["targets"]) == 1 + 6 + 2 + 3
 
     assert chart.read_bytes().startswith(b"\x89PNG")
 

@@ -41,6 +41,12 @@ def test_the_bench_tables_are_whole() -> None:
                     "round_p50_ms": [11.0, 12.0, 13.0],
                     "p99_ms": 150.0,
                     "round_p99_ms": [140.0, 150.0, 160.0],
+                    "receipt_p50_ms": 14.0,
+                    "receipt_p99_ms": 152.0,
+                    "ingest_p50_ms": 3.0,
+                    "ingest_p99_ms": 9.0,
+                    "route_p50_ms": 7.0,
+                    "route_p99_ms": 80.0,
                 }
             ],
         },
@@ -59,6 +65,9 @@ def test_the_bench_tables_are_whole() -> None:
     # A title wider than its table wraps (whole words, nothing dropped).
     assert "latency of all rounds [each round's]" in " ".join(text.split())
     assert "150 [140, 150, 160]" in text
+    assert "14/152" in text  # the second clock, and each hop
+    assert "3/9" in text
+    assert "7/80" in text
     assert "not met" in text
 
 
