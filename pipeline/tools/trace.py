@@ -103,7 +103,8 @@ class Step(msgspec.Struct, kw_only=True):
     """What the record says, by field (gateway_id, sn, error_kind, code, msg, ...)."""
 
     @property
-    def _order(self) -> tuple[str, int, str, int, int]:
+    def order(self) -> tuple[str, int, str, int, int]:
+        """Where the step sorts: oldest first; at one timestamp, in the pipeline's order."""
         return (self.timestamp, _RANK.get(self.step, 2), self.topic, self.partition, self.offset)
 
 
@@ -533,7 +534,7 @@ async def walk(
             await walker.by_event(value)
         await walker.follow()
         await walker.down_events()
-    steps = sorted(walker.steps, key=lambda s: s._order)  # noqa: SLF001
+    steps = sorted(walker.steps, key=lambda s: s.order)
     return Journey(
         query=given,
         since=None if since is None else _time(_ms(since) or 0),

@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import io
 import json
-import math
 import sys
 
 import msgspec
@@ -219,11 +218,12 @@ async def test_dps_calls_keep_to_the_sink_rate_limit(cfg: Config) -> None:
         stamps = sorted(dt.datetime.fromisoformat(c.at).timestamp() for c in emu.state.calls)
     assert len(report.findings) == count  # all missing (registered on sight, not allocated)
     assert len(stamps) == count
-    # Evenly spaced at 10/s: 25 calls span 2.4 s at least (a clock's millisecond aside),
-    # and no second holds more than 11 of them.
+    # Paced by the limiter at 10/s: 25 calls span 2.4 s at least (a clock's millisecond
+    # aside; unpaced, at concurrency 8, they take milliseconds). How evenly is the
+    # limiter's own property, tested on its schedule (tests/stages/sink/test_parts.py):
+    # seen here, at the receiving end of a shared event loop, a stalled loop bunches
+    # calls that were sent evenly, so a count per second would test the machine's load.
     assert stamps[-1] - stamps[0] >= (count - 1) / rate - 0.05
-    most = max(sum(1 for t in stamps if s <= t < s + 1.0) for s in stamps)
-    assert most <= math.floor(rate) + 1
 
 
 async def test_command_line_exit_codes_and_json(cfg: Config) -> None:
