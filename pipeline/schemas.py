@@ -552,6 +552,11 @@ def format_time(when: dt.datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
+def format_ms(ms: int) -> str:
+    """A Kafka timestamp (milliseconds since the epoch), formatted by :func:`format_time`."""
+    return format_time(dt.datetime.fromtimestamp(ms / 1000, dt.UTC))
+
+
 _second: list[object] = [-1, ""]  # the last whole second and its formatted prefix
 
 

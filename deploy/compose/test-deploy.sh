@@ -115,6 +115,14 @@ timed "verify the demo" env PYTHONPATH="$ROOT" "$PY" "$HERE/verify.py" demo \
   --bootstrap "127.0.0.1:$KAFKA_HOST_PORT" --wait 120
 PYTHONPATH="$ROOT" "$PY" "$HERE/verify.py" endpoints \
   --ports "$INGEST_METRICS_PORT,$ROUTE_METRICS_PORT,$SINK_METRICS_PORT"
+# What an operator asks next, through the image: why was this child refused (its journey
+# names DPS's code), and did every child get exactly one outcome (exit 0).
+journey=$(compose --profile demo run --rm --no-deps replay trace --sn nogroup-sn-0001 --since 1h) \
+  || die "pipeline trace --sn nogroup-sn-0001 failed"
+echo "$journey" | sed 's/^/  /'
+echo "$journey" | grep -q 'code=35404' || die "the journey of nogroup-sn-0001 does not show DPS's 35404"
+timed "pipeline audit --since 1h" compose --profile demo run --rm --no-deps replay \
+  audit --since 1h --no-progress
 if [ "$TRACING" = 1 ]; then
   timed "verify the trace of inverter-a-02" env PYTHONPATH="$ROOT" "$PY" "$HERE/verify.py" trace \
     --jaeger "http://127.0.0.1:$JAEGER_UI_HOST_PORT" --sn inverter-a-02 --wait 60

@@ -56,6 +56,7 @@ from pipeline.core.tracecontext import TRACEPARENT, trace_id
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.io import kafka
 from pipeline.ops.metrics import write_audit_metrics
+from pipeline.schemas import format_ms, format_time
 from pipeline.stages.sink.outcomes import SOURCE, parse_source
 from pipeline.tools.console import make_console
 
@@ -131,10 +132,6 @@ def _header(record: ConsumerRecord[bytes, bytes], name: str) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
-
-
-def _utc(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
 
 class _Progress:
@@ -322,7 +319,7 @@ class _Audit:
                     partition=record.partition,
                     offset=record.offset,
                     key=gateway,
-                    at=_utc(record.timestamp),
+                    at=format_ms(record.timestamp),
                     waiting_s=max(0.0, (self.now_ms - record.timestamp) / 1000),
                     trace_id=trace_id(_header(record, TRACEPARENT)) or "-",
                     detail=f"event {event_id}: {'; '.join(parts)}",
@@ -385,7 +382,7 @@ async def _details(
                 partition=record.partition,
                 offset=record.offset,
                 key=record.key.decode(errors="replace") if record.key else "-",
-                at=_utc(record.timestamp),
+                at=format_ms(record.timestamp),
                 waiting_s=waited,
                 trace_id=trace_id(_header(record, TRACEPARENT)) or "-",
                 detail=verdict.detail,
@@ -470,8 +467,8 @@ async def check(
     counts["unrouted"] = sum(g.kind == "unrouted" for g in gaps)
     missing = [g.waiting_s or 0.0 for g in gaps if g.kind == "missing"]
     return Report(
-        since=since.astimezone(dt.UTC).isoformat(),
-        until=None if until is None else until.astimezone(dt.UTC).isoformat(),
+        since=format_time(since),
+        until=None if until is None else format_time(until),
         children=len(audit.added),
         deleted=len(audit.deleted),
         events=audit.events,

@@ -58,6 +58,7 @@ from pipeline.schemas import (
     FailedChild,
     Reason,
     Release,
+    format_ms,
 )
 from pipeline.tools.console import make_console
 
@@ -151,11 +152,6 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
 }
 _DEVICE = msgspec.json.Decoder(DeviceInfo | None)
 _REASON = msgspec.json.Decoder(Reason)
-
-
-def _time(ms: int) -> str:
-    when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
 def _ms(when: dt.datetime | None) -> int | None:
@@ -298,7 +294,7 @@ class _Walk:
         kept = {k: v for k, v in detail.items() if v is not None}
         found = Step(
             step=step, topic=record.topic, partition=record.partition, offset=record.offset,
-            timestamp=_time(record.timestamp), trace_id=record_trace_id(record.headers),
+            timestamp=format_ms(record.timestamp), trace_id=record_trace_id(record.headers),
             detail=kept,
         )  # fmt: skip
         self.steps.append(found)
@@ -537,8 +533,8 @@ async def walk(
     steps = sorted(walker.steps, key=lambda s: s.order)
     return Journey(
         query=given,
-        since=None if since is None else _time(_ms(since) or 0),
-        until=None if until is None else _time(_ms(until) or 0),
+        since=None if since is None else format_ms(_ms(since) or 0),
+        until=None if until is None else format_ms(_ms(until) or 0),
         steps=steps,
     )
 
