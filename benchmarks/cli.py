@@ -237,6 +237,8 @@ def _history(args: argparse.Namespace, cfg: Config) -> int:
         )  # fmt: skip
     except KeyboardInterrupt:
         return 130
+    except (ConnectionError, PipelineError) as exc:  # a broker not reachable, in one line
+        return _fail(1, f"benchmarks: {exc}")
 
 
 def _degraded(args: argparse.Namespace, cfg: Config) -> int:

@@ -45,6 +45,7 @@ from rich.table import Table
 from benchmarks import procs
 from benchmarks.context import Context
 from benchmarks.options import Options
+from benchmarks.services import ensure_services
 from pipeline.io import kafka
 from pipeline.schemas import (
     AddedChild,
@@ -416,11 +417,8 @@ async def run(
 ) -> int:
     """Fill, measure, report; the exit code (0, or 1 when a service or command failed)."""
     started_at = dt.datetime.now(dt.UTC)
-    try:
-        await kafka.wait_until_reachable(cfg.kafka, within=10)
-    except Exception as exc:  # one line: the broker is not there
-        console.print(f"[red]benchmarks: {exc}[/red]")
-        return 1
+    with console.status("checking Mosquitto and Kafka (starting deploy/local if need be)"):
+        await ensure_services(cfg)  # as every mode of the bench does
     ctx = Context(cfg, Options(), config_path=config_path, log_dir=Path(tempfile.gettempdir()))
     mine = ctx.config("history")
     t = mine.kafka.topics
