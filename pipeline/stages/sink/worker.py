@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,13 @@ _POLL = 0.05
 """Seconds between looks at records being handed back."""
 _RELEASE_POOL = 100
 """Connections to DPS for the releaser's calls, beyond the allocator's (slots, detached)."""
+_GC_YOUNG = 10_000
+"""The garbage collector's youngest-generation threshold while the sink runs (CPython's
+default is 700). Each record lives in a task with its coroutines, futures, structs and
+aiohttp's request objects, hundreds of them in progress at once, so at 700 the collector
+ran every few records and took about a tenth of the sink's CPU (A/B in the bench:
+439 against 396 CPU µs per allocation). Memory is reclaimed by reference counting as
+before; only cycles wait a little longer."""
 
 
 def _nothing(*_: object) -> None:
@@ -244,6 +252,8 @@ class Sink:
                 limiter=self._limiter, outcomes=outcomes, on_answer=self._beat,
             )  # fmt: skip
             self._started()
+            young, older, oldest = gc.get_threshold()  # process-wide (`pipeline run`: all stages)
+            gc.set_threshold(max(_GC_YOUNG, young), older, oldest)
             failed = asyncio.ensure_future(self._failed.wait())
             committer = asyncio.create_task(self._commit_loop(run.stopping), name="sink.commit")
             try:
