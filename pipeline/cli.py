@@ -355,6 +355,10 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
     _stop_on_signals(stop)
     health = Health(cfg.metrics.stall_after)
     stages = [STAGES[name].create(cfg, args) for name in args.stages]
+    if "sink" in args.stages:
+        from pipeline.stages.sink.worker import tune_collector  # noqa: PLC0415
+
+        tune_collector()  # once the modules are imported: see there
     key = f"metrics.{args.command}_port"
     port = getattr(cfg.metrics, key.removeprefix("metrics."), None)
     if port is None:  # a stage beyond the built-in ones

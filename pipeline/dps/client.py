@@ -31,9 +31,10 @@ from pipeline.dps.protocol import (
     cleartext_remote,
     device_page,
     hint,
+    params_data,
     parse_retry_after,
     search_expression,
-    sign,
+    signature,
     throttled,
     token_encryption,
 )
@@ -85,6 +86,15 @@ def _snippet(payload: bytes) -> str:
     return " ".join(text.split()) or "empty body"
 
 
+class _Target(msgspec.Struct, frozen=True):
+    """Where a call goes: its URL (query included), its action, and its signed parameters."""
+
+    url: yarl.URL
+    action: str
+    params: bytes
+    """:func:`~pipeline.dps.protocol.params_data` of the query."""
+
+
 class _Answer(msgspec.Struct, frozen=True):
     status: int
     retry_after: str | None
@@ -111,6 +121,9 @@ class DpsClient:
         self._tracing = tracing
         self._base = yarl.URL(cfg.base_url)
         self._device_url = self._base / DEVICE_PATH
+        # The allocate call's URL and signed parameters, per orgId (a few: the configured
+        # org_id and its overrides): built once, not per call.
+        self._allocate_targets: dict[str, _Target] = {}
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
@@ -164,9 +177,11 @@ class DpsClient:
             DpsTransient: throttling, server or gateway errors, timeouts, connection
                 errors, or the credentials were refused; retry later.
         """
-        body = _encode(request)
-        params = {"action": "allocate", "orgId": org_id}
-        return await self._call("POST", params, body, sn=request.sn)
+        target = self._allocate_targets.get(org_id)
+        if target is None:
+            target = self._target({"action": "allocate", "orgId": org_id})
+            self._allocate_targets[org_id] = target
+        return await self._call("POST", target, _encode(request), sn=request.sn)
 
     async def get(self, org_id: str, sn: str) -> msgspec.Raw:
         """V2.5 Get: the PvsDevice ``sn`` as DPS currently has it.
@@ -175,7 +190,8 @@ class DpsClient:
             DpsRejected: DPS refused the request (35400, 35601, ...).
             DpsTransient: as for :meth:`allocate`.
         """
-        data, _ = await self._call("GET", {"action": "get", "orgId": org_id, "sn": sn}, b"", sn=sn)
+        target = self._target({"action": "get", "orgId": org_id, "sn": sn})
+        data, _ = await self._call("GET", target, b"", sn=sn)
         return data
 
     async def get_device(self, org_id: str, sn: str) -> PvsDevice | None:
@@ -192,9 +208,9 @@ class DpsClient:
             DpsRejected: DPS refused the request (35400: orgId or sn blank, ...).
             DpsTransient: as for :meth:`allocate`.
         """
-        params = {"action": "get", "orgId": org_id, "sn": sn}
+        target = self._target({"action": "get", "orgId": org_id, "sn": sn})
         try:
-            data, _ = await self._call("GET", params, b"", sn=sn)
+            data, _ = await self._call("GET", target, b"", sn=sn)
         except DpsRejected as exc:
             if exc.code == SN_NOT_FOUND:
                 return None
@@ -237,9 +253,9 @@ class DpsClient:
             expression=expression,
             pagination=PaginationRequest(page_no=page, page_size=page_size),
         )
-        params = {"action": "search", "orgId": org_id}
+        target = self._target({"action": "search", "orgId": org_id})
         answer, envelope, refreshed = await self._send(
-            "POST", params, _encode(request), subject=f"expression={expression!r} page={page}"
+            "POST", target, _encode(request), subject=f"expression={expression!r} page={page}"
         )
         data, request_id = self._result(
             answer, envelope, refreshed=refreshed, decoder=_pvs_devices, what="PvsDevice list"
@@ -301,9 +317,9 @@ class DpsClient:
         self, action: str, org_id: str, group_id: str, body: bytes, count: int
     ) -> list[str]:
         """A batch call on sns of one group whose ``data`` is a list of sns."""
-        params = {"action": action, "orgId": org_id}
+        target = self._target({"action": action, "orgId": org_id})
         answer, envelope, refreshed = await self._send(
-            "POST", params, body, subject=f"groupId={group_id} sns={count}"
+            "POST", target, body, subject=f"groupId={group_id} sns={count}"
         )
         data, _ = self._result(
             answer, envelope, refreshed=refreshed, decoder=_sn_list, what="sn list"
@@ -383,19 +399,24 @@ class DpsClient:
 
     # -- Transport ---------------------------------------------------------------------
 
+    def _target(self, params: dict[str, str]) -> _Target:
+        """The device endpoint with ``params`` (``action`` among them)."""
+        url = self._device_url.with_query(params)
+        return _Target(url, params["action"], params_data(params))
+
     async def _call(
-        self, method: str, params: dict[str, str], body: bytes, *, sn: str
+        self, method: str, target: _Target, body: bytes, *, sn: str
     ) -> tuple[msgspec.Raw, str | None]:
         """A call whose ``data`` is a PvsDevice: the data as DPS sent it, and the requestId."""
         answer, envelope, refreshed = await self._send(
-            method, params, body, subject=f"sn={sn}", sn=sn
+            method, target, body, subject=f"sn={sn}", sn=sn
         )
         return self._result(answer, envelope, refreshed=refreshed)
 
     async def _send(
         self,
         method: str,
-        params: dict[str, str],
+        target: _Target,
         body: bytes,
         *,
         subject: str,
@@ -406,8 +427,8 @@ class DpsClient:
         Returns:
             The answer, its envelope if it had one, and whether the token was refreshed.
         """
-        url = self._device_url.with_query(params)
-        action = params["action"]
+        url, action = target.url, target.action
+        secret = self._cfg.app_secret.reveal().encode()
         refreshed = False
         while True:
             token = await self._access_token()
@@ -415,9 +436,7 @@ class DpsClient:
             headers = {
                 "apim-accesstoken": token,
                 "apim-timestamp": str(timestamp),
-                "apim-signature": sign(
-                    token, params, body, timestamp, self._cfg.app_secret.reveal()
-                ),
+                "apim-signature": signature(token, target.params, body, timestamp, secret),
             }
             if method == "POST":
                 headers["Content-Type"] = "application/json"

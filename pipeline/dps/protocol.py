@@ -41,9 +41,11 @@ __all__ = [
     "device_page",
     "hint",
     "is_allocated",
+    "params_data",
     "parse_retry_after",
     "search_expression",
     "sign",
+    "signature",
     "throttled",
     "token_encryption",
 ]
@@ -98,11 +100,23 @@ def sign(
         ``paramsData`` is the parameters sorted by key, each as ``key + value`` with no
         separators, followed by the raw body bytes.
     """
+    return signature(access_token, params_data(params), body, timestamp_ms, app_secret.encode())
+
+
+def params_data(params: Mapping[str, str]) -> bytes:
+    """The ``paramsData`` of :func:`sign`: the parameters sorted by key, ``key + value`` each."""
+    return "".join(f"{key}{params[key]}" for key in sorted(params)).encode()
+
+
+def signature(
+    access_token: str, params: bytes, body: bytes, timestamp_ms: int, app_secret: bytes
+) -> str:
+    """:func:`sign` from parts a caller computes once: ``params`` is :func:`params_data`."""
     digest = hashlib.sha256(access_token.encode())
-    digest.update("".join(f"{key}{params[key]}" for key in sorted(params)).encode())
+    digest.update(params)
     digest.update(body)
-    digest.update(str(timestamp_ms).encode())
-    digest.update(app_secret.encode())
+    digest.update(b"%d" % timestamp_ms)
+    digest.update(app_secret)
     return digest.hexdigest()
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -37,7 +36,8 @@ import msgspec
 from pipeline.io import kafka
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable
+    from collections.abc import Iterable
+    from types import TracebackType
 
     from aiokafka import TopicPartition
 
@@ -160,20 +160,59 @@ class Lifecycle:
         """Whether a later operation of the child, of the same gateway, is known."""
         return stamp.before(self.latest(partition, device_id))
 
-    @contextlib.asynccontextmanager
-    async def turn(self, partition: int, device_id: str, stamp: Stamp) -> AsyncIterator[bool]:
-        """The child's turn for an operation at ``stamp``; yields whether it is superseded.
+    def turn(self, partition: int, device_id: str, stamp: Stamp) -> _Turn:
+        """The turn of an operation at ``stamp``; ``async with`` it gives whether it is superseded.
 
         The operation raises the child's latest as it starts; it then waits for the
         operations on the child before it.
         """
         self.see(partition, device_id, stamp)
-        lock = self._locks.setdefault(device_id, asyncio.Lock())
+        return _Turn(self, partition, device_id, stamp)
+
+    def _lock(self, device_id: str) -> asyncio.Lock:
+        lock = self._locks.get(device_id)
+        if lock is None:
+            lock = self._locks[device_id] = asyncio.Lock()
         self._users[device_id] += 1
+        return lock
+
+    def _unlock(self, device_id: str, lock: asyncio.Lock, *, held: bool) -> None:
+        if held:
+            lock.release()
+        self._users[device_id] -= 1
+        if not self._users[device_id]:
+            del self._users[device_id], self._locks[device_id]
+
+
+class _Turn:
+    """:meth:`Lifecycle.turn` (a class, not a generator: it runs once per record)."""
+
+    __slots__ = ("_device_id", "_lifecycle", "_lock", "_partition", "_stamp")
+
+    def __init__(self, lifecycle: Lifecycle, partition: int, device_id: str, stamp: Stamp) -> None:
+        self._lifecycle = lifecycle
+        self._partition = partition
+        self._device_id = device_id
+        self._stamp = stamp
+        self._lock: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> bool:
+        lifecycle = self._lifecycle
+        lock = lifecycle._lock(self._device_id)  # noqa: SLF001  (its own helper class)
         try:
-            async with lock:
-                yield self.superseded(partition, device_id, stamp)
-        finally:
-            self._users[device_id] -= 1
-            if not self._users[device_id]:
-                del self._users[device_id], self._locks[device_id]
+            await lock.acquire()
+        except BaseException:
+            lifecycle._unlock(self._device_id, lock, held=False)  # noqa: SLF001
+            raise
+        self._lock = lock
+        return lifecycle.superseded(self._partition, self._device_id, self._stamp)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            self._lifecycle._unlock(self._device_id, lock, held=True)  # noqa: SLF001

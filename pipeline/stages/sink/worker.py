@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
     from pipeline.config import Config
     from pipeline.stages.runtime import Run
 
-__all__ = ["Sink"]
+__all__ = ["Sink", "tune_collector"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,30 @@ _POLL = 0.05
 """Seconds between looks at records being handed back."""
 _RELEASE_POOL = 100
 """Connections to DPS for the releaser's calls, beyond the allocator's (slots, detached)."""
+_GC_YOUNG = 10_000
+"""The garbage collector's youngest-generation threshold in a sink process (CPython's
+default is 700): :func:`tune_collector`."""
+
+
+def tune_collector() -> None:
+    """Collect less often, and never traverse what start-up made: for a sink's process.
+
+    Each record lives in a task with its coroutines, futures, structs and aiohttp's
+    request objects, hundreds of records in progress at once: at CPython's default
+    threshold the collector ran every few records and took about a tenth of the sink's
+    CPU (A/B in the bench: 439 against 396 CPU µs per allocation with :data:`_GC_YOUNG`).
+    Then ``gc.freeze()`` moves every object made so far (modules, configuration) out of
+    the collector's sight, so the collections that do run traverse only what the records
+    made (334 against 290 µs, lower in every round). Memory is still reclaimed by
+    reference counting at once; only cycles wait a little longer.
+
+    Process-wide, so the command line calls it for a process that runs a sink (with the
+    other stages, in ``pipeline run``), not the stage: a test process running sinks keeps
+    its defaults.
+    """
+    young, older, oldest = gc.get_threshold()
+    gc.set_threshold(max(_GC_YOUNG, young), older, oldest)
+    gc.freeze()
 
 
 def _nothing(*_: object) -> None:
