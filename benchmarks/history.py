@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import orjson
 from aiokafka.errors import KafkaError
 from rich.table import Table
 
@@ -55,6 +56,7 @@ from pipeline.schemas import (
     FailedChild,
     format_time,
 )
+from pipeline.stages.sink.outcomes import GROUP, SOURCE, source_header
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -122,11 +124,15 @@ class _Writer:
         self._batches: dict[tuple[str, int], BatchBuilder] = {}
         self._flying: set[asyncio.Future[Any]] = set()
         self.count: dict[str, int] = dict.fromkeys(partitions, 0)
+        self._next: dict[tuple[str, int], int] = {}  # the topics are new: offsets from 0
 
     async def add(
         self, topic: str, key: bytes, value: bytes, ms: int, headers: list[tuple[str, bytes]]
-    ) -> None:
+    ) -> bytes:
+        """Append a record; its ``source`` header value (``topic/partition/offset``)."""
         where = (topic, kafka.partition_of(key, self._partitions[topic]))
+        offset = self._next.get(where, 0)
+        self._next[where] = offset + 1
         batch = self._batches.get(where)
         if batch is None:
             batch = self._batches[where] = self._producer.create_batch()
@@ -137,6 +143,7 @@ class _Writer:
                 msg = f"a record of {len(value)} bytes does not fit an empty batch"
                 raise procs.BenchError(msg)
         self.count[topic] += 1
+        return source_header(topic, where[1], offset)
 
     async def _send(self, where: tuple[str, int], batch: BatchBuilder) -> None:
         batch.close()
@@ -229,9 +236,13 @@ async def _event(writer: _Writer, cfg: Config, i: int, at: int, names: dict[str,
         )  # fmt: skip
         added = _ENCODE(child)
         sn, device_id = child_sn(i, k), child_device(i, k)
-        await writer.add(t.added, device_id.encode(), added, routed, _traceparent(i, 2 + k))
+        source = await writer.add(
+            t.added, device_id.encode(), added, routed, _traceparent(i, 2 + k)
+        )
         if not has_outcome(i, k):
             continue
+        # As the sink writes them: the outcome names its input record (pipeline audit's link).
+        outcome_headers = [(SOURCE, source), (GROUP, cfg.sink.group_id.encode())]
         done = at + 200
         stamp = format_time(dt.datetime.fromtimestamp(done / 1000, dt.UTC))
         if k == 0:
@@ -241,7 +252,10 @@ async def _event(writer: _Writer, cfg: Config, i: int, at: int, names: dict[str,
                 event_id=event_id, attempts=1, request_id=f"req-{2 * i}", allocated_at=stamp,
                 device=msgspec.Raw(_ENCODE(pvs)),
             )  # fmt: skip
-            await writer.add(t.allocations, sn.encode(), _ENCODE(value), done, _traceparent(i, 4))
+            await writer.add(
+                t.allocations, sn.encode(), _ENCODE(value), done,
+                _traceparent(i, 4) + outcome_headers,
+            )  # fmt: skip
         else:
             failure = AllocationFailure(
                 sn=sn, org_id=cfg.sink.org_id, device_id=device_id, gateway_id=gateway,
@@ -250,8 +264,9 @@ async def _event(writer: _Writer, cfg: Config, i: int, at: int, names: dict[str,
                 failed_at=stamp, http_status=200, record=msgspec.Raw(added),
             )  # fmt: skip
             await writer.add(
-                t.allocations_dlq, sn.encode(), _ENCODE(failure), done, _traceparent(i, 5)
-            )
+                t.allocations_dlq, sn.encode(), _ENCODE(failure), done,
+                _traceparent(i, 5) + outcome_headers,
+            )  # fmt: skip
 
 
 # -- 2. Measure -----------------------------------------------------------------------------
@@ -356,7 +371,7 @@ async def measure(
     audit: dict[str, Any] = {"available": audit_available(env, config)}
     if audit["available"]:
         argv = ["audit", "--since", _iso(filled["first_ms"] - 60_000),
-                "--until", _iso(filled["last_ms"] + 60_000)]  # fmt: skip
+                "--until", _iso(filled["last_ms"] + 60_000), "--json", "--limit", "1"]  # fmt: skip
         console.print(f"  audit over the whole history: {' '.join(argv)}")
         result = await asyncio.to_thread(_timed, argv, env, config)
         audit |= {
@@ -364,6 +379,11 @@ async def measure(
             "exit": result["exit"], "expected_exit": 1 if filled["gaps"] else 0,
             "stdout_tail": result["stdout_tail"], "stderr_tail": result["stderr_tail"],
         }  # fmt: skip
+        try:  # its one JSON line: the counts, to hold against the gaps planted
+            report = orjson.loads(result["stdout_tail"][-1])
+            audit |= {"children": report["children"], "counts": report["counts"]}
+        except (IndexError, orjson.JSONDecodeError, KeyError, TypeError):
+            audit["counts"] = None
     else:
         console.print("  audit: not available (pipeline audit --help fails)")
     windowed = [t["median_s"] for t in traces if t["case"].endswith("window")]

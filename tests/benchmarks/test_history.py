@@ -75,7 +75,12 @@ async def test_history_run_measures_trace_and_leaves_nothing(
     assert cases["--sn, allocated, mid"]["records_found"] == [
         f"sn {history.child_sn(100, 0)}: 3 records"
     ]
-    assert isinstance(measured["audit"]["available"], bool)
+    audit = measured["audit"]
+    assert audit["available"] is True
+    assert audit["exit"] == audit["expected_exit"] == 0, audit  # no gap among 200 events
+    assert audit["children"] == 2 * 200
+    # Each event's second child was refused by DPS: dead-lettered, an outcome all the same.
+    assert audit["counts"] == {"missing": 0, "duplicate": 0, "dead-lettered": 200, "unrouted": 0}
     async with kafka.admin(cfg.kafka) as client:
         left = [name for name in await client.list_topics() if ".history." in name]
     assert left == []
