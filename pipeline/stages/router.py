@@ -63,10 +63,13 @@ _CHILD_TOPICS = frozenset({"added", "failed", "deleted"})
 
 
 class _Batch:
-    """What one transaction routes: child and DLQ sends, and what to remember on commit."""
+    """What one transaction routes: its records, DLQ sends, and what to remember on commit."""
 
-    def __init__(self, memory: Memory) -> None:
+    def __init__(self, memory: Memory, producer: AIOKafkaProducer) -> None:
+        self.outbox = kafka.Outbox(producer)
+        """The child, lifecycle, sync request and memory records, in batches."""
         self.sends: list[asyncio.Future[object]] = []
+        """The DLQ records (rare: sent one by one)."""
         self.seen: dict[tuple[str, str], int] = {}
         """(gateway, event_id) -> record timestamp, for the pairs this transaction routes."""
         self.counts: collections.Counter[str] = collections.Counter()
@@ -302,24 +305,24 @@ class Router:
     async def _commit(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         """Route ``records`` of ``tp`` and move its offset in one transaction."""
         producer = self._producers[tp]
-        batch = _Batch(self._memory.setdefault(tp, Memory()))
+        batch = _Batch(self._memory.setdefault(tp, Memory()), producer)
+        outbox = batch.outbox
         async with producer.transaction():
             try:
                 for record in records:
                     await self._route_one(producer, record, batch)
                 for state, value in batch.changes.records():  # the memory, beside its decisions
-                    batch.sends.append(
-                        await producer.send(
-                            self._topics.router_state, value, key=state, partition=tp.partition
-                        )
+                    await outbox.add(
+                        self._topics.router_state, value, key=state, partition=tp.partition
                     )
+                # aiokafka commits a transaction even when a send in it failed (the record
+                # is then lost): wait for every batch, so a failure aborts it instead.
+                await outbox.flush()
             except IllegalOperation:
                 # aiokafka refuses further sends once the transaction has failed (the
                 # producer was fenced, say): the sends before say why, and that is raised.
-                await asyncio.gather(*batch.sends)
+                await asyncio.gather(outbox.wait(), *batch.sends)
                 raise
-            # aiokafka commits a transaction even when a send in it failed (the record is
-            # then lost): wait for every send, so a failure aborts the transaction instead.
             await asyncio.gather(*batch.sends)
             await producer.send_offsets_to_transaction(
                 {tp: records[-1].offset + 1}, self.cfg.router.group_id
@@ -435,27 +438,27 @@ class Router:
                 batch.seen[key] = record.timestamp
             hop.describe(event_id=event.event_id)
             applied = apply(routed.gateway_id, event, batch.changes, now)
-            await self._send_outs(producer, applied.outs, batch, hop)
+            await self._send_outs(applied.outs, batch, hop)
             if applied.gap is not None:
                 batch.gaps.append(applied.gap)
             batch.counts.update(applied.counts)
 
-    async def _send_outs(
-        self, producer: AIOKafkaProducer, outs: list[Out], batch: _Batch, hop: tracing.Hop
-    ) -> None:
+    async def _send_outs(self, outs: list[Out], batch: _Batch, hop: tracing.Hop) -> None:
         """Send what an event applied: each child record a ``send`` of the event's trace.
 
         A child's lifecycle record follows it, in its trace; a sync request is the event's.
         """
         child = hop
+        traced = self._tracing.enabled
         for out in outs:
             topic = getattr(self._topics, out.topic)
-            if out.topic in _CHILD_TOPICS:
+            watched = out.topic in _CHILD_TOPICS
+            if watched:
                 child = hop.send(topic, out.key)
-            sent = await producer.send(topic, out.value, key=out.key, headers=child.headers)
-            if out.topic in _CHILD_TOPICS:
-                child.watch(sent)
-            batch.sends.append(sent)
+            await batch.outbox.add(
+                topic, out.value, key=out.key, headers=child.headers,
+                sent=child.sent if traced and watched else None,
+            )  # fmt: skip
 
     async def rebuild_dedup(self, assigned: list[TopicPartition]) -> None:
         """Re-learn the (gateway, event_id) pairs of the window before the committed offsets."""
