@@ -198,10 +198,7 @@ class Router:
 
     async def _start_producer(self, tp: TopicPartition) -> None:
         """Start ``tp``'s producer; this fences (and aborts) a previous owner's transaction."""
-        # A transaction waits for its sends before it commits: a linger would only delay it.
-        producer = kafka.producer(
-            self.cfg.kafka, transactional_id=self.transactional_id(tp), linger_ms=0
-        )
+        producer = kafka.transactional_producer(self.cfg.kafka, self.transactional_id(tp))
         try:
             await producer.start()
         except BaseException:

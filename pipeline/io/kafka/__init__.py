@@ -36,6 +36,7 @@ from pipeline.io.kafka.clients import (
     producer,
     reader,
     shorten_transaction_backoff,
+    transactional_producer,
 )
 from pipeline.io.kafka.outbox import Outbox
 from pipeline.io.kafka.preflight import probe, wait_until_reachable
@@ -72,6 +73,7 @@ __all__ = [
     "record_limit",
     "shorten_transaction_backoff",
     "size",
+    "transactional_producer",
     "wait_until_reachable",
     "watch_lag",
     "whole",
