@@ -58,6 +58,8 @@ __all__ = ["Router"]
 
 log = logging.getLogger(__name__)
 
+_ROUTED = ROUTER_RECORDS.labels("routed")
+
 _CHILD_TOPICS = frozenset({"added", "failed", "deleted"})
 """Outputs that are a child each (``Out.topic`` names the ``kafka.topics`` key)."""
 
@@ -75,6 +77,9 @@ class _Batch:
         self.counts: collections.Counter[str] = collections.Counter()
         self.changes = Changes(memory)
         self.gaps: list[Gap] = []
+        self.now = utc_now()
+        """When the router decided: the lifecycle's ``changed_at``, a sync request's
+        ``detected_at`` (one clock reading a transaction)."""
 
 
 class Router:
@@ -418,11 +423,10 @@ class Router:
             reason = f"router: internal error: {type(exc).__name__}: {exc}"
             batch.sends.append(await self._dead_letter(producer, record, reason))
             return
-        ROUTER_RECORDS.labels("routed").inc()
+        _ROUTED.inc()
         hop.describe(gateway_id=routed.gateway_id)
         for label in routed.skipped:
             ROUTER_SKIPPED.labels(*label).inc()
-        now = utc_now()
         for event in routed.events:
             if event.event_id is not None:  # a response: redelivered with the same event_id
                 key = (routed.gateway_id, event.event_id)
@@ -434,7 +438,7 @@ class Router:
                     continue
                 batch.seen[key] = record.timestamp
             hop.describe(event_id=event.event_id)
-            applied = apply(routed.gateway_id, event, batch.changes, now)
+            applied = apply(routed.gateway_id, event, batch.changes, batch.now)
             await self._send_outs(applied.outs, batch, hop)
             if applied.gap is not None:
                 batch.gaps.append(applied.gap)
