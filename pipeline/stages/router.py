@@ -158,9 +158,13 @@ class Router:
         try:
             await self._check_state_partitions(run)
             while True:
+                # Up to batch_max records for each partition it holds: aiokafka hands them
+                # out partition by partition, and the partitions' transactions run side
+                # by side (each has its own producer), so one waits for Kafka while
+                # another routes.
+                fetch = self.cfg.router.batch_max * max(1, len(consumer.assignment()))
                 batch = await unless_stopped(
-                    run.stopping,
-                    consumer.getmany(timeout_ms=1000, max_records=self.cfg.router.batch_max),
+                    run.stopping, consumer.getmany(timeout_ms=1000, max_records=fetch)
                 )
                 run.beat()
                 if batch:
@@ -259,11 +263,11 @@ class Router:
     async def _transactions(
         self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]
     ) -> None:
-        """One transaction per partition of ``batch``, side by side."""
+        """The partitions of ``batch`` side by side, each in transactions of ``batch_max``."""
         # A partition revoked since getmany() returned is another router's now: skip it.
         mine = {tp: records for tp, records in batch.items() if tp in self._producers}
         results = await asyncio.gather(
-            *(self._transaction(consumer, tp, records) for tp, records in mine.items()),
+            *(self._partition(consumer, tp, records) for tp, records in mine.items()),
             return_exceptions=True,
         )
         for result in results:
@@ -277,9 +281,19 @@ class Router:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _transaction(
+    async def _partition(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
     ) -> None:
+        """``records`` of ``tp`` in order, ``router.batch_max`` a transaction."""
+        step = self.cfg.router.batch_max
+        for start in range(0, len(records), step):
+            if not await self._transaction(consumer, tp, records[start : start + step]):
+                return  # the partition is read again from where it stopped
+
+    async def _transaction(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
+    ) -> bool:
+        """One transaction; False when the partition must be read again from ``records``."""
         try:
             await self._commit(tp, records)
         except ProducerFenced:
@@ -294,15 +308,15 @@ class Router:
                 )  # fmt: skip
                 consumer.seek(tp, records[0].offset)
                 await asyncio.sleep(delay)
-                return
+                return False
             log.warning(
                 "Kafka refused the transaction (%s): routing partition %d one record at a time",
                 exc, tp.partition, extra={"topic": tp.topic, "partition": tp.partition},
             )  # fmt: skip
             await self._renew_producer(tp)
-            await self._one_by_one(consumer, tp, records)
-            return
+            return await self._one_by_one(consumer, tp, records)
         self._retry.reset()
+        return True
 
     async def _commit(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         """Route ``records`` of ``tp`` and move its offset in one transaction."""
@@ -351,8 +365,11 @@ class Router:
 
     async def _one_by_one(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
-    ) -> None:
-        """One transaction per record; the one Kafka will not take goes to the DLQ."""
+    ) -> bool:
+        """One transaction per record; the one Kafka will not take goes to the DLQ.
+
+        False when the partition must be read again (from the record it stopped at).
+        """
         for record in records:
             try:
                 await self._commit(tp, [record])
@@ -361,9 +378,10 @@ class Router:
             except KafkaError as exc:
                 if exc.retriable:  # later: read this partition again from here
                     consumer.seek(tp, record.offset)
-                    return
+                    return False
                 await self._renew_producer(tp)
                 await self._refused(tp, record, exc)
+        return True
 
     async def _refused(self, tp: TopicPartition, record: ConsumerRecord, exc: KafkaError) -> None:
         """Dead-letter the input whose outputs Kafka refused, in its own transaction."""
