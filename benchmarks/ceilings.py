@@ -208,9 +208,7 @@ async def transactional(
     out = cfg.kafka.topics.added
     consumer = kafka.consumer(cfg.kafka, group_id=group)
     kafka.shorten_transaction_backoff()  # as the router does
-    producer = kafka.producer(
-        cfg.kafka, transactional_id=cfg.router.transactional_id, linger_ms=0
-    )  # as the router's
+    producer = kafka.transactional_producer(cfg.kafka, cfg.router.transactional_id)  # the router's
     consumed = 0
     clock = _Clock()
     async with consumer, producer:

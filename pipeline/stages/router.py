@@ -58,20 +58,28 @@ __all__ = ["Router"]
 
 log = logging.getLogger(__name__)
 
+_ROUTED = ROUTER_RECORDS.labels("routed")
+
 _CHILD_TOPICS = frozenset({"added", "failed", "deleted"})
 """Outputs that are a child each (``Out.topic`` names the ``kafka.topics`` key)."""
 
 
 class _Batch:
-    """What one transaction routes: child and DLQ sends, and what to remember on commit."""
+    """What one transaction routes: its records, DLQ sends, and what to remember on commit."""
 
-    def __init__(self, memory: Memory) -> None:
+    def __init__(self, memory: Memory, producer: AIOKafkaProducer) -> None:
+        self.outbox = kafka.Outbox(producer)
+        """The child, lifecycle, sync request and memory records, in batches."""
         self.sends: list[asyncio.Future[object]] = []
+        """The DLQ records (rare: sent one by one)."""
         self.seen: dict[tuple[str, str], int] = {}
         """(gateway, event_id) -> record timestamp, for the pairs this transaction routes."""
         self.counts: collections.Counter[str] = collections.Counter()
         self.changes = Changes(memory)
         self.gaps: list[Gap] = []
+        self.now = utc_now()
+        """When the router decided: the lifecycle's ``changed_at``, a sync request's
+        ``detected_at`` (one clock reading a transaction)."""
 
 
 class Router:
@@ -150,9 +158,13 @@ class Router:
         try:
             await self._check_state_partitions(run)
             while True:
+                # Up to batch_max records for each partition it holds: aiokafka hands them
+                # out partition by partition, and the partitions' transactions run side
+                # by side (each has its own producer), so one waits for Kafka while
+                # another routes.
+                fetch = self.cfg.router.batch_max * max(1, len(consumer.assignment()))
                 batch = await unless_stopped(
-                    run.stopping,
-                    consumer.getmany(timeout_ms=1000, max_records=self.cfg.router.batch_max),
+                    run.stopping, consumer.getmany(timeout_ms=1000, max_records=fetch)
                 )
                 run.beat()
                 if batch:
@@ -195,10 +207,7 @@ class Router:
 
     async def _start_producer(self, tp: TopicPartition) -> None:
         """Start ``tp``'s producer; this fences (and aborts) a previous owner's transaction."""
-        # A transaction waits for its sends before it commits: a linger would only delay it.
-        producer = kafka.producer(
-            self.cfg.kafka, transactional_id=self.transactional_id(tp), linger_ms=0
-        )
+        producer = kafka.transactional_producer(self.cfg.kafka, self.transactional_id(tp))
         try:
             await producer.start()
         except BaseException:
@@ -254,11 +263,11 @@ class Router:
     async def _transactions(
         self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]
     ) -> None:
-        """One transaction per partition of ``batch``, side by side."""
+        """The partitions of ``batch`` side by side, each in transactions of ``batch_max``."""
         # A partition revoked since getmany() returned is another router's now: skip it.
         mine = {tp: records for tp, records in batch.items() if tp in self._producers}
         results = await asyncio.gather(
-            *(self._transaction(consumer, tp, records) for tp, records in mine.items()),
+            *(self._partition(consumer, tp, records) for tp, records in mine.items()),
             return_exceptions=True,
         )
         for result in results:
@@ -272,9 +281,19 @@ class Router:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _transaction(
+    async def _partition(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
     ) -> None:
+        """``records`` of ``tp`` in order, ``router.batch_max`` a transaction."""
+        step = self.cfg.router.batch_max
+        for start in range(0, len(records), step):
+            if not await self._transaction(consumer, tp, records[start : start + step]):
+                return  # the partition is read again from where it stopped
+
+    async def _transaction(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
+    ) -> bool:
+        """One transaction; False when the partition must be read again from ``records``."""
         try:
             await self._commit(tp, records)
         except ProducerFenced:
@@ -289,37 +308,37 @@ class Router:
                 )  # fmt: skip
                 consumer.seek(tp, records[0].offset)
                 await asyncio.sleep(delay)
-                return
+                return False
             log.warning(
                 "Kafka refused the transaction (%s): routing partition %d one record at a time",
                 exc, tp.partition, extra={"topic": tp.topic, "partition": tp.partition},
             )  # fmt: skip
             await self._renew_producer(tp)
-            await self._one_by_one(consumer, tp, records)
-            return
+            return await self._one_by_one(consumer, tp, records)
         self._retry.reset()
+        return True
 
     async def _commit(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         """Route ``records`` of ``tp`` and move its offset in one transaction."""
         producer = self._producers[tp]
-        batch = _Batch(self._memory.setdefault(tp, Memory()))
+        batch = _Batch(self._memory.setdefault(tp, Memory()), producer)
+        outbox = batch.outbox
         async with producer.transaction():
             try:
                 for record in records:
                     await self._route_one(producer, record, batch)
                 for state, value in batch.changes.records():  # the memory, beside its decisions
-                    batch.sends.append(
-                        await producer.send(
-                            self._topics.router_state, value, key=state, partition=tp.partition
-                        )
+                    await outbox.add(
+                        self._topics.router_state, value, key=state, partition=tp.partition
                     )
+                # aiokafka commits a transaction even when a send in it failed (the record
+                # is then lost): wait for every batch, so a failure aborts it instead.
+                await outbox.flush()
             except IllegalOperation:
                 # aiokafka refuses further sends once the transaction has failed (the
                 # producer was fenced, say): the sends before say why, and that is raised.
-                await asyncio.gather(*batch.sends)
+                await asyncio.gather(outbox.wait(), *batch.sends)
                 raise
-            # aiokafka commits a transaction even when a send in it failed (the record is
-            # then lost): wait for every send, so a failure aborts the transaction instead.
             await asyncio.gather(*batch.sends)
             await producer.send_offsets_to_transaction(
                 {tp: records[-1].offset + 1}, self.cfg.router.group_id
@@ -346,8 +365,11 @@ class Router:
 
     async def _one_by_one(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: list[ConsumerRecord]
-    ) -> None:
-        """One transaction per record; the one Kafka will not take goes to the DLQ."""
+    ) -> bool:
+        """One transaction per record; the one Kafka will not take goes to the DLQ.
+
+        False when the partition must be read again (from the record it stopped at).
+        """
         for record in records:
             try:
                 await self._commit(tp, [record])
@@ -356,9 +378,10 @@ class Router:
             except KafkaError as exc:
                 if exc.retriable:  # later: read this partition again from here
                     consumer.seek(tp, record.offset)
-                    return
+                    return False
                 await self._renew_producer(tp)
                 await self._refused(tp, record, exc)
+        return True
 
     async def _refused(self, tp: TopicPartition, record: ConsumerRecord, exc: KafkaError) -> None:
         """Dead-letter the input whose outputs Kafka refused, in its own transaction."""
@@ -418,11 +441,10 @@ class Router:
             reason = f"router: internal error: {type(exc).__name__}: {exc}"
             batch.sends.append(await self._dead_letter(producer, record, reason))
             return
-        ROUTER_RECORDS.labels("routed").inc()
+        _ROUTED.inc()
         hop.describe(gateway_id=routed.gateway_id)
         for label in routed.skipped:
             ROUTER_SKIPPED.labels(*label).inc()
-        now = utc_now()
         for event in routed.events:
             if event.event_id is not None:  # a response: redelivered with the same event_id
                 key = (routed.gateway_id, event.event_id)
@@ -434,28 +456,28 @@ class Router:
                     continue
                 batch.seen[key] = record.timestamp
             hop.describe(event_id=event.event_id)
-            applied = apply(routed.gateway_id, event, batch.changes, now)
-            await self._send_outs(producer, applied.outs, batch, hop)
+            applied = apply(routed.gateway_id, event, batch.changes, batch.now)
+            await self._send_outs(applied.outs, batch, hop)
             if applied.gap is not None:
                 batch.gaps.append(applied.gap)
             batch.counts.update(applied.counts)
 
-    async def _send_outs(
-        self, producer: AIOKafkaProducer, outs: list[Out], batch: _Batch, hop: tracing.Hop
-    ) -> None:
+    async def _send_outs(self, outs: list[Out], batch: _Batch, hop: tracing.Hop) -> None:
         """Send what an event applied: each child record a ``send`` of the event's trace.
 
         A child's lifecycle record follows it, in its trace; a sync request is the event's.
         """
         child = hop
+        traced = self._tracing.enabled
         for out in outs:
             topic = getattr(self._topics, out.topic)
-            if out.topic in _CHILD_TOPICS:
+            watched = out.topic in _CHILD_TOPICS
+            if watched:
                 child = hop.send(topic, out.key)
-            sent = await producer.send(topic, out.value, key=out.key, headers=child.headers)
-            if out.topic in _CHILD_TOPICS:
-                child.watch(sent)
-            batch.sends.append(sent)
+            await batch.outbox.add(
+                topic, out.value, key=out.key, headers=child.headers,
+                sent=child.sent if traced and watched else None,
+            )  # fmt: skip
 
     async def rebuild_dedup(self, assigned: list[TopicPartition]) -> None:
         """Re-learn the (gateway, event_id) pairs of the window before the committed offsets."""

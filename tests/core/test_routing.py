@@ -247,6 +247,25 @@ def test_deletes_carry_the_last_device_info_and_generation() -> None:
         assert msgspec.json.encode(msgspec.json.decode(o.value, type=shape)) == o.value
 
 
+def test_records_of_children_of_different_generations_in_one_event() -> None:
+    # apply encodes what the children of an event share once per generation; each record
+    # is still exactly what msgspec writes for it, whatever the device_id holds.
+    odd = '{"device_id":"d\\"q\u00e9","node_id":"n9"}'.encode()
+    memory = Memory()
+    feed(memory, add("ev-1", [device(2)], []))
+    feed(memory, delete_response("del-1", 2))
+    applied = feed(memory, add("ev-2", [device(1), device(2), odd], []))
+    values = [(o.topic, o.value) for a in applied for o in a.outs]
+    assert [(t, orjson.loads(v)["generation"]) for t, v in values] == [
+        ("added", 1), ("lifecycle", 1), ("added", 3), ("lifecycle", 3),
+        ("added", 1), ("lifecycle", 1),
+    ]  # fmt: skip
+    assert orjson.loads(values[-1][1])["device_id"] == 'd"q\u00e9'
+    for topic, value in values:
+        shape = {"added": AddedChild, "lifecycle": ChildState}[topic]
+        assert msgspec.json.encode(msgspec.json.decode(value, type=shape)) == value
+
+
 def test_add_delete_add_counts_generations() -> None:
     memory = Memory()
     applied = feed(

@@ -11,6 +11,8 @@ one concern a module:
 - :mod:`~pipeline.io.kafka.ranges`: reading a topic between two offsets
   (:func:`read_range`, the one way), and what such a range holds.
 - :mod:`~pipeline.io.kafka.watch`: what the runtime watches while a stage runs.
+- :mod:`~pipeline.io.kafka.outbox`: many records of a transaction, in batches per
+  partition instead of one ``send`` each.
 
 Where aiokafka offers no public way, :mod:`pipeline.io._aiokafka_internals` reaches in.
 Every module logs as ``pipeline.io.kafka``. Use the names below from this package
@@ -34,7 +36,9 @@ from pipeline.io.kafka.clients import (
     producer,
     reader,
     shorten_transaction_backoff,
+    transactional_producer,
 )
+from pipeline.io.kafka.outbox import Outbox
 from pipeline.io.kafka.preflight import probe, wait_until_reachable
 from pipeline.io.kafka.ranges import (
     Ranges,
@@ -50,6 +54,7 @@ from pipeline.io.kafka.watch import Liveness, Rebalance, watch_lag
 __all__ = [
     "TXN_RESTART_BACKOFF",
     "Liveness",
+    "Outbox",
     "Ranges",
     "Rebalance",
     "admin",
@@ -68,6 +73,7 @@ __all__ = [
     "record_limit",
     "shorten_transaction_backoff",
     "size",
+    "transactional_producer",
     "wait_until_reachable",
     "watch_lag",
     "whole",
