@@ -169,14 +169,16 @@ class Lifecycle:
         self.see(partition, device_id, stamp)
         return _Turn(self, partition, device_id, stamp)
 
-    def _lock(self, device_id: str) -> asyncio.Lock:
+    def lock_of(self, device_id: str) -> asyncio.Lock:
+        """The child's lock, counted as one more user (a turn's; give it back by :meth:`unlock`)."""
         lock = self._locks.get(device_id)
         if lock is None:
             lock = self._locks[device_id] = asyncio.Lock()
         self._users[device_id] += 1
         return lock
 
-    def _unlock(self, device_id: str, lock: asyncio.Lock, *, held: bool) -> None:
+    def unlock(self, device_id: str, lock: asyncio.Lock, *, held: bool) -> None:
+        """One user fewer (releasing the lock if ``held``); the last one forgets the lock."""
         if held:
             lock.release()
         self._users[device_id] -= 1
@@ -198,11 +200,11 @@ class _Turn:
 
     async def __aenter__(self) -> bool:
         lifecycle = self._lifecycle
-        lock = lifecycle._lock(self._device_id)  # noqa: SLF001  (its own helper class)
+        lock = lifecycle.lock_of(self._device_id)
         try:
             await lock.acquire()
         except BaseException:
-            lifecycle._unlock(self._device_id, lock, held=False)  # noqa: SLF001
+            lifecycle.unlock(self._device_id, lock, held=False)
             raise
         self._lock = lock
         return lifecycle.superseded(self._partition, self._device_id, self._stamp)
@@ -215,4 +217,4 @@ class _Turn:
     ) -> None:
         lock, self._lock = self._lock, None
         if lock is not None:
-            self._lifecycle._unlock(self._device_id, lock, held=True)  # noqa: SLF001
+            self._lifecycle.unlock(self._device_id, lock, held=True)
