@@ -30,10 +30,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOG_APPEND_TIME",
+    "RESOLUTION",
     "Incomplete",
     "Output",
     "close_session",
     "create_topics",
+    "elapsed",
     "open_session",
     "preload",
     "rate",
@@ -49,10 +51,21 @@ class Incomplete(BenchError):
     """Fewer records arrived than expected within the time allowed."""
 
 
+RESOLUTION = 1e-3
+"""Broker timestamps have millisecond resolution: a shorter span reads as this long."""
+
+
+def elapsed(first: float, last: float) -> float:
+    """Seconds from the first to the last completion, at least :data:`RESOLUTION`.
+
+    The router may land a small round in one batch, every record with one append time.
+    """
+    return max(last - first, RESOLUTION)
+
+
 def rate(count: int, first: float, last: float) -> float:
     """Units per second between the first and the last of ``count`` completions (seconds)."""
-    span = max(last - first, 1e-3)  # timestamps have millisecond resolution
-    return max(count - 1, 1) / span
+    return max(count - 1, 1) / elapsed(first, last)
 
 
 async def create_topics(cfg: KafkaConfig, names: Iterable[str]) -> None:

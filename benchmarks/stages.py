@@ -25,7 +25,7 @@ import aiohttp
 import msgspec
 
 from benchmarks import ceilings, measure, profile, workload
-from benchmarks.measure import Output, rate, span
+from benchmarks.measure import Output, elapsed, rate, span
 from pipeline.core.decode import decode_down
 from pipeline.dps.emulator import DEMO_GROUP
 from pipeline.tools.replay import FixtureMessage, replay_messages
@@ -75,7 +75,8 @@ def rotated(kinds: Sequence[_T], round_no: int) -> list[_T]:
 
 def sample_of(count: int, first: float, last: float, memory: Memory | None = None) -> Sample:
     """The :class:`Sample` of ``count`` completions between ``first`` and ``last``."""
-    return Sample(rate(count, first, last), count, last - first, memory.peak_mb if memory else None)
+    seconds = elapsed(first, last)
+    return Sample(rate(count, first, last), count, seconds, memory.peak_mb if memory else None)
 
 
 def decode_rates(payloads: list[bytes], reps: int) -> dict[str, list[float]]:
