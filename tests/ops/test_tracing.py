@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from yarl import URL
@@ -143,7 +143,9 @@ async def test_the_ratio_applies_to_the_new_trace_id_as_the_sdk_would(monkeypatc
     for _ in range(400):
         with traces.receive("t", None) as hop:
             trace_id = int(hop.ids()[0], 16)
-            expected = ratio.should_sample(None, trace_id, "x").decision.is_sampled()
+            expected = (
+                ratio.should_sample(None, trace_id, "x").decision is Decision.RECORD_AND_SAMPLE
+            )
             assert hop.sampled is expected
     await traces.close()
     assert 40 < len(kept.get_finished_spans()) < 160  # about 100 of 400
