@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     from benchmarks.baseline import Baseline
 
-__all__ = ["RATIO", "SETTINGS", "TARGET", "default_ref", "run"]
+__all__ = ["RATIO", "SETTINGS", "TARGET", "cpu_ratios", "default_ref", "run"]
 
 SETTINGS = ("before", "off", "on", "ratio")
 RATIO = 0.01
@@ -249,6 +249,16 @@ def _figures(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
+def cpu_ratios(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """CPU per unit of one setting over another's: the medians', and round by round."""
+    out: dict[str, Any] = {}
+    for a, b in (("off", "before"), ("on", "off"), ("ratio", "off")):
+        mine, theirs = figures[a]["cpu_us_per_unit_all"], figures[b]["cpu_us_per_unit_all"]
+        out[f"{a}/{b}"] = figures[a]["cpu_us_per_unit"] / figures[b]["cpu_us_per_unit"]
+        out[f"{a}/{b} rounds"] = [x / y for x, y in zip(mine, theirs, strict=True)]
+    return out
+
+
 def _document(ctx: _Context, samples: dict[str, dict[str, list[Sample]]],
               load: tuple[float, float, float], seconds: float) -> dict[str, Any]:  # fmt: skip
     stages: dict[str, Any] = {}
@@ -267,6 +277,7 @@ def _document(ctx: _Context, samples: dict[str, dict[str, list[Sample]]],
             "settings": figures,
             "ratios": ratios,
             "round_ratios": rounds,
+            "cpu_ratios": cpu_ratios(figures),
             "target_met": ratios["off/before"] >= TARGET,
         }
     before = ctx.before
