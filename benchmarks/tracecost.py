@@ -321,19 +321,22 @@ def table(console: Console, doc: dict[str, Any]) -> None:
         f"before = {base['ref'] if base else '?'}; ratio = parentbased_traceidratio {RATIO:g}"
     )
     t = Table(title=title)
-    for column in ("stage", "setting", "rate", "range", "CPU µs/unit", "x off"):
+    for column in ("stage", "setting", "rate", "range", "CPU µs/unit", "x off", "CPU x off"):
         t.add_column(column, justify="left" if column in {"stage", "setting"} else "right")
     for stage, s in d["stages"].items():
         for setting, f in s["settings"].items():
             ratio = {"before": None, "off": s["ratios"]["off/before"]}.get(
                 setting, s["ratios"].get(f"{setting}/off")
             )
+            key = "off/before" if setting == "off" else f"{setting}/off"
+            cpu = s["cpu_ratios"].get(key)
             shown = "" if ratio is None else f"{ratio:.3f}"
+            cpu_shown = "" if cpu is None else f"{cpu:.2f}"
             if setting == "off":
-                shown = f"{shown} x before"
+                shown, cpu_shown = f"{shown} x before", f"{cpu_shown} x before"
             t.add_row(stage, setting, f"{f['median']:,.0f} {s['unit']}",
                       f"[{f['min']:,.0f}-{f['max']:,.0f}]", f"{f['cpu_us_per_unit']:.0f}",
-                      shown)  # fmt: skip
+                      shown, cpu_shown)  # fmt: skip
     console.print(t)
     verdict = "met" if d["target"]["met"] else "MISSED"
     console.print(
