@@ -135,6 +135,14 @@ def _parser() -> argparse.ArgumentParser:
         "without detached calls (benchmarks/degraded.py; uses --rounds)",
     )
     parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="instead: each stage before tracing (--baseline, default: the first parent of "
+        "the tracing merge), with tracing off, on (every trace sampled, to a Jaeger the "
+        "bench starts) and with parentbased_traceidratio 0.01, interleaved "
+        "(benchmarks/tracecost.py; uses --rounds, --messages, --events, --allocations)",
+    )
+    parser.add_argument(
         "--out",
         metavar="FILE.json",
         type=Path,
@@ -197,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return _fail(2, f"benchmarks: {exc}")
-    for wanted, mode in ((args.history is not None, _history), (args.degraded, _degraded)):
+    modes = ((args.history is not None, _history), (args.degraded, _degraded),
+             (args.tracing, _tracing))  # fmt: skip
+    for wanted, mode in modes:
         if wanted:  # a mode of its own instead of the default run
             return mode(args, cfg)
     options = Options(
@@ -250,6 +260,21 @@ def _degraded(args: argparse.Namespace, cfg: Config) -> int:
             cfg, rounds=args.rounds, config_path=args.config,
             out=args.out or RESULTS / "raw" / "degraded.json",
             summary=args.summary or RESULTS / "summary-degraded.json",
+        )
+    )  # fmt: skip
+
+
+def _tracing(args: argparse.Namespace, cfg: Config) -> int:
+    """``--tracing``: each stage before tracing, off, on, sampled (:mod:`benchmarks.tracecost`)."""
+    from benchmarks import tracecost  # noqa: PLC0415
+
+    options = Options(rounds=args.rounds, messages=args.messages, events=args.events,
+                      allocations=args.allocations)  # fmt: skip
+    return asyncio.run(
+        tracecost.run(
+            cfg, options, ref=args.baseline, config_path=args.config,
+            out=args.out or RESULTS / "raw" / "tracing.json",
+            summary=args.summary or RESULTS / "summary-tracing.json",
         )
     )  # fmt: skip
 

@@ -152,7 +152,11 @@ class Stages:
         self._route_in, self._sink_in = cfg.kafka.topics.down_events, cfg.kafka.topics.added
         await measure.preload(cfg.kafka, self._route_in, self._events)
         await measure.preload(cfg.kafka, self._sink_in, self._children)
-        requests = workload.requests(cfg, self._children)
+        await self.prepare_emulator()
+
+    async def prepare_emulator(self) -> None:
+        """Register the sink's sns in the emulator (the sink's DPS requests, for its ceilings)."""
+        requests = workload.requests(self._ctx.config("input"), self._children)
         self._requests.write_bytes(msgspec.json.encode(requests))
         devices = [
             {"sn": msgspec.json.decode(r.body)["sn"], "group_id": DEMO_GROUP} for r in requests

@@ -19,6 +19,12 @@ DPS client, the outcome writer).
   configures it: ``OTEL_SERVICE_NAME`` (default ``pipeline-{stage}``),
   ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_TRACES_SAMPLER`` (``parentbased_traceidratio``
   with ``OTEL_TRACES_SAMPLER_ARG`` in production).
+
+  A hop the sampler would not record costs what tracing off costs: with a parent-based
+  sampler (the SDK's default for ``OTEL_TRACES_SAMPLER``'s ``parentbased_*``), a valid
+  parent whose sampled flag is 0 is passed along unchanged, as when off, and no SDK span
+  is made; a new trace whose root sampler is ``traceidratio`` (or always off) is asked
+  once, on its fresh trace id, and only a sampled one becomes a span (of that trace id).
 """
 
 from __future__ import annotations
@@ -77,6 +83,11 @@ def _new_traceparent() -> str:
     if ids[:32] == _ZERO_TRACE or ids[32:] == _ZERO_SPAN:
         return _new_traceparent()
     return f"00-{ids[:32]}-{ids[32:]}-00"
+
+
+def _sampled(traceparent: str) -> bool:
+    """Whether a valid ``traceparent``'s flags have the sampled bit."""
+    return bool(int(traceparent[53:55], 16) & 1)
 
 
 def _from_headers(headers: Sequence[tuple[str, bytes]] | None) -> tuple[str | None, str | None]:
@@ -411,7 +422,10 @@ class _SpanTracing(Tracing):
         resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: f"pipeline-{stage}"}))
-        self.provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER
+        self._ids = _ids()
+        # The sampler is the one OTEL_TRACES_SAMPLER names.
+        self.provider = TracerProvider(resource=resource, id_generator=self._ids)
+        self._pass_unsampled, self._root_bound = _shortcuts(self.provider.sampler)
         self.provider.add_span_processor(BatchSpanProcessor(exporter or _default_exporter()))
         self._tracer = self.provider.get_tracer("pipeline")
         self._api = trace
@@ -426,6 +440,27 @@ class _SpanTracing(Tracing):
         span.record_exception(exc)
         span.set_attribute("error.type", type(exc).__name__)
         self.error(span, f"{type(exc).__name__}: {exc}")
+
+    def _unsampled(self, parent: str | None, state: str | None) -> Hop | None:
+        """The hop of tracing off when the sampler would not record this one, else None.
+
+        ``parent`` valid and not sampled, under a parent-based sampler: passed along
+        unchanged. No valid ``parent`` (a new trace), under a root sampler that decides on
+        the trace id alone: a fresh trace id asked once; a sampled one is the trace id of
+        the span :meth:`_span` makes next.
+        """
+        if parent and valid(parent):
+            if self._pass_unsampled and not _sampled(parent):
+                return Hop(parent, state)
+            return None
+        if self._root_bound is None:
+            return None
+        fresh = _new_traceparent()
+        trace_id = int(fresh[3:35], 16)
+        if trace_id & _TRACE_ID_LIMIT < self._root_bound:
+            self._ids.next_trace_id = trace_id  # the sampler's answer will be the same
+            return None
+        return Hop(fresh)
 
     def _parent(self, parent: str | None, state: str | None) -> Any:
         """The context to start a span in: the one ``parent`` names, or none (a new trace)."""
@@ -455,10 +490,16 @@ class _SpanTracing(Tracing):
             "messaging.destination.name": topic,
             "messaging.destination.template": MQTT_DOWN,
         }
-        context = self._parent(*from_mqtt(properties))
+        parent, state = from_mqtt(properties)
+        if (hop := self._unsampled(parent, state)) is not None:
+            return hop
+        context = self._parent(parent, state)
         return _SpanHop(self, self._span(f"receive {MQTT_DOWN}", "CONSUMER", context, attributes))
 
     def process(self, record: Any, *, group: str | None = None) -> Hop:
+        parent, state = _from_headers(record.headers)
+        if (hop := self._unsampled(parent, state)) is not None:
+            return hop
         attributes = _kafka("process", record.topic)
         attributes["messaging.destination.partition.id"] = str(record.partition)
         attributes["messaging.kafka.offset"] = record.offset
@@ -466,15 +507,20 @@ class _SpanTracing(Tracing):
             attributes["messaging.consumer.group.name"] = group
         if record.key is not None:
             attributes["messaging.kafka.message.key"] = _text(record.key)
-        context = self._parent(*_from_headers(record.headers))
+        context = self._parent(parent, state)
         return _SpanHop(
             self, self._span(f"process {record.topic}", "CONSUMER", context, attributes)
         )
 
     def operation(self, name: str, **attributes: str | int) -> Hop:
+        if (hop := self._unsampled(None, None)) is not None:
+            return hop
         return _SpanHop(self, self._span(name, "INTERNAL", None, dict(attributes)))
 
     def resend(self, record: Any, topic: str, *, cause: Hop | None = None) -> Hop:
+        parent, state = _from_headers(record.headers)
+        if (hop := self._unsampled(parent, state)) is not None:
+            return hop
         attributes = _kafka("send", topic)
         attributes["pipeline.redriven_from"] = f"{record.topic}/{record.partition}/{record.offset}"
         links = (
@@ -482,7 +528,7 @@ class _SpanTracing(Tracing):
         )
         span = self._tracer.start_span(
             f"send {topic}",
-            context=self._parent(*_from_headers(record.headers)),
+            context=self._parent(parent, state),
             kind=self._api.SpanKind.PRODUCER,
             attributes=attributes,
             links=links,
@@ -491,7 +537,9 @@ class _SpanTracing(Tracing):
 
     def call(self, method: str, url: Any, *, sn: str | None = None) -> Call:
         hop = _current.get()
-        context = self._api.set_span_in_context(hop.span) if isinstance(hop, _SpanHop) else None
+        if hop is not None and not isinstance(hop, _SpanHop):
+            return _NO_CALL  # a hop the sampler did not record: nor is its call
+        context = self._api.set_span_in_context(hop.span) if hop is not None else None
         # url.full never holds credentials (semantic conventions): userinfo is dropped.
         attributes: dict[str, Any] = {
             "http.request.method": method,
@@ -507,6 +555,51 @@ class _SpanTracing(Tracing):
     async def close(self) -> None:
         # The exporter posts synchronously: off the event loop.
         await asyncio.to_thread(self.provider.shutdown)
+
+
+_TRACE_ID_LIMIT = (1 << 64) - 1
+"""The trace id bits ``TraceIdRatioBased`` decides on (its ``TRACE_ID_LIMIT``)."""
+
+
+def _shortcuts(sampler: Any) -> tuple[bool, int | None]:
+    """What :meth:`_SpanTracing._unsampled` may decide without the SDK, for ``sampler``.
+
+    (whether a remote parent that is not sampled is dropped: a parent-based sampler's
+    default; the bound a new trace id's low 64 bits must be under to be sampled, when
+    the root sampler decides on the trace id alone, else None).
+    """
+    from opentelemetry.sdk.trace.sampling import (  # noqa: PLC0415
+        ALWAYS_OFF,
+        Decision,
+        ParentBased,
+        StaticSampler,
+        TraceIdRatioBased,
+    )
+
+    root = sampler
+    pass_unsampled = False
+    if isinstance(sampler, ParentBased):
+        root = sampler._root  # noqa: SLF001  (the SDK exposes them only this way)
+        pass_unsampled = sampler._remote_parent_not_sampled is ALWAYS_OFF  # noqa: SLF001
+    if isinstance(root, TraceIdRatioBased):
+        return pass_unsampled, root.bound
+    if isinstance(root, StaticSampler) and root._decision is Decision.DROP:  # noqa: SLF001
+        return pass_unsampled, 0
+    return pass_unsampled, None
+
+
+def _ids() -> Any:
+    """The SDK's random ids, with a trace id chosen beforehand for the next span, if set."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator  # noqa: PLC0415
+
+    class Ids(RandomIdGenerator):
+        next_trace_id = 0
+
+        def generate_trace_id(self) -> int:
+            chosen, self.next_trace_id = self.next_trace_id, 0
+            return chosen or super().generate_trace_id()
+
+    return Ids()
 
 
 def _kafka(operation: str, topic: str) -> dict[str, Any]:

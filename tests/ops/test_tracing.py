@@ -1,11 +1,15 @@
-"""The trace context tracing off passes along (pipeline/ops/tracing.py), without brokers."""
+"""The trace context tracing passes along (pipeline/ops/tracing.py), and what an unsampled
+hop costs (no span), without brokers."""
 
 from __future__ import annotations
 
 import logging
 
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from yarl import URL
 
 from pipeline.config import TracingConfig
 from pipeline.ops import tracing
@@ -69,3 +73,79 @@ def test_log_lines_carry_the_hop_ids(json_logs) -> None:
     inside, outside = stream.getvalue().splitlines()
     assert '"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","span_id":"00f067aa0ba902b7"' in inside
     assert "trace_id" not in outside
+
+
+UNSAMPLED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+
+
+def _production(monkeypatch, ratio: str) -> tuple[tracing.Tracing, InMemorySpanExporter]:
+    """Tracing on with the documented production sampler at ``ratio``, spans in memory."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", ratio)
+    kept = InMemorySpanExporter()
+    return tracing.start("sink", TracingConfig(enabled=True), exporter=kept), kept
+
+
+async def test_an_unsampled_parent_makes_no_span_and_passes_its_headers_along(
+    monkeypatch, json_logs
+) -> None:
+    traces, kept = _production(monkeypatch, "1.0")  # even a ratio of 1 follows the parent
+    stream = json_logs("info")
+    record = _Record([("traceparent", UNSAMPLED.encode()), ("tracestate", b"a=1")])
+    with traces.process(record, group="g") as hop:
+        assert hop.headers == [("traceparent", UNSAMPLED.encode()), ("tracestate", b"a=1")]
+        out = hop.send("allocations", b"k")
+        assert out.headers == hop.headers
+        out.sent()
+        with traces.call("POST", URL("http://dps.test/dps/v1/allocate")) as call:
+            assert call.headers() == {}
+        assert tracing.exemplar() is None
+        assert not hop.sampled
+        logging.getLogger("pipeline.test").info("inside")
+    props = _properties(("traceparent", UNSAMPLED))
+    with traces.receive("t", props) as received:
+        assert received.headers == [("traceparent", UNSAMPLED.encode())]
+    await traces.close()
+    assert kept.get_finished_spans() == ()
+    assert '"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","span_id":"00f067aa0ba902b7"' in (
+        stream.getvalue()
+    )
+
+
+async def test_a_sampled_parent_still_makes_its_spans(monkeypatch) -> None:
+    traces, kept = _production(monkeypatch, "0.0")  # the ratio decides roots only
+    with traces.process(_Record([("traceparent", PARENT.encode())]), group="g") as hop:
+        assert hop.sampled
+        hop.send("allocations", b"k").sent()
+    await traces.close()
+    names = sorted(s.name for s in kept.get_finished_spans())
+    assert names == ["process t", "send allocations"]
+    assert {s.context.trace_id for s in kept.get_finished_spans()} == {int(PARENT[3:35], 16)}
+
+
+async def test_a_new_trace_is_a_span_only_when_its_trace_id_is_sampled(monkeypatch) -> None:
+    for ratio, sampled in (("0.0", False), ("1.0", True)):
+        traces, kept = _production(monkeypatch, ratio)
+        with traces.receive("t", None) as hop:
+            [(_, value)] = hop.headers
+            assert tracing.valid(value.decode())
+            assert int(value[-2:], 16) & 1 == sampled  # the flags' sampled bit
+        await traces.close()
+        spans = kept.get_finished_spans()
+        assert len(spans) == (1 if sampled else 0)
+        if sampled:  # the span is of the trace id the ratio was applied to
+            assert f"{spans[0].context.trace_id:032x}" == hop.ids()[0]
+
+
+async def test_the_ratio_applies_to_the_new_trace_id_as_the_sdk_would(monkeypatch) -> None:
+    traces, kept = _production(monkeypatch, "0.25")
+    ratio = TraceIdRatioBased(0.25)
+    for _ in range(400):
+        with traces.receive("t", None) as hop:
+            trace_id = int(hop.ids()[0], 16)
+            expected = (
+                ratio.should_sample(None, trace_id, "x").decision is Decision.RECORD_AND_SAMPLE
+            )
+            assert hop.sampled is expected
+    await traces.close()
+    assert 40 < len(kept.get_finished_spans()) < 160  # about 100 of 400
