@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Self
 from pipeline.core.tracecontext import TRACEPARENT, TRACESTATE, valid
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from types import TracebackType
 
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -425,7 +425,7 @@ class _SpanTracing(Tracing):
         self._ids = _ids()
         # The sampler is the one OTEL_TRACES_SAMPLER names.
         self.provider = TracerProvider(resource=resource, id_generator=self._ids)
-        self._pass_unsampled, self._root_bound = _shortcuts(self.provider.sampler)
+        self._pass_unsampled, self._root_bound = _shortcuts(os.environ)
         self.provider.add_span_processor(BatchSpanProcessor(exporter or _default_exporter()))
         self._tracer = self.provider.get_tracer("pipeline")
         self._api = trace
@@ -561,31 +561,34 @@ _TRACE_ID_LIMIT = (1 << 64) - 1
 """The trace id bits ``TraceIdRatioBased`` decides on (its ``TRACE_ID_LIMIT``)."""
 
 
-def _shortcuts(sampler: Any) -> tuple[bool, int | None]:
-    """What :meth:`_SpanTracing._unsampled` may decide without the SDK, for ``sampler``.
+def _shortcuts(environ: Mapping[str, str]) -> tuple[bool, int | None]:
+    """What :meth:`_SpanTracing._unsampled` may decide without the SDK.
 
-    (whether a remote parent that is not sampled is dropped: a parent-based sampler's
-    default; the bound a new trace id's low 64 bits must be under to be sampled, when
-    the root sampler decides on the trace id alone, else None).
+    For the sampler ``OTEL_TRACES_SAMPLER`` (and ``OTEL_TRACES_SAMPLER_ARG``) name:
+    (whether a remote parent that is not sampled is dropped: every ``parentbased_*``
+    sampler's default; the bound a new trace id's low 64 bits must be under to be
+    sampled, when the root sampler decides on the trace id alone, else None). Read from
+    the names the specification gives, as the SDK reads them, not from the SDK's
+    objects (their parts are private); a sampler of another name gets no shortcut.
     """
-    from opentelemetry.sdk.trace.sampling import (  # noqa: PLC0415
-        ALWAYS_OFF,
-        Decision,
-        ParentBased,
-        StaticSampler,
-        TraceIdRatioBased,
-    )
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased  # noqa: PLC0415
 
-    root = sampler
-    pass_unsampled = False
-    if isinstance(sampler, ParentBased):
-        root = sampler._root  # noqa: SLF001  (the SDK exposes them only this way)
-        pass_unsampled = sampler._remote_parent_not_sampled is ALWAYS_OFF  # noqa: SLF001
-    if isinstance(root, TraceIdRatioBased):
-        return pass_unsampled, root.bound
-    if isinstance(root, StaticSampler) and root._decision is Decision.DROP:  # noqa: SLF001
+    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    root = name.removeprefix("parentbased_")
+    pass_unsampled = name != root
+    if root == "always_off":
         return pass_unsampled, 0
-    return pass_unsampled, None
+    if root == "traceidratio":
+        try:
+            ratio = float(environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+        except ValueError:
+            ratio = 1.0  # as the SDK does with an unreadable ratio
+        if not 0.0 <= ratio <= 1.0:
+            ratio = 1.0
+        return pass_unsampled, TraceIdRatioBased(ratio).bound
+    if root == "always_on":
+        return pass_unsampled, None
+    return False, None  # a sampler of its own (an entry point): the SDK decides
 
 
 def _ids() -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from paho.mqtt.packettypes import PacketTypes
@@ -149,3 +150,23 @@ async def test_the_ratio_applies_to_the_new_trace_id_as_the_sdk_would(monkeypatc
             assert hop.sampled is expected
     await traces.close()
     assert 40 < len(kept.get_finished_spans()) < 160  # about 100 of 400
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, (True, None)),  # the SDK's default: parentbased_always_on
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+         (True, 1 << 63)),
+        ({"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0"}, (False, 0)),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"},
+         (False, 1 << 64)),  # unreadable: 1.0, as the SDK does
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, (True, 0)),
+        ({"OTEL_TRACES_SAMPLER": "always_on"}, (False, None)),
+        ({"OTEL_TRACES_SAMPLER": "my_entry_point_sampler"}, (False, None)),
+    ],
+)  # fmt: skip
+def test_what_may_be_decided_without_the_sdk_follows_the_sampler_named(
+    environ: dict[str, str], expected: tuple[bool, int | None]
+) -> None:
+    assert tracing._shortcuts(environ) == expected
