@@ -87,10 +87,19 @@ class Context:
         await measure.open_session(cfg.mqtt)
 
     async def worker(
-        self, command: str, cfg: Config, name: str, *, baseline: Baseline | None = None
+        self,
+        command: str,
+        cfg: Config,
+        name: str,
+        *,
+        baseline: Baseline | None = None,
+        env: dict[str, str] | None = None,
     ) -> procs.Proc:
-        """Start ``pipeline <command>`` (ingest, route, sink) with ``cfg``; of ``baseline``."""
-        env = procs.child_env(cfg)
+        """Start ``pipeline <command>`` (ingest, route, sink) with ``cfg``; of ``baseline``.
+
+        ``env``: the child's environment instead of :func:`procs.child_env` of ``cfg``.
+        """
+        env = procs.child_env(cfg) if env is None else env
         if baseline is not None:
             env = baseline.environ(env)
         return await procs.start(

@@ -90,11 +90,18 @@ class _Context(Context):
     otlp = ""
 
     async def worker(
-        self, command: str, cfg: Config, name: str, *, baseline: Baseline | None = None
+        self,
+        command: str,
+        cfg: Config,
+        name: str,
+        *,
+        baseline: Baseline | None = None,
+        env: dict[str, str] | None = None,
     ) -> procs.Proc:
         on = self.setting in {"on", "ratio"}
         cfg = msgspec.structs.replace(cfg, tracing=TracingConfig(enabled=on))
-        env = {k: v for k, v in procs.child_env(cfg).items() if not k.startswith("OTEL_")}
+        base = procs.child_env(cfg) if env is None else env
+        env = {k: v for k, v in base.items() if not k.startswith("OTEL_")}
         if on:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp
             env["OTEL_SERVICE_NAME"] = f"bench-{command}"
@@ -104,16 +111,7 @@ class _Context(Context):
                 env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                         "OTEL_TRACES_SAMPLER_ARG": str(RATIO)}  # fmt: skip
         of = self.before if self.setting == "before" else baseline
-        if of is not None:
-            env = of.environ(env)
-        return await procs.start(
-            name,
-            ["pipeline", "--log-level", "warning", command],
-            env=env,
-            log_dir=self.log_dir,
-            config_path=self.config_path,
-            python=None if of is None else of.python,
-        )
+        return await super().worker(command, cfg, name, baseline=of, env=env)
 
 
 class _Stages(Stages):
@@ -254,9 +252,14 @@ def cpu_ratios(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for a, b in (("off", "before"), ("on", "off"), ("ratio", "off")):
         mine, theirs = figures[a]["cpu_us_per_unit_all"], figures[b]["cpu_us_per_unit_all"]
-        out[f"{a}/{b}"] = figures[a]["cpu_us_per_unit"] / figures[b]["cpu_us_per_unit"]
-        out[f"{a}/{b} rounds"] = [x / y for x, y in zip(mine, theirs, strict=True)]
+        out[f"{a}/{b}"] = _over(figures[a]["cpu_us_per_unit"], figures[b]["cpu_us_per_unit"])
+        out[f"{a}/{b} rounds"] = [_over(x, y) for x, y in zip(mine, theirs, strict=True)]
     return out
+
+
+def _over(x: float, y: float) -> float | None:
+    """``x / y``; None when ``y`` read 0 (/proc counts CPU in 10 ms ticks: a tiny run)."""
+    return x / y if y else None
 
 
 def _document(ctx: _Context, samples: dict[str, dict[str, list[Sample]]],
