@@ -121,6 +121,19 @@ def _asyncapi(components: dict[str, Any]) -> dict[str, Any]:
     topics = Config().kafka.topics
     mqtt_topic = Config().mqtt.topic.replace("+", "{gateway_id}")
 
+    # Every Kafka record the pipeline writes carries its trace (pipeline/ops/tracing.py).
+    trace = {
+        "traceparent": _header("W3C trace context of the down event's trace"),
+        "tracestate": _header("W3C trace state, when the trace has one"),
+    }
+
+    def traced(headers: dict[str, Any] | None) -> dict[str, Any]:
+        headers = headers or {"type": "object", "properties": {}}
+        return headers | {
+            "required": ["traceparent", *headers.get("required", [])],
+            "properties": trace | headers["properties"],
+        }
+
     def message(name: str, schema: str, text: str, key: str | None, headers: Any = None) -> Any:
         msg: dict[str, Any] = {
             "name": name,
@@ -128,10 +141,9 @@ def _asyncapi(components: dict[str, Any]) -> dict[str, Any]:
             "summary": text,
             "payload": {"$ref": f"#/components/schemas/{schema}"},
         }
-        if key is not None:
+        if key is not None:  # a Kafka record
             msg["bindings"] = {"kafka": {"key": {"type": ["string", "null"], "description": key}}}
-        if headers is not None:
-            msg["headers"] = headers
+            msg["headers"] = traced(headers)
         return msg
 
     dlq_headers = {
@@ -162,7 +174,7 @@ def _asyncapi(components: dict[str, Any]) -> dict[str, Any]:
             "contentType": "application/octet-stream",
             "summary": "The MQTT payload exactly as received",
             "payload": {"type": "string", "format": "binary"},
-            "headers": dlq_headers,
+            "headers": traced(dlq_headers),
             "bindings": {"kafka": {"key": {"type": ["string", "null"]}}},
         },
         "AddedChild": message("AddedChild", "AddedChild", "A child IoTDA added", "child device_id"),
