@@ -205,13 +205,18 @@ async def test_outage_pauses_and_probes_then_everything_is_allocated_once(
         calls = list(emu.state.calls)
 
     assert allocated_before < total - 300, "the outage did not hit the middle of the stream"
-    # Every call during the outage failed, and there were few: until the breaker opened
-    # (calls for `breaker_failures` different sns, and those in flight meanwhile), then one
-    # probe per backoff period (retry_initial doubling to retry_max, at least half of it).
+    # Every call during the outage failed, and there were few. They are, at most:
+    # - the calls sent before DPS last answered (no evidence, breaker.py): in flight beside
+    #   that last answer, so fewer than `concurrency`. A loaded machine makes many of them,
+    #   arriving after the fault though sent before it (23 of 68 in one run at load 5);
+    # - the run that opens it, `breaker_failures` calls of different sns;
+    # - those in flight when it opened, at most `concurrency`;
+    # - then one probe per backoff period (retry_initial doubling to retry_max, at least
+    #   half of it). Without the breaker each of the 32 slots would call every 0.1-0.5 s.
     assert during, "no call reached DPS during the outage"
     assert {(c.http_status, c.code) for c in during} == {(503, None)}
     probes = math.ceil(math.log2(retry_max / retry_initial)) + math.ceil(outage / (retry_max / 2))
-    bound = breaker_failures + concurrency + probes + 1
+    bound = (concurrency - 1) + breaker_failures + concurrency + probes + 1
     assert len(during) <= bound, f"{len(during)} calls during a {outage} s outage"
     assert ready_during == {"sink.kafka": True, "sink.dps": False}  # /readyz says why
     assert details_during == {
