@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         help="default: error (the bench prints its own summary)",
     )  # fmt: skip
     parser.add_argument(
+        "--only",
+        type=_stage_names,
+        default=o.only,
+        metavar="STAGE[,STAGE]",
+        help="measure only these of ingest, route and sink against their ceilings "
+        "(default: all three)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=o.rounds, help=f"interleaved rounds (default {o.rounds})"
     )
     parser.add_argument(
@@ -181,6 +189,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stage_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in ("ingest", "route", "sink")]
+    if not names or unknown:
+        msg = f"expected some of ingest, route, sink separated by commas, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return names
+
+
 def _fractions(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(","))
@@ -211,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if wanted:  # a mode of its own instead of the default run
             return mode(args, cfg)
     options = Options(
-        rounds=args.rounds, messages=args.messages, events=args.events,
+        rounds=args.rounds, only=args.only, messages=args.messages, events=args.events,
         allocations=args.allocations, sustain=args.sustain, rates=args.rates,
         rate_seconds=args.rate_seconds, latency_rounds=args.latency_rounds, burst=args.burst,
         together=args.together, baseline=args.baseline, replicas=args.replicas,

@@ -12,6 +12,8 @@ class Options:
     """Sizes of a bench run (``python -m benchmarks --help`` describes each)."""
 
     rounds: int = 3
+    only: tuple[str, ...] = ("ingest", "route", "sink")
+    """The stages measured against their ceilings in the rounds (all three by default)."""
     messages: int = 3000
     events: int = 2500
     allocations: int = 2000

@@ -127,11 +127,13 @@ def document(
     least = TARGETS["decode", ceiling]
     targets.append(_target(f"decode: {own} / {ceiling}", ratio, f">= {least}", ratio >= least))
     doc["stages"] = {}
-    for stage, (unit, kinds) in STAGES.items():
+    measured = [stage for stage in STAGES if samples[stage]["stage"]]  # --only leaves some out
+    for stage in measured:
+        unit, kinds = STAGES[stage]
         doc["stages"][stage] = _stage(stage, unit, kinds, samples[stage], targets)
     memory: dict[str, dict[str, float | None]] = {
         stage: {"rounds_peak_mb": max(s.peak_mb or 0.0 for s in samples[stage]["stage"])}
-        for stage in STAGES
+        for stage in measured
     }
     if e2e is None:
         for name, limit in LATENCY_TARGETS.items():

@@ -172,12 +172,14 @@ class Stages:
             response.raise_for_status()
 
     async def round(self, round_no: int) -> None:
-        """One round: every stage and its ceilings, each in the rotating order."""
+        """One round: every stage (of ``--only``) and its ceilings, in the rotating order."""
         for stage, measure_one in (
             ("ingest", self._ingest),
             ("route", self._route),
             ("sink", self._sink),
         ):
+            if stage not in self._ctx.options.only:
+                continue
             for kind in rotated(STAGES[stage][1], round_no):
                 self.samples[stage][kind].append(await measure_one(kind, round_no))
 
@@ -189,6 +191,8 @@ class Stages:
             ("route", self._route),
             ("sink", self._sink),
         ):
+            if stage not in self._ctx.options.only:
+                continue
             self._recording = directory / f"{stage}.txt"
             await measure_one("stage", round_no)
             out[stage] = profile.summarize(self._recording)

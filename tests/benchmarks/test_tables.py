@@ -90,3 +90,28 @@ def test_the_bench_replica_table_is_whole() -> None:
     assert "…" not in text
     assert "[20,404,000-22,840,000]" in text
     assert "interleaved rounds, [min-max]" in text
+
+
+def test_only_some_stages_are_measured_and_judged() -> None:
+    """``--only route``: the route figures and targets, none of the other stages'."""
+    from benchmarks.cli import _parser  # noqa: PLC0415
+    from benchmarks.stages import STAGES, Sample  # noqa: PLC0415
+
+    assert _parser().parse_args(["--only", "route, sink"]).only == ("route", "sink")
+    assert _parser().parse_args([]).only == ("ingest", "route", "sink")
+    samples: dict[str, dict[str, list[Sample]]] = {
+        stage: {kind: [] for kind in kinds} for stage, (_, kinds) in STAGES.items()
+    }
+    samples["route"]["stage"].append(Sample(8_000.0, 10_000, 1.25, peak_mb=90.0, cpu=0.9))
+    samples["route"]["transactional"].append(Sample(10_000.0, 10_000, 1.0, cpu=0.8))
+    decode = {"decode_down": [2.0e6], "msgspec typed decode": [2.5e6]}
+
+    doc = report.document({"options": {"rounds": 1}}, decode, samples, None)
+
+    assert list(doc["stages"]) == ["route"]
+    assert doc["stages"]["route"]["ratios"] == {"transactional": 0.8}
+    assert doc["memory"] == {"route": {"rounds_peak_mb": 90.0}}
+    judged = [t["what"] for t in doc["targets"]]
+    assert [w for w in judged if w.startswith(("ingest", "sink"))] == []
+    assert "route: stage / transactional" in judged
+    assert "route: peak RSS, MB" in judged
