@@ -152,9 +152,14 @@ async def _measure(console: Console, ctx: Context, profile_dir: Path | None) -> 
         console.print(f"decode: {len(stages.payloads):,} messages x {o.decode_reps}")
         decode = decode_rates(stages.payloads, o.decode_reps)
         for i in range(o.rounds):
+            work = {
+                "ingest": f"ingest {o.messages:,} messages",
+                "route": f"route {o.events * 4:,} children",
+                "sink": f"sink {o.allocations:,} allocations",
+            }
             console.print(
-                f"round {i + 1}/{o.rounds}: ingest {o.messages:,} messages, "
-                f"route {o.events * 4:,} children, sink {o.allocations:,} allocations"
+                f"round {i + 1}/{o.rounds}: "
+                + ", ".join(text for stage, text in work.items() if stage in o.only)
             )
             await stages.round(i)
         profiles = None
