@@ -5,7 +5,8 @@ left alone) into a temporary directory, which gets a virtualenv of its own from 
 lock file (its ``deploy/local/install.sh``). Its workers run from there, on the same
 brokers, DPS emulator and configuration as this checkout's, given only the ``PIPELINE_*``
 variables its configuration knows. :func:`sustained` then measures the end-to-end
-sustained rate of both, in interleaved rounds, each on topics and sessions of its own.
+sustained rate of both, in interleaved rounds, each on topics and sessions of its own
+(it also compares two Mosquittos: :class:`Variant`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from benchmarks import procs, workload
 from benchmarks.measure import rate, span
 
@@ -27,8 +30,9 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     from benchmarks.context import Context
+    from pipeline.config import MqttConfig
 
-__all__ = ["Baseline", "checkout", "sustained"]
+__all__ = ["Baseline", "Variant", "checkout", "sustained"]
 
 ROOT = Path(__file__).resolve().parents[1]
 """This checkout."""
@@ -133,30 +137,48 @@ async def checkout(ref: str) -> AsyncIterator[Baseline]:
         await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
 
 
-async def sustained(
-    ctx: Context, baseline: Baseline, say: Callable[[str], None]
-) -> dict[str, list[float]]:
-    """The sustained rate (msg/s) of this code and of ``baseline``, interleaved over rounds.
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One side of a sustained-rate comparison: whose code runs, on which Mosquitto."""
 
-    Each measurement starts its three workers on topics and an MQTT session of its own,
-    warms them up, and drains the same-sized backlog as :func:`.latency.end_to_end`.
+    code: Baseline | None = None
+    """An exported commit's code; None: this checkout's."""
+    mqtt: MqttConfig | None = None
+    """Another Mosquitto (host, port, credentials); None: the run's."""
+
+    def describe(self) -> str:
+        """Whose code, for a line of progress."""
+        return "this checkout" if self.code is None else self.code.ref
+
+
+async def sustained(
+    ctx: Context, variants: dict[str, Variant], say: Callable[[str], None], *, tag: str
+) -> dict[str, list[float]]:
+    """The sustained rate (msg/s) of each variant, interleaved over rounds.
+
+    Each measurement starts its three workers on topics and an MQTT session of its own
+    (names from ``tag``, the round and the variant), warms them up, and drains the
+    same-sized backlog as :func:`.latency.end_to_end`.
     """
     from benchmarks.latency import WARMUP, Pipeline  # noqa: PLC0415  (latency imports this)
     from benchmarks.stages import rotated  # noqa: PLC0415
 
     o = ctx.options
-    out: dict[str, list[float]] = {"current": [], "baseline": []}
+    out: dict[str, list[float]] = {who: [] for who in variants}
+    index = {who: i for i, who in enumerate(variants)}
     for r in range(o.rounds):
-        for who in rotated(list(out), r):
-            of = baseline if who == "baseline" else None
-            cfg = ctx.config(f"v{r}{who[0]}")
+        for who in rotated(list(variants), r):
+            variant, name = variants[who], f"{tag}{r}{index[who]}"
+            cfg = ctx.config(name)
+            if variant.mqtt is not None:
+                cfg = msgspec.structs.replace(cfg, mqtt=_moved(cfg.mqtt, variant.mqtt))
             await ctx.topics_for(cfg, *cfg.kafka.topics.__struct_fields__)
             await ctx.session_for(cfg)
             workers: dict[str, procs.Proc] = {}
             try:
                 for command in ("ingest", "route", "sink"):
                     workers[command] = await ctx.worker(
-                        command, cfg, f"v{r}{who[0]}-{command}", baseline=of
+                        command, cfg, f"{name}-{command}", baseline=variant.code
                     )
                 pipe = Pipeline(ctx, cfg, workers)
                 await pipe.through(WARMUP, "w", None, o.limit)
@@ -166,5 +188,13 @@ async def sustained(
                     await proc.stop()
             value = rate(len(backlog.records), *span(backlog.records)) / workload.CHILDREN
             out[who].append(value)
-            say(f"  {who} ({baseline.ref if of else 'this checkout'}): {value:,.0f} msg/s")
+            say(f"  {who} ({variant.describe()}): {value:,.0f} msg/s")
     return out
+
+
+def _moved(mqtt: MqttConfig, to: MqttConfig) -> MqttConfig:
+    """``mqtt`` (a measurement's names) on the broker of ``to``."""
+    return msgspec.structs.replace(
+        mqtt, host=to.host, port=to.port, username=to.username, password=to.password,
+        tls=to.tls, iotda=to.iotda,
+    )  # fmt: skip

@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         help="default: error (the bench prints its own summary)",
     )  # fmt: skip
     parser.add_argument(
+        "--mosquitto",
+        choices=["own", "configured"],
+        default=o.mosquitto,
+        help="own (default): measure on a Mosquitto of the bench's own saving every second, "
+        "and the sustained rate again on one with deploy/'s persistence policy (a save "
+        "after every change), side by side; configured: on the configured Mosquitto",
+    )
+    parser.add_argument(
         "--only",
         type=_stage_names,
         default=o.only,
@@ -228,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         if wanted:  # a mode of its own instead of the default run
             return mode(args, cfg)
     options = Options(
-        rounds=args.rounds, only=args.only, messages=args.messages, events=args.events,
-        allocations=args.allocations, sustain=args.sustain, rates=args.rates,
+        rounds=args.rounds, only=args.only, mosquitto=args.mosquitto, messages=args.messages,
+        events=args.events, allocations=args.allocations, sustain=args.sustain, rates=args.rates,
         rate_seconds=args.rate_seconds, latency_rounds=args.latency_rounds, burst=args.burst,
         together=args.together, baseline=args.baseline, replicas=args.replicas,
     )  # fmt: skip

@@ -24,6 +24,9 @@ class Options:
     latency_rounds: int = 2
     burst: int = 25_000
     burst_settle: float = 10.0
+    mosquitto: str = "own"
+    """``own``: the bench's own Mosquittos (one saving every second, one with the policy);
+    ``configured``: the configured one (:mod:`.services`)."""
     baseline: str | None = None
     """A git ref whose end-to-end sustained rate is measured beside this checkout's."""
     together: bool = False

@@ -228,6 +228,20 @@ def versions(
     }
 
 
+def policy(rates: dict[str, list[float]]) -> dict[str, Any]:
+    """The sustained rate on the policy's Mosquitto against one saving every second.
+
+    Not a target: what the persistence policy (deploy/mosquitto/persistence.conf) costs a
+    backlog on this machine, for the operator weighing it (deploy/README.md).
+    """
+    ratio = statistics.median(rates["policy"]) / statistics.median(rates["every second"])
+    return {
+        "unit": "msg/s",
+        "measures": {who: _summary(values) for who, values in rates.items()},
+        "ratio": ratio,
+    }
+
+
 def summary(doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` without the per-child latencies: each end-to-end step keeps their count."""
     if "e2e" not in doc:
@@ -261,6 +275,17 @@ def table(console: Console, doc: dict[str, Any]) -> None:
             f"\\[{_rate(now['min'])}-{_rate(now['max'])}] msg/s, {v['ref']} "
             f"({v['commit'][:10]}) {_rate(then['median'])} "
             f"\\[{_rate(then['min'])}-{_rate(then['max'])}] msg/s: ratio {v['ratio']:.2f}"
+        )
+    if "policy" in doc:
+        v = doc["policy"]
+        policy_rate, every = v["measures"]["policy"], v["measures"]["every second"]
+        console.print(
+            f"the persistence policy's cost, end-to-end sustained rate, medians of "
+            f"{len(policy_rate['samples'])} interleaved rounds \\[min-max]: Mosquitto saving "
+            f"after every change {_rate(policy_rate['median'])} "
+            f"\\[{_rate(policy_rate['min'])}-{_rate(policy_rate['max'])}] msg/s, saving every "
+            f"second {_rate(every['median'])} \\[{_rate(every['min'])}-{_rate(every['max'])}] "
+            f"msg/s: ratio {v['ratio']:.2f} (every other figure: saving every second)"
         )
     if "burst" in doc.get("e2e", {}):
         b = doc["e2e"]["burst"]
@@ -457,7 +482,8 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"benchmarks, {meta['started_at']} - {meta['cpus']} shared cores, load average "
         f"{start:.1f} at the start, {end:.1f} at the end; "
-        f"{meta['options']['rounds']} interleaved rounds",
+        f"{meta['options']['rounds']} interleaved rounds"
+        + (f"; Mosquitto: {meta['mosquitto']}" if meta.get("mosquitto") else ""),
         fontsize=10,
     )
     fig.tight_layout()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
@@ -22,14 +23,14 @@ from rich.console import Console
 
 from benchmarks import baseline, procs, profile, replicas, report
 from benchmarks.context import Context
-from benchmarks.latency import end_to_end
-from benchmarks.services import ensure_services
+from benchmarks.latency import E2E, end_to_end
+from benchmarks.services import Mosquittos, brokers
 from benchmarks.stages import Stages, decode_rates
 from pipeline.tools.console import make_console
 
 if TYPE_CHECKING:
     from benchmarks.options import Options
-    from pipeline.config import Config
+    from pipeline.config import Config, MqttConfig
 
 __all__ = ["chart_available", "run", "write"]
 
@@ -66,17 +67,18 @@ async def run(
     console = make_console(stderr=True)
     started, load = time.monotonic(), os.getloadavg()
     started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    with console.status("checking Mosquitto and Kafka (starting deploy/local if need be)"):
-        await ensure_services(cfg)
     log_dir = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
-    ctx = Context(cfg, options, config_path=config_path, log_dir=log_dir)
-    try:
-        doc = await _measure(console, ctx, profile_dir)
-    except procs.BenchError as exc:
-        console.print(f"[red]benchmarks: {exc}[/red]\n(process logs in {log_dir})")
-        return 1
-    finally:
-        await ctx.cleanup()
+    async with contextlib.AsyncExitStack() as stack:
+        with console.status("starting Mosquitto, checking Kafka (deploy/local if need be)"):
+            where = await stack.enter_async_context(brokers(cfg, options.mosquitto))
+        ctx = Context(where.cfg, options, config_path=config_path, log_dir=log_dir)
+        try:
+            doc = await _measure(console, ctx, profile_dir, where)
+        except procs.BenchError as exc:
+            console.print(f"[red]benchmarks: {exc}[/red]\n(process logs in {log_dir})")
+            return 1
+        finally:
+            await ctx.cleanup()  # before its brokers stop
     logged = _logged(log_dir)
     if logged:
         doc["meta"]["worker_logs"] = logged
@@ -130,9 +132,10 @@ def _logged(log_dir: Path) -> dict[str, tuple[int, str]]:
     return out
 
 
-def _meta(ctx: Context) -> dict[str, Any]:
+def _meta(ctx: Context, where: Mosquittos | None = None) -> dict[str, Any]:
     return {
         "run_id": ctx.run_id,
+        "mosquitto": None if where is None else where.described,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -141,57 +144,93 @@ def _meta(ctx: Context) -> dict[str, Any]:
     }
 
 
-async def _measure(console: Console, ctx: Context, profile_dir: Path | None) -> dict[str, Any]:
+async def _measure(
+    console: Console, ctx: Context, profile_dir: Path | None, where: Mosquittos
+) -> dict[str, Any]:
     o = ctx.options
     emulator = await _emulator(ctx)
     try:
         stages = Stages(ctx)
         await stages.prepare()
         if o.replicas:
-            return await _replicas(console, ctx, stages)
-        console.print(f"decode: {len(stages.payloads):,} messages x {o.decode_reps}")
-        decode = decode_rates(stages.payloads, o.decode_reps)
-        for i in range(o.rounds):
-            work = {
-                "ingest": f"ingest {o.messages:,} messages",
-                "route": f"route {o.events * 4:,} children",
-                "sink": f"sink {o.allocations:,} allocations",
-            }
-            console.print(
-                f"round {i + 1}/{o.rounds}: "
-                + ", ".join(text for stage, text in work.items() if stage in o.only)
-            )
-            await stages.round(i)
+            return await _replicas(console, ctx, stages, where)
+        decode = await _rounds(console, ctx, stages)
         profiles = None
         if profile_dir is not None:
             console.print(f"profile round: each stage with py-spy attached, into {profile_dir}")
             await asyncio.to_thread(profile_dir.mkdir, parents=True, exist_ok=True)
             profiles = await stages.profile(o.rounds, profile_dir)
-        e2e, failure = None, None
-        if o.sustain:
-            console.print(
-                f"end to end: {o.sustain:,} messages for the sustained rate, then "
-                f"{len(o.rates)} rates x {o.rate_seconds:g} s, then a burst of {o.burst:,}"
-            )
-            try:
-                e2e = await end_to_end(ctx, console.print)
-            except procs.BenchError as exc:  # keep what the rounds measured
-                console.print(f"[red]end to end failed: {exc}[/red] (logs in {ctx.log_dir})")
-                failure = str(exc)
+        e2e, failure = await _end_to_end(console, ctx) if o.sustain else (None, None)
         versions = None
         if o.baseline is not None and failure is None:
             versions, failure = await _against(console, ctx, o.baseline)
+        policy = None
+        if where.policy is not None and o.sustain and failure is None:
+            policy, failure = await _policy(console, ctx, where.policy)
     finally:
         await emulator.stop()
-    doc = report.document(_meta(ctx), decode, stages.samples, e2e)
+    doc = report.document(_meta(ctx, where), decode, stages.samples, e2e)
     if versions is not None:
         base, rates = versions
         doc["baseline"] = report.versions(base.ref, base.commit, rates, doc["targets"])
+    if policy is not None:
+        doc["policy"] = report.policy(policy)
     if failure is not None:
         doc["e2e_error"] = failure
     if profiles is not None:
         doc["profiles"] = profiles
     return doc
+
+
+async def _end_to_end(console: Console, ctx: Context) -> tuple[E2E | None, str | None]:
+    """The end-to-end figures; or why they are missing (what the rounds measured stays)."""
+    o = ctx.options
+    console.print(
+        f"end to end: {o.sustain:,} messages for the sustained rate, then "
+        f"{len(o.rates)} rates x {o.rate_seconds:g} s, then a burst of {o.burst:,}"
+    )
+    try:
+        return await end_to_end(ctx, console.print), None
+    except procs.BenchError as exc:
+        console.print(f"[red]end to end failed: {exc}[/red] (logs in {ctx.log_dir})")
+        return None, str(exc)
+
+
+async def _rounds(console: Console, ctx: Context, stages: Stages) -> dict[str, list[float]]:
+    """The decoder's rates; then the stages' rounds (their samples are in ``stages``)."""
+    o = ctx.options
+    console.print(f"decode: {len(stages.payloads):,} messages x {o.decode_reps}")
+    decode = decode_rates(stages.payloads, o.decode_reps)
+    work = {
+        "ingest": f"ingest {o.messages:,} messages",
+        "route": f"route {o.events * 4:,} children",
+        "sink": f"sink {o.allocations:,} allocations",
+    }
+    for i in range(o.rounds):
+        console.print(
+            f"round {i + 1}/{o.rounds}: "
+            + ", ".join(text for stage, text in work.items() if stage in o.only)
+        )
+        await stages.round(i)
+    return decode
+
+
+async def _policy(
+    console: Console, ctx: Context, mqtt: MqttConfig
+) -> tuple[dict[str, list[float]] | None, str | None]:
+    """The sustained rates on the policy's Mosquitto (``mqtt``) and the run's; or why not."""
+    o = ctx.options
+    console.print(
+        f"the persistence policy's cost: the sustained rate on a Mosquitto saving after "
+        f"every change and on one saving every second, {o.rounds} interleaved rounds of "
+        f"{o.sustain:,} messages"
+    )
+    variants = {"every second": baseline.Variant(), "policy": baseline.Variant(mqtt=mqtt)}
+    try:
+        return await baseline.sustained(ctx, variants, console.print, tag="p"), None
+    except procs.BenchError as exc:
+        console.print(f"[red]policy comparison failed: {exc}[/red] (logs in {ctx.log_dir})")
+        return None, f"policy: {exc}"
 
 
 async def _against(
@@ -205,13 +244,17 @@ async def _against(
     )
     try:
         async with baseline.checkout(ref) as base:
-            return (base, await baseline.sustained(ctx, base, console.print)), None
+            variants = {"current": baseline.Variant(), "baseline": baseline.Variant(code=base)}
+            rates = await baseline.sustained(ctx, variants, console.print, tag="v")
+            return (base, rates), None
     except procs.BenchError as exc:
         console.print(f"[red]baseline failed: {exc}[/red] (logs in {ctx.log_dir})")
         return None, f"baseline: {exc}"
 
 
-async def _replicas(console: Console, ctx: Context, stages: Stages) -> dict[str, Any]:
+async def _replicas(
+    console: Console, ctx: Context, stages: Stages, where: Mosquittos
+) -> dict[str, Any]:
     o = ctx.options
     measured = replicas.Replicas(ctx, stages.messages, stages.children)
     for i in range(o.rounds):
@@ -221,7 +264,7 @@ async def _replicas(console: Console, ctx: Context, stages: Stages) -> dict[str,
             f"on {o.messages:,} messages"
         )
         await measured.round(i)
-    return {"meta": _meta(ctx), "replicas": replicas.document(measured)}
+    return {"meta": _meta(ctx, where), "replicas": replicas.document(measured)}
 
 
 async def _emulator(ctx: Context) -> procs.Proc:

@@ -79,6 +79,17 @@ def _check_stages(doc: dict[str, Any]) -> None:
             assert ratio == pytest.approx(stage_median / entry["measures"][kind]["median"])
 
 
+def _check_policy(doc: dict[str, Any]) -> None:
+    """Measured on the bench's own Mosquitto; the policy's cost on both, once per round each."""
+    assert doc["meta"]["mosquitto"].startswith("the bench's own, saving every second")
+    policy = doc["policy"]
+    assert list(policy["measures"]) == ["every second", "policy"]
+    for measured in policy["measures"].values():
+        _check_summary(measured, TINY.rounds)
+    medians = [m["median"] for m in policy["measures"].values()]
+    assert policy["ratio"] == pytest.approx(medians[1] / medians[0])
+
+
 @pytest.mark.services
 async def test_bench_runs_end_to_end_and_reports_consistent_figures(
     cfg: Config, tmp_path: Path
@@ -88,7 +99,8 @@ async def test_bench_runs_end_to_end_and_reports_consistent_figures(
     assert await run(cfg, TINY, out=out, summary=summary, chart=chart) == 0
 
     doc = orjson.loads(out.read_bytes())
-    assert set(doc) == {"meta", "decode", "stages", "e2e", "memory", "targets"}
+    assert set(doc) == {"meta", "decode", "stages", "e2e", "memory", "targets", "policy"}
+    _check_policy(doc)
     # The summary is every figure but the per-child latencies, whose count it keeps.
     brief = orjson.loads(summary.read_bytes())
     assert brief == report.summary(doc)
