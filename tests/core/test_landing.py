@@ -59,7 +59,7 @@ def test_topics_beyond_those_kept_still_land(monkeypatch: pytest.MonkeyPatch) ->
         topic = f"$oc/devices/gw-{n}/sys/events/down"
         got = lander.land(topic, EVENT, "t")
         assert got.value == _whole(f"gw-{n}", topic, "t", EVENT)
-        assert len(lander._topics) <= 3  # noqa: SLF001
+        assert len(lander._topics) <= 3
 
 
 def test_utc_now_is_format_time_of_now() -> None:
