@@ -359,6 +359,10 @@ async def _worker(args: argparse.Namespace, cfg: Config) -> int:
         from pipeline.stages.sink.worker import tune_collector  # noqa: PLC0415
 
         tune_collector()  # once the modules are imported: see there
+    elif "ingest" in args.stages:
+        from pipeline.stages.ingest.worker import tune_collector as tune_ingest  # noqa: PLC0415
+
+        tune_ingest()  # once the modules are imported: see there
     key = f"metrics.{args.command}_port"
     port = getattr(cfg.metrics, key.removeprefix("metrics."), None)
     if port is None:  # a stage beyond the built-in ones

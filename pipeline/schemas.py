@@ -557,20 +557,27 @@ def format_ms(ms: int) -> str:
     return format_time(dt.datetime.fromtimestamp(ms / 1000, dt.UTC))
 
 
-_second: list[object] = [-1, ""]  # the last whole second and its formatted prefix
+_second: list[Any] = [-1, ""]  # the last whole second and its formatted prefix
+_milli: list[Any] = [-1, ""]  # the last millisecond and its text
 
 
 def utc_now() -> str:
     """The current time, formatted by :func:`format_time` (once per message: kept cheap).
 
-    The ``YYYY-MM-DDTHH:MM:SS.`` prefix is formatted once per second.
+    The ``YYYY-MM-DDTHH:MM:SS.`` prefix is formatted once per second, the whole text
+    once per millisecond (ingest takes several messages in one).
     """
-    now = time.time()
-    second = int(now)
+    ms = time.time_ns() // 1_000_000
+    if ms == _milli[0]:
+        same: str = _milli[1]
+        return same
+    second, milli = divmod(ms, 1000)
     if second != _second[0]:
         _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
         _second[0] = second
-    return f"{_second[1]}{int((now - second) * 1000):03d}Z"
+    text = f"{_second[1]}{milli:03d}Z"
+    _milli[0], _milli[1] = ms, text
+    return text
 
 
 def normalise_event_time(raw: str | None) -> str | None:

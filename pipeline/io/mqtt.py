@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import logging
 import ssl
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt 2.x
@@ -255,6 +255,9 @@ class Received:
         self.done = False
 
 
+_R = TypeVar("_R", bound=Received)
+
+
 class InOrderAcks:
     """Acknowledges QoS 1 messages in the order they were received, each once it is safe.
 
@@ -277,8 +280,11 @@ class InOrderAcks:
 
     def received(self, message: aiomqtt.Message) -> Received:
         """A message arrived; returns its token for :meth:`done`."""
-        token = Received(message)
-        if message.qos > 0:  # QoS 0 needs no acknowledgement: nothing to wait for
+        return self.track(Received(message))
+
+    def track(self, token: _R) -> _R:
+        """A message arrived, its token made by the caller (a subclass); returns ``token``."""
+        if token.message.qos > 0:  # QoS 0 needs no acknowledgement: nothing to wait for
             self._window.append(token)
         return token
 

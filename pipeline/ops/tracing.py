@@ -77,12 +77,25 @@ _ATTRIBUTES = {
 _current: contextvars.ContextVar[Hop | None] = contextvars.ContextVar("pipeline_hop", default=None)
 
 
+_DRAWN = 256
+"""Traceparents made at once (ingest starts one per message that brought none)."""
+_ready: list[str] = []
+
+
+def _draw() -> None:
+    """Make :data:`_DRAWN` fresh traceparents from one random draw."""
+    ids = random.getrandbits(192 * _DRAWN).to_bytes(24 * _DRAWN).hex()
+    fresh = [f"00-{ids[i : i + 32]}-{ids[i + 32 : i + 48]}-00" for i in range(0, len(ids), 48)]
+    if _ZERO_SPAN in ids:  # all-zero ids are invalid (a false alarm costs only this check)
+        fresh = [tp for tp in fresh if tp[3:35] != _ZERO_TRACE and tp[36:52] != _ZERO_SPAN]
+    _ready.extend(fresh)
+
+
 def _new_traceparent() -> str:
     """A fresh, unsampled W3C traceparent (random ids; the all-zero ones are invalid)."""
-    ids = random.getrandbits(192).to_bytes(24).hex()  # one draw: the cheapest way here
-    if ids[:32] == _ZERO_TRACE or ids[32:] == _ZERO_SPAN:
-        return _new_traceparent()
-    return f"00-{ids[:32]}-{ids[32:]}-00"
+    if not _ready:
+        _draw()
+    return _ready.pop()
 
 
 def _sampled(traceparent: str) -> bool:

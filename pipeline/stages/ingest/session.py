@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import re
@@ -46,17 +45,34 @@ class KafkaFailedError(PipelineError):
     retriable = True
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Inbound:
-    """One received message, until Kafka has its record and it is acknowledged."""
+class Inbound(mqtt.Received):
+    """One received message, until Kafka has its record and it is acknowledged.
 
-    session: Session
-    token: mqtt.Received
-    topic: str
-    payload: bytes
-    received_at: str
-    properties: object = None
-    """The MQTT 5 properties it came with (its ``traceparent`` user property, say)."""
+    It is its own place in the session's in-order acknowledgements (a
+    :class:`~pipeline.io.mqtt.Received`): one object per message, made without a
+    dataclass's frozen ``__init__`` (ingest makes thousands a second).
+    """
+
+    __slots__ = ("payload", "properties", "received_at", "session", "topic")
+
+    def __init__(
+        self,
+        message: aiomqtt.Message,
+        session: Session,
+        *,
+        topic: str,
+        payload: bytes,
+        received_at: str,
+        properties: object = None,
+    ) -> None:
+        self.message = message  # Received's own, set here: one call less per message
+        self.done = False
+        self.session = session
+        self.topic = topic
+        self.payload = payload
+        self.received_at = received_at
+        self.properties = properties
+        """The MQTT 5 properties it came with (its ``traceparent`` user property, say)."""
 
 
 class Sender(Protocol):
@@ -256,14 +272,16 @@ class Session:
             payload = message.payload
             if not isinstance(payload, bytes):  # aiomqtt gives bytes for received messages
                 payload = str(payload).encode()
-            token = acks.received(message)
             if bridge_state and message.topic.matches(bridge_state):
+                token = acks.received(message)
                 self._bridge(message.topic.value, payload)
                 acks.done(token)
                 continue
             inbound = Inbound(
-                self, token, message.topic.value, payload, utc_now(), message.properties
-            )
+                message, self, topic=message.topic.value, payload=payload,
+                received_at=utc_now(), properties=message.properties,
+            )  # fmt: skip
+            acks.track(inbound)
             self.pending += 1
             self._idle.clear()
             await self._sender.send(inbound)
@@ -275,7 +293,7 @@ class Session:
             self._idle.set()
         if exc is None:
             if self._acks is not None:
-                self._acks.done(inbound.token)
+                self._acks.done(inbound)
             return
         if self._failure is None:
             log.error(

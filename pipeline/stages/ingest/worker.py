@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import resource
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from pipeline.config import Config
     from pipeline.stages.runtime import Run
 
-__all__ = ["Ingest", "ensure_descriptors", "sessions_for"]
+__all__ = ["Ingest", "ensure_descriptors", "sessions_for", "tune_collector"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,66 @@ def ensure_descriptors(sessions: int) -> int:
     return target
 
 
+def tune_collector() -> None:
+    """Never have the garbage collector traverse what start-up made: for an ingest process.
+
+    Each message in flight (up to ``mqtt.max_inflight``) holds paho's and aiomqtt's
+    message objects, its record's future and its own, so they outlive the youngest
+    generation and reach the oldest, whose collections then traverse every object of the
+    process: the modules, the clients, the configuration. ``gc.freeze()`` moves what
+    start-up made out of the collector's sight (A/B in the bench's ingest round, 10,000
+    messages, 3 rounds: 225 -> 206 CPU µs per message). Memory is still reclaimed by
+    reference counting at once; only cycles among start-up's objects are never collected.
+
+    Process-wide, so the command line calls it for a process that runs ingest, not the
+    stage: a test process running ingest keeps its defaults.
+    """
+    gc.freeze()
+
+
+_COUNT_EVERY = 1.0
+"""Seconds between additions of the landed counts to the Prometheus counters."""
+
+
+class _Counts:
+    """Messages landed and the services in them, added to the Prometheus counters in bulk.
+
+    A Prometheus increment takes a lock and checks its arguments: two or more per message
+    cost ingest about 2 µs of its ~25 µs of own work per message. Counted here in plain
+    ints, they reach ``pipeline_ingest_messages_total{outcome="landed"}`` and
+    ``pipeline_ingest_events_total`` every :data:`_COUNT_EVERY` s and when ingest stops,
+    so ``/metrics`` lags by at most that. With tracing on, the latest sampled trace of a
+    landed message is the exemplar.
+    """
+
+    def __init__(self) -> None:
+        self.landed = 0
+        self.services: dict[tuple[str, str], int] = {}
+        self.exemplar: dict[str, str] | None = None
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def add(self, landing: Landing) -> None:
+        """One more message landed (``landing`` is its record)."""
+        self.landed += 1
+        if landing.event is not None:
+            services = self.services
+            for service in landing.event.services or ():
+                label = service_label(service)
+                services[label] = services.get(label, 0) + 1
+
+    def flush(self) -> None:
+        """Add what was counted since the last flush to the counters."""
+        if self.landed:
+            _LANDED.inc(self.landed, exemplar=self.exemplar)
+            self.landed, self.exemplar = 0, None
+        for label, n in self.services.items():
+            counter = self._counters.get(label)
+            if counter is None:
+                counter = self._counters[label] = INGEST_EVENTS.labels(*label)
+            counter.inc(n)
+        self.services.clear()
+
+
 def _nothing() -> None:
     """Where progress goes before ingest runs."""
 
@@ -128,7 +189,7 @@ class Ingest:
         )
         self._producer: AIOKafkaProducer | None = None
         self._renew = asyncio.Event()
-        self._events: dict[tuple[str, str], Any] = {}
+        self._counts = _Counts()
         self._sessions: list[Session] = []
         self._beat: Callable[[], None] = _nothing
         self._tracing = tracing.OFF
@@ -174,6 +235,7 @@ class Ingest:
         stop = asyncio.Event()
         run.stopping.add_done_callback(lambda _: stop.set())
         summary = asyncio.create_task(self._summarise(run, stop), name="ingest.sessions")
+        counting = asyncio.create_task(self._count(stop), name="ingest.counts")
         syncs = None
         if sync.enabled(self.cfg.mqtt):
             requests = sync.SyncRequests(self.cfg, self._holder())
@@ -188,9 +250,11 @@ class Ingest:
                         continue
                     await self._run_sessions(stop)
         finally:
-            summary.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await summary
+            for task in (summary, counting):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._counts.flush()
             if syncs is not None:
                 stop.set()  # (when the sessions failed, nothing else has set it)
                 await syncs  # what made it fail, if it did
@@ -247,6 +311,12 @@ class Ingest:
             return True
         return False
 
+    async def _count(self, stop: asyncio.Event) -> None:
+        """Bring the counters up to date every :data:`_COUNT_EVERY` s."""
+        while not stop.is_set():
+            await sleep_unless_stopped(stop, _COUNT_EVERY)
+            self._counts.flush()
+
     async def _summarise(self, run: Run, stop: asyncio.Event) -> None:
         """With many sessions: ``ingest.mqtt`` is ready while at least one is connected."""
         if len(self._sessions) == 1:
@@ -272,10 +342,9 @@ class Ingest:
                 hop.fail(landing.reason)
             topic = self._topics.down_events_dlq if landing.dead else self._topics.down_events
             out = hop.send(topic, landing.key)
+            headers = landing.headers + out.headers if landing.headers else out.headers
             try:
-                future = await producer.send(
-                    topic, landing.value, key=landing.key, headers=landing.headers + out.headers
-                )
+                future = await producer.send(topic, landing.value, key=landing.key, headers=headers)
             except KafkaError as exc:
                 out.sent(error=exc)
                 if _refused(exc):
@@ -316,11 +385,6 @@ class Ingest:
                 extra={"gateway": landing.gateway},
             )
             return
-        _LANDED.inc(exemplar=tracing.exemplar())
-        if landing.event is not None:
-            for service in landing.event.services or ():
-                label = service_label(service)
-                counter = self._events.get(label)
-                if counter is None:
-                    counter = self._events[label] = INGEST_EVENTS.labels(*label)
-                counter.inc()
+        self._counts.add(landing)
+        if self._tracing.enabled and (exemplar := tracing.exemplar()) is not None:
+            self._counts.exemplar = exemplar
