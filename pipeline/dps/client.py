@@ -431,7 +431,9 @@ class DpsClient:
         secret = self._cfg.app_secret.reveal().encode()
         refreshed = False
         while True:
-            token = await self._access_token()
+            token = self._token
+            if token is None or time.monotonic() >= self._refresh_at:
+                token = await self._access_token()  # a coroutine only when it may fetch
             timestamp = _now_ms()
             headers = {
                 "apim-accesstoken": token,

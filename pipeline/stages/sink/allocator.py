@@ -88,7 +88,7 @@ class Allocator:
         self._slots = CallSlots(
             cfg.concurrency, detached_limit=cfg.detached_limit, timeout=cfg.dps.timeout
         )
-        self._dps = self._slots.watch(dps)  # late calls give their slot back (.slots)
+        self._dps = dps  # called through the slots: late calls give theirs back (.slots)
         self._breaker = breaker
         self._limiter = limiter
         self._outcomes = outcomes
@@ -111,41 +111,38 @@ class Allocator:
         ``superseded`` is asked before each retry: a later delete or add of the child
         (:mod:`.lifecycle`) ends the retries, and the record is dead-lettered as such.
         """
+        # One coroutine for what follows, not two: this runs for every record.
+        counted: str | None = None  # the sn whose lock this record counts as a user of
         try:
-            await self._process(record, source, superseded)
-        finally:
-            self.busy.discard(source)
-
-    async def _process(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        source: bytes,
-        superseded: Callable[[], bool],
-    ) -> None:
-        try:
-            mapped = self._map(record.value)
-        except MappingError as exc:
-            log.warning("record is invalid: %s", exc, extra=log_context(record, None))
-            self.busy.add(source)
-            await self._outcomes.dead_letter(
-                record, source, None, kind="invalid", code=None, message=str(exc),
-                request_id=None, attempts=0,
-            )  # fmt: skip
-            return
-        sn = mapped.sn
-        child = mapped.child
-        tracing.current().describe(sn=sn, gateway_id=child.gateway_id, event_id=child.event_id)
-        lock = self._sn_locks.setdefault(sn, asyncio.Lock())
-        self._sn_users[sn] += 1
-        try:
+            try:
+                mapped = self._map(record.value)
+            except MappingError as exc:
+                log.warning("record is invalid: %s", exc, extra=log_context(record, None))
+                self.busy.add(source)
+                await self._outcomes.dead_letter(
+                    record, source, None, kind="invalid", code=None, message=str(exc),
+                    request_id=None, attempts=0,
+                )  # fmt: skip
+                return
+            sn = mapped.sn
+            child = mapped.child
+            tracing.current().describe(sn=sn, gateway_id=child.gateway_id, event_id=child.event_id)
+            lock = self._sn_locks.get(sn)
+            if lock is None:
+                lock = self._sn_locks[sn] = asyncio.Lock()
+            self._sn_users[sn] += 1
+            counted = sn
             async with lock:
                 await self._allocate(record, source, mapped, superseded)
         finally:
-            # Not `lock.locked()`: right after a release it is False while the woken waiter
-            # has yet to take the lock; a new lock then would let two calls for sn overlap.
-            self._sn_users[sn] -= 1
-            if not self._sn_users[sn]:
-                del self._sn_users[sn], self._sn_locks[sn]
+            self.busy.discard(source)
+            if counted is not None:
+                # Not `lock.locked()`: right after a release it is False while the woken
+                # waiter has yet to take the lock; a new lock then would let two calls for
+                # sn overlap.
+                self._sn_users[counted] -= 1
+                if not self._sn_users[counted]:
+                    del self._sn_users[counted], self._sn_locks[counted]
 
     def _map(self, value: bytes | None) -> Mapped:
         if value is None:  # a tombstone: there is nothing to read
@@ -264,7 +261,7 @@ class Allocator:
         probe = await self._breaker.acquire()
         self.busy.add(source)
         try:
-            device = await self._dps.get_device(mapped.org_id, mapped.sn)
+            device = await self._slots.call(self._dps.get_device(mapped.org_id, mapped.sn))
         except DpsError as exc:
             self._failed(exc, probe, record, mapped, taken_at)
             if exc.retriable:
@@ -289,12 +286,17 @@ class Allocator:
         self, record: ConsumerRecord[bytes, bytes], source: bytes, mapped: Mapped
     ) -> tuple[msgspec.Raw, str | None]:
         """One allocate call (in a call slot), paced by the limiter, let through by the breaker."""
-        taken_at = await self._limiter.wait()
-        probe = await self._breaker.acquire()
+        # The limiter's and the breaker's waits only when they make one wait (coroutines
+        # for every call otherwise).
+        taken_at, delay = self._limiter.take()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        breaker = self._breaker
+        probe = await breaker.acquire() if breaker.open else False
         self.busy.add(source)
         started = time.monotonic()
         try:
-            answer = await self._dps.allocate(mapped.org_id, mapped.request)
+            answer = await self._slots.call(self._dps.allocate(mapped.org_id, mapped.request))
         except DpsError as exc:
             self._failed(exc, probe, record, mapped, taken_at)
             raise

@@ -23,9 +23,9 @@ What holds:
   raises it within a window of answers.
 - ``detached_limit`` 0 turns it off: a slot is held for the whole call, as it was.
 
-The allocator calls DPS through :meth:`CallSlots.watch`, so the call sites stay plain
-``await dps.allocate(...)``; which slot a call belongs to is the task's (a context
-variable: each record is processed in a task of its own).
+The allocator awaits each DPS call through :meth:`CallSlots.call`
+(``await slots.call(dps.allocate(...))``); which slot a call belongs to is the task's (a
+context variable: each record is processed in a task of its own).
 """
 
 from __future__ import annotations
@@ -42,11 +42,6 @@ from pipeline.ops.metrics import SINK_DETACHED, SINK_DETACHES, SINK_SOFT_DEADLIN
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from types import TracebackType
-
-    import msgspec
-
-    from pipeline.dps.client import DpsClient
-    from pipeline.schemas import AllocateRequest, PvsDevice
 
 __all__ = ["CallSlots"]
 
@@ -87,8 +82,8 @@ _CURRENT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("sink_sl
 class CallSlots:
     """``concurrency`` call slots whose late calls may give theirs back (module docstring).
 
-    Use ``async with slots:`` around an attempt (in the record's own task), and call DPS
-    through :meth:`watch`.
+    Use ``async with slots:`` around an attempt (in the record's own task), and await each
+    DPS call through :meth:`call`.
 
     Args:
         concurrency: slots (``sink.concurrency``).
@@ -140,10 +135,6 @@ class CallSlots:
         elif state == _DETACHED:
             self.detached -= 1
             self._detach_waiting()
-
-    def watch(self, dps: DpsClient) -> WatchedDps:
-        """``dps``'s allocate and Get DPS Device, each under the soft deadline."""
-        return WatchedDps(dps, self)
 
     async def call(self, pending: Awaitable[T]) -> T:
         """Await a DPS call; past the soft deadline, give the task's slot back if allowed."""
@@ -204,21 +195,3 @@ class CallSlots:
         quantile = ordered[min(len(ordered) - 1, int(_QUANTILE * len(ordered)))]
         self.soft_deadline = min(self._timeout, max(_FLOOR, _FACTOR * quantile))
         SINK_SOFT_DEADLINE.set(self.soft_deadline)
-
-
-class WatchedDps:
-    """The two DPS operations the allocator calls, each through :meth:`CallSlots.call`."""
-
-    def __init__(self, dps: DpsClient, slots: CallSlots) -> None:
-        self._dps = dps
-        self._slots = slots
-
-    async def allocate(
-        self, org_id: str, request: AllocateRequest
-    ) -> tuple[msgspec.Raw, str | None]:
-        """:meth:`DpsClient.allocate`."""
-        return await self._slots.call(self._dps.allocate(org_id, request))
-
-    async def get_device(self, org_id: str, sn: str) -> PvsDevice | None:
-        """:meth:`DpsClient.get_device`."""
-        return await self._slots.call(self._dps.get_device(org_id, sn))
