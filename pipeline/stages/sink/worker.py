@@ -277,6 +277,7 @@ class Sink:
             finally:
                 failed.cancel()
                 await self._shutdown(committer)
+                await outcomes.close()
         if self._error is not None:
             raise self._error
 
