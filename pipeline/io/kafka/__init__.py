@@ -38,7 +38,7 @@ from pipeline.io.kafka.clients import (
     shorten_transaction_backoff,
     transactional_producer,
 )
-from pipeline.io.kafka.outbox import Batcher, Outbox
+from pipeline.io.kafka.outbox import Outbox
 from pipeline.io.kafka.preflight import probe, wait_until_reachable
 from pipeline.io.kafka.ranges import (
     Ranges,
@@ -53,7 +53,6 @@ from pipeline.io.kafka.watch import Liveness, Rebalance, watch_lag
 
 __all__ = [
     "TXN_RESTART_BACKOFF",
-    "Batcher",
     "Liveness",
     "Outbox",
     "Ranges",

@@ -23,7 +23,6 @@ import msgspec
 from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
 from pipeline.errors import PipelineError, StageFailed
-from pipeline.io import kafka
 from pipeline.io.aio import Backoff
 from pipeline.ops import tracing
 from pipeline.ops.metrics import SINK_OUTCOMES
@@ -119,16 +118,10 @@ class Outcomes:
         *,
         on_recorded: Callable[[], None] = lambda: None,
     ) -> None:
-        # Outcomes gathered into a batch per partition (what a linger of 0 gathers, with
-        # less per record than a send each): pipeline.io.kafka.Batcher.
-        self._batcher = kafka.Batcher(producer)
+        self._producer = producer
         self._topics = topics
         self._group = group.encode()
         self._on_recorded = on_recorded
-
-    async def close(self) -> None:
-        """Wait for the outcomes on the wire (at a stop, before the producer stops)."""
-        await self._batcher.close()
 
     async def allocated(
         self,
@@ -273,7 +266,7 @@ class Outcomes:
         headers = [(SOURCE, source), (GROUP, self._group), *out.headers]
         while True:
             try:
-                metadata = await self._batcher.send(
+                metadata = await self._producer.send_and_wait(
                     topic, value, key=key.encode() if key else None, headers=headers
                 )
             except MessageSizeTooLargeError as exc:

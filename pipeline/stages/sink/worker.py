@@ -277,7 +277,6 @@ class Sink:
             finally:
                 failed.cancel()
                 await self._shutdown(committer)
-                await outcomes.close()
         if self._error is not None:
             raise self._error
 
