@@ -105,6 +105,9 @@ class CallSlots:
         self._timeout = timeout
         self._clock = clock
         self._late: collections.deque[_Slot] = collections.deque()
+        # Calls in a slot that may detach, with their start (loop time), in start order.
+        self._calls: dict[_Slot, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._since = 0
         self.detached = 0
@@ -139,10 +142,10 @@ class CallSlots:
     async def call(self, pending: Awaitable[T]) -> T:
         """Await a DPS call; past the soft deadline, give the task's slot back if allowed."""
         slot = _CURRENT.get()
-        loop = asyncio.get_running_loop()
-        timer = None
+        watched = None
         if slot is not None and slot.state == _HELD and self.soft_deadline < self._timeout:
-            timer = loop.call_later(self.soft_deadline, self._overdue, slot)
+            watched = slot
+            self._watch(slot)
         started = self._clock()
         try:
             result = await pending
@@ -151,12 +154,44 @@ class CallSlots:
                 self._observe(self._clock() - started)
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if watched is not None:
+                self._calls.pop(watched, None)
             if slot is not None:
                 slot.late = False
         self._observe(self._clock() - started)
         return result
+
+    def _watch(self, slot: _Slot) -> None:
+        """Note ``slot``'s call as started now; make sure a sweep is due for the oldest.
+
+        One timer for all the calls, not one a call: a call answered in milliseconds only
+        adds and removes its entry (a timer a call was about 3 % of the sink's CPU).
+        """
+        loop = asyncio.get_running_loop()
+        self._calls[slot] = loop.time()
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.soft_deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        """The calls whose soft deadline passed are overdue; the timer is set for the next."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now, deadline = loop.time(), self.soft_deadline
+        calls = self._calls
+        while calls:  # oldest first: in the order they started
+            slot, started = next(iter(calls.items()))
+            wait = started + deadline - now
+            if wait > 0:
+                self._sweeper = loop.call_later(wait, self._sweep)
+                return
+            del calls[slot]
+            self._overdue(slot)
+
+    def _resweep(self) -> None:
+        """The soft deadline changed: sweep by the new one now."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweep()
 
     def _overdue(self, slot: _Slot) -> None:
         """The soft deadline of ``slot``'s call passed: detach it, or queue it."""
@@ -193,5 +228,8 @@ class CallSlots:
         self._since = 0
         ordered = sorted(self._latencies)
         quantile = ordered[min(len(ordered) - 1, int(_QUANTILE * len(ordered)))]
-        self.soft_deadline = min(self._timeout, max(_FLOOR, _FACTOR * quantile))
-        SINK_SOFT_DEADLINE.set(self.soft_deadline)
+        soft_deadline = min(self._timeout, max(_FLOOR, _FACTOR * quantile))
+        if soft_deadline != self.soft_deadline:
+            self.soft_deadline = soft_deadline
+            SINK_SOFT_DEADLINE.set(soft_deadline)
+            self._resweep()
