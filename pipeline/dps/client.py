@@ -411,9 +411,7 @@ class DpsClient:
         self, method: str, target: _Target, body: bytes, *, sn: str
     ) -> tuple[msgspec.Raw, str | None]:
         """A call whose ``data`` is a PvsDevice: the data as DPS sent it, and the requestId."""
-        answer, envelope, refreshed = await self._send(
-            method, target, body, subject=None, sn=sn
-        )
+        answer, envelope, refreshed = await self._send(method, target, body, subject=None, sn=sn)
         return self._result(answer, envelope, refreshed=refreshed)
 
     async def _send(

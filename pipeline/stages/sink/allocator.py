@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -33,7 +32,7 @@ import msgspec
 
 from pipeline.dps.protocol import is_allocated
 from pipeline.errors import DpsError, DpsUnanswered, MappingError
-from pipeline.io.aio import Backoff
+from pipeline.io.aio import Backoff, KeyedLocks
 from pipeline.ops import tracing
 from pipeline.ops.metrics import SINK_CALL_SECONDS, SINK_CALLS, SINK_RETRIES
 from pipeline.stages.sink.outcomes import log_context
@@ -93,8 +92,7 @@ class Allocator:
         self._limiter = limiter
         self._outcomes = outcomes
         self._on_answer = on_answer
-        self._sn_locks: dict[str, asyncio.Lock] = {}
-        self._sn_users: collections.Counter[str] = collections.Counter()
+        self._sn_locks: KeyedLocks[str] = KeyedLocks()
         self.busy: set[bytes] = set()
         """Sources of the records whose call is on the wire or whose outcome is being
         written: cancelling one of those could drop an allocation DPS already made."""
@@ -112,7 +110,7 @@ class Allocator:
         (:mod:`.lifecycle`) ends the retries, and the record is dead-lettered as such.
         """
         # One coroutine for what follows, not two: this runs for every record.
-        counted: str | None = None  # the sn whose lock this record counts as a user of
+        held: str | None = None  # the sn this record holds
         try:
             try:
                 mapped = self._map(record.value)
@@ -127,22 +125,13 @@ class Allocator:
             sn = mapped.sn
             child = mapped.child
             tracing.current().describe(sn=sn, gateway_id=child.gateway_id, event_id=child.event_id)
-            lock = self._sn_locks.get(sn)
-            if lock is None:
-                lock = self._sn_locks[sn] = asyncio.Lock()
-            self._sn_users[sn] += 1
-            counted = sn
-            async with lock:
-                await self._allocate(record, source, mapped, superseded)
+            await self._sn_locks.acquire(sn)
+            held = sn
+            await self._allocate(record, source, mapped, superseded)
         finally:
             self.busy.discard(source)
-            if counted is not None:
-                # Not `lock.locked()`: right after a release it is False while the woken
-                # waiter has yet to take the lock; a new lock then would let two calls for
-                # sn overlap.
-                self._sn_users[counted] -= 1
-                if not self._sn_users[counted]:
-                    del self._sn_users[counted], self._sn_locks[counted]
+            if held is not None:
+                self._sn_locks.release(held)
 
     def _map(self, value: bytes | None) -> Mapped:
         if value is None:  # a tombstone: there is nothing to read
