@@ -93,6 +93,8 @@ class _Target(msgspec.Struct, frozen=True):
     action: str
     params: bytes
     """:func:`~pipeline.dps.protocol.params_data` of the query."""
+    what: str
+    """``DPS {action}``: what a failure says was tried."""
 
 
 class _Answer(msgspec.Struct, frozen=True):
@@ -402,15 +404,14 @@ class DpsClient:
     def _target(self, params: dict[str, str]) -> _Target:
         """The device endpoint with ``params`` (``action`` among them)."""
         url = self._device_url.with_query(params)
-        return _Target(url, params["action"], params_data(params))
+        action = params["action"]
+        return _Target(url, action, params_data(params), f"DPS {action}")
 
     async def _call(
         self, method: str, target: _Target, body: bytes, *, sn: str
     ) -> tuple[msgspec.Raw, str | None]:
         """A call whose ``data`` is a PvsDevice: the data as DPS sent it, and the requestId."""
-        answer, envelope, refreshed = await self._send(
-            method, target, body, subject=f"sn={sn}", sn=sn
-        )
+        answer, envelope, refreshed = await self._send(method, target, body, subject=None, sn=sn)
         return self._result(answer, envelope, refreshed=refreshed)
 
     async def _send(
@@ -419,7 +420,7 @@ class DpsClient:
         target: _Target,
         body: bytes,
         *,
-        subject: str,
+        subject: str | None,
         sn: str | None = None,
     ) -> tuple[_Answer, DpsEnvelope | None, bool]:
         """One signed DPS call, once more with a fresh token if DPS says the token expired.
@@ -431,7 +432,9 @@ class DpsClient:
         secret = self._cfg.app_secret.reveal().encode()
         refreshed = False
         while True:
-            token = await self._access_token()
+            token = self._token
+            if token is None or time.monotonic() >= self._refresh_at:
+                token = await self._access_token()  # a coroutine only when it may fetch
             timestamp = _now_ms()
             headers = {
                 "apim-accesstoken": token,
@@ -442,9 +445,10 @@ class DpsClient:
                 headers["Content-Type"] = "application/json"
             started = time.monotonic()
             with self._tracing.call(method, url, sn=sn) as call:
-                headers.update(call.headers())
+                if self._tracing.enabled:
+                    headers.update(call.headers())
                 answer = await self._exchange(
-                    method, url, headers, body, what=f"DPS {action}", unanswered=DpsUnanswered
+                    method, url, headers, body, what=target.what, unanswered=DpsUnanswered
                 )
                 try:
                     envelope: DpsEnvelope | None = _envelope.decode(answer.payload)
@@ -456,7 +460,7 @@ class DpsClient:
                 log.debug(
                     "DPS %s %s -> HTTP %d code %s requestId %s in %.1f ms",
                     action,
-                    subject,
+                    subject or f"sn={sn}",
                     answer.status,
                     code,
                     envelope.request_id if envelope is not None else None,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import random
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pipeline.errors import PipelineError, ServiceUnreachable
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backoff",
+    "KeyedLocks",
     "Pacer",
     "Stopped",
     "first_set",
@@ -29,6 +31,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 class Stopped(PipelineError):
@@ -113,6 +116,51 @@ class Backoff:
     def reset(self) -> None:
         """Start again from ``initial`` (after a success)."""
         self.attempts = 0
+
+
+class KeyedLocks(Generic[K]):
+    """A lock per key, held by one task at a time, first come first served.
+
+    What a dict of ``asyncio.Lock`` with a count of users does, with less per use (a
+    sink takes two for every record): a free key is taken with a dict insertion (no lock
+    object, no coroutine suspended), and only a task that finds its key held waits, on a
+    future of its own. A key's entry lives only while the key is held.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        # Per held key, the futures of the tasks waiting for it, in arrival order.
+        self._held: dict[K, collections.deque[asyncio.Future[None]]] = {}
+
+    def __len__(self) -> int:
+        """Keys held now."""
+        return len(self._held)
+
+    async def acquire(self, key: K) -> None:
+        """Hold ``key``: at once if it is free, else after those who came before."""
+        waiting = self._held.get(key)
+        if waiting is None:
+            self._held[key] = collections.deque()
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(key)  # handed the key, then cancelled: the next one gets it
+            raise  # else its cancelled future stays queued, and a release passes it over
+
+    def release(self, key: K) -> None:
+        """Hand ``key`` to the first task still waiting for it, or free it."""
+        waiting = self._held[key]
+        while waiting:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+        del self._held[key]
 
 
 class Pacer:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pipeline.errors import ServiceUnreachable
-from pipeline.io.aio import Backoff, Stopped, unless_stopped
+from pipeline.io.aio import Backoff, KeyedLocks, Stopped, unless_stopped
 
 
 def test_backoff_is_capped_jittered_and_honours_a_floor() -> None:
@@ -64,3 +64,51 @@ async def test_stop_first_cancels_the_work() -> None:
     never = asyncio.Event()  # work that would never end on its own
     with pytest.raises(Stopped):
         await unless_stopped(stopped, never.wait())
+
+
+async def test_keyed_locks_serve_one_task_a_key_in_arrival_order_and_forget_free_keys() -> None:
+    locks: KeyedLocks[str] = KeyedLocks()
+    order: list[str] = []
+
+    async def use(key: str, name: str, hold: asyncio.Event) -> None:
+        await locks.acquire(key)
+        try:
+            order.append(name)
+            await hold.wait()
+        finally:
+            locks.release(key)
+
+    hold_a, hold_b, hold_c, hold_d = (asyncio.Event() for _ in range(4))
+    a = asyncio.create_task(use("k", "a", hold_a))
+    b = asyncio.create_task(use("k", "b", hold_b))
+    c = asyncio.create_task(use("k", "c", hold_c))
+    d = asyncio.create_task(use("other", "d", hold_d))  # another key does not wait
+    await asyncio.sleep(0)
+    assert (order, len(locks)) == (["a", "d"], 2)
+    b.cancel()  # a waiter cancelled while it waits is passed over
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    hold_a.set()
+    await a
+    await asyncio.sleep(0)
+    assert order == ["a", "d", "c"]
+    hold_c.set()
+    hold_d.set()
+    await asyncio.gather(c, d)
+    assert len(locks) == 0  # every key free again: nothing kept
+
+
+async def test_a_key_handed_to_a_task_cancelled_before_it_resumes_goes_to_the_next() -> None:
+    locks: KeyedLocks[str] = KeyedLocks()
+    await locks.acquire("k")
+    second = asyncio.create_task(locks.acquire("k"))
+    third = asyncio.create_task(locks.acquire("k"))
+    await asyncio.sleep(0)  # both wait
+    locks.release("k")  # handed to the second...
+    second.cancel()  # ...which is cancelled before it runs: the third gets it
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    async with asyncio.timeout(1):
+        await third
+    locks.release("k")
+    assert len(locks) == 0

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -33,7 +32,7 @@ import msgspec
 
 from pipeline.dps.protocol import is_allocated
 from pipeline.errors import DpsError, DpsUnanswered, MappingError
-from pipeline.io.aio import Backoff
+from pipeline.io.aio import Backoff, KeyedLocks
 from pipeline.ops import tracing
 from pipeline.ops.metrics import SINK_CALL_SECONDS, SINK_CALLS, SINK_RETRIES
 from pipeline.stages.sink.outcomes import log_context
@@ -88,13 +87,12 @@ class Allocator:
         self._slots = CallSlots(
             cfg.concurrency, detached_limit=cfg.detached_limit, timeout=cfg.dps.timeout
         )
-        self._dps = self._slots.watch(dps)  # late calls give their slot back (.slots)
+        self._dps = dps  # called through the slots: late calls give theirs back (.slots)
         self._breaker = breaker
         self._limiter = limiter
         self._outcomes = outcomes
         self._on_answer = on_answer
-        self._sn_locks: dict[str, asyncio.Lock] = {}
-        self._sn_users: collections.Counter[str] = collections.Counter()
+        self._sn_locks: KeyedLocks[str] = KeyedLocks()
         self.busy: set[bytes] = set()
         """Sources of the records whose call is on the wire or whose outcome is being
         written: cancelling one of those could drop an allocation DPS already made."""
@@ -111,41 +109,29 @@ class Allocator:
         ``superseded`` is asked before each retry: a later delete or add of the child
         (:mod:`.lifecycle`) ends the retries, and the record is dead-lettered as such.
         """
+        # One coroutine for what follows, not two: this runs for every record.
+        held: str | None = None  # the sn this record holds
         try:
-            await self._process(record, source, superseded)
+            try:
+                mapped = self._map(record.value)
+            except MappingError as exc:
+                log.warning("record is invalid: %s", exc, extra=log_context(record, None))
+                self.busy.add(source)
+                await self._outcomes.dead_letter(
+                    record, source, None, kind="invalid", code=None, message=str(exc),
+                    request_id=None, attempts=0,
+                )  # fmt: skip
+                return
+            sn = mapped.sn
+            child = mapped.child
+            tracing.current().describe(sn=sn, gateway_id=child.gateway_id, event_id=child.event_id)
+            await self._sn_locks.acquire(sn)
+            held = sn
+            await self._allocate(record, source, mapped, superseded)
         finally:
             self.busy.discard(source)
-
-    async def _process(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        source: bytes,
-        superseded: Callable[[], bool],
-    ) -> None:
-        try:
-            mapped = self._map(record.value)
-        except MappingError as exc:
-            log.warning("record is invalid: %s", exc, extra=log_context(record, None))
-            self.busy.add(source)
-            await self._outcomes.dead_letter(
-                record, source, None, kind="invalid", code=None, message=str(exc),
-                request_id=None, attempts=0,
-            )  # fmt: skip
-            return
-        sn = mapped.sn
-        child = mapped.child
-        tracing.current().describe(sn=sn, gateway_id=child.gateway_id, event_id=child.event_id)
-        lock = self._sn_locks.setdefault(sn, asyncio.Lock())
-        self._sn_users[sn] += 1
-        try:
-            async with lock:
-                await self._allocate(record, source, mapped, superseded)
-        finally:
-            # Not `lock.locked()`: right after a release it is False while the woken waiter
-            # has yet to take the lock; a new lock then would let two calls for sn overlap.
-            self._sn_users[sn] -= 1
-            if not self._sn_users[sn]:
-                del self._sn_users[sn], self._sn_locks[sn]
+            if held is not None:
+                self._sn_locks.release(held)
 
     def _map(self, value: bytes | None) -> Mapped:
         if value is None:  # a tombstone: there is nothing to read
@@ -264,7 +250,7 @@ class Allocator:
         probe = await self._breaker.acquire()
         self.busy.add(source)
         try:
-            device = await self._dps.get_device(mapped.org_id, mapped.sn)
+            device = await self._slots.call(self._dps.get_device(mapped.org_id, mapped.sn))
         except DpsError as exc:
             self._failed(exc, probe, record, mapped, taken_at)
             if exc.retriable:
@@ -289,12 +275,17 @@ class Allocator:
         self, record: ConsumerRecord[bytes, bytes], source: bytes, mapped: Mapped
     ) -> tuple[msgspec.Raw, str | None]:
         """One allocate call (in a call slot), paced by the limiter, let through by the breaker."""
-        taken_at = await self._limiter.wait()
-        probe = await self._breaker.acquire()
+        # The limiter's and the breaker's waits only when they make one wait (coroutines
+        # for every call otherwise).
+        taken_at, delay = self._limiter.take()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        breaker = self._breaker
+        probe = await breaker.acquire() if breaker.open else False
         self.busy.add(source)
         started = time.monotonic()
         try:
-            answer = await self._dps.allocate(mapped.org_id, mapped.request)
+            answer = await self._slots.call(self._dps.allocate(mapped.org_id, mapped.request))
         except DpsError as exc:
             self._failed(exc, probe, record, mapped, taken_at)
             raise

@@ -26,14 +26,13 @@ partition p of each holds the same children, and the sink (range assignment) own
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from pipeline.io import kafka
+from pipeline.io.aio import KeyedLocks
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -105,8 +104,7 @@ class Lifecycle:
         self._cfg = cfg
         self._topic = cfg.topics.lifecycle
         self._latest: dict[int, dict[str, Stamp]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._users: collections.Counter[str] = collections.Counter()
+        self._turns: KeyedLocks[str] = KeyedLocks()
 
     async def learn(self, tps: Iterable[TopicPartition]) -> None:
         """Read ``lifecycle`` partitions of ``tps`` (by number) from beginning to end.
@@ -169,44 +167,23 @@ class Lifecycle:
         self.see(partition, device_id, stamp)
         return _Turn(self, partition, device_id, stamp)
 
-    def lock_of(self, device_id: str) -> asyncio.Lock:
-        """The child's lock, counted as one more user (a turn's; give it back by :meth:`unlock`)."""
-        lock = self._locks.get(device_id)
-        if lock is None:
-            lock = self._locks[device_id] = asyncio.Lock()
-        self._users[device_id] += 1
-        return lock
-
-    def unlock(self, device_id: str, lock: asyncio.Lock, *, held: bool) -> None:
-        """One user fewer (releasing the lock if ``held``); the last one forgets the lock."""
-        if held:
-            lock.release()
-        self._users[device_id] -= 1
-        if not self._users[device_id]:
-            del self._users[device_id], self._locks[device_id]
-
 
 class _Turn:
     """:meth:`Lifecycle.turn` (a class, not a generator: it runs once per record)."""
 
-    __slots__ = ("_device_id", "_lifecycle", "_lock", "_partition", "_stamp")
+    __slots__ = ("_device_id", "_held", "_lifecycle", "_partition", "_stamp")
 
     def __init__(self, lifecycle: Lifecycle, partition: int, device_id: str, stamp: Stamp) -> None:
         self._lifecycle = lifecycle
         self._partition = partition
         self._device_id = device_id
         self._stamp = stamp
-        self._lock: asyncio.Lock | None = None
+        self._held = False
 
     async def __aenter__(self) -> bool:
         lifecycle = self._lifecycle
-        lock = lifecycle.lock_of(self._device_id)
-        try:
-            await lock.acquire()
-        except BaseException:
-            lifecycle.unlock(self._device_id, lock, held=False)
-            raise
-        self._lock = lock
+        await lifecycle._turns.acquire(self._device_id)  # noqa: SLF001  (its own turn class)
+        self._held = True
         return lifecycle.superseded(self._partition, self._device_id, self._stamp)
 
     async def __aexit__(
@@ -215,6 +192,6 @@ class _Turn:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            self._lifecycle.unlock(self._device_id, lock, held=True)
+        if self._held:
+            self._held = False
+            self._lifecycle._turns.release(self._device_id)  # noqa: SLF001

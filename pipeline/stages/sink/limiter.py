@@ -66,16 +66,25 @@ class RateLimiter:
 
         Pass the returned time to :meth:`throttled` if the call is throttled.
         """
+        now, delay = self.take()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return now
+
+    def take(self) -> tuple[float, float]:
+        """This caller's turn: when it was taken, and the seconds to wait for it.
+
+        :meth:`wait` without the coroutine, for a caller that calls on every record and
+        mostly need not wait (no limit, or the turn is now).
+        """
         now = self._clock()
         if self._started is None:
             self._started = now
         if self._rate is None:
-            return now
+            return now, 0.0
         turn = max(now, self._next)
         self._next = turn + 1.0 / self._rate
-        if turn > now:
-            await asyncio.sleep(turn - now)
-        return now
+        return now, turn - now
 
     def succeeded(self) -> None:
         """A call went through: count it, and raise the rate if it is time to."""

@@ -92,6 +92,14 @@ class Recovery:
         pending = self._pending.get(tp)
         if pending is not None:
             await pending.wait()
+        return self.started(tp)
+
+    def pending(self, tp: TopicPartition) -> bool:
+        """Whether ``tp`` is being read back (then :meth:`ready` waits)."""
+        return tp in self._pending
+
+    def started(self, tp: TopicPartition) -> bool:
+        """:meth:`ready` of a ``tp`` not :meth:`pending`, without the coroutine."""
         return not self._failed and tp in self._recorded
 
     def take(self, tp: TopicPartition, offset: int) -> bool:

@@ -23,9 +23,9 @@ What holds:
   raises it within a window of answers.
 - ``detached_limit`` 0 turns it off: a slot is held for the whole call, as it was.
 
-The allocator calls DPS through :meth:`CallSlots.watch`, so the call sites stay plain
-``await dps.allocate(...)``; which slot a call belongs to is the task's (a context
-variable: each record is processed in a task of its own).
+The allocator awaits each DPS call through :meth:`CallSlots.call`
+(``await slots.call(dps.allocate(...))``); which slot a call belongs to is the task's (a
+context variable: each record is processed in a task of its own).
 """
 
 from __future__ import annotations
@@ -42,11 +42,6 @@ from pipeline.ops.metrics import SINK_DETACHED, SINK_DETACHES, SINK_SOFT_DEADLIN
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from types import TracebackType
-
-    import msgspec
-
-    from pipeline.dps.client import DpsClient
-    from pipeline.schemas import AllocateRequest, PvsDevice
 
 __all__ = ["CallSlots"]
 
@@ -87,8 +82,8 @@ _CURRENT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("sink_sl
 class CallSlots:
     """``concurrency`` call slots whose late calls may give theirs back (module docstring).
 
-    Use ``async with slots:`` around an attempt (in the record's own task), and call DPS
-    through :meth:`watch`.
+    Use ``async with slots:`` around an attempt (in the record's own task), and await each
+    DPS call through :meth:`call`.
 
     Args:
         concurrency: slots (``sink.concurrency``).
@@ -110,6 +105,9 @@ class CallSlots:
         self._timeout = timeout
         self._clock = clock
         self._late: collections.deque[_Slot] = collections.deque()
+        # Calls in a slot that may detach, with their start (loop time), in start order.
+        self._calls: dict[_Slot, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._since = 0
         self.detached = 0
@@ -141,17 +139,13 @@ class CallSlots:
             self.detached -= 1
             self._detach_waiting()
 
-    def watch(self, dps: DpsClient) -> WatchedDps:
-        """``dps``'s allocate and Get DPS Device, each under the soft deadline."""
-        return WatchedDps(dps, self)
-
     async def call(self, pending: Awaitable[T]) -> T:
         """Await a DPS call; past the soft deadline, give the task's slot back if allowed."""
         slot = _CURRENT.get()
-        loop = asyncio.get_running_loop()
-        timer = None
+        watched = None
         if slot is not None and slot.state == _HELD and self.soft_deadline < self._timeout:
-            timer = loop.call_later(self.soft_deadline, self._overdue, slot)
+            watched = slot
+            self._watch(slot)
         started = self._clock()
         try:
             result = await pending
@@ -160,12 +154,44 @@ class CallSlots:
                 self._observe(self._clock() - started)
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if watched is not None:
+                self._calls.pop(watched, None)
             if slot is not None:
                 slot.late = False
         self._observe(self._clock() - started)
         return result
+
+    def _watch(self, slot: _Slot) -> None:
+        """Note ``slot``'s call as started now; make sure a sweep is due for the oldest.
+
+        One timer for all the calls, not one a call: a call answered in milliseconds only
+        adds and removes its entry (a timer a call was about 3 % of the sink's CPU).
+        """
+        loop = asyncio.get_running_loop()
+        self._calls[slot] = loop.time()
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.soft_deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        """The calls whose soft deadline passed are overdue; the timer is set for the next."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now, deadline = loop.time(), self.soft_deadline
+        calls = self._calls
+        while calls:  # oldest first: in the order they started
+            slot, started = next(iter(calls.items()))
+            wait = started + deadline - now
+            if wait > 0:
+                self._sweeper = loop.call_later(wait, self._sweep)
+                return
+            del calls[slot]
+            self._overdue(slot)
+
+    def _resweep(self) -> None:
+        """The soft deadline changed: sweep by the new one now."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweep()
 
     def _overdue(self, slot: _Slot) -> None:
         """The soft deadline of ``slot``'s call passed: detach it, or queue it."""
@@ -202,23 +228,8 @@ class CallSlots:
         self._since = 0
         ordered = sorted(self._latencies)
         quantile = ordered[min(len(ordered) - 1, int(_QUANTILE * len(ordered)))]
-        self.soft_deadline = min(self._timeout, max(_FLOOR, _FACTOR * quantile))
-        SINK_SOFT_DEADLINE.set(self.soft_deadline)
-
-
-class WatchedDps:
-    """The two DPS operations the allocator calls, each through :meth:`CallSlots.call`."""
-
-    def __init__(self, dps: DpsClient, slots: CallSlots) -> None:
-        self._dps = dps
-        self._slots = slots
-
-    async def allocate(
-        self, org_id: str, request: AllocateRequest
-    ) -> tuple[msgspec.Raw, str | None]:
-        """:meth:`DpsClient.allocate`."""
-        return await self._slots.call(self._dps.allocate(org_id, request))
-
-    async def get_device(self, org_id: str, sn: str) -> PvsDevice | None:
-        """:meth:`DpsClient.get_device`."""
-        return await self._slots.call(self._dps.get_device(org_id, sn))
+        soft_deadline = min(self._timeout, max(_FLOOR, _FACTOR * quantile))
+        if soft_deadline != self.soft_deadline:
+            self.soft_deadline = soft_deadline
+            SINK_SOFT_DEADLINE.set(soft_deadline)
+            self._resweep()

@@ -126,6 +126,7 @@ class Sink:
             device_data=s.device_data,
         )  # fmt: skip
         self._hand_back_limit = 2 * s.dps.timeout
+        self._group = s.group_id
         self._pending = asyncio.Semaphore(s.pending_limit)
         self._tracker = OffsetTracker()
         self._breaker = Breaker(
@@ -365,13 +366,18 @@ class Sink:
         # fetched meanwhile hold a sink.max_pending slot each while they wait; they are
         # the next to start anyway, and an assignment's partitions (aiokafka assigns
         # them all at once) are read back together.
-        if not await self._recovery.ready(tp) or not self._current(tp, epoch):
+        recovery = self._recovery
+        ready = await recovery.ready(tp) if recovery.pending(tp) else recovery.started(tp)
+        if not ready or not self._current(tp, epoch):
             # The read-back failed (the stage is stopping), or the partition was handed
             # back meanwhile: the record stays uncommitted.
             return
         try:
-            with self._tracing.process(record, group=self.cfg.sink.group_id):
-                await self._process(outcomes, tp, record, source)
+            with self._tracing.process(record, group=self._group):
+                if recovery.take(tp, record.offset):
+                    SINK_OUTCOMES.labels("already_recorded").inc()
+                else:
+                    await self._process(outcomes, tp, record, source)
         except StageFailed as exc:
             if self._error is None:
                 self._error = exc
@@ -389,9 +395,6 @@ class Sink:
         record: ConsumerRecord[bytes, bytes],
         source: bytes,
     ) -> None:
-        if self._recovery.take(tp, record.offset):
-            SINK_OUTCOMES.labels("already_recorded").inc()
-            return
         try:
             await self._operate(outcomes, tp, record, source)
         except StageFailed:
