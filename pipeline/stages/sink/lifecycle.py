@@ -165,16 +165,24 @@ class Lifecycle:
         operations on the child before it.
         """
         self.see(partition, device_id, stamp)
-        return _Turn(self, partition, device_id, stamp)
+        return _Turn(self, self._turns, partition, device_id, stamp)
 
 
 class _Turn:
     """:meth:`Lifecycle.turn` (a class, not a generator: it runs once per record)."""
 
-    __slots__ = ("_device_id", "_held", "_lifecycle", "_partition", "_stamp")
+    __slots__ = ("_device_id", "_held", "_lifecycle", "_partition", "_stamp", "_turns")
 
-    def __init__(self, lifecycle: Lifecycle, partition: int, device_id: str, stamp: Stamp) -> None:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        turns: KeyedLocks[str],
+        partition: int,
+        device_id: str,
+        stamp: Stamp,
+    ) -> None:
         self._lifecycle = lifecycle
+        self._turns = turns
         self._partition = partition
         self._device_id = device_id
         self._stamp = stamp
@@ -182,7 +190,7 @@ class _Turn:
 
     async def __aenter__(self) -> bool:
         lifecycle = self._lifecycle
-        await lifecycle._turns.acquire(self._device_id)  # noqa: SLF001  (its own turn class)
+        await self._turns.acquire(self._device_id)
         self._held = True
         return lifecycle.superseded(self._partition, self._device_id, self._stamp)
 
@@ -194,4 +202,4 @@ class _Turn:
     ) -> None:
         if self._held:
             self._held = False
-            self._lifecycle._turns.release(self._device_id)  # noqa: SLF001
+            self._turns.release(self._device_id)
