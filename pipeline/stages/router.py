@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING
 
 from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 
-from pipeline.core.routing import Changes, Dedup, Gap, Memory, Out, apply, route
+from pipeline.core.routing import (
+    Changes,
+    Dedup,
+    DeviceUnknown,
+    Gap,
+    Memory,
+    Out,
+    apply,
+    route,
+)
 from pipeline.errors import DecodeError, StageFailed
 from pipeline.io import kafka
 from pipeline.io.aio import Backoff, Stopped, unless_stopped
@@ -319,7 +328,19 @@ class Router:
         return True
 
     async def _commit(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        """Route ``records`` of ``tp`` and move its offset in one transaction."""
+        """Route ``records`` of ``tp`` and move its offset in one transaction.
+
+        A delete that needs a DeviceInfo the memory lacks aborts it; the DeviceInfos are
+        read from ``lifecycle`` and the transaction is made again (once per assignment).
+        """
+        try:
+            await self._commit_once(tp, records)
+        except DeviceUnknown as exc:
+            log.info("router: %s; reading it from %s", exc, self._topics.lifecycle)
+            await self.find_devices(tp)
+            await self._commit_once(tp, records)
+
+    async def _commit_once(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         producer = self._producers[tp]
         batch = _Batch(self._memory.setdefault(tp, Memory()), producer)
         outbox = batch.outbox
@@ -536,6 +557,40 @@ class Router:
             sorted(memories), learned,
         )  # fmt: skip
         self._report_gaps()
+
+    async def find_devices(self, tp: TopicPartition) -> None:
+        """Read from ``lifecycle`` the DeviceInfo of every added child ``tp``'s memory lacks.
+
+        The memory records are compact: each child's DeviceInfo is in the ``lifecycle``
+        record written in the same transaction (keyed by device_id, compacted). A child
+        whose record is not found there (another gateway's child of the same device_id
+        since, say) gets ``null``, as one never seen added; that is logged.
+        """
+        memory = self._memory[tp]
+        wanted = memory.unknown_devices()
+        if not wanted:
+            return
+        topic = self._topics.lifecycle
+        found = 0
+        async with kafka.reader(self.cfg.kafka) as reader:
+            spans = await kafka.whole(reader, topic)
+            count = max(1, len(spans))
+            needed = {kafka.partition_of(device_id.encode(), count) for _, device_id in wanted}
+            ranges = {where: span for where, span in spans.items() if where.partition in needed}
+            async with asyncio.timeout(120):
+                async for record in kafka.read_range(reader, ranges):
+                    found += memory.learn_device(record.key, record.value, wanted)
+        lost = memory.settle(wanted)
+        log.info(
+            "router read %d DeviceInfos of partition %d's children from %s",
+            found, tp.partition, topic,
+        )  # fmt: skip
+        if lost:
+            log.warning(
+                "no lifecycle record of %d added children of partition %d matches the "
+                "router's memory (e.g. %s of gateway %s): their deletes carry no DeviceInfo",
+                len(lost), tp.partition, lost[0][1], lost[0][0],
+            )  # fmt: skip
 
     def _report_gaps(self) -> None:
         """Metrics and the ``route.versions`` readiness detail for the open version gaps.
