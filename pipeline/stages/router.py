@@ -22,7 +22,7 @@ import collections
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 
@@ -33,6 +33,7 @@ from pipeline.core.routing import (
     Gap,
     Memory,
     Out,
+    Topic,
     apply,
     route,
 )
@@ -111,6 +112,10 @@ class Router:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._topics = cfg.kafka.topics
+        self._out_topics: dict[str, str] = {
+            name: getattr(self._topics, name) for name in get_args(Topic)
+        }
+        """The topic each kind of output (``Out.topic``) goes to."""
         self.lock = asyncio.Lock()
         self._dedup = Dedup(cfg.router.dedup_window, cfg.router.dedup_max_entries)
         self._retry = Backoff(0.5, 10.0)
@@ -167,14 +172,18 @@ class Router:
         try:
             await self._check_state_partitions(run)
             while True:
-                # Up to batch_max records for each partition it holds: aiokafka hands them
-                # out partition by partition, and the partitions' transactions run side
-                # by side (each has its own producer), so one waits for Kafka while
-                # another routes.
-                fetch = self.cfg.router.batch_max * max(1, len(consumer.assignment()))
+                # Up to batch_max records for each partition it holds, the partitions'
+                # transactions side by side (each has its own producer), so one waits for
+                # Kafka while another routes. aiokafka hands records out partition by
+                # partition, the first one's up to max_records: the others' already
+                # fetched records are taken partition by partition, without waiting.
+                fetch = self.cfg.router.batch_max
                 batch = await unless_stopped(
                     run.stopping, consumer.getmany(timeout_ms=1000, max_records=fetch)
                 )
+                if batch:
+                    for tp in consumer.assignment() - batch.keys():
+                        batch |= await consumer.getmany(tp, timeout_ms=0, max_records=fetch)
                 run.beat()
                 if batch:
                     async with self.lock:
@@ -346,12 +355,11 @@ class Router:
         outbox = batch.outbox
         async with producer.transaction():
             try:
+                await outbox.open(*self._out_topics.values())
                 for record in records:
                     await self._route_one(producer, record, batch)
                 for state, value in batch.changes.records():  # the memory, beside its decisions
-                    await outbox.add(
-                        self._topics.router_state, value, key=state, partition=tp.partition
-                    )
+                    outbox.add(self._topics.router_state, value, key=state, partition=tp.partition)
                 # aiokafka commits a transaction even when a send in it failed (the record
                 # is then lost): wait for every batch, so a failure aborts it instead.
                 await outbox.flush()
@@ -478,24 +486,28 @@ class Router:
                 batch.seen[key] = record.timestamp
             hop.describe(event_id=event.event_id)
             applied = apply(routed.gateway_id, event, batch.changes, batch.now)
-            await self._send_outs(applied.outs, batch, hop)
+            self._send_outs(applied.outs, batch, hop)
             if applied.gap is not None:
                 batch.gaps.append(applied.gap)
             batch.counts.update(applied.counts)
+        if batch.outbox.full:
+            await batch.outbox.send_full()
 
-    async def _send_outs(self, outs: list[Out], batch: _Batch, hop: tracing.Hop) -> None:
-        """Send what an event applied: each child record a ``send`` of the event's trace.
+    def _send_outs(self, outs: list[Out], batch: _Batch, hop: tracing.Hop) -> None:
+        """Add what an event applied to the outbox: each child record a ``send`` of its trace.
 
         A child's lifecycle record follows it, in its trace; a sync request is the event's.
         """
         child = hop
         traced = self._tracing.enabled
+        names = self._out_topics
+        add = batch.outbox.add
         for out in outs:
-            topic = getattr(self._topics, out.topic)
+            topic = names[out.topic]
             watched = out.topic in _CHILD_TOPICS
             if watched:
                 child = hop.send(topic, out.key)
-            await batch.outbox.add(
+            add(
                 topic, out.value, key=out.key, headers=child.headers,
                 sent=child.sent if traced and watched else None,
             )  # fmt: skip
