@@ -85,6 +85,8 @@ class _Batch:
         self.seen: dict[tuple[str, str], int] = {}
         """(gateway, event_id) -> record timestamp, for the pairs this transaction routes."""
         self.counts: collections.Counter[str] = collections.Counter()
+        self.dead = 0
+        """Records dead-lettered (the others are routed)."""
         self.changes = Changes(memory)
         self.gaps: list[Gap] = []
         self.now = utc_now()
@@ -373,6 +375,7 @@ class Router:
                 {tp: records[-1].offset + 1}, self.cfg.router.group_id
             )
         ROUTER_TRANSACTIONS.labels("committed").inc()
+        _ROUTED.inc(len(records) - batch.dead)  # counted once a transaction, when committed
         for key, at_ms in batch.seen.items():
             self._dedup.add(key, at_ms)
         batch.changes.commit()
@@ -463,14 +466,15 @@ class Router:
             ROUTER_RECORDS.labels("dlq").inc(exemplar=hop.exemplar())
             log.warning("dead-lettering a down-event record: %s", exc, extra=_where(record))
             batch.sends.append(await self._dead_letter(producer, record, f"router: {exc}"))
+            batch.dead += 1
             return
         except Exception as exc:  # a bug: dead-letter this record, keep the partition moving
             UNEXPECTED_ERRORS.labels("route").inc()
             log.exception("unexpected error routing a record", extra=_where(record))
             reason = f"router: internal error: {type(exc).__name__}: {exc}"
             batch.sends.append(await self._dead_letter(producer, record, reason))
+            batch.dead += 1
             return
-        _ROUTED.inc()
         hop.describe(gateway_id=routed.gateway_id)
         for label in routed.skipped:
             ROUTER_SKIPPED.labels(*label).inc()
