@@ -70,6 +70,12 @@ log = logging.getLogger(__name__)
 
 _ROUTED = ROUTER_RECORDS.labels("routed")
 
+ROUND = 2
+"""Transactions of ``router.batch_max`` records a partition may run in one round: the
+partitions' transactions run side by side and the round ends with the last one's commit
+(its flush and commit wait for Kafka, with nothing else to route): two a round halve that
+idle share."""
+
 _CHILD_TOPICS = frozenset({"added", "failed", "deleted"})
 """Outputs that are a child each (``Out.topic`` names the ``kafka.topics`` key)."""
 
@@ -174,18 +180,25 @@ class Router:
         try:
             await self._check_state_partitions(run)
             while True:
-                # Up to batch_max records for each partition it holds, the partitions'
-                # transactions side by side (each has its own producer), so one waits for
-                # Kafka while another routes. aiokafka hands records out partition by
-                # partition, the first one's up to max_records: the others' already
-                # fetched records are taken partition by partition, without waiting.
-                fetch = self.cfg.router.batch_max
+                # Up to ROUND x batch_max records of each partition it holds, the
+                # partitions' transactions side by side (each has its own producer), so one
+                # waits for Kafka while another routes. aiokafka hands records out
+                # partition by partition, the first one's up to max_records: the rest of
+                # each partition's fetched records is taken partition by partition, without
+                # waiting (outside the lock: aiokafka's getmany waits out a rebalance).
+                step = self.cfg.router.batch_max
                 batch = await unless_stopped(
-                    run.stopping, consumer.getmany(timeout_ms=1000, max_records=fetch)
+                    run.stopping, consumer.getmany(timeout_ms=1000, max_records=step)
                 )
                 if batch:
-                    for tp in consumer.assignment() - batch.keys():
-                        batch |= await consumer.getmany(tp, timeout_ms=0, max_records=fetch)
+                    for tp in consumer.assignment():
+                        have = batch.get(tp, [])
+                        if len(have) < ROUND * step:
+                            more = await consumer.getmany(
+                                tp, timeout_ms=0, max_records=ROUND * step - len(have)
+                            )
+                            if more:
+                                batch[tp] = have + more[tp]
                 run.beat()
                 if batch:
                     async with self.lock:
