@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 import msgspec
 
 from pipeline.core.decode import service_label
-from pipeline.errors import DecodeError
+from pipeline.errors import DecodeError, PipelineError
 from pipeline.schemas import (
     ADD_NOTIFY,
     ADD_RESPONSE,
@@ -47,6 +47,7 @@ __all__ = [
     "Child",
     "ChildEvent",
     "Dedup",
+    "DeviceUnknown",
     "Gap",
     "Memory",
     "Out",
@@ -257,20 +258,57 @@ class Versions(msgspec.Struct, kw_only=True):
 
 
 class Child(msgspec.Struct, kw_only=True):
-    """``router_state`` ``c/{gateway_id}/{device_id}``: a child's state."""
+    """``router_state`` ``c/{gateway_id}/{device_id}``: a child's state.
+
+    Only what the router decides by; the DeviceInfo a delete carries is not repeated here
+    (the ``lifecycle`` record written beside it holds it, see :meth:`Memory.learn_device`).
+    """
 
     generation: int
     state: Literal["added", "deleted"]
     version: int | None
     """The version of the notification that set this state; null for a response."""
-    device: msgspec.Raw
-    """The DeviceInfo the child was last added with, as received; ``null`` when the
-    router never saw it added (a Raw, not ``Raw | None``: msgspec decodes a Raw in a
-    union only as null)."""
+
+
+class _StoredChild(Child, kw_only=True):
+    """A ``c/`` record as read: routers before the compact record also wrote ``device``."""
+
+    device: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    """The DeviceInfo the child was last added with, as received, or ``null`` when the
+    router never saw it added (written by earlier routers; read so an upgrade keeps it)."""
 
 
 _VERSIONS = msgspec.json.Decoder(Versions)
-_CHILD = msgspec.json.Decoder(Child)
+_CHILD = msgspec.json.Decoder(_StoredChild)
+
+
+class _LifecycleDevice(msgspec.Struct):
+    """What :meth:`Memory.learn_device` reads of a ``lifecycle`` record (a ChildState)."""
+
+    gateway_id: str
+    generation: int
+    state: Literal["added", "deleted"]
+    device: msgspec.Raw
+
+
+_LIFECYCLE = msgspec.json.Decoder(_LifecycleDevice)
+
+Key = tuple[str, str]
+"""(gateway_id, device_id): a child in the router's memory."""
+
+
+class DeviceUnknown(PipelineError):
+    """A delete needs the DeviceInfo of an added child whose memory record does not hold it.
+
+    The router reads it from ``lifecycle`` (:meth:`Memory.learn_device`) and routes the
+    transaction again.
+    """
+
+    retriable = True
+
+    def __init__(self, key: Key) -> None:
+        super().__init__(f"the DeviceInfo of child {key[1]} of gateway {key[0]} is not in memory")
+        self.key = key
 
 
 @dataclasses.dataclass(slots=True)
@@ -278,7 +316,11 @@ class Memory:
     """What the router remembers of one input partition."""
 
     versions: dict[str, Versions] = dataclasses.field(default_factory=dict)
-    children: dict[tuple[str, str], Child] = dataclasses.field(default_factory=dict)
+    children: dict[Key, Child] = dataclasses.field(default_factory=dict)
+    devices: dict[Key, msgspec.Raw] = dataclasses.field(default_factory=dict)
+    """The DeviceInfo each child was last added with, for the children this memory knows it
+    of: those added since it was read back, those whose record held it (an earlier
+    router's), and those :meth:`learn_device` found. A deleted child keeps its entry."""
 
     def learn(self, key: bytes | None, value: bytes | None) -> bool:
         """Take one ``router_state`` record in; False when it is not one the router wrote."""
@@ -291,11 +333,58 @@ class Memory:
                 return True
             if text.startswith("c/"):
                 gateway, _, device_id = text[2:].partition("/")
-                self.children[gateway, device_id] = _CHILD.decode(value)
+                stored = _CHILD.decode(value)
+                child = (gateway, device_id)
+                self.children[child] = Child(
+                    generation=stored.generation, state=stored.state, version=stored.version
+                )
+                if stored.device is not msgspec.UNSET:  # an earlier router's record
+                    self.devices[child] = stored.device
+                else:  # the one that stopped knew it; this memory does not
+                    self.devices.pop(child, None)
                 return True
         except (UnicodeDecodeError, msgspec.DecodeError):
             return False
         return False
+
+    def unknown_devices(self) -> dict[Key, int]:
+        """The added children whose DeviceInfo this memory lacks, and their generations."""
+        devices = self.devices
+        return {
+            key: child.generation
+            for key, child in self.children.items()
+            if child.state == "added" and key not in devices
+        }
+
+    def learn_device(self, key: bytes | None, value: bytes | None, wanted: dict[Key, int]) -> bool:
+        """Take a ``lifecycle`` record in: the DeviceInfo of a child of ``wanted``, if it is one.
+
+        It is when it is the record written beside the child's memory: the same gateway,
+        the same generation, added. A child's ``lifecycle`` record is overwritten only by a
+        later change of that child (of any gateway: the topic is keyed by device_id).
+        """
+        if key is None or value is None:
+            return False
+        try:
+            record = _LIFECYCLE.decode(value)
+            child = (record.gateway_id, key.decode())
+        except (UnicodeDecodeError, msgspec.DecodeError):
+            return False
+        if wanted.get(child) != record.generation or record.state != "added":
+            return False
+        self.devices[child] = record.device
+        return True
+
+    def settle(self, wanted: dict[Key, int]) -> list[Key]:
+        """After :meth:`learn_device`: the children of ``wanted`` still without a DeviceInfo.
+
+        They get ``null``, as a child never seen added: their ``lifecycle`` record is gone
+        or another gateway's (the child moved), so a delete carries no DeviceInfo.
+        """
+        lost = [key for key in wanted if key not in self.devices]
+        for key in lost:
+            self.devices[key] = _NULL
+        return lost
 
     def open_gaps(self) -> dict[str, list[tuple[int, int]]]:
         """Each gateway with versions still missing, and the ranges."""
@@ -308,26 +397,33 @@ class Changes:
     def __init__(self, memory: Memory) -> None:
         self._memory = memory
         self._versions: dict[str, Versions] = {}
-        self._children: dict[tuple[str, str], Child] = {}
+        self._children: dict[Key, Child] = {}
+        self._devices: dict[Key, msgspec.Raw] = {}
 
     def version(self, gateway: str) -> Versions | None:
         """The gateway's versions, as this transaction leaves them so far."""
         found = self._versions.get(gateway)
         return found if found is not None else self._memory.versions.get(gateway)
 
-    def child(self, gateway: str, device_id: str) -> Child | None:
+    def child(self, key: Key) -> Child | None:
         """The child's state, as this transaction leaves it so far."""
-        key = (gateway, device_id)
         found = self._children.get(key)
         return found if found is not None else self._memory.children.get(key)
+
+    def device(self, key: Key) -> msgspec.Raw | None:
+        """The DeviceInfo the child was last added with; None when the memory lacks it."""
+        found = self._devices.get(key)
+        return found if found is not None else self._memory.devices.get(key)
 
     def set_version(self, gateway: str, versions: Versions) -> None:
         """Change the gateway's versions."""
         self._versions[gateway] = versions
 
-    def set_child(self, gateway: str, device_id: str, child: Child) -> None:
-        """Change the child's state."""
-        self._children[gateway, device_id] = child
+    def set_child(self, key: Key, child: Child, device: msgspec.Raw | None = None) -> None:
+        """Change the child's state (and, for an add, the DeviceInfo it was added with)."""
+        self._children[key] = child
+        if device is not None:
+            self._devices[key] = device
 
     def records(self) -> list[tuple[bytes, bytes]]:
         """The ``router_state`` (key, value) pairs of every entry this transaction changed."""
@@ -342,6 +438,7 @@ class Changes:
         """The transaction committed: the memory takes its changes."""
         self._memory.versions.update(self._versions)
         self._memory.children.update(self._children)
+        self._memory.devices.update(self._devices)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -419,6 +516,16 @@ def _sequence(gateway: str, version: int, view: Changes, now: str, applied: Appl
     return False
 
 
+def _last_device(view: Changes, child: Key, known: Child | None) -> msgspec.Raw:
+    """What a delete of ``child`` carries: the DeviceInfo it was last added with, or null."""
+    if known is None:  # never seen added
+        return _NULL
+    found = view.device(child)
+    if found is None:
+        raise DeviceUnknown(child)
+    return found
+
+
 def apply(gateway: str, event: ChildEvent, view: Changes, now: str) -> Applied:
     """What ``event`` of ``gateway`` yields against ``view`` (which it updates).
 
@@ -430,6 +537,11 @@ def apply(gateway: str, event: ChildEvent, view: Changes, now: str) -> Applied:
     A notification whose version was already seen is skipped whole (``stale``); one that
     skips versions opens a :class:`Gap` and is applied; one that fills a gap is applied,
     except to a child a later notification already decided (``superseded``).
+
+    Raises:
+        DeviceUnknown: a delete of an added child whose DeviceInfo the memory lacks (read
+            back from compact records): look it up (:meth:`Memory.learn_device`) and apply
+            the transaction's events again, against a fresh :class:`Changes`.
     """
     applied = Applied()
     if event.version is not None and not _sequence(gateway, event.version, view, now, applied):
@@ -441,7 +553,8 @@ def apply(gateway: str, event: ChildEvent, view: Changes, now: str) -> Applied:
     heads: dict[int, bytes] = {}
     tails: dict[int, bytes] = {}
     for device_id, raw in event.children:
-        known = view.child(gateway, device_id)
+        child = (gateway, device_id)
+        known = view.child(child)
         if (
             known is not None
             and event.version is not None
@@ -455,10 +568,9 @@ def apply(gateway: str, event: ChildEvent, view: Changes, now: str) -> Applied:
             applied.counts["duplicate"] += 1
             continue
         generation = (known.generation if known is not None else 0) + 1
-        device = raw if event.kind == "add" else (known.device if known is not None else _NULL)
-        view.set_child(gateway, device_id,
-                       Child(generation=generation, state=wanted, version=event.version,
-                             device=device))  # fmt: skip
+        device = raw if event.kind == "add" else _last_device(view, child, known)
+        view.set_child(child, Child(generation=generation, state=wanted, version=event.version),
+                       raw if event.kind == "add" else None)  # fmt: skip
         key = device_id.encode()
         if event.kind == "add":
             head = heads.get(generation)

@@ -22,11 +22,21 @@ import collections
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 
-from pipeline.core.routing import Changes, Dedup, Gap, Memory, Out, apply, route
+from pipeline.core.routing import (
+    Changes,
+    Dedup,
+    DeviceUnknown,
+    Gap,
+    Memory,
+    Out,
+    Topic,
+    apply,
+    route,
+)
 from pipeline.errors import DecodeError, StageFailed
 from pipeline.io import kafka
 from pipeline.io.aio import Backoff, Stopped, unless_stopped
@@ -60,6 +70,12 @@ log = logging.getLogger(__name__)
 
 _ROUTED = ROUTER_RECORDS.labels("routed")
 
+ROUND = 2
+"""Transactions of ``router.batch_max`` records a partition may run in one round: the
+partitions' transactions run side by side and the round ends with the last one's commit
+(its flush and commit wait for Kafka, with nothing else to route): two a round halve that
+idle share."""
+
 _CHILD_TOPICS = frozenset({"added", "failed", "deleted"})
 """Outputs that are a child each (``Out.topic`` names the ``kafka.topics`` key)."""
 
@@ -75,6 +91,8 @@ class _Batch:
         self.seen: dict[tuple[str, str], int] = {}
         """(gateway, event_id) -> record timestamp, for the pairs this transaction routes."""
         self.counts: collections.Counter[str] = collections.Counter()
+        self.dead = 0
+        """Records dead-lettered (the others are routed)."""
         self.changes = Changes(memory)
         self.gaps: list[Gap] = []
         self.now = utc_now()
@@ -102,6 +120,10 @@ class Router:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._topics = cfg.kafka.topics
+        self._out_topics: dict[str, str] = {
+            name: getattr(self._topics, name) for name in get_args(Topic)
+        }
+        """The topic each kind of output (``Out.topic``) goes to."""
         self.lock = asyncio.Lock()
         self._dedup = Dedup(cfg.router.dedup_window, cfg.router.dedup_max_entries)
         self._retry = Backoff(0.5, 10.0)
@@ -158,14 +180,25 @@ class Router:
         try:
             await self._check_state_partitions(run)
             while True:
-                # Up to batch_max records for each partition it holds: aiokafka hands them
-                # out partition by partition, and the partitions' transactions run side
-                # by side (each has its own producer), so one waits for Kafka while
-                # another routes.
-                fetch = self.cfg.router.batch_max * max(1, len(consumer.assignment()))
+                # Up to ROUND x batch_max records of each partition it holds, the
+                # partitions' transactions side by side (each has its own producer), so one
+                # waits for Kafka while another routes. aiokafka hands records out
+                # partition by partition, the first one's up to max_records: the rest of
+                # each partition's fetched records is taken partition by partition, without
+                # waiting (outside the lock: aiokafka's getmany waits out a rebalance).
+                step = self.cfg.router.batch_max
                 batch = await unless_stopped(
-                    run.stopping, consumer.getmany(timeout_ms=1000, max_records=fetch)
+                    run.stopping, consumer.getmany(timeout_ms=1000, max_records=step)
                 )
+                if batch:
+                    for tp in consumer.assignment():
+                        have = batch.get(tp, [])
+                        if len(have) < ROUND * step:
+                            more = await consumer.getmany(
+                                tp, timeout_ms=0, max_records=ROUND * step - len(have)
+                            )
+                            if more:
+                                batch[tp] = have + more[tp]
                 run.beat()
                 if batch:
                     async with self.lock:
@@ -319,18 +352,29 @@ class Router:
         return True
 
     async def _commit(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        """Route ``records`` of ``tp`` and move its offset in one transaction."""
+        """Route ``records`` of ``tp`` and move its offset in one transaction.
+
+        A delete that needs a DeviceInfo the memory lacks aborts it; the DeviceInfos are
+        read from ``lifecycle`` and the transaction is made again (once per assignment).
+        """
+        try:
+            await self._commit_once(tp, records)
+        except DeviceUnknown as exc:
+            log.info("router: %s; reading it from %s", exc, self._topics.lifecycle)
+            await self.find_devices(tp)
+            await self._commit_once(tp, records)
+
+    async def _commit_once(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         producer = self._producers[tp]
         batch = _Batch(self._memory.setdefault(tp, Memory()), producer)
         outbox = batch.outbox
         async with producer.transaction():
             try:
+                await outbox.open(*self._out_topics.values())
                 for record in records:
                     await self._route_one(producer, record, batch)
                 for state, value in batch.changes.records():  # the memory, beside its decisions
-                    await outbox.add(
-                        self._topics.router_state, value, key=state, partition=tp.partition
-                    )
+                    outbox.add(self._topics.router_state, value, key=state, partition=tp.partition)
                 # aiokafka commits a transaction even when a send in it failed (the record
                 # is then lost): wait for every batch, so a failure aborts it instead.
                 await outbox.flush()
@@ -344,6 +388,7 @@ class Router:
                 {tp: records[-1].offset + 1}, self.cfg.router.group_id
             )
         ROUTER_TRANSACTIONS.labels("committed").inc()
+        _ROUTED.inc(len(records) - batch.dead)  # counted once a transaction, when committed
         for key, at_ms in batch.seen.items():
             self._dedup.add(key, at_ms)
         batch.changes.commit()
@@ -434,14 +479,15 @@ class Router:
             ROUTER_RECORDS.labels("dlq").inc(exemplar=hop.exemplar())
             log.warning("dead-lettering a down-event record: %s", exc, extra=_where(record))
             batch.sends.append(await self._dead_letter(producer, record, f"router: {exc}"))
+            batch.dead += 1
             return
         except Exception as exc:  # a bug: dead-letter this record, keep the partition moving
             UNEXPECTED_ERRORS.labels("route").inc()
             log.exception("unexpected error routing a record", extra=_where(record))
             reason = f"router: internal error: {type(exc).__name__}: {exc}"
             batch.sends.append(await self._dead_letter(producer, record, reason))
+            batch.dead += 1
             return
-        _ROUTED.inc()
         hop.describe(gateway_id=routed.gateway_id)
         for label in routed.skipped:
             ROUTER_SKIPPED.labels(*label).inc()
@@ -457,24 +503,28 @@ class Router:
                 batch.seen[key] = record.timestamp
             hop.describe(event_id=event.event_id)
             applied = apply(routed.gateway_id, event, batch.changes, batch.now)
-            await self._send_outs(applied.outs, batch, hop)
+            self._send_outs(applied.outs, batch, hop)
             if applied.gap is not None:
                 batch.gaps.append(applied.gap)
             batch.counts.update(applied.counts)
+        if batch.outbox.full:
+            await batch.outbox.send_full()
 
-    async def _send_outs(self, outs: list[Out], batch: _Batch, hop: tracing.Hop) -> None:
-        """Send what an event applied: each child record a ``send`` of the event's trace.
+    def _send_outs(self, outs: list[Out], batch: _Batch, hop: tracing.Hop) -> None:
+        """Add what an event applied to the outbox: each child record a ``send`` of its trace.
 
         A child's lifecycle record follows it, in its trace; a sync request is the event's.
         """
         child = hop
         traced = self._tracing.enabled
+        names = self._out_topics
+        add = batch.outbox.add
         for out in outs:
-            topic = getattr(self._topics, out.topic)
+            topic = names[out.topic]
             watched = out.topic in _CHILD_TOPICS
             if watched:
                 child = hop.send(topic, out.key)
-            await batch.outbox.add(
+            add(
                 topic, out.value, key=out.key, headers=child.headers,
                 sent=child.sent if traced and watched else None,
             )  # fmt: skip
@@ -536,6 +586,40 @@ class Router:
             sorted(memories), learned,
         )  # fmt: skip
         self._report_gaps()
+
+    async def find_devices(self, tp: TopicPartition) -> None:
+        """Read from ``lifecycle`` the DeviceInfo of every added child ``tp``'s memory lacks.
+
+        The memory records are compact: each child's DeviceInfo is in the ``lifecycle``
+        record written in the same transaction (keyed by device_id, compacted). A child
+        whose record is not found there (another gateway's child of the same device_id
+        since, say) gets ``null``, as one never seen added; that is logged.
+        """
+        memory = self._memory[tp]
+        wanted = memory.unknown_devices()
+        if not wanted:
+            return
+        topic = self._topics.lifecycle
+        found = 0
+        async with kafka.reader(self.cfg.kafka) as reader:
+            spans = await kafka.whole(reader, topic)
+            count = max(1, len(spans))
+            needed = {kafka.partition_of(device_id.encode(), count) for _, device_id in wanted}
+            ranges = {where: span for where, span in spans.items() if where.partition in needed}
+            async with asyncio.timeout(120):
+                async for record in kafka.read_range(reader, ranges):
+                    found += memory.learn_device(record.key, record.value, wanted)
+        lost = memory.settle(wanted)
+        log.info(
+            "router read %d DeviceInfos of partition %d's children from %s",
+            found, tp.partition, topic,
+        )  # fmt: skip
+        if lost:
+            log.warning(
+                "no lifecycle record of %d added children of partition %d matches the "
+                "router's memory (e.g. %s of gateway %s): their deletes carry no DeviceInfo",
+                len(lost), tp.partition, lost[0][1], lost[0][0],
+            )  # fmt: skip
 
     def _report_gaps(self) -> None:
         """Metrics and the ``route.versions`` readiness detail for the open version gaps.

@@ -10,7 +10,17 @@ import orjson
 import pytest
 from hypothesis import strategies as st
 
-from pipeline.core.routing import Applied, Changes, Dedup, Gap, Memory, Versions, apply, route
+from pipeline.core.routing import (
+    Applied,
+    Changes,
+    Dedup,
+    DeviceUnknown,
+    Gap,
+    Memory,
+    Versions,
+    apply,
+    route,
+)
 from pipeline.errors import DecodeError
 from pipeline.schemas import AddedChild, ChildState, DeletedChild, DownEventRecord
 
@@ -364,8 +374,12 @@ _events = st.lists(
 def test_memory_rebuilt_from_its_records_decides_alike(
     events: list[tuple[str, int, list[int]]],
 ) -> None:
-    """What a router restarted from router_state decides is what the first one would."""
-    live, persisted = Memory(), []
+    """What a router restarted from router_state decides is what the first one would.
+
+    The memory records do not hold DeviceInfos: the restarted router reads those it needs
+    from the lifecycle records written beside them.
+    """
+    live, persisted, lifecycle = Memory(), [], []
     for i, (kind, version, children) in enumerate(events):
         if kind.endswith("notify"):
             service = notify(kind.split("-")[0], version, *children)
@@ -376,16 +390,93 @@ def test_memory_rebuilt_from_its_records_decides_alike(
         routed = route(record(b'{"services":[' + service + b"]}"))
         changes = Changes(live)
         for event in routed.events:
-            apply("gw-1", event, changes, NOW)
+            applied = apply("gw-1", event, changes, NOW)
+            lifecycle += [(o.key, o.value) for o in applied.outs if o.topic == "lifecycle"]
         persisted += changes.records()
         changes.commit()
     rebuilt = Memory()
     for key, value in persisted:
         assert rebuilt.learn(key, value)
-    assert rebuilt == live
+    assert (rebuilt.versions, rebuilt.children) == (live.versions, live.children)
+    wanted = rebuilt.unknown_devices()
+    assert set(wanted) == {k for k, c in live.children.items() if c.state == "added"}
+    for key, value in lifecycle:
+        rebuilt.learn_device(key, value, wanted)
+    assert rebuilt.settle(wanted) == []
+    assert {k: bytes(rebuilt.devices[k]) for k in wanted} == {
+        k: bytes(live.devices[k]) for k in wanted
+    }
+    # Deleting every child: the same records from both.
+    every = delete_response("del", *range(1, 6))
+    assert [(o.topic, o.key, o.value) for a in feed(rebuilt, every) for o in a.outs] == [
+        (o.topic, o.key, o.value) for a in feed(live, every) for o in a.outs
+    ]
     # Generations only grow, one per change of state, and the state alternates.
     for child in live.children.values():
         assert child.generation >= 1
+
+
+def test_memory_records_are_compact() -> None:
+    """A child's memory record holds its state, generation and version, no DeviceInfo."""
+    changes = Changes(Memory())
+    routed = route(record(b'{"services":[' + notify("add", 4, 1) + b"]}"))
+    apply("gw-1", routed.events[0], changes, NOW)
+    assert dict(changes.records()) == {
+        b"v/gw-1": b'{"last":4,"missing":[]}',
+        b"c/gw-1/d1": b'{"generation":1,"state":"added","version":4}',
+    }
+
+
+def test_an_earlier_routers_memory_records_are_read_with_their_device_info() -> None:
+    """After an upgrade: records holding the DeviceInfo (as routers wrote them before)."""
+    memory = Memory()
+    assert memory.learn(
+        b"c/gw-1/d1", b'{"generation":1,"state":"added","version":3,"device":' + device(1) + b"}"
+    )
+    assert memory.learn(
+        b"c/gw-1/d2", b'{"generation":2,"state":"deleted","version":null,"device":null}'
+    )
+    assert memory.unknown_devices() == {}  # nothing to look up
+    applied = feed(memory, delete_response("del-1", 1, 2), add("ev-1", [device(2)], []))
+    assert [(d["device_id"], d["generation"], d["device"]) for d in outs(applied, "deleted")] == [
+        ("d1", 2, orjson.loads(device(1))),
+    ]
+    assert applied[0].counts == {"deleted": 1, "duplicate": 1}
+    assert [(a["generation"], a["device"]) for a in outs(applied, "added")] == [
+        (3, orjson.loads(device(2))),
+    ]
+
+
+def test_a_delete_asks_for_a_device_info_the_memory_lacks() -> None:
+    """Read back from compact records, a child's DeviceInfo comes from its lifecycle record."""
+    live = Memory()
+    lifecycle = [
+        (o.key, o.value)
+        for a in feed(live, notify("add", 1, 1, 2, 3)) + feed(live, delete_response("x", 3))
+        for o in a.outs
+        if o.topic == "lifecycle"
+    ]
+    rebuilt = Memory()
+    for (gateway, device_id), child in live.children.items():  # the compact records
+        assert rebuilt.learn(f"c/{gateway}/{device_id}".encode(), msgspec.json.encode(child))
+    with pytest.raises(DeviceUnknown) as caught:
+        feed(rebuilt, notify("delete", 2, 1))
+    assert caught.value.key == ("gw-1", "d1")
+    wanted = rebuilt.unknown_devices()
+    assert wanted == {("gw-1", "d1"): 1, ("gw-1", "d2"): 1}  # d3 is deleted: not needed
+    # d2's lifecycle record is another gateway's now (the same device_id added there),
+    # and compaction kept only that one.
+    moved = feed(Memory(), notify("add", 9, 2), gateway="gw-2")
+    lifecycle += [(o.key, o.value) for a in moved for o in a.outs if o.topic == "lifecycle"]
+    compacted = dict(lifecycle)
+    found = [rebuilt.learn_device(key, value, wanted) for key, value in compacted.items()]
+    assert found == [True, False, False]
+    assert rebuilt.settle(wanted) == [("gw-1", "d2")]
+    deleted = outs(feed(rebuilt, notify("delete", 2, 1, 2)), "deleted")
+    assert [(d["device_id"], d["generation"], d["device"]) for d in deleted] == [
+        ("d1", 2, orjson.loads(device(1))),
+        ("d2", 2, None),  # its DeviceInfo is lost: null, as for a child never seen added
+    ]
 
 
 KINDS = [

@@ -21,7 +21,7 @@ from pipeline.config import Config
 from pipeline.errors import StageFailed
 from pipeline.io import kafka
 from pipeline.ops.server import Health
-from pipeline.schemas import DownEventRecord
+from pipeline.schemas import ChildState, DownEventRecord
 from pipeline.stages import runtime
 from pipeline.stages.router import Router
 from tests.harness import group_stable, read_topic, running
@@ -203,3 +203,47 @@ async def test_router_state_must_be_partitioned_as_down_events(cfg: Config) -> N
         f"{topics.down_events} has 2: they must be equal (the router keeps partition p's "
         "memory in partition p)"
     )
+
+
+async def test_an_upgraded_router_reads_the_memory_an_earlier_one_wrote(cfg: Config) -> None:
+    """Memory records holding the DeviceInfo (before) and compact ones (now), side by side.
+
+    A compact record's DeviceInfo comes from the child's lifecycle record, looked up when
+    a delete needs it: the transaction is made again, each record in it once.
+    """
+    gw = "gw-upgrade"
+    topics = cfg.kafka.topics
+    await kafka.ensure_topics(cfg.kafka, Router(cfg).topics(), partitions=1)
+    u1, u2 = (orjson.dumps(device(n, gw)) for n in ("u1", "u2"))
+    async with kafka.producer(cfg.kafka) as producer:
+        for key, value in [
+            (f"v/{gw}", b'{"last":1,"missing":[]}'),
+            (f"c/{gw}/p_u1", b'{"generation":1,"state":"added","version":1,"device":' + u1 + b"}"),
+            (f"c/{gw}/p_u2", b'{"generation":1,"state":"added","version":1}'),
+        ]:
+            await producer.send_and_wait(topics.router_state, value, key=key.encode(), partition=0)
+        state = ChildState(
+            device_id="p_u2", gateway_id=gw, state="added", generation=1,
+            source_event="add_sub_device_notify", event_id=None, version=1,
+            changed_at="2024-12-02T13:00:00.000Z", device=msgspec.Raw(u2),
+        )  # fmt: skip
+        await producer.send_and_wait(topics.lifecycle, msgspec.json.encode(state), key=b"p_u2")
+    async with running(Router(cfg)):
+        await send(
+            cfg, gw,
+            notify("add", 1, gw, "u9"),  # stale: version 1 was seen
+            notify("add", 2, gw, "u3"),
+            notify("delete", 3, gw, "u1", "u2"),
+        )  # fmt: skip
+        deleted = await read_topic(cfg.kafka, topics.deleted, expect=2)
+    assert summary(await read_topic(cfg.kafka, topics.added), "generation") == [("p_u3", 1)]
+    assert summary(deleted, "generation", "device") == [
+        ("p_u1", 2, device("u1", gw)),  # from the earlier router's record
+        ("p_u2", 2, device("u2", gw)),  # from the lifecycle record
+    ]
+    lifecycle = await read_topic(cfg.kafka, topics.lifecycle)
+    assert summary(lifecycle, "state", "generation") == [
+        ("p_u2", "added", 1), ("p_u3", "added", 1), ("p_u1", "deleted", 2), ("p_u2", "deleted", 2),
+    ]  # fmt: skip
+    memory = {r.key: r.value for r in await read_topic(cfg.kafka, topics.router_state)}
+    assert memory[f"c/{gw}/p_u1".encode()] == b'{"generation":2,"state":"deleted","version":3}'

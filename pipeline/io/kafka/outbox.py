@@ -40,18 +40,35 @@ class _Open:
 class Outbox:
     """The records of one transaction (or one flush) of ``producer``, in batches.
 
-    Add records with :meth:`add`, then :meth:`flush`: it returns once Kafka has every
-    batch, and raises the first batch's error otherwise (aiokafka would commit a
-    transaction around a failed send: wait for this before committing).
+    Name the topics with :meth:`open` first (it learns their partitions), add records with
+    :meth:`add` (no coroutine: it only appends), send the batches it filled with
+    :meth:`send_full` whenever :attr:`full` says so, then :meth:`flush`: it returns once
+    Kafka has every batch, and raises the first batch's error otherwise (aiokafka would
+    commit a transaction around a failed send: wait for this before committing).
     """
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
         self._open: dict[tuple[str, int], _Open] = {}
         self._partitions: dict[str, list[int]] = {}
+        self._full: list[tuple[tuple[str, int], _Open]] = []
         self._sent: list[asyncio.Future[Any]] = []
+        self._last: tuple[bytes, int, int] = (b"", 0, 0)
+        """(key, partition count, partition) of the last keyed record: a child's records
+        share a key, so its partition is computed once."""
 
-    async def add(
+    async def open(self, *topics: str) -> None:
+        """Learn the partitions of ``topics``, the topics :meth:`add` takes."""
+        for topic in topics:
+            if topic not in self._partitions:
+                self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+
+    @property
+    def full(self) -> bool:
+        """Batches are full: :meth:`send_full` before adding many more."""
+        return bool(self._full)
+
+    def add(
         self,
         topic: str,
         value: bytes,
@@ -61,14 +78,20 @@ class Outbox:
         headers: list[tuple[str, bytes]] | None = None,
         sent: Callable[[RecordMetadata | None, BaseException | None], None] | None = None,
     ) -> None:
-        """Append one record (to ``partition``, or to its key's); ``sent`` hears Kafka's answer."""
+        """Append one record (to ``partition``, or to its key's); ``sent`` hears Kafka's answer.
+
+        Raises:
+            KeyError: ``topic`` was not given to :meth:`open`.
+        """
         if partition is None:
-            partitions = self._partitions.get(topic)
-            if partitions is None:
-                partitions = self._partitions[topic] = sorted(
-                    await self._producer.partitions_for(topic)
-                )
-            partition = partitions[partition_of(key, len(partitions))]
+            partitions = self._partitions[topic]
+            count = len(partitions)
+            last_key, last_count, last = self._last
+            if key is last_key and count == last_count:
+                partition = last
+            else:
+                partition = partitions[partition_of(key, count)]
+                self._last = (key, count, partition)
         if headers is None:
             headers = []  # aiokafka's record builder takes a list only
         where = (topic, partition)
@@ -76,8 +99,8 @@ class Outbox:
         if pending is None:
             pending = self._open[where] = _Open(self._producer.create_batch())
         metadata = pending.batch.append(timestamp=None, key=key, value=value, headers=headers)
-        if metadata is None:  # full: send it, and start the next one
-            await self._send(where, pending)
+        if metadata is None:  # full: to be sent, and the next one started
+            self._full.append((where, pending))
             pending = self._open[where] = _Open(self._producer.create_batch())
             metadata = pending.batch.append(timestamp=None, key=key, value=value, headers=headers)
             if metadata is None:  # larger than a batch: aiokafka takes it alone
@@ -86,8 +109,13 @@ class Outbox:
         if sent is not None:
             pending.watchers.append((metadata.offset, sent))
 
+    async def send_full(self) -> None:
+        """Send the batches :meth:`add` filled (aiokafka may wait for a partition's last)."""
+        full, self._full = self._full, []
+        for where, pending in full:
+            await self._send(where, pending)
+
     async def _send(self, where: tuple[str, int], pending: _Open) -> None:
-        del self._open[where]
         pending.batch.close()
         topic, partition = where
         future = await self._producer.send_batch(pending.batch, topic, partition=partition)
@@ -96,8 +124,10 @@ class Outbox:
         self._sent.append(future)
 
     async def flush(self) -> None:
-        """Send the open batches; return when Kafka has them all (raise the first failure)."""
-        for where, pending in list(self._open.items()):
+        """Send every batch; return when Kafka has them all (raise the first failure)."""
+        await self.send_full()
+        opened, self._open = self._open, {}
+        for where, pending in opened.items():
             await self._send(where, pending)
         await self.wait()
 
