@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from benchmarks import procs, workload
-from benchmarks.measure import rate, span
+from benchmarks.measure import output_rate
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -186,7 +186,7 @@ async def sustained(
             finally:
                 for proc in workers.values():
                     await proc.stop()
-            value = rate(len(backlog.records), *span(backlog.records)) / workload.CHILDREN
+            value = output_rate(backlog.records) / workload.CHILDREN
             out[who].append(value)
             say(f"  {who} ({variant.describe()}): {value:,.0f} msg/s")
     return out

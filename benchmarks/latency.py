@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Self
 import msgspec
 
 from benchmarks import procs, workload
-from benchmarks.measure import Incomplete, Output, rate, span
+from benchmarks.measure import Incomplete, Output, output_rate
 from pipeline.io import kafka, mqtt
 from pipeline.tools.replay import MAX_CONCURRENT_PUBLISHES, FixtureMessage
 
@@ -375,7 +375,7 @@ async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
         pipe = Pipeline(ctx, cfg, workers)
         await pipe.through(WARMUP, "w", None, o.limit)
         backlog = await pipe.through(o.sustain, "s", None, o.limit)
-        sustained = rate(len(backlog.records), *span(backlog.records)) / workload.CHILDREN
+        sustained = output_rate(backlog.records) / workload.CHILDREN
         say(
             f"  sustained: {sustained:,.0f} msg/s ({sustained * workload.CHILDREN:,.0f} children/s;"
             f" the broker took the backlog at {backlog.published.per_s:,.0f} msg/s)"

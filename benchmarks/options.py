@@ -14,9 +14,9 @@ class Options:
     rounds: int = 3
     only: tuple[str, ...] = ("ingest", "route", "sink")
     """The stages measured against their ceilings in the rounds (all three by default)."""
-    messages: int = 3000
-    events: int = 2500
-    allocations: int = 2000
+    messages: int = 10_000
+    events: int = 10_000
+    allocations: int = 4000
     decode_reps: int = 7
     sustain: int = 1500
     rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)

@@ -25,9 +25,9 @@ import msgspec
 from rich.table import Table
 
 from benchmarks import measure, workload
-from benchmarks.measure import Output, span
+from benchmarks.measure import Output
 from benchmarks.procs import BenchError
-from benchmarks.stages import Sample, rotated, sample_of
+from benchmarks.stages import Sample, output_sample, rotated
 from pipeline.config import listed_gateways
 from pipeline.core.shards import share
 from pipeline.io import kafka, mqtt
@@ -150,7 +150,7 @@ async def _measured(out: Output, n: int, workers: list[Proc], limit: float) -> S
 
     records = await out.wait(n, limit=limit, alive=alive)
     peak = max(w.memory().peak_mb for w in workers)
-    return dataclasses.replace(sample_of(len(records), *span(records)), peak_mb=peak)
+    return dataclasses.replace(output_sample(records), peak_mb=peak)
 
 
 async def _group_stable(cfg: Config, group: str, members: int, workers: list[Proc]) -> None:

@@ -25,7 +25,7 @@ import aiohttp
 import msgspec
 
 from benchmarks import ceilings, measure, profile, workload
-from benchmarks.measure import Output, elapsed, rate, span
+from benchmarks.measure import Output, at_first, elapsed, rate, span
 from pipeline.core.decode import decode_down
 from pipeline.dps.emulator import DEMO_GROUP
 from pipeline.tools.replay import FixtureMessage, replay_messages
@@ -34,11 +34,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
+    from aiokafka import ConsumerRecord
+
     from benchmarks.context import Context
     from benchmarks.procs import Memory
     from pipeline.config import Config
 
-__all__ = ["STAGES", "Sample", "Stages", "decode_rates", "rotated", "sample_of"]
+__all__ = ["STAGES", "Sample", "Stages", "decode_rates", "output_sample", "rotated", "sample_of"]
 
 _T = TypeVar("_T")
 _DECODE_BLOCK = 250
@@ -73,10 +75,23 @@ def rotated(kinds: Sequence[_T], round_no: int) -> list[_T]:
     return [*kinds[k:], *kinds[:k]]
 
 
-def sample_of(count: int, first: float, last: float, memory: Memory | None = None) -> Sample:
-    """The :class:`Sample` of ``count`` completions between ``first`` and ``last``."""
+def sample_of(
+    count: int, first: float, last: float, memory: Memory | None = None, *, at_first: int = 1
+) -> Sample:
+    """The :class:`Sample` of ``count`` completions between ``first`` and ``last``.
+
+    ``at_first``: how many completed at ``first`` (:func:`~.measure.rate`).
+    """
     seconds = elapsed(first, last)
-    return Sample(rate(count, first, last), count, seconds, memory.peak_mb if memory else None)
+    peak = memory.peak_mb if memory else None
+    return Sample(rate(count, first, last, at_first=at_first), count, seconds, peak)
+
+
+def output_sample(
+    records: list[ConsumerRecord[bytes, bytes]], memory: Memory | None = None
+) -> Sample:
+    """The :class:`Sample` of a measurement's broker-stamped output ``records``."""
+    return sample_of(len(records), *span(records), memory, at_first=at_first(records))
 
 
 def decode_rates(payloads: list[bytes], reps: int) -> dict[str, list[float]]:
@@ -216,7 +231,7 @@ class Stages:
             if recording is not None:
                 await recording.stop()
             await proc.stop()
-        return dataclasses.replace(sample_of(len(records), *span(records), memory), cpu=busy)
+        return dataclasses.replace(output_sample(records, memory), cpu=busy)
 
     async def _ceiling(
         self, loop: str, cfg: Config, name: str, out: Output | None, n: int, *args: str
@@ -235,7 +250,7 @@ class Stages:
                 await proc.stop()
                 raise
             result = await proc.result(limit)
-            sample = sample_of(len(records), *span(records))
+            sample = output_sample(records)
         return dataclasses.replace(sample, cpu=float(result["cpu"]))
 
     async def _ingest(self, kind: str, round_no: int) -> Sample:

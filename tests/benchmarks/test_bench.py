@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks import Options, cli, replicas, report, run, runner, workload
 from benchmarks.latency import percentile
-from benchmarks.measure import rate
+from benchmarks.measure import LOG_APPEND_TIME, at_first, output_rate, rate
 from benchmarks.stages import STAGES
 from pipeline.config import Config
 from pipeline.io import kafka
@@ -243,6 +243,22 @@ def test_the_summary_keeps_the_count_of_the_latencies_it_leaves_out() -> None:
 def test_rate_and_percentile() -> None:
     assert rate(11, 100.0, 101.0) == 10.0
     assert rate(1, 5.0, 5.0) == 1000.0  # one completion: at most the clock's resolution
+    # A first batch of 6 lands at once, after the work of all 6: only the 5 after it count.
+    assert rate(11, 100.0, 101.0, at_first=6) == 5.0
+
+
+def test_a_first_batch_is_left_out_of_the_rate() -> None:
+    from aiokafka import ConsumerRecord  # noqa: PLC0415
+
+    def record(ms: int) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord("t", 0, 0, ms, LOG_APPEND_TIME, b"k", b"v", None, 1, 1, [])
+
+    batchy = [record(1000)] * 4 + [record(1500), record(2000)]
+    assert at_first(batchy) == 4
+    assert output_rate(batchy) == 2 / 1.0  # 2 records in the second after the first batch
+    one_by_one = [record(1000 + 250 * i) for i in range(5)]
+    assert at_first(one_by_one) == 1
+    assert output_rate(one_by_one) == 4 / 1.0
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
     assert percentile(list(map(float, range(1, 101))), 99) == 99.0
     assert percentile([7.0], 99) == 7.0
