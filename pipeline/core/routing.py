@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import sys
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -317,7 +318,7 @@ class Memory:
 
     versions: dict[str, Versions] = dataclasses.field(default_factory=dict)
     children: dict[Key, Child] = dataclasses.field(default_factory=dict)
-    devices: dict[Key, msgspec.Raw] = dataclasses.field(default_factory=dict)
+    devices: dict[Key, bytes] = dataclasses.field(default_factory=dict)
     """The DeviceInfo each child was last added with, for the children this memory knows it
     of: those added since it was read back, those whose record held it (an earlier
     router's), and those :meth:`learn_device` found. A deleted child keeps its entry."""
@@ -333,13 +334,14 @@ class Memory:
                 return True
             if text.startswith("c/"):
                 gateway, _, device_id = text[2:].partition("/")
+                gateway = sys.intern(gateway)
                 stored = _CHILD.decode(value)
                 child = (gateway, device_id)
                 self.children[child] = Child(
                     generation=stored.generation, state=stored.state, version=stored.version
                 )
                 if stored.device is not msgspec.UNSET:  # an earlier router's record
-                    self.devices[child] = stored.device.copy()  # not the whole record
+                    self.devices[child] = bytes(stored.device)  # not the whole record
                 else:  # the one that stopped knew it; this memory does not
                     self.devices.pop(child, None)
                 return True
@@ -372,7 +374,7 @@ class Memory:
             return False
         if wanted.get(child) != record.generation or record.state != "added":
             return False
-        self.devices[child] = record.device.copy()  # not the whole lifecycle record
+        self.devices[child] = bytes(record.device)  # not the whole lifecycle record
         return True
 
     def settle(self, wanted: dict[Key, int]) -> list[Key]:
@@ -383,7 +385,7 @@ class Memory:
         """
         lost = [key for key in wanted if key not in self.devices]
         for key in lost:
-            self.devices[key] = _NULL
+            self.devices[key] = b"null"
         return lost
 
     def open_gaps(self) -> dict[str, list[tuple[int, int]]]:
@@ -413,7 +415,10 @@ class Changes:
     def device(self, key: Key) -> msgspec.Raw | None:
         """The DeviceInfo the child was last added with; None when the memory lacks it."""
         found = self._devices.get(key)
-        return found if found is not None else self._memory.devices.get(key)
+        if found is not None:
+            return found
+        kept = self._memory.devices.get(key)
+        return None if kept is None else msgspec.Raw(kept)
 
     def set_version(self, gateway: str, versions: Versions) -> None:
         """Change the gateway's versions."""
@@ -441,7 +446,8 @@ class Changes:
         # A decoded Raw is a view of the whole record it came from (the down event, a
         # few KB): kept as it is, the memory would hold every event of every child it
         # remembers (the router's RSS passed 190 MB in the bench's 100,000-child burst).
-        self._memory.devices.update({key: raw.copy() for key, raw in self._devices.items()})
+        # (bytes: a Raw would add an object of its own, ~140 B a child).
+        self._memory.devices.update({key: bytes(raw) for key, raw in self._devices.items()})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -547,6 +553,7 @@ def apply(gateway: str, event: ChildEvent, view: Changes, now: str) -> Applied:
             the transaction's events again, against a fresh :class:`Changes`.
     """
     applied = Applied()
+    gateway = sys.intern(gateway)  # one string for all of a gateway's children in memory
     if event.version is not None and not _sequence(gateway, event.version, view, now, applied):
         applied.counts["stale"] += 1
         return applied
