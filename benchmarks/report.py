@@ -483,7 +483,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
         f"benchmarks, {meta['started_at']} - {meta['cpus']} shared cores, load average "
         f"{start:.1f} at the start, {end:.1f} at the end; "
         f"{meta['options']['rounds']} interleaved rounds"
-        + (f"; Mosquitto: {meta['mosquitto']}" if meta.get("mosquitto") else ""),
+        + (f"\nMosquitto: {meta['mosquitto']}" if meta.get("mosquitto") else ""),
         fontsize=10,
     )
     fig.tight_layout()
