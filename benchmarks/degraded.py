@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
-import orjson
 from rich.table import Table
 
 from benchmarks import measure, procs, workload
 from benchmarks.context import Context
 from benchmarks.measure import Output
 from benchmarks.options import Options
-from benchmarks.runner import _emulator  # the one way the bench starts it
+from benchmarks.report import save
+from benchmarks.runner import start_emulator  # the one way the bench starts it
 from benchmarks.services import ensure_services
 from benchmarks.stages import rotated
 from pipeline.tools.console import make_console
@@ -80,7 +80,7 @@ async def run(
     log_dir = Path(tempfile.mkdtemp(prefix="pipeline-degraded-"))
     ctx = Context(cfg, Options(rounds=rounds), config_path=config_path, log_dir=log_dir)
     started = time.monotonic()
-    emulator = await _emulator(ctx)
+    emulator = await start_emulator(ctx)
     runs: dict[str, list[_Run]] = {kind: [] for kind in KINDS}
     try:
         source = ctx.config("dg-input")
@@ -108,9 +108,7 @@ async def run(
     doc = _document(ctx, runs, time.monotonic() - started)
     table(console, doc)
     for path in (out, summary):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-        console.print(f"written to {path}")
+        save(console, path, doc)
     return 0
 
 

@@ -46,6 +46,7 @@ from rich.table import Table
 from benchmarks import procs
 from benchmarks.context import Context
 from benchmarks.options import Options
+from benchmarks.report import save
 from benchmarks.services import ensure_services
 from pipeline.io import kafka
 from pipeline.schemas import (
@@ -473,10 +474,5 @@ async def run(
     }
     table(console, doc)
     if summary is not None:
-        import orjson  # noqa: PLC0415
-
-        text = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
-        await asyncio.to_thread(summary.parent.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(summary.write_bytes, text)
-        console.print(f"summary written to {summary}")
+        await asyncio.to_thread(save, console, summary, doc, "summary")
     return 0

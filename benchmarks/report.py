@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from rich.table import Table
 
 from benchmarks.latency import percentile
@@ -226,6 +227,13 @@ def versions(
         "measures": {who: _summary(values) for who, values in rates.items()},
         "ratio": ratio,
     }
+
+
+def save(console: Console, path: Path, data: dict[str, Any], what: str = "figures") -> None:
+    """Write ``data`` as indented JSON to ``path`` (its directory made if need be); say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+    console.print(f"{what} written to {path}")
 
 
 def policy(rates: dict[str, list[float]]) -> dict[str, Any]:

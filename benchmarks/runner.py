@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import orjson
 from rich.console import Console
 
 from benchmarks import baseline, procs, profile, replicas, report
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
     from benchmarks.options import Options
     from pipeline.config import Config, MqttConfig
 
-__all__ = ["chart_available", "run", "write"]
+__all__ = ["chart_available", "run", "start_emulator", "write"]
 
 _LIBRARIES = ("aiomqtt", "paho-mqtt", "aiokafka", "aiohttp", "msgspec")
 
@@ -113,9 +112,7 @@ def write(
         report.table(console, brief)
     for path, data, what in ((out, doc, "figures"), (summary, brief, "summary")):
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
-            console.print(f"{what} written to {path}")
+            report.save(console, path, data, what)
     if chart is not None and "replicas" not in doc:
         chart.parent.mkdir(parents=True, exist_ok=True)
         report.chart(brief, chart)
@@ -148,7 +145,7 @@ async def _measure(
     console: Console, ctx: Context, profile_dir: Path | None, where: Mosquittos
 ) -> dict[str, Any]:
     o = ctx.options
-    emulator = await _emulator(ctx)
+    emulator = await start_emulator(ctx)
     try:
         stages = Stages(ctx)
         await stages.prepare()
@@ -267,7 +264,7 @@ async def _replicas(
     return {"meta": _meta(ctx, where), "replicas": replicas.document(measured)}
 
 
-async def _emulator(ctx: Context) -> procs.Proc:
+async def start_emulator(ctx: Context) -> procs.Proc:
     """The DPS emulator in its own process (``pipeline dps-emulator --accept-any-sn``)."""
     port = procs.free_port()
     proc = await procs.start(

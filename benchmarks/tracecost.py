@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
-import orjson
 from rich.table import Table
 
 from benchmarks import procs
 from benchmarks.baseline import checkout
 from benchmarks.context import Context
 from benchmarks.options import Options
-from benchmarks.runner import _emulator  # the one way the bench starts it
+from benchmarks.report import save
+from benchmarks.runner import start_emulator  # the one way the bench starts it
 from benchmarks.services import ensure_services
 from benchmarks.stages import STAGES, Sample, Stages, rotated
 from pipeline.config import Config, TracingConfig
@@ -200,7 +200,7 @@ async def run(cfg: Config, options: Options, *, ref: str | None, config_path: st
         console.print(f"installing {ref} (the code before tracing) and starting Jaeger")
         async with checkout(ref) as before, _jaeger(log_dir) as otlp:
             ctx.before, ctx.otlp = before, otlp
-            emulator = await _emulator(ctx)
+            emulator = await start_emulator(ctx)
             try:
                 stages = _Stages(ctx)
                 await stages.prepare()
@@ -227,9 +227,7 @@ async def run(cfg: Config, options: Options, *, ref: str | None, config_path: st
     doc = _document(ctx, samples, load, time.monotonic() - started)
     table(console, doc)
     for path in (out, summary):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
-        console.print(f"written to {path}")
+        save(console, path, doc)
     return 0
 
 
