@@ -19,13 +19,13 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import to_environ
 from pipeline.errors import PipelineError
+from pipeline.tools.services import free_port
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -51,13 +51,6 @@ class Memory:
 def child_env(cfg: Config) -> dict[str, str]:
     """The environment that gives a child process the measurement's configuration ``cfg``."""
     return os.environ | to_environ(cfg) | {"PIPELINE_METRICS__ENABLED": "false"}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Proc:

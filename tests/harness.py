@@ -10,7 +10,6 @@ import functools
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -415,13 +414,6 @@ async def terminate(proc: asyncio.subprocess.Process, limit: float = 60) -> int:
     return await asyncio.wait_for(proc.wait(), limit)
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def add_response(event_id: str, sns: list[str], failed: Sequence[str] = ()) -> dict[str, object]:
     """An add_sub_device_response event adding ``sns`` (device ids ``prod_<sn>``)."""
     return {
@@ -520,6 +512,10 @@ def private_mosquitto(
         for _ in range(50):
             if subprocess.run([*command, *auth], capture_output=True, check=False).returncode == 0:
                 break
+            if proc.poll() is not None:  # e.g. the port was taken: say so, not "no answer"
+                log = (tmp / "log").read_text(encoding="utf-8", errors="replace")
+                msg = f"private mosquitto on {port} exited {proc.returncode}: {log[-500:]}"
+                raise AssertionError(msg)
             time.sleep(0.1)
         else:
             msg = f"private mosquitto on {port} did not answer"

@@ -30,7 +30,8 @@ from pipeline.errors import (
     StageFailed,
 )
 from pipeline.stages.sink.offsets import OffsetTracker, OutOfOrder
-from tests.harness import FIXTURES, free_port
+from pipeline.tools.services import free_port
+from tests.harness import FIXTURES
 
 
 def _env(**values: str) -> dict[str, str]:

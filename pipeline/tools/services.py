@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import random
 import re
 import shutil
 import signal
@@ -63,11 +64,41 @@ def local_available() -> bool:
     return (LOCAL / "kafka.sh").exists() and shutil.which("mosquitto") is not None
 
 
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST = 10_000
+"""The lowest port :func:`free_port` hands out (below: well-known and registered services)."""
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel gives outgoing connections (Linux's default when unreadable)."""
+    try:
+        low, high = (int(n) for n in _EPHEMERAL.read_text(encoding="ascii").split())
+    except (OSError, ValueError):
+        return 32_768, 60_999
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing uses right now, outside the ephemeral range.
+
+    A port the kernel could give an outgoing connection is not safe for a server: any
+    process's connection may take it as its local port between the check and the bind,
+    or while a server is down for a restart, and the server then cannot bind it
+    (``EADDRINUSE``; the broker-restart tests failed so under a parallel run). Outside
+    ``ip_local_port_range`` only an explicit bind can take it.
+    """
+    low, high = _ephemeral_range()
+    outside = [*range(_LOWEST, low), *range(high + 1, 65_536)]
+    pick = random.SystemRandom()
+    for _ in range(200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", pick.choice(outside) if outside else 0))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    msg = f"no free port on 127.0.0.1 outside the ephemeral range {low}-{high}"
+    raise RuntimeError(msg)
 
 
 def _die_with_parent() -> None:

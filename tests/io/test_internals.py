@@ -35,7 +35,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pipeline.config import KafkaConfig, MqttConfig
 from pipeline.errors import ServiceUnreachable
 from pipeline.io import _aiokafka_internals, _aiomqtt_internals, kafka, mqtt
-from tests.harness import ROOT, free_port
+from pipeline.tools.services import free_port
+from tests.harness import ROOT
 
 
 def moved(reach_in: str, what: str) -> str:

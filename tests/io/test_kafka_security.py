@@ -24,10 +24,10 @@ from pipeline.stages.ingest import Ingest
 from pipeline.stages.router import Router
 from pipeline.stages.sink import Sink
 from pipeline.tools.replay import FixtureMessage, replay_messages
+from pipeline.tools.services import free_port
 from tests import harness
 from tests.harness import (
     add_response,
-    free_port,
     private_kafka,
     read_topic,
     running,

@@ -25,9 +25,9 @@ from pipeline.ops.server import Health
 from pipeline.stages import runtime
 from pipeline.stages.ingest import Ingest
 from pipeline.tools.replay import FixtureMessage, replay_messages
+from pipeline.tools.services import free_port
 from tests.harness import (
     add_response,
-    free_port,
     make_certs,
     private_mosquitto,
     read_topic,

@@ -14,7 +14,7 @@ from pipeline.config import Config, load_config
 from pipeline.errors import ServiceUnreachable
 from pipeline.io import aio, kafka, mqtt
 from pipeline.io.aio import Stopped
-from tests.harness import free_port
+from pipeline.tools.services import free_port
 
 
 @contextlib.asynccontextmanager

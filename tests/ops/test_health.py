@@ -12,7 +12,7 @@ from pipeline.stages import runtime
 from pipeline.stages.ingest import Ingest
 from pipeline.stages.router import Router
 from pipeline.stages.sink import Sink
-from tests.harness import free_port
+from pipeline.tools.services import free_port
 
 
 def test_a_stage_made_registers_nothing() -> None:

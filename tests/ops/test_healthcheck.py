@@ -9,7 +9,7 @@ import sys
 from pipeline.config import MetricsConfig
 from pipeline.ops.healthcheck import healthcheck
 from pipeline.ops.server import Health, ops_server
-from tests.harness import free_port
+from pipeline.tools.services import free_port
 
 
 async def test_healthy_worker_found_on_its_configured_port() -> None:

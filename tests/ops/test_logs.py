@@ -21,7 +21,7 @@ from aiokafka.errors import (
 )
 
 from pipeline.ops.logs import LibraryNoise
-from tests.harness import free_port
+from pipeline.tools.services import free_port
 
 Setup = Callable[[str], io.StringIO]
 

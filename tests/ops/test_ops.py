@@ -15,9 +15,10 @@ from pipeline.config import Config
 from pipeline.dps.emulator import start_emulator
 from pipeline.io import kafka
 from pipeline.tools.replay import FixtureMessage, replay_messages
+from pipeline.tools.services import free_port
 from pipeline.tools.status import collect
 from tests import harness
-from tests.harness import add_response, free_port, read_topic, wait_readyz, worker_env
+from tests.harness import add_response, read_topic, wait_readyz, worker_env
 
 pytestmark = pytest.mark.services
 

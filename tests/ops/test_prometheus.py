@@ -29,11 +29,11 @@ from pipeline.dps.emulator import load_devices, start_emulator
 from pipeline.io import mqtt
 from pipeline.tools import demo
 from pipeline.tools.replay import replay
+from pipeline.tools.services import free_port
 from tests import harness
 from tests.harness import (
     DEMO_FIXTURE,
     ROOT,
-    free_port,
     read_topic,
     terminate,
     wait_readyz,

@@ -26,12 +26,12 @@ from pipeline.config import Config, MqttConfig, Secret, TlsConfig
 from pipeline.io import mqtt
 from pipeline.ops.server import Health
 from pipeline.stages.ingest import Ingest
+from pipeline.tools.services import free_port
 from tests import harness
 from tests.harness import (
     ROOT,
     add_response,
     arrived,
-    free_port,
     make_certs,
     private_mosquitto,
     read_topic,

@@ -21,13 +21,13 @@ from pipeline.schemas import DownEventRecord
 from pipeline.stages import runtime
 from pipeline.stages.router import Router
 from pipeline.tools.replay import FixtureMessage, replay_messages
+from pipeline.tools.services import free_port
 from tests.harness import (
     Records,
     add_response,
     arrived,
     audit_holds,
     caught_up,
-    free_port,
     kill,
     read_topic,
     running,

@@ -21,11 +21,11 @@ import pytest
 from pipeline.config import Config, MqttConfig, Secret
 from pipeline.io import mqtt
 from pipeline.tools.replay import FixtureMessage, replay_messages
+from pipeline.tools.services import free_port
 from tests.harness import (
     Records,
     add_response,
     arrived,
-    free_port,
     kill,
     private_mosquitto,
     read_topic,

@@ -18,7 +18,8 @@ from pipeline.config import Config
 from pipeline.io import mqtt
 from pipeline.schemas import AddedChild, DeviceInfo, DownEventRecord
 from pipeline.tools.replay import FixtureMessage, replay_messages
-from tests.harness import free_port, read_topic, spawn, terminate, wait_readyz
+from pipeline.tools.services import free_port
+from tests.harness import read_topic, spawn, terminate, wait_readyz
 from tests.stages.hostile import BAD, event, odd_but_valid
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]

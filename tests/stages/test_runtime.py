@@ -18,7 +18,7 @@ from pipeline.io import kafka
 from pipeline.io.aio import Stopped, unless_stopped
 from pipeline.stages.registry import STAGES, Entry
 from pipeline.stages.runtime import Run, Subscription
-from tests.harness import free_port
+from pipeline.tools.services import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -27,10 +27,10 @@ from pipeline.dps.emulator import RunningEmulator, start_emulator
 from pipeline.io import kafka
 from pipeline.schemas import AddedChild, Allocation, DeviceInfo
 from pipeline.tools.replay import FixtureMessage, replay_messages
+from pipeline.tools.services import free_port
 from tests.harness import (
     add_response,
     audit_holds,
-    free_port,
     group_stable,
     read_topic,
     spawn,

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness import free_port
+from pipeline.tools.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = "v1.75.0"

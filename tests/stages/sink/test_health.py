@@ -15,7 +15,8 @@ from pipeline.dps.emulator import start_emulator
 from pipeline.ops.logs import JsonFormatter
 from pipeline.ops.server import Health
 from pipeline.stages.sink import Sink
-from tests.harness import free_port, read_topic, running
+from pipeline.tools.services import free_port
+from tests.harness import read_topic, running
 from tests.stages.sink.support import (
     GATEWAY,
     child,
