@@ -166,6 +166,11 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # a second answer to one request
+            self._break()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
