@@ -49,6 +49,8 @@ __all__ = [
 
 MAX_ANSWER = 16 * 1024 * 1024
 """Bytes of an answer's body, at most (after decoding): a hostile server cannot fill memory."""
+MAX_HEAD = 64 * 1024
+"""Bytes an answer may take beyond its body (status line, headers, chunk sizes, 1xx answers)."""
 
 USER_AGENT = "iot-pipeline"
 
@@ -124,6 +126,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._size = 0
+        self._received = 0
         self._status = 0
         self._headers_done = False
         self._keep_alive = False
@@ -156,6 +159,10 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             self._break()  # bytes nobody asked for: this connection cannot be trusted
+            return
+        self._received += len(data)
+        if self._received > self._max + MAX_HEAD:  # headers without end, say
+            self._fail(AnswerTooLarge(f"answer larger than {self._max + MAX_HEAD} bytes"))
             return
         try:
             self._parser.feed_data(data)
@@ -203,7 +210,8 @@ class _Connection(asyncio.Protocol):
         """
         waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
-        self._headers, self._body, self._size, self._headers_done = [], [], 0, False
+        self._headers, self._body, self._size, self._received = [], [], 0, 0
+        self._headers_done = False
         self._keep_alive = False
         self.transport.write(request)  # type: ignore[union-attr]  # connected
         return await waiter

@@ -14,6 +14,7 @@ from pipeline.dps.client import DpsClient
 from pipeline.dps.protocol import TLS_HINT
 from pipeline.errors import DpsTransient
 from pipeline.io.http import (
+    MAX_HEAD,
     AnswerTooLarge,
     CertificateFailed,
     ConnectFailed,
@@ -320,6 +321,23 @@ async def test_an_oversize_answer_is_refused_and_its_connection_dropped(serve):
             await http.request("GET", "/", {})
         await server.connections[0].closed.wait()
         assert list(http._idle) == []
+
+
+async def test_endless_headers_are_refused_and_their_connection_dropped(serve):
+    async def answer(_request, writer, _conn) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Junk: ")
+        try:
+            while True:  # until the client drops the connection
+                writer.write(b"j" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            return False
+
+    server = await serve(answer)
+    async with pool(server, max_answer=1000) as http:
+        with pytest.raises(AnswerTooLarge, match=f"answer larger than {1000 + MAX_HEAD} bytes"):
+            await http.request("GET", "/", {})
+        await server.connections[0].closed.wait()
 
 
 async def test_gzip_is_decoded_and_an_unknown_encoding_refused(serve):
