@@ -13,7 +13,7 @@ and reading the whole answer; TLS with a verifying context; bodies by Content-Le
 chunked or read until the server closes; 1xx interim answers skipped; answers over
 ``max_answer`` bytes refused; gzip and deflate decoded should a server send them (none is
 asked for). A connection is reused only after an exchange that ended cleanly with
-keep-alive; any other (timeout, cancellation, an unreadable or oversize answer,
+keep-alive, and for at most :data:`KEEPALIVE` seconds idle; any other (timeout, cancellation, an unreadable or oversize answer,
 ``Connection: close``, HTTP/1.0) is closed.
 
 What it deliberately does not do: proxies, redirects (a 3xx is an answer like any other),
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 import urllib.parse
 import zlib
 from typing import TYPE_CHECKING, Self
@@ -54,6 +55,10 @@ MAX_HEAD = 64 * 1024
 """Bytes an answer may take beyond its body (status line, headers, chunk sizes, 1xx answers)."""
 
 USER_AGENT = "iot-pipeline"
+KEEPALIVE = 15.0
+"""Seconds an idle connection is reused for, at most (aiohttp's default): a server closes
+idle connections after a while of its own, and one closing just as a request goes out
+loses that request's answer."""
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _CLOSE_WAIT = 1.0
@@ -131,6 +136,8 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers_done = False
         self._keep_alive = False
+        self.idle_since = 0.0
+        """When the last exchange ended (``time.monotonic()``)."""
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -263,6 +270,7 @@ class HttpPool:
         tls: the client context for ``https://`` (its verification is used as it is).
         max_answer: bytes of an answer's body at most.
         user_agent: the ``User-Agent`` header.
+        keepalive: seconds an idle connection is reused for, at most.
     """
 
     def __init__(
@@ -274,6 +282,7 @@ class HttpPool:
         tls: ssl.SSLContext | None = None,
         max_answer: int = MAX_ANSWER,
         user_agent: str = USER_AGENT,
+        keepalive: float = KEEPALIVE,
     ) -> None:
         parts = urllib.parse.urlsplit(origin)
         if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
@@ -292,6 +301,7 @@ class HttpPool:
         self._idle: collections.deque[_Connection] = collections.deque()
         self._open: set[_Connection] = set()
         self._closed = False
+        self._keepalive = keepalive
 
     async def __aenter__(self) -> Self:
         return self
@@ -350,6 +360,7 @@ class HttpPool:
                 clean = conn.reusable()
             finally:
                 if clean and not self._closed:
+                    conn.idle_since = time.monotonic()
                     self._idle.append(conn)
                 else:
                     conn._break()  # noqa: SLF001  # the exchange did not end cleanly
@@ -382,10 +393,14 @@ class HttpPool:
     async def _connection(self) -> _Connection:
         """An idle connection still open, else a new one (a slot is held: one may be opened)."""
         idle = self._idle
-        while idle:
-            conn = idle.pop()  # the most recently used: the least likely to have timed out
-            if conn.usable and not conn.transport.is_closing():  # type: ignore[union-attr]
-                return conn
+        if idle:
+            expired = time.monotonic() - self._keepalive
+            while idle:
+                conn = idle.pop()  # the most recently used: the least likely to be closed
+                if conn.idle_since <= expired:
+                    conn.close()
+                elif conn.usable and not conn.transport.is_closing():  # type: ignore[union-attr]
+                    return conn
         loop = asyncio.get_running_loop()
         lost = loop.create_future()
         try:

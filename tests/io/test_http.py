@@ -204,6 +204,15 @@ async def test_an_idle_connection_the_server_closed_is_not_used(serve):
     assert len(server.connections) == 2
 
 
+async def test_a_connection_idle_longer_than_keepalive_is_closed_not_reused(serve):
+    server = await serve(canned(OK))
+    async with pool(server, keepalive=0) as http:
+        await http.request("GET", "/1", {})
+        await http.request("GET", "/2", {})
+        await server.connections[0].closed.wait()
+    assert len(server.connections) == 2
+
+
 async def test_connection_close_and_http_1_0_answers_are_not_reused(serve):
     answers = iter(
         [
