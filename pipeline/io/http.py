@@ -13,8 +13,9 @@ and reading the whole answer; TLS with a verifying context; bodies by Content-Le
 chunked or read until the server closes; 1xx interim answers skipped; answers over
 ``max_answer`` bytes refused; gzip and deflate decoded should a server send them (none is
 asked for). A connection is reused only after an exchange that ended cleanly with
-keep-alive, and for at most :data:`KEEPALIVE` seconds idle; any other (timeout, cancellation, an unreadable or oversize answer,
-``Connection: close``, HTTP/1.0) is closed.
+keep-alive, and for at most :data:`KEEPALIVE` seconds idle; after any other (timeout,
+cancellation, an unreadable or oversize answer, ``Connection: close``, HTTP/1.0) it is
+closed.
 
 What it deliberately does not do: proxies, redirects (a 3xx is an answer like any other),
 cookies, HTTP/2, pipelining, ``Expect: 100-continue``, streaming bodies, HEAD requests.
