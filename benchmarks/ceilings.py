@@ -24,6 +24,9 @@ check that it does the transport and nothing else:
   emulator) allocate, each with a fresh timestamp and signature
   (:func:`pipeline.dps.protocol.sign`) over the very bodies the sink sends, on a pool as
   large as the DPS client's; success is checked (HTTP 200 and code 0), nothing is parsed;
+- :func:`http`: the loop of :func:`allocate` on the sink's own HTTP client
+  (:class:`pipeline.io.http.HttpPool`, as ``DpsClient`` opens it), unjudged: the gap to
+  the transport the sink uses;
 - :func:`kiko` ("Kafka in, Kafka out"): the sink's transport around the same calls:
   the sink's consumer settings (its group, range assignment, ``max_records`` of
   ``sink.pending_limit``) read the same added records; per record, in one of
@@ -66,6 +69,7 @@ from benchmarks.workload import Request
 from pipeline.config import Config, load_config
 from pipeline.dps.protocol import DEVICE_PATH, TOKEN_PATH, sign, token_encryption
 from pipeline.io import kafka, mqtt
+from pipeline.io.http import HttpPool
 from pipeline.ops.logs import setup_logging
 from pipeline.schemas import ADD_RESPONSE, PARAS, SUB_DEVICE_MANAGER, DownEvent
 
@@ -76,6 +80,7 @@ if TYPE_CHECKING:
 __all__ = [
     "allocate",
     "drain",
+    "http",
     "in_order",
     "kiko",
     "main",
@@ -304,6 +309,49 @@ async def _call(
     return answer
 
 
+async def http(cfg: Config, requests: list[Request], concurrency: int) -> dict[str, Any]:
+    """As :func:`allocate`, on the DPS client's HTTP pool instead of aiohttp."""
+    dps = cfg.sink.dps
+    secret = dps.app_secret.reveal()
+    base = yarl.URL(dps.base_url)
+    pending = iter(requests)
+    done = 0
+    failed: list[str] = []
+    clock = _Clock()
+    async with (
+        aiohttp.ClientSession() as session,
+        HttpPool(dps.base_url, size=POOL_SIZE, timeout=dps.timeout) as pool,
+    ):
+        token = await _token(session, base, dps.app_key, secret)
+
+        async def worker() -> None:
+            nonlocal done
+            for request in pending:
+                params = {"action": "allocate", "orgId": request.org_id}
+                body = request.body.encode()
+                stamp = time.time_ns() // 1_000_000
+                headers = {
+                    "apim-accesstoken": token,
+                    "apim-timestamp": str(stamp),
+                    "apim-signature": sign(token, params, body, stamp, secret),
+                    "Content-Type": "application/json",
+                }
+                target = (base / DEVICE_PATH).with_query(params).raw_path_qs
+                answer = await pool.request("POST", target, headers, body)
+                if answer.status != 200 or b'"code":0,' not in answer.body:  # noqa: PLR2004
+                    failed.append(f"HTTP {answer.status}: {answer.body[:200]!r}")
+                done += 1
+                clock.start()
+
+        async with asyncio.TaskGroup() as tg:
+            for i in range(concurrency):
+                tg.create_task(worker(), name=f"ceiling.http-{i}")
+    if failed:
+        msg = f"{len(failed)} of {done} allocations failed, e.g. {failed[0]}"
+        raise RuntimeError(msg)
+    return clock.result(done)
+
+
 async def _commit(consumer: AIOKafkaConsumer, finished: dict[TopicPartition, int]) -> None:
     if finished:
         await consumer.commit({tp: offset + 1 for tp, offset in finished.items()})
@@ -406,6 +454,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key-bytes", type=int, required=True, help="size of each produced key")
     for name, text in (
         ("allocate", "aiohttp, N allocate calls in flight"),
+        ("http", "the same on the DPS client's HTTP pool"),
         ("kiko", "Kafka in, the allocate calls, one outcome record each out, commits"),
     ):
         p = sub.add_parser(name, help=text)
@@ -427,12 +476,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             return await transactional(
                 cfg, args.count, args.children, args.child_bytes, args.key_bytes
             )
-        case "kiko":
+        case _:  # the sink's: kiko, allocate, http
+            loop = {"kiko": kiko, "http": http}.get(args.loop, allocate)
             requests = _REQUESTS.decode(await asyncio.to_thread(Path(args.requests).read_bytes))
-            return await kiko(cfg, requests, args.concurrency)
-        case _:
-            requests = _REQUESTS.decode(await asyncio.to_thread(Path(args.requests).read_bytes))
-            return await allocate(cfg, requests, args.concurrency)
+            return await loop(cfg, requests, args.concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ _DECODE_BLOCK = 250
 STAGES = {
     "ingest": ("msg/s", ("stage", "in-order", "naive", "drain")),
     "route": ("children/s", ("stage", "transactional")),
-    "sink": ("allocations/s", ("stage", "kiko", "aiohttp")),
+    "sink": ("allocations/s", ("stage", "kiko", "aiohttp", "http")),
 }
 """Per stage: its unit, and what is measured (the stage first, then its ceilings)."""
 
@@ -307,6 +307,7 @@ class Stages:
             calls = ("--requests", str(self._requests), "--concurrency", str(cfg.sink.concurrency))
             if kind == "kiko":
                 return await self._ceiling("kiko", cfg, name, out, n, *calls)
-            return await self._ceiling("allocate", cfg, name, None, n, *calls)
+            loop = "http" if kind == "http" else "allocate"
+            return await self._ceiling(loop, cfg, name, None, n, *calls)
         finally:
             await self._emulator("DELETE", "calls")  # the emulator's call log stays small

@@ -1,4 +1,4 @@
-"""The EnOS DPS client: one pooled HTTP session, one cached access token, typed failures.
+"""The EnOS DPS client: one HTTP connection pool, one cached access token, typed failures.
 
 :class:`DpsClient` only moves bytes; the rules it follows (paths, signing, what an
 answer means) are the pure functions of :mod:`pipeline.dps.protocol`. Every failure is
@@ -13,7 +13,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Self
 
-import aiohttp
 import msgspec
 import yarl
 
@@ -39,6 +38,7 @@ from pipeline.dps.protocol import (
     token_encryption,
 )
 from pipeline.errors import DpsRejected, DpsTransient, DpsUnanswered
+from pipeline.io.http import CertificateFailed, ConnectFailed, HttpError, HttpPool
 from pipeline.ops import tracing
 from pipeline.schemas import (
     MAX_PAGE_SIZE,
@@ -104,7 +104,7 @@ class _Answer(msgspec.Struct, frozen=True):
 
 
 class DpsClient:
-    """An async EnOS DPS client with one pooled HTTP session and one cached access token.
+    """An async EnOS DPS client with one HTTP connection pool and one cached access token.
 
     Use it as ``async with DpsClient(cfg) as dps: data, request_id = await
     dps.allocate(org_id, AllocateRequest(sn=...))``. It is safe to share between
@@ -127,27 +127,27 @@ class DpsClient:
         # org_id and its overrides): built once, not per call.
         self._allocate_targets: dict[str, _Target] = {}
         self._pool_size = pool_size
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HttpPool | None = None
         self._token: str | None = None
         self._refresh_at = 0.0
         self._token_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
-        if self._session is not None:
+        if self._http is not None:
             msg = "DpsClient is already open"
             raise RuntimeError(msg)
         # Verification is always on: the configured CA bundle, or the system store.
         tls = client_context(TlsConfig(enabled=True, ca_file=self._cfg.ca_file), key="sink.dps")
-        connector = aiohttp.TCPConnector(limit=self._pool_size, ssl=tls)
         if cleartext_remote(self._cfg.base_url):
             log.warning(
                 "sink.dps.base_url %s is plain http:// to a remote host: the access token and "
                 "signed requests travel unencrypted; use https://",
                 self._cfg.base_url,
             )
-        # aiohttp's deadline covers connecting, sending and reading the whole answer.
-        timeout = aiohttp.ClientTimeout(total=self._cfg.timeout)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        # The pool's deadline covers connecting, sending and reading the whole answer.
+        self._http = HttpPool(
+            self._cfg.base_url, size=self._pool_size, timeout=self._cfg.timeout, tls=tls
+        )
         return self
 
     async def __aexit__(
@@ -160,9 +160,9 @@ class DpsClient:
 
     async def close(self) -> None:
         """Close the connection pool; the client cannot be used afterwards."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     # -- API ---------------------------------------------------------------------------
 
@@ -539,29 +539,24 @@ class DpsClient:
         :class:`~pipeline.errors.DpsUnanswered`, since it may have taken effect); one
         that never connected raises :class:`~pipeline.errors.DpsTransient`.
         """
-        if self._session is None:
+        if self._http is None:
             msg = "DpsClient is not open: use it as `async with DpsClient(cfg) as dps:`"
             raise RuntimeError(msg)
         try:
-            async with self._session.request(
-                method, url, data=body or None, headers=headers, allow_redirects=False
-            ) as response:
-                payload = await response.read()
-                return _Answer(response.status, response.headers.get("Retry-After"), payload)
-        except TimeoutError as exc:  # the session's deadline (aiohttp's are TimeoutErrors too)
+            response = await self._http.request(method, url.raw_path_qs, headers, body)
+        except TimeoutError as exc:  # the pool's deadline
             msg = f"{what} to {url.host}:{url.port} timed out after {self._cfg.timeout} s"
             raise unanswered(None, msg) from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            reason = exc.certificate_error
-            msg = f"{what}: TLS certificate of {url.host}:{url.port} not trusted: {reason}"
+        except CertificateFailed as exc:
+            msg = f"{what}: TLS certificate of {url.host}:{url.port} not trusted: {exc.reason}"
             raise DpsTransient(None, msg, hint=TLS_HINT) from exc
-        except aiohttp.ClientConnectorError as exc:
+        except ConnectFailed as exc:
             if isinstance(exc.os_error, ConnectionRefusedError):
                 msg = f"{what}: connection refused by {url.host}:{url.port}"
             else:
-                detail = exc.os_error.strerror or str(exc.os_error)
-                msg = f"{what}: cannot connect to {url.host}:{url.port}: {detail}"
+                msg = f"{what}: cannot connect to {url.host}:{url.port}: {exc}"
             raise DpsTransient(None, msg, hint=CONNECT_HINT) from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except HttpError as exc:
             msg = f"{what} to {url.host}:{url.port} failed: {type(exc).__name__}: {exc}"
             raise unanswered(None, msg) from exc
+        return _Answer(response.status, response.header("Retry-After"), response.body)

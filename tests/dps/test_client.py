@@ -17,6 +17,7 @@ from pipeline.dps.client import DpsClient
 from pipeline.dps.emulator import RunningEmulator, start_emulator
 from pipeline.dps.protocol import is_allocated
 from pipeline.errors import DpsRejected, DpsTransient
+from pipeline.io.http import ConnectFailed
 from pipeline.schemas import AllocateRequest, PvsDevice
 
 ORG = "o15735524440141"
@@ -294,7 +295,8 @@ async def test_connection_refused_is_transient():
     host = emu.url.removeprefix("http://")
     assert caught.value.code is None
     assert caught.value.msg == f"token request: connection refused by {host}"
-    assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
+    assert isinstance(caught.value.__cause__, ConnectFailed)
+    assert isinstance(caught.value.__cause__.os_error, ConnectionRefusedError)
     assert caught.value.diagnosis() == (
         f"DPS (token request: connection refused by {host}): "
         "check sink.dps.base_url and that the API gateway is reachable from here"
@@ -426,7 +428,8 @@ async def test_an_ambiguous_allocate_is_settled_by_get_device(client, emulator):
         await client.allocate(ORG, AllocateRequest(sn="SN-1"))
     host = emulator.url.removeprefix("http://")
     assert caught.value.msg == (
-        f"DPS allocate to {host} failed: ServerDisconnectedError: Server disconnected"
+        f"DPS allocate to {host} failed: ExchangeFailed: the server closed the connection "
+        "before the whole answer"
     )
     await admin(emulator, "POST", "/_emulator/faults", {"cut_rate": 0.0})
     device = await client.get_device(ORG, "SN-1")

@@ -86,8 +86,8 @@ default is 700): :func:`tune_collector`."""
 def tune_collector() -> None:
     """Collect less often, and never traverse what start-up made: for a sink's process.
 
-    Each record lives in a task with its coroutines, futures, structs and aiohttp's
-    request objects, hundreds of records in progress at once: at CPython's default
+    Each record lives in a task with its coroutines, futures, structs and the HTTP
+    exchange's objects, hundreds of records in progress at once: at CPython's default
     threshold the collector ran every few records and took about a tenth of the sink's
     CPU (A/B in the bench: 439 against 396 CPU µs per allocation with :data:`_GC_YOUNG`).
     Then ``gc.freeze()`` moves every object made so far (modules, configuration) out of
