@@ -18,12 +18,23 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable
 
     import aiomqtt
     import paho.mqtt.client as paho
 
-__all__ = ["Reader", "os_error_behind", "paho_client", "pausable", "put_reader", "take_reader"]
+__all__ = [
+    "BufferedSocket",
+    "Reader",
+    "buffer_reads",
+    "os_error_behind",
+    "paho_client",
+    "pausable",
+    "put_reader",
+    "queue_packets",
+    "take_reader",
+]
 
 
 def paho_client(client: aiomqtt.Client) -> paho.Client:
@@ -40,6 +51,23 @@ def paho_client(client: aiomqtt.Client) -> paho.Client:
     intake limit also needs a pause in aiomqtt (see :func:`take_reader`).
     """
     return client._client  # noqa: SLF001
+
+
+def queue_packets(paho: paho.Client, command: int, data: bytes) -> None:
+    """Queue ``data``, whole MQTT packets of type ``command``, to be written as one.
+
+    Why: paho writes each packet it queues with a socket ``send`` of its own
+    (``Client._packet_write``), so acknowledging a run of messages one ``ack`` at a time
+    costs a system call (and a wake-up of the broker) per PUBACK, and paho's own Python
+    per packet (a log call, a dict, a write registration). ``Client._packet_queue`` takes
+    any bytes as one packet, in order with everything else paho queues (PINGREQ,
+    SUBSCRIBE), and writes a partial write's rest later; only the command's type is read
+    back (on-publish callbacks for QoS 0 PUBLISH, DISCONNECT): a run of PUBACKs is neither.
+
+    What would remove it: paho writing what it has queued with one ``send`` (or a
+    ``sendmsg`` of all of it), or an ``ack`` of many messages.
+    """
+    paho._packet_queue(command, data, 0, 1)  # noqa: SLF001
 
 
 def os_error_behind(exc: aiomqtt.MqttError) -> OSError | None:
@@ -96,7 +124,89 @@ def take_reader(loop: asyncio.AbstractEventLoop, fd: int) -> Reader | None:
     return reader
 
 
-def put_reader(loop: asyncio.AbstractEventLoop, fd: int, reader: Reader) -> None:
-    """Register again a reader :func:`take_reader` took (public asyncio: ``add_reader``)."""
+def put_reader(
+    loop: asyncio.AbstractEventLoop, fd: int, reader: Reader, *, pending: int = 0
+) -> None:
+    """Register again a reader :func:`take_reader` took (public asyncio: ``add_reader``).
+
+    ``pending``: bytes already read from the socket and not yet parsed
+    (:meth:`BufferedSocket.pending`); the socket may have nothing more to say for a while,
+    so the reader is also called now, to parse them.
+    """
     callback, args = reader
     loop.add_reader(fd, callback, *args)
+    if pending:
+        loop.call_soon(callback, *args)
+
+
+_CHUNK = 65536
+"""Bytes read from the socket at once by :class:`BufferedSocket`."""
+
+
+class BufferedSocket:
+    """paho's socket, read a chunk at a time: paho's reads are served from the chunk.
+
+    Everything but ``recv`` and ``pending`` is the socket's own (``__getattr__``).
+    ``pending()`` counts the bytes read but not yet handed to paho, so aiomqtt's reader
+    callback, which reads packets while the socket has ``pending`` bytes (its loop for
+    TLS sockets), hands paho every whole packet of a chunk in one call. While ``held``
+    (the intake limit paused), ``pending()`` says 0, so that loop stops.
+    """
+
+    __slots__ = ("_buffer", "_position", "_sock", "held")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+        self._position = 0
+        self.held = False
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes, from the chunk, or from the socket (its errors as its own)."""
+        position = self._position
+        if position >= len(self._buffer):
+            data: bytes = self._sock.recv(max(size, _CHUNK))
+            if len(data) <= size:
+                return data
+            self._buffer, position = data, 0
+        end = position + size
+        self._position = end
+        return self._buffer[position:end]
+
+    def pending(self) -> int:
+        """Bytes read and not yet taken (0 while held), plus what TLS has decrypted."""
+        if self.held:
+            return 0
+        inner = getattr(self._sock, "pending", None)
+        return len(self._buffer) - self._position + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def buffer_reads(paho: paho.Client) -> BufferedSocket | None:
+    """Have paho read its connected socket through a :class:`BufferedSocket`.
+
+    Why: paho reads each packet with two or three ``recv`` calls (its type byte, its length
+    bytes one by one, its body), and aiomqtt's reader callback has it read one packet per
+    turn of the event loop (``loop_read()``'s ``max_packets`` is 1 for a subscriber), so
+    every message costs three system calls and a turn of the loop. Read a chunk at a
+    time, the packets of a chunk are parsed in one callback. ``Client._sock`` is where
+    paho keeps the socket it reads and writes; ``_sock_recv`` only calls its ``recv``,
+    the TLS ``pending`` check aiomqtt makes (``Client._on_socket_open``) drains the
+    chunk, and the rest (``send``, ``fileno``, ``close``) passes through.
+
+    What would remove it: paho reading into a buffer of its own (or ``loop_read`` reading
+    until the socket would block).
+
+    Returns:
+        The wrapper, or None when paho has no socket (not connected).
+    """
+    sock = paho._sock  # noqa: SLF001
+    if sock is None:
+        return None
+    if isinstance(sock, BufferedSocket):
+        return sock
+    buffered = BufferedSocket(sock)  # type: ignore[arg-type]
+    paho._sock = buffered  # noqa: SLF001
+    return buffered

@@ -11,11 +11,12 @@ import hashlib
 import hmac
 import logging
 import ssl
+import struct
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt 2.x
-from paho.mqtt.client import connack_string
+from paho.mqtt.client import PUBACK, connack_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -28,7 +29,7 @@ from pipeline.io.aio import wait_for_service, why_unreachable
 from pipeline.tls import client_context
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     from pipeline.config import Gateway, MqttConfig
 
@@ -38,7 +39,9 @@ __all__ = [
     "IntakeLimit",
     "Received",
     "ack",
+    "ack_all",
     "broker_version",
+    "buffer_reads",
     "connect",
     "connected",
     "end_session",
@@ -245,6 +248,38 @@ def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         _aiomqtt_internals.paho_client(client).ack(message.mid, message.qos)
 
 
+_PUBACK = struct.Struct("!BBH")  # type, remaining length 2, packet id (3.1.1 and 5 alike)
+
+
+def ack_all(client: aiomqtt.Client, messages: Sequence[aiomqtt.Message]) -> None:
+    """Acknowledge ``messages``, in the order given, with one write to the socket.
+
+    As :func:`ack` for each, but their PUBACKs go out together
+    (:func:`~pipeline.io._aiomqtt_internals.queue_packets`): one system call, not one
+    per message. A PUBACK without a reason code means success in MQTT 5, as in 3.1.1.
+    """
+    qos1 = [m.mid for m in messages if m.qos == 1]
+    if len(qos1) != len(messages):  # QoS 0 needs none; QoS 2 (never subscribed) by paho
+        for message in messages:
+            ack(client, message)
+        return
+    pack = _PUBACK.pack
+    data = b"".join([pack(PUBACK, 2, mid) for mid in qos1])
+    if data:
+        _aiomqtt_internals.queue_packets(_aiomqtt_internals.paho_client(client), PUBACK, data)
+
+
+def buffer_reads(client: aiomqtt.Client) -> None:
+    """Have the connected ``client`` read its socket a chunk at a time, not a packet.
+
+    Each message then costs no system call of its own on the way in, and the messages of
+    a chunk are parsed in one turn of the event loop
+    (:func:`~pipeline.io._aiomqtt_internals.buffer_reads`). Call once connected, before
+    :class:`IntakeLimit`; a new connection needs it again.
+    """
+    _aiomqtt_internals.buffer_reads(_aiomqtt_internals.paho_client(client))
+
+
 class Received:
     """A message waiting in :class:`InOrderAcks` until it is safe."""
 
@@ -267,13 +302,20 @@ class InOrderAcks:
     it is safe too; then the contiguous prefix is acknowledged. One per connection: a new
     connection starts a new window (the broker redelivers what was never acknowledged).
 
+    The prefix goes out once per turn of the event loop (:meth:`flush`, scheduled by
+    :meth:`done`): Kafka completes a batch's records one callback each, all in the same
+    turn, so their PUBACKs leave together in one write (:func:`ack_all`) instead of one
+    system call each, and never later than the turn after the last of them.
+
     Args:
-        acknowledge: sends the PUBACK of one message (``functools.partial(ack, client)``).
+        acknowledge: sends the PUBACKs of a run of messages, in the order given
+            (``functools.partial(ack_all, client)``).
     """
 
-    def __init__(self, acknowledge: Callable[[aiomqtt.Message], None]) -> None:
+    def __init__(self, acknowledge: Callable[[list[aiomqtt.Message]], None]) -> None:
         self._acknowledge = acknowledge
         self._window: collections.deque[Received] = collections.deque()
+        self._flushing = False
 
     def __len__(self) -> int:
         return len(self._window)
@@ -288,19 +330,31 @@ class InOrderAcks:
             self._window.append(token)
         return token
 
-    def done(self, token: Received) -> int:
-        """The message of ``token`` is safe; returns how many messages were acknowledged."""
+    def done(self, token: Received) -> None:
+        """The message of ``token`` is safe: acknowledged, in order, by the next flush."""
         token.done = True
-        acked = 0
+        if not self._flushing and self._window and self._window[0].done:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> int:
+        """Acknowledge the safe prefix now; returns how many messages were acknowledged.
+
+        :meth:`done` schedules it; call it directly before the connection ends, so no
+        PUBACK is left behind the DISCONNECT.
+        """
+        self._flushing = False
         window = self._window
+        safe = []
         while window and window[0].done:
-            message = window.popleft().message
-            try:
-                self._acknowledge(message)
-            except Exception as exc:  # the connection is gone: the broker will redeliver
-                log.debug("could not acknowledge mid %d: %s", message.mid, exc)
-            acked += 1
-        return acked
+            safe.append(window.popleft().message)
+        if not safe:
+            return 0
+        try:
+            self._acknowledge(safe)
+        except Exception as exc:  # the connection is gone: the broker will redeliver
+            log.debug("could not acknowledge mids %d-%d: %s", safe[0].mid, safe[-1].mid, exc)
+        return len(safe)
 
 
 class IntakeLimit:
@@ -366,15 +420,21 @@ class IntakeLimit:
         if reader is None:  # not registered (closing): nothing to pause
             return
         self._paused = (sock, fd, reader)
+        if isinstance(sock, _aiomqtt_internals.BufferedSocket):
+            sock.held = True  # what was read ahead waits too
         self.pauses += 1
 
     def _resume(self) -> None:
         assert self._paused is not None  # noqa: S101
         sock, fd, reader = self._paused
         self._paused = None
+        pending = 0
+        if isinstance(sock, _aiomqtt_internals.BufferedSocket):
+            sock.held = False
+            pending = sock.pending()
         # Only the same, still open connection: a closed socket's descriptor may be reused.
         if self._paho.socket() is sock and getattr(sock, "fileno", lambda: -1)() == fd:
-            _aiomqtt_internals.put_reader(self._loop, fd, reader)
+            _aiomqtt_internals.put_reader(self._loop, fd, reader, pending=pending)
 
 
 def _address(cfg: MqttConfig) -> str:

@@ -20,7 +20,7 @@ import pytest
 from benchmarks import Options, cli, replicas, report, run, runner, workload
 from benchmarks.latency import percentile
 from benchmarks.measure import LOG_APPEND_TIME, at_first, output_rate, rate
-from benchmarks.stages import STAGES
+from benchmarks.stages import STAGES, CpuTrace
 from pipeline.config import Config
 from pipeline.io import kafka
 
@@ -245,6 +245,16 @@ def test_rate_and_percentile() -> None:
     assert rate(1, 5.0, 5.0) == 1000.0  # one completion: at most the clock's resolution
     # A first batch of 6 lands at once, after the work of all 6: only the 5 after it count.
     assert rate(11, 100.0, 101.0, at_first=6) == 5.0
+
+
+def test_a_workers_cpu_is_read_over_the_span_of_its_output() -> None:
+    trace = CpuTrace(proc=None)  # type: ignore[arg-type]  # samples given, none taken
+    assert trace.busy(0.0, 1.0) is None
+    # Busy for a second (0.9 CPU s), then idle while the bench polls and reads back.
+    trace._samples = [(100.0 + t / 10, min(t, 10) * 0.09) for t in range(14)]
+    assert trace.busy(100.0, 101.0) == pytest.approx(0.9)
+    assert trace.busy(100.0, 101.3) == pytest.approx(0.9 / 1.3)  # the idle tail counted
+    assert trace.busy(200.0, 201.0) == pytest.approx(0.9 / 1.3)  # no sample inside: all
 
 
 def test_a_first_batch_is_left_out_of_the_rate() -> None:

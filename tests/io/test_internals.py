@@ -219,6 +219,67 @@ async def test_what_paho_hands_aiomqtt_is_what_waits_in_client_messages() -> Non
     assert len(client.messages) == 1, moved(PAHO, "on_message no longer queues for .messages")
 
 
+async def test_packets_queued_together_go_out_in_one_send_after_what_paho_queued() -> None:
+    # mqtt.ack_all queues a run of PUBACKs as one packet of paho's.
+    client = mqtt.connect(MqttConfig())
+    mqtt.manual_ack(client)
+    inner = _aiomqtt_internals.paho_client(client)
+    inner.on_socket_register_write = None  # no event loop's writer: paho writes at once
+    left, right = socket.socketpair()
+    sends: list[bytes] = []
+    send = inner._sock_send
+
+    def counted(data: bytes | bytearray) -> int:
+        sends.append(bytes(data))
+        return send(data)
+
+    with left, right:
+        inner._sock = left
+        inner._sock_send = counted  # type: ignore[method-assign,assignment]
+        inner.ack(7, 1)
+        run = b"@\x02\x00\x08@\x02\x00\x09"
+        _aiomqtt_internals.queue_packets(inner, paho.PUBACK, run)
+        assert sends == [b"@\x02\x00\x07", run], moved(
+            "_aiomqtt_internals.queue_packets", "paho's _packet_queue no longer writes as given"
+        )
+        assert right.recv(64) == b"@\x02\x00\x07" + run
+        assert not inner.want_write()
+        inner._sock = None
+
+
+async def test_paho_reads_a_buffered_socket_a_chunk_at_a_time() -> None:
+    # mqtt.buffer_reads: paho's reads come from a chunk; aiomqtt's reader drains it.
+    client = mqtt.connect(MqttConfig())
+    inner = _aiomqtt_internals.paho_client(client)
+    assert _aiomqtt_internals.buffer_reads(inner) is None  # not connected
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    with left, right:
+        inner._sock = left
+        buffered = _aiomqtt_internals.buffer_reads(inner)
+        assert isinstance(buffered, _aiomqtt_internals.BufferedSocket)
+        assert buffered.fileno() == left.fileno()  # the rest is the socket's
+        pingresps = b"\xd0\x00" * 3
+        right.sendall(pingresps)
+        assert inner._sock_recv(1) == b"\xd0"  # one system call read all three
+        assert buffered.pending() == 5
+        buffered.held = True
+        assert buffered.pending() == 0
+        buffered.held = False
+        assert inner._sock_recv(10) == pingresps[1:]  # no more than was read
+        with pytest.raises(BlockingIOError):
+            inner._sock_recv(1)
+        right.sendall(b"\xd0")
+        assert inner._sock_recv(4) == b"\xd0"
+        right.close()
+        assert inner._sock_recv(1) == b""  # end of stream, as the socket says it
+        assert _aiomqtt_internals.buffer_reads(inner) is buffered, "wrapped once"
+        assert inner.socket() is buffered, moved(
+            "_aiomqtt_internals.buffer_reads", "paho no longer keeps its socket in _sock"
+        )
+        inner._sock = None
+
+
 async def test_aiomqtt_reads_pahos_socket_with_an_event_loop_reader() -> None:
     # IntakeLimit takes that reader away while messages wait, and puts it back.
     loop = asyncio.get_running_loop()

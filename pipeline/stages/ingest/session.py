@@ -180,13 +180,14 @@ class Session:
         self._failed.clear()
         async with client:
             await self._refuse_if_deaf(client)
-            self._acks = mqtt.InOrderAcks(functools.partial(mqtt.ack, client))
+            self._acks = mqtt.InOrderAcks(functools.partial(mqtt.ack_all, client))
             for topic in self._filters:
                 await mqtt.subscribe(client, self.cfg, topic)
             if self.cfg.bridge_state:
                 await client.subscribe(self.cfg.bridge_state, qos=1)
             self._client = client
             self._up()
+            mqtt.buffer_reads(client)
             intake = mqtt.IntakeLimit(client, self.cfg.max_inflight)
             receive = asyncio.create_task(
                 self._receive(client, intake), name=f"ingest[{self.who.name}].receive"
@@ -289,12 +290,14 @@ class Session:
     def landed(self, inbound: Inbound, exc: BaseException | None) -> None:
         """Kafka answered for ``inbound``: acknowledge it (in order) or end the connection."""
         self.pending -= 1
-        if not self.pending:
-            self._idle.set()
         if exc is None:
             if self._acks is not None:
                 self._acks.done(inbound)
+            if not self.pending:
+                self._idle.set()
             return
+        if not self.pending:
+            self._idle.set()
         if self._failure is None:
             log.error(
                 "Kafka did not take a record (%s); MQTT message left unacknowledged",
@@ -312,6 +315,8 @@ class Session:
                 "%d messages of session %s still awaiting Kafka; MQTT will redeliver them",
                 self.pending, self.who.name,
             )  # fmt: skip
+        if self._acks is not None:
+            self._acks.flush()  # what is safe goes out before the DISCONNECT
 
     async def _retire(self, client: aiomqtt.Client, receive: asyncio.Task[None]) -> None:
         """Stop new messages, land what the broker still has for us, end the session."""
