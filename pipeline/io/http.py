@@ -188,7 +188,8 @@ class _Connection(asyncio.Protocol):
             self._break()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self._headers_done:  # after them: a chunked body's trailers, not headers
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -249,6 +250,9 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(Response(self._status, self._headers, b"".join(self._body)))
+        # The answer owns its headers: whatever the parser reads next (a second answer in
+        # the same packet, before the connection is dropped) goes elsewhere.
+        self._headers = []
 
     def _close_delimited(self) -> bool:
         for name, _ in self._headers:
@@ -448,4 +452,8 @@ def _decode(encoding: str, body: bytes, limit: int) -> bytes:
     if len(out) > limit:
         msg = f"answer larger than {limit} bytes once decoded"
         raise AnswerTooLarge(msg)
+    if not decoder.eof or decoder.unused_data:
+        what = "is cut short" if not decoder.eof else "has bytes after its end"
+        msg = f"answer in Content-Encoding {encoding!r} does not decode: the stream {what}"
+        raise ExchangeFailed(msg)
     return out

@@ -375,6 +375,23 @@ async def test_gzip_is_decoded_and_an_unknown_encoding_refused(serve):
             await http.request("GET", "/", {})
 
 
+@pytest.mark.parametrize(
+    "packed",
+    [gzip.compress(b"hello " * 100)[:-12], gzip.compress(b"hello") + b"junk"],
+    ids=["cut short", "followed by junk"],
+)
+async def test_a_gzip_body_that_is_not_exactly_one_whole_stream_fails(serve, packed):
+    server = await serve(
+        canned(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(packed), packed)
+        )
+    )
+    async with pool(server) as http:
+        with pytest.raises(ExchangeFailed, match="Content-Encoding 'gzip' does not decode"):
+            await http.request("GET", "/", {})
+
+
 async def test_bytes_nobody_asked_for_drop_the_connection(serve):
     async def answer(_request, writer, _conn) -> bool:
         writer.write(OK + b"HTTP/1.1 200 OK\r\n")  # a second answer to no request
@@ -386,6 +403,31 @@ async def test_bytes_nobody_asked_for_drop_the_connection(serve):
         await server.connections[0].closed.wait()
         await http.request("GET", "/", {})
     assert len(server.connections) == 2
+
+
+async def test_a_second_answer_in_the_same_packet_adds_nothing_to_the_first(serve):
+    second = b"HTTP/1.1 503 No\r\nContent-Encoding: gzip\r\nRetry-After: 9\r\nContent-Length: 2\r\n\r\nno"
+    server = await serve(canned(OK + second))
+    async with pool(server) as http:
+        answer = await http.request("GET", "/", {})
+        assert (answer.status, answer.headers, answer.body) == (
+            200,
+            [(b"Content-Length", b"2")],
+            b"ok",
+        )
+        await server.connections[0].closed.wait()
+
+
+async def test_chunked_trailers_are_not_taken_for_headers(serve):
+    server = await serve(
+        canned(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\nContent-Encoding: gzip\r\n\r\n"
+        )
+    )
+    async with pool(server) as http:
+        answer = await http.request("GET", "/", {})
+        assert (answer.headers, answer.body) == ([(b"Transfer-Encoding", b"chunked")], b"ok")
 
 
 async def test_an_unreadable_answer_fails_and_drops_the_connection(serve):
