@@ -351,7 +351,8 @@ class HttpPool:
             ConnectFailed: no connection could be made; nothing was sent.
             ExchangeFailed: the connection broke, or the answer was unreadable or larger
                 than ``max_answer`` (the server may have acted on the request).
-            ValueError: a header name or value holds a line break (nothing was sent).
+            ValueError: a header name or value holds a line break or a character beyond
+                Latin-1 (nothing was sent; the message shows none of them).
         """
         if self._closed:
             msg = "the HTTP pool is closed"
@@ -393,7 +394,12 @@ class HttpPool:
         if head.count("\n") != ends or head.count("\r") != ends:
             msg = "a header name or value, or the target, holds a line break"
             raise ValueError(msg)
-        return head.encode("latin-1")
+        try:
+            return head.encode("latin-1")
+        except UnicodeEncodeError:
+            pass  # raised below, outside this block: this error's repr holds the whole head
+        msg = "a header name or value, or the target, is not Latin-1"
+        raise ValueError(msg)
 
     async def _connection(self) -> _Connection:
         """An idle connection still open, else a new one (a slot is held: one may be opened)."""

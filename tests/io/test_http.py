@@ -192,6 +192,20 @@ async def test_a_header_with_a_line_break_is_refused_and_not_shown(serve):
     assert len(server.requests) == 1
 
 
+async def test_a_header_beyond_latin_1_is_refused_and_not_shown(serve):
+    # The sink dead-letters an unexpected error with its repr: a UnicodeEncodeError's
+    # repr holds the whole request head, the signature and access token among it.
+    server = await serve(canned(OK))
+    async with pool(server) as http:
+        with pytest.raises(ValueError, match="not Latin-1") as caught:
+            await http.request("GET", "/", {"apim-signature": "s3cret\u0100"})
+        assert "s3cret" not in repr(caught.value)
+        assert "s3cret" not in repr(caught.value.__cause__)
+        assert "s3cret" not in repr(caught.value.__context__)
+        await http.request("GET", "/", {})
+    assert len(server.requests) == 1
+
+
 async def test_an_idle_connection_the_server_closed_is_not_used(serve):
     server = await serve(canned(OK, keep=False))  # answers, then closes without saying so
     async with pool(server) as http:
