@@ -370,7 +370,7 @@ class HttpPool:
                     self._idle.append(conn)
                 else:
                     conn._break()  # noqa: SLF001  # the exchange did not end cleanly
-        encoding = response.header("content-encoding") if response.headers else None
+        encoding = response.header("content-encoding") if response.body else None
         if encoding is not None and encoding.lower() != "identity":
             response.body = _decode(encoding, response.body, self._max)
         return response

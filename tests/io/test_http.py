@@ -406,6 +406,13 @@ async def test_a_gzip_body_that_is_not_exactly_one_whole_stream_fails(serve, pac
             await http.request("GET", "/", {})
 
 
+async def test_an_empty_body_in_gzip_is_empty(serve):
+    server = await serve(canned(b"HTTP/1.1 204 No Content\r\nContent-Encoding: gzip\r\n\r\n"))
+    async with pool(server) as http:
+        answer = await http.request("GET", "/", {})
+        assert (answer.status, answer.body) == (204, b"")
+
+
 async def test_bytes_nobody_asked_for_drop_the_connection(serve):
     async def answer(_request, writer, _conn) -> bool:
         writer.write(OK + b"HTTP/1.1 200 OK\r\n")  # a second answer to no request
