@@ -149,8 +149,8 @@ class _Connection(asyncio.Protocol):
         self.usable = False
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            if self._headers_done and self._close_delimited():
-                self._finish()  # the body was "everything until the server closes"
+            if exc is None and self._headers_done and self._close_delimited():
+                self._finish()  # the body was "everything until the server closes" (cleanly)
             else:
                 why = (
                     f"connection lost before the whole answer: {exc}"

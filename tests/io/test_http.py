@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import ssl
+import struct
 from typing import TYPE_CHECKING
 
 import pytest
@@ -328,6 +330,22 @@ async def test_a_body_read_until_the_server_closes(serve):
         answer = await http.request("GET", "/", {})
         assert (answer.body, answer.header("retry-after")) == (b"until the end", "7")
         assert list(http._idle) == []
+
+
+async def test_a_body_read_until_the_server_closes_fails_if_the_connection_is_reset(serve):
+    # Only a clean close ends such a body: a reset may have cut it anywhere.
+    async def answer(_request, writer, _conn) -> bool:
+        writer.write(b'HTTP/1.1 200 OK\r\n\r\n{"code":0,"da')
+        await writer.drain()
+        linger = struct.pack("ii", 1, 0)  # close with a reset (RST), not a FIN
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.transport.abort()
+        return False
+
+    server = await serve(answer)
+    async with pool(server) as http:
+        with pytest.raises(ExchangeFailed, match="connection lost before the whole answer"):
+            await http.request("GET", "/", {})
 
 
 async def test_an_answer_cut_short_fails(serve):
