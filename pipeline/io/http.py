@@ -10,12 +10,13 @@ uses it).
 What it does: HTTP/1.1 with keep-alive to one origin, at most ``size`` connections, callers
 waiting first come, first served for one; one deadline over waiting, connecting, sending
 and reading the whole answer; TLS with a verifying context; bodies by Content-Length,
-chunked or read until the server closes; 1xx interim answers skipped; answers over
-``max_answer`` bytes refused; gzip and deflate decoded should a server send them (none is
-asked for). A connection is reused only after an exchange that ended cleanly with
-keep-alive, and for at most :data:`KEEPALIVE` seconds idle; after any other (timeout,
-cancellation, an unreadable or oversize answer, ``Connection: close``, HTTP/1.0) it is
-closed.
+chunked (trailers dropped) or read until the server closes cleanly; 1xx interim answers
+skipped; answers over ``max_answer`` bytes refused; gzip and deflate decoded should a
+server send them (none is asked for; a stream cut short is refused). A connection is
+reused only after an exchange that ended cleanly with keep-alive, and for at most
+:data:`KEEPALIVE` seconds idle; after any other (timeout, cancellation, an unreadable or
+oversize answer, ``Connection: close``, HTTP/1.0 without keep-alive, bytes beyond the
+answer) it is closed.
 
 What it deliberately does not do: proxies, redirects (a 3xx is an answer like any other),
 cookies, HTTP/2, pipelining, ``Expect: 100-continue``, streaming bodies, HEAD requests.
