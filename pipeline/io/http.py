@@ -232,8 +232,13 @@ class _Connection(asyncio.Protocol):
         return self.usable and self._keep_alive and not self.transport.is_closing()  # type: ignore[union-attr]
 
     def close(self) -> None:
-        """Close politely (TLS close_notify) after what is buffered is sent."""
+        """Close politely (TLS close_notify) after what is buffered is sent.
+
+        An exchange under way fails now: our own close must not end a body read until
+        the server closes.
+        """
         self.usable = False
+        self._settle(ExchangeFailed("the HTTP pool was closed before the whole answer"))
         if self.transport is not None:
             self.transport.close()
 
@@ -244,6 +249,9 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, exc: ExchangeFailed) -> None:
         self._break()
+        self._settle(exc)
+
+    def _settle(self, exc: ExchangeFailed) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
 

@@ -270,6 +270,21 @@ async def test_the_pool_limit_holds_at_the_server_and_callers_wait_in_turn(serve
     assert [r.line for r in server.requests] == [f"GET /{i} HTTP/1.1" for i in range(6)]
 
 
+async def test_closing_the_pool_fails_an_exchange_under_way_and_says_so(serve):
+    async def answer(_request, writer, conn: Connection) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npart of a body read until the server closes")
+        return await conn.until_closed()
+
+    server = await serve(answer)
+    http = pool(server)
+    call = asyncio.create_task(http.request("GET", "/", {}))
+    await server.wait_requests(1)
+    await http.close()
+    with pytest.raises(ExchangeFailed, match="the HTTP pool was closed before the whole answer"):
+        await call
+    await server.connections[0].closed.wait()
+
+
 async def test_a_timeout_closes_the_connection(serve):
     async def answer(request, writer, conn: Connection) -> bool:
         if request.line.startswith("GET /hang"):
