@@ -418,7 +418,9 @@ class HttpPool:
             while idle:
                 conn = idle.pop()  # the most recently used: the least likely to be closed
                 if conn.idle_since <= expired:
-                    conn.close()
+                    # Dropped, not closed politely: a TLS peer that never answers our
+                    # close_notify would keep it open (beyond ``size``) for 30 s.
+                    conn._break()  # noqa: SLF001
                 elif conn.usable and not conn.transport.is_closing():  # type: ignore[union-attr]
                     return conn
         loop = asyncio.get_running_loop()

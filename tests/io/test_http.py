@@ -7,6 +7,7 @@ import gzip
 import socket
 import ssl
 import struct
+import threading
 from typing import TYPE_CHECKING
 
 import pytest
@@ -522,6 +523,43 @@ async def test_tls_with_the_trusted_ca(serve, certs):
         for _ in range(2):
             assert (await http.request("GET", "/", {})).body == b"ok"
     assert len(server.connections) == 1
+
+
+async def test_an_expired_idle_tls_connection_is_dropped_at_once(certs):
+    # Closed politely, a TLS connection stays open until the peer answers close_notify,
+    # up to asyncio's 30 s TLS shutdown timeout: beyond the pool's size meanwhile.
+    listener = socket.create_server(("127.0.0.1", 0))
+    tls, stop = server_tls(certs), threading.Event()
+    accepted: list[ssl.SSLSocket] = []
+
+    def serve_without_reading_close_notify() -> None:
+        for _ in range(2):
+            conn = tls.wrap_socket(listener.accept()[0], server_side=True)
+            accepted.append(conn)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += conn.recv(1)
+            conn.sendall(OK)  # and never reads again
+        stop.wait()
+
+    thread = threading.Thread(target=serve_without_reading_close_notify)
+    thread.start()
+    trusted = ssl.create_default_context(cafile=certs[0])
+    origin = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        async with HttpPool(origin, size=1, timeout=5, tls=trusted, keepalive=0) as http:
+            await http.request("GET", "/1", {})
+            (first,) = http._open
+            await http.request("GET", "/2", {})  # the first has expired: a second is opened
+            async with asyncio.timeout(10):
+                await first.lost
+            assert len(http._open) == 1
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
+        for conn in accepted:
+            conn.close()
+        listener.close()
 
 
 async def test_an_untrusted_certificate_fails_before_anything_is_sent(serve, certs):
