@@ -10,12 +10,13 @@ uses it).
 What it does: HTTP/1.1 with keep-alive to one origin, at most ``size`` connections, callers
 waiting first come, first served for one; one deadline over waiting, connecting, sending
 and reading the whole answer; TLS with a verifying context; bodies by Content-Length,
-chunked or read until the server closes; 1xx interim answers skipped; answers over
-``max_answer`` bytes refused; gzip and deflate decoded should a server send them (none is
-asked for). A connection is reused only after an exchange that ended cleanly with
-keep-alive, and for at most :data:`KEEPALIVE` seconds idle; after any other (timeout,
-cancellation, an unreadable or oversize answer, ``Connection: close``, HTTP/1.0) it is
-closed.
+chunked (trailers dropped) or read until the server closes cleanly; 1xx interim answers
+skipped; answers over ``max_answer`` bytes refused; gzip and deflate decoded should a
+server send them (none is asked for; a stream cut short is refused). A connection is
+reused only after an exchange that ended cleanly with keep-alive, and for at most
+:data:`KEEPALIVE` seconds idle; after any other (timeout, cancellation, an unreadable or
+oversize answer, ``Connection: close``, HTTP/1.0 without keep-alive, bytes beyond the
+answer) it is closed.
 
 What it deliberately does not do: proxies, redirects (a 3xx is an answer like any other),
 cookies, HTTP/2, pipelining, ``Expect: 100-continue``, streaming bodies, HEAD requests.
@@ -149,8 +150,8 @@ class _Connection(asyncio.Protocol):
         self.usable = False
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            if self._headers_done and self._close_delimited():
-                self._finish()  # the body was "everything until the server closes"
+            if exc is None and self._headers_done and self._close_delimited():
+                self._finish()  # the body was "everything until the server closes" (cleanly)
             else:
                 why = (
                     f"connection lost before the whole answer: {exc}"
@@ -188,7 +189,8 @@ class _Connection(asyncio.Protocol):
             self._break()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self._headers_done:  # after them: a chunked body's trailers, not headers
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -230,8 +232,13 @@ class _Connection(asyncio.Protocol):
         return self.usable and self._keep_alive and not self.transport.is_closing()  # type: ignore[union-attr]
 
     def close(self) -> None:
-        """Close politely (TLS close_notify) after what is buffered is sent."""
+        """Close politely (TLS close_notify) after what is buffered is sent.
+
+        An exchange under way fails now: our own close must not end a body read until
+        the server closes.
+        """
         self.usable = False
+        self._settle(ExchangeFailed("the HTTP pool was closed before the whole answer"))
         if self.transport is not None:
             self.transport.close()
 
@@ -242,6 +249,9 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, exc: ExchangeFailed) -> None:
         self._break()
+        self._settle(exc)
+
+    def _settle(self, exc: ExchangeFailed) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
 
@@ -249,6 +259,9 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(Response(self._status, self._headers, b"".join(self._body)))
+        # The answer owns its headers: whatever the parser reads next (a second answer in
+        # the same packet, before the connection is dropped) goes elsewhere.
+        self._headers = []
 
     def _close_delimited(self) -> bool:
         for name, _ in self._headers:
@@ -347,7 +360,8 @@ class HttpPool:
             ConnectFailed: no connection could be made; nothing was sent.
             ExchangeFailed: the connection broke, or the answer was unreadable or larger
                 than ``max_answer`` (the server may have acted on the request).
-            ValueError: a header name or value holds a line break (nothing was sent).
+            ValueError: a header name or value holds a line break or a character beyond
+                Latin-1 (nothing was sent; the message shows none of them).
         """
         if self._closed:
             msg = "the HTTP pool is closed"
@@ -365,7 +379,7 @@ class HttpPool:
                     self._idle.append(conn)
                 else:
                     conn._break()  # noqa: SLF001  # the exchange did not end cleanly
-        encoding = response.header("content-encoding") if response.headers else None
+        encoding = response.header("content-encoding") if response.body else None
         if encoding is not None and encoding.lower() != "identity":
             response.body = _decode(encoding, response.body, self._max)
         return response
@@ -389,7 +403,12 @@ class HttpPool:
         if head.count("\n") != ends or head.count("\r") != ends:
             msg = "a header name or value, or the target, holds a line break"
             raise ValueError(msg)
-        return head.encode("latin-1")
+        try:
+            return head.encode("latin-1")
+        except UnicodeEncodeError:
+            pass  # raised below, outside this block: this error's repr holds the whole head
+        msg = "a header name or value, or the target, is not Latin-1"
+        raise ValueError(msg)
 
     async def _connection(self) -> _Connection:
         """An idle connection still open, else a new one (a slot is held: one may be opened)."""
@@ -399,7 +418,9 @@ class HttpPool:
             while idle:
                 conn = idle.pop()  # the most recently used: the least likely to be closed
                 if conn.idle_since <= expired:
-                    conn.close()
+                    # Dropped, not closed politely: a TLS peer that never answers our
+                    # close_notify would keep it open (beyond ``size``) for 30 s.
+                    conn._break()  # noqa: SLF001
                 elif conn.usable and not conn.transport.is_closing():  # type: ignore[union-attr]
                     return conn
         loop = asyncio.get_running_loop()
@@ -448,4 +469,8 @@ def _decode(encoding: str, body: bytes, limit: int) -> bytes:
     if len(out) > limit:
         msg = f"answer larger than {limit} bytes once decoded"
         raise AnswerTooLarge(msg)
+    if not decoder.eof or decoder.unused_data:
+        what = "is cut short" if not decoder.eof else "has bytes after its end"
+        msg = f"answer in Content-Encoding {encoding!r} does not decode: the stream {what}"
+        raise ExchangeFailed(msg)
     return out

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import ssl
+import struct
+import threading
 from typing import TYPE_CHECKING
 
 import pytest
@@ -192,6 +195,20 @@ async def test_a_header_with_a_line_break_is_refused_and_not_shown(serve):
     assert len(server.requests) == 1
 
 
+async def test_a_header_beyond_latin_1_is_refused_and_not_shown(serve):
+    # The sink dead-letters an unexpected error with its repr: a UnicodeEncodeError's
+    # repr holds the whole request head, the signature and access token among it.
+    server = await serve(canned(OK))
+    async with pool(server) as http:
+        with pytest.raises(ValueError, match="not Latin-1") as caught:
+            await http.request("GET", "/", {"apim-signature": "s3cret\u0100"})
+        assert "s3cret" not in repr(caught.value)
+        assert "s3cret" not in repr(caught.value.__cause__)
+        assert "s3cret" not in repr(caught.value.__context__)
+        await http.request("GET", "/", {})
+    assert len(server.requests) == 1
+
+
 async def test_an_idle_connection_the_server_closed_is_not_used(serve):
     server = await serve(canned(OK, keep=False))  # answers, then closes without saying so
     async with pool(server) as http:
@@ -252,6 +269,21 @@ async def test_the_pool_limit_holds_at_the_server_and_callers_wait_in_turn(serve
     assert [a.body for a in answers] == [b"ok"] * 6
     assert (len(server.connections), server.max_open) == (2, 2)
     assert [r.line for r in server.requests] == [f"GET /{i} HTTP/1.1" for i in range(6)]
+
+
+async def test_closing_the_pool_fails_an_exchange_under_way_and_says_so(serve):
+    async def answer(_request, writer, conn: Connection) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npart of a body read until the server closes")
+        return await conn.until_closed()
+
+    server = await serve(answer)
+    http = pool(server)
+    call = asyncio.create_task(http.request("GET", "/", {}))
+    await server.wait_requests(1)
+    await http.close()
+    with pytest.raises(ExchangeFailed, match="the HTTP pool was closed before the whole answer"):
+        await call
+    await server.connections[0].closed.wait()
 
 
 async def test_a_timeout_closes_the_connection(serve):
@@ -316,6 +348,22 @@ async def test_a_body_read_until_the_server_closes(serve):
         assert list(http._idle) == []
 
 
+async def test_a_body_read_until_the_server_closes_fails_if_the_connection_is_reset(serve):
+    # Only a clean close ends such a body: a reset may have cut it anywhere.
+    async def answer(_request, writer, _conn) -> bool:
+        writer.write(b'HTTP/1.1 200 OK\r\n\r\n{"code":0,"da')
+        await writer.drain()
+        linger = struct.pack("ii", 1, 0)  # close with a reset (RST), not a FIN
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.transport.abort()
+        return False
+
+    server = await serve(answer)
+    async with pool(server) as http:
+        with pytest.raises(ExchangeFailed, match="connection lost before the whole answer"):
+            await http.request("GET", "/", {})
+
+
 async def test_an_answer_cut_short_fails(serve):
     server = await serve(canned(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", keep=False))
     async with pool(server) as http:
@@ -375,6 +423,30 @@ async def test_gzip_is_decoded_and_an_unknown_encoding_refused(serve):
             await http.request("GET", "/", {})
 
 
+@pytest.mark.parametrize(
+    "packed",
+    [gzip.compress(b"hello " * 100)[:-12], gzip.compress(b"hello") + b"junk"],
+    ids=["cut short", "followed by junk"],
+)
+async def test_a_gzip_body_that_is_not_exactly_one_whole_stream_fails(serve, packed):
+    server = await serve(
+        canned(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(packed), packed)
+        )
+    )
+    async with pool(server) as http:
+        with pytest.raises(ExchangeFailed, match="Content-Encoding 'gzip' does not decode"):
+            await http.request("GET", "/", {})
+
+
+async def test_an_empty_body_in_gzip_is_empty(serve):
+    server = await serve(canned(b"HTTP/1.1 204 No Content\r\nContent-Encoding: gzip\r\n\r\n"))
+    async with pool(server) as http:
+        answer = await http.request("GET", "/", {})
+        assert (answer.status, answer.body) == (204, b"")
+
+
 async def test_bytes_nobody_asked_for_drop_the_connection(serve):
     async def answer(_request, writer, _conn) -> bool:
         writer.write(OK + b"HTTP/1.1 200 OK\r\n")  # a second answer to no request
@@ -386,6 +458,31 @@ async def test_bytes_nobody_asked_for_drop_the_connection(serve):
         await server.connections[0].closed.wait()
         await http.request("GET", "/", {})
     assert len(server.connections) == 2
+
+
+async def test_a_second_answer_in_the_same_packet_adds_nothing_to_the_first(serve):
+    second = b"HTTP/1.1 503 No\r\nContent-Encoding: gzip\r\nRetry-After: 9\r\nContent-Length: 2\r\n\r\nno"
+    server = await serve(canned(OK + second))
+    async with pool(server) as http:
+        answer = await http.request("GET", "/", {})
+        assert (answer.status, answer.headers, answer.body) == (
+            200,
+            [(b"Content-Length", b"2")],
+            b"ok",
+        )
+        await server.connections[0].closed.wait()
+
+
+async def test_chunked_trailers_are_not_taken_for_headers(serve):
+    server = await serve(
+        canned(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\nContent-Encoding: gzip\r\n\r\n"
+        )
+    )
+    async with pool(server) as http:
+        answer = await http.request("GET", "/", {})
+        assert (answer.headers, answer.body) == ([(b"Transfer-Encoding", b"chunked")], b"ok")
 
 
 async def test_an_unreadable_answer_fails_and_drops_the_connection(serve):
@@ -426,6 +523,43 @@ async def test_tls_with_the_trusted_ca(serve, certs):
         for _ in range(2):
             assert (await http.request("GET", "/", {})).body == b"ok"
     assert len(server.connections) == 1
+
+
+async def test_an_expired_idle_tls_connection_is_dropped_at_once(certs):
+    # Closed politely, a TLS connection stays open until the peer answers close_notify,
+    # up to asyncio's 30 s TLS shutdown timeout: beyond the pool's size meanwhile.
+    listener = socket.create_server(("127.0.0.1", 0))
+    tls, stop = server_tls(certs), threading.Event()
+    accepted: list[ssl.SSLSocket] = []
+
+    def serve_without_reading_close_notify() -> None:
+        for _ in range(2):
+            conn = tls.wrap_socket(listener.accept()[0], server_side=True)
+            accepted.append(conn)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += conn.recv(1)
+            conn.sendall(OK)  # and never reads again
+        stop.wait()
+
+    thread = threading.Thread(target=serve_without_reading_close_notify)
+    thread.start()
+    trusted = ssl.create_default_context(cafile=certs[0])
+    origin = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        async with HttpPool(origin, size=1, timeout=5, tls=trusted, keepalive=0) as http:
+            await http.request("GET", "/1", {})
+            (first,) = http._open
+            await http.request("GET", "/2", {})  # the first has expired: a second is opened
+            async with asyncio.timeout(10):
+                await first.lost
+            assert len(http._open) == 1
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
+        for conn in accepted:
+            conn.close()
+        listener.close()
 
 
 async def test_an_untrusted_certificate_fails_before_anything_is_sent(serve, certs):
