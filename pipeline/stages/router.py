@@ -132,6 +132,10 @@ class Router:
         self._memory: dict[TopicPartition, Memory] = {}
         self._health = Health()  # the runtime's, once working
         self._busy = False
+        self._ahead: dict[TopicPartition, list[ConsumerRecord]] = {}
+        """Records read during a round, for the next one (:meth:`_round`)."""
+        self._generation = 0
+        """Revocations so far: records read before one are not routed."""
         self._tracing = tracing.OFF  # the runtime's, once working
 
     def transactional_id(self, tp: TopicPartition) -> str:
@@ -180,34 +184,89 @@ class Router:
         try:
             await self._check_state_partitions(run)
             while True:
-                # Up to ROUND x batch_max records of each partition it holds, the
-                # partitions' transactions side by side (each has its own producer), so one
-                # waits for Kafka while another routes. aiokafka hands records out
-                # partition by partition, the first one's up to max_records: the rest of
-                # each partition's fetched records is taken partition by partition, without
-                # waiting (outside the lock: aiokafka's getmany waits out a rebalance).
-                step = self.cfg.router.batch_max
-                batch = await unless_stopped(
-                    run.stopping, consumer.getmany(timeout_ms=1000, max_records=step)
-                )
-                if batch:
-                    for tp in consumer.assignment():
-                        have = batch.get(tp, [])
-                        if len(have) < ROUND * step:
-                            more = await consumer.getmany(
-                                tp, timeout_ms=0, max_records=ROUND * step - len(have)
-                            )
-                            if more:
-                                batch[tp] = have + more[tp]
+                batch, generation = await self._next_batch(run, consumer)
                 run.beat()
-                if batch:
+                # Records read before a revocation are another router's, or aiokafka reads
+                # them again from the committed offsets: those are skipped.
+                if batch and generation == self._generation:
                     async with self.lock:
-                        self._busy = True
-                        await self._transactions(consumer, batch)
-                        self._busy = False
-                        run.beat()
+                        if generation == self._generation:
+                            self._busy = True
+                            await self._round(consumer, batch)
+                            self._busy = False
+                            run.beat()
         except Stopped:
             pass  # the transaction in flight (if any) has committed
+
+    async def _next_batch(
+        self, run: Run, consumer: AIOKafkaConsumer
+    ) -> tuple[dict[TopicPartition, list[ConsumerRecord]], int]:
+        """Up to ROUND x batch_max records of each partition it holds, and their generation.
+
+        What the previous round read ahead first, then what aiokafka has fetched. aiokafka
+        hands records out partition by partition, the first one's up to max_records: the
+        rest of each partition's fetched records is taken partition by partition, without
+        waiting (outside the lock: aiokafka's getmany waits out a rebalance; what was
+        taken before one is dropped, and read again from the committed offsets).
+        """
+        step = self.cfg.router.batch_max
+        limit = ROUND * step
+        batch, self._ahead = self._ahead, {}
+        generation = self._generation
+        if not batch:
+            batch = await unless_stopped(
+                run.stopping, consumer.getmany(timeout_ms=1000, max_records=step)
+            )
+            generation = self._generation
+        if batch:
+            for tp in consumer.assignment():
+                have = batch.get(tp, [])
+                if len(have) > limit:  # read ahead beyond a round: the rest is the next one's
+                    batch[tp], self._ahead[tp] = have[:limit], have[limit:]
+                elif len(have) < limit:
+                    more = await consumer.getmany(tp, timeout_ms=0, max_records=limit - len(have))
+                    if generation != self._generation:
+                        batch, generation = {}, self._generation
+                    if more:
+                        batch[tp] = batch.get(tp, []) + more[tp]
+        return batch, generation
+
+    async def _round(
+        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> None:
+        """The partitions' transactions of ``batch``, reading the next round's records meanwhile.
+
+        aiokafka fetches from a broker only once what it fetched is handed out: without
+        someone taking it during the round, records arriving then were fetched after it,
+        once the next round had started without them, and waited for two rounds.
+        """
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        reading = asyncio.create_task(self._read_ahead(consumer, ended), name="route.read-ahead")
+        try:
+            await self._transactions(consumer, batch)
+        finally:
+            ended.set_result(None)
+            await reading
+
+    async def _read_ahead(self, consumer: AIOKafkaConsumer, ended: asyncio.Future[None]) -> None:
+        """Take fetched records into ``_ahead`` until ``ended``: a round's of each partition."""
+        limit = ROUND * self.cfg.router.batch_max
+        with contextlib.suppress(Stopped):
+            while True:
+                ahead = self._ahead
+                wanted = [tp for tp in consumer.assignment() if len(ahead.get(tp, ())) < limit]
+                if not wanted:
+                    return
+                got = await unless_stopped(
+                    ended, consumer.getmany(*wanted, timeout_ms=1000, max_records=limit)
+                )
+                for tp, records in got.items():
+                    ahead.setdefault(tp, []).extend(records)
+
+    def _read_again(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` again from ``offset``: what was read ahead of it comes again too."""
+        consumer.seek(tp, offset)
+        self._ahead.pop(tp, None)
 
     async def _check_state_partitions(self, run: Run) -> None:
         """router_state must be partitioned as down_events: partition p keeps p's memory.
@@ -271,6 +330,8 @@ class Router:
             await self._stop_producers(revoked)
             for tp in revoked:
                 self._memory.pop(tp, None)
+            self._ahead.clear()
+            self._generation += 1
             self._report_gaps()
 
     async def _assigned(self, assigned: list[TopicPartition]) -> None:
@@ -280,6 +341,8 @@ class Router:
         # first: the committed offsets read afterwards include the previous owner's last
         # transaction, whether it committed or was aborted by the fencing.
         async with self.lock:
+            # aiokafka reads every assigned partition again from its committed offset.
+            self._ahead.clear()
             # (aiokafka may re-join without a revocation: drop what is not ours any more.)
             gone = [tp for tp in self._producers if tp not in assigned]
             await self._stop_producers(gone)
@@ -339,7 +402,7 @@ class Router:
                     "transaction aborted (%s); partition %d will be read again in %.1f s",
                     exc, tp.partition, delay, extra={"topic": tp.topic, "partition": tp.partition},
                 )  # fmt: skip
-                consumer.seek(tp, records[0].offset)
+                self._read_again(consumer, tp, records[0].offset)
                 await asyncio.sleep(delay)
                 return False
             log.warning(
@@ -422,7 +485,7 @@ class Router:
                 raise
             except KafkaError as exc:
                 if exc.retriable:  # later: read this partition again from here
-                    consumer.seek(tp, record.offset)
+                    self._read_again(consumer, tp, record.offset)
                     return False
                 await self._renew_producer(tp)
                 await self._refused(tp, record, exc)
