@@ -168,7 +168,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():
-            self._break()  # bytes nobody asked for: this connection cannot be trusted
+            self.abort()  # bytes nobody asked for: this connection cannot be trusted
             return
         self._received += len(data)
         if self._received > self._max + MAX_HEAD:  # headers without end, say
@@ -186,7 +186,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():  # a second answer to one request
-            self._break()
+            self.abort()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._headers_done:  # after them: a chunked body's trailers, not headers
@@ -242,13 +242,14 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _break(self) -> None:
+    def abort(self) -> None:
+        """Drop the connection at once (no TLS close): it will not be used again."""
         self.usable = False
         if self.transport is not None:
             self.transport.abort()
 
     def _fail(self, exc: ExchangeFailed) -> None:
-        self._break()
+        self.abort()
         self._settle(exc)
 
     def _settle(self, exc: ExchangeFailed) -> None:
@@ -339,7 +340,7 @@ class HttpPool:
             await asyncio.wait([c.lost for c in connections], timeout=_CLOSE_WAIT)
             for conn in connections:
                 if not conn.lost.done():
-                    conn._break()  # noqa: SLF001  # the peer never finished the TLS close
+                    conn.abort()  # the peer never finished the TLS close
 
     async def request(
         self, method: str, target: str, headers: Mapping[str, str], body: bytes = b""
@@ -378,7 +379,7 @@ class HttpPool:
                     conn.idle_since = time.monotonic()
                     self._idle.append(conn)
                 else:
-                    conn._break()  # noqa: SLF001  # the exchange did not end cleanly
+                    conn.abort()  # the exchange did not end cleanly
         encoding = response.header("content-encoding") if response.body else None
         if encoding is not None and encoding.lower() != "identity":
             response.body = _decode(encoding, response.body, self._max)
@@ -420,7 +421,7 @@ class HttpPool:
                 if conn.idle_since <= expired:
                     # Dropped, not closed politely: a TLS peer that never answers our
                     # close_notify would keep it open (beyond ``size``) for 30 s.
-                    conn._break()  # noqa: SLF001
+                    conn.abort()
                 elif conn.usable and not conn.transport.is_closing():  # type: ignore[union-attr]
                     return conn
         loop = asyncio.get_running_loop()
