@@ -253,8 +253,8 @@ class Router:
 
         Enough to keep aiokafka fetching what arrives during the round (the latency it is
         for); behind a backlog, the next round is filled from aiokafka's own buffer, and
-        records held here as well would only add to the memory (the 25,000-message
-        burst: 148 -> 174 MB with a round's of each partition held).
+        records held here as well would only add to the memory (a round's of each
+        partition: up to ``ROUND x batch_max x`` partitions of records).
         """
         limit = self.cfg.router.batch_max
         with contextlib.suppress(Stopped):
