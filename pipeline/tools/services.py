@@ -47,9 +47,11 @@ __all__ = [
     "Brokers",
     "LocalKafka",
     "LocalMosquitto",
+    "PortTakenError",
     "free_port",
     "local_available",
     "own_brokers",
+    "start_bound",
 ]
 
 LOCAL = Path(__file__).resolve().parents[2] / "deploy" / "local"
@@ -326,12 +328,55 @@ async def _until(
     deadline = time.monotonic() + limit
     while not await answers():
         if proc is None or proc.poll() is not None:
-            msg = f"{name} on 127.0.0.1:{port} exited at start-up (see {log_file})"
+            said = _first_error(log_file)
+            if _PORT_TAKEN in said:
+                msg = f"{name} could not bind 127.0.0.1:{port}: taken after it was found free"
+                raise PortTakenError(msg)
+            # The line itself: the log may be gone with its directory when this is read.
+            msg = f"{name} on 127.0.0.1:{port} exited at start-up: {said} (log: {log_file})"
             raise RuntimeError(msg)
         if time.monotonic() > deadline:
             msg = f"{name} on 127.0.0.1:{port} did not answer within {limit:g} s (see {log_file})"
             raise RuntimeError(msg)
         await asyncio.sleep(0.1)
+
+
+_PORT_TAKEN = "Address already in use"
+
+
+class PortTakenError(RuntimeError):
+    """A broker exited because its port was taken between :func:`free_port` and its bind."""
+
+
+def _first_error(log_file: Path) -> str:
+    """The first line of a broker's log that says what went wrong, else its last line."""
+    try:
+        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    for line in lines:
+        if _PORT_TAKEN in line or "Error" in line or "ERROR" in line or "Exception" in line:
+            return line.strip()[:300]
+    return next((line.strip()[:300] for line in reversed(lines) if line.strip()), "empty log")
+
+
+async def start_bound(server: Callable[[int], LocalMosquitto | LocalKafka], tries: int = 3) -> None:
+    """Start ``server(attempt)`` and wait until it answers, on fresh ports if one was taken.
+
+    A free port is only free when it is looked at; a server that needs seconds to bind it
+    (Kafka: the JVM's start) can find it taken by then, by anything on the machine.
+    """
+    for attempt in range(1, tries + 1):
+        started = server(attempt)
+        started.start()
+        try:
+            await started.ready()
+        except PortTakenError:
+            await asyncio.to_thread(started.stop)
+            if attempt == tries:
+                raise
+        else:
+            return
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,14 +400,23 @@ class Brokers:
 async def own_brokers() -> AsyncIterator[Brokers]:
     """This checkout's Mosquitto and Kafka on free ports, gone (state and all) afterwards."""
     state = Path(tempfile.mkdtemp(prefix="pipeline-brokers-"))
-    broker = LocalMosquitto(state, free_port())
-    cluster = LocalKafka(state / "kafka-run", brief=True)
+    brokers: list[LocalMosquitto] = []
+    clusters: list[LocalKafka] = []
+
+    def mosquitto(attempt: int) -> LocalMosquitto:
+        brokers.append(LocalMosquitto(state / f"mosquitto-{attempt}", free_port()))
+        return brokers[-1]
+
+    def kafka_run(attempt: int) -> LocalKafka:
+        clusters.append(LocalKafka(state / f"kafka-run-{attempt}", brief=True))
+        return clusters[-1]
+
     try:
-        broker.start()
-        cluster.start()
-        await asyncio.gather(broker.ready(), cluster.ready())
-        yield Brokers(broker.port, cluster.bootstrap)
+        await asyncio.gather(start_bound(mosquitto), start_bound(kafka_run))
+        yield Brokers(brokers[-1].port, clusters[-1].bootstrap)
     finally:
-        await asyncio.to_thread(cluster.stop)
-        broker.stop()
+        for cluster in clusters:  # those that failed have exited already
+            await asyncio.to_thread(cluster.stop)
+        for broker in brokers:
+            broker.stop()
         shutil.rmtree(state, ignore_errors=True)
