@@ -74,6 +74,8 @@ from pipeline.ops.logs import setup_logging
 from pipeline.schemas import ADD_RESPONSE, PARAS, SUB_DEVICE_MANAGER, DownEvent
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     import aiomqtt
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
@@ -258,28 +260,15 @@ async def allocate(cfg: Config, requests: list[Request], concurrency: int) -> di
     dps = cfg.sink.dps
     secret = dps.app_secret.reveal()
     base = yarl.URL(dps.base_url)
-    pending = iter(requests)
-    done = 0
     failed: list[str] = []
-    clock = _Clock()
     connector = aiohttp.TCPConnector(limit=POOL_SIZE)
     async with aiohttp.ClientSession(connector=connector) as session:
         token = await _token(session, base, dps.app_key, secret)
 
-        async def worker() -> None:
-            nonlocal done
-            for request in pending:
-                await _call(session, base, token, secret, request, failed=failed)
-                done += 1
-                clock.start()
+        async def call(request: Request) -> None:
+            await _call(session, base, token, secret, request, failed=failed)
 
-        async with asyncio.TaskGroup() as tg:
-            for i in range(concurrency):
-                tg.create_task(worker(), name=f"ceiling.allocate-{i}")
-    if failed:
-        msg = f"{len(failed)} of {done} allocations failed, e.g. {failed[0]}"
-        raise RuntimeError(msg)
-    return clock.result(done)
+        return await _all_answered(requests, concurrency, call, failed, name="allocate")
 
 
 async def _call(
@@ -292,6 +281,18 @@ async def _call(
     failed: list[str],
 ) -> bytes:
     """One signed allocate call; its answer (a failure is noted in ``failed``)."""
+    url, headers, body = _signed(base, token, secret, request)
+    async with session.post(url, data=body, headers=headers) as response:
+        answer = await response.read()
+    if response.status != 200 or b'"code":0,' not in answer:  # noqa: PLR2004
+        failed.append(f"HTTP {response.status}: {answer[:200]!r}")
+    return answer
+
+
+def _signed(
+    base: yarl.URL, token: str, secret: str, request: Request
+) -> tuple[yarl.URL, dict[str, str], bytes]:
+    """An allocate call's URL, headers (signed now) and body, as the sink sends them."""
     params = {"action": "allocate", "orgId": request.org_id}
     body = request.body.encode()
     stamp = time.time_ns() // 1_000_000
@@ -301,12 +302,36 @@ async def _call(
         "apim-signature": sign(token, params, body, stamp, secret),
         "Content-Type": "application/json",
     }
-    url = (base / DEVICE_PATH).with_query(params)
-    async with session.post(url, data=body, headers=headers) as response:
-        answer = await response.read()
-    if response.status != 200 or b'"code":0,' not in answer:  # noqa: PLR2004
-        failed.append(f"HTTP {response.status}: {answer[:200]!r}")
-    return answer
+    return (base / DEVICE_PATH).with_query(params), headers, body
+
+
+async def _all_answered(
+    requests: list[Request],
+    concurrency: int,
+    call: Callable[[Request], Awaitable[None]],
+    failed: list[str],
+    *,
+    name: str,
+) -> dict[str, Any]:
+    """``call`` every request once, ``concurrency`` at a time; raise if any ``failed``."""
+    pending = iter(requests)
+    done = 0
+    clock = _Clock()
+
+    async def worker() -> None:
+        nonlocal done
+        for request in pending:
+            await call(request)
+            done += 1
+            clock.start()
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(concurrency):
+            tg.create_task(worker(), name=f"ceiling.{name}-{i}")
+    if failed:
+        msg = f"{len(failed)} of {done} allocations failed, e.g. {failed[0]}"
+        raise RuntimeError(msg)
+    return clock.result(done)
 
 
 async def http(cfg: Config, requests: list[Request], concurrency: int) -> dict[str, Any]:
@@ -314,42 +339,20 @@ async def http(cfg: Config, requests: list[Request], concurrency: int) -> dict[s
     dps = cfg.sink.dps
     secret = dps.app_secret.reveal()
     base = yarl.URL(dps.base_url)
-    pending = iter(requests)
-    done = 0
     failed: list[str] = []
-    clock = _Clock()
     async with (
         aiohttp.ClientSession() as session,
         HttpPool(dps.base_url, size=POOL_SIZE, timeout=dps.timeout) as pool,
     ):
         token = await _token(session, base, dps.app_key, secret)
 
-        async def worker() -> None:
-            nonlocal done
-            for request in pending:
-                params = {"action": "allocate", "orgId": request.org_id}
-                body = request.body.encode()
-                stamp = time.time_ns() // 1_000_000
-                headers = {
-                    "apim-accesstoken": token,
-                    "apim-timestamp": str(stamp),
-                    "apim-signature": sign(token, params, body, stamp, secret),
-                    "Content-Type": "application/json",
-                }
-                target = (base / DEVICE_PATH).with_query(params).raw_path_qs
-                answer = await pool.request("POST", target, headers, body)
-                if answer.status != 200 or b'"code":0,' not in answer.body:  # noqa: PLR2004
-                    failed.append(f"HTTP {answer.status}: {answer.body[:200]!r}")
-                done += 1
-                clock.start()
+        async def call(request: Request) -> None:
+            url, headers, body = _signed(base, token, secret, request)
+            answer = await pool.request("POST", url.raw_path_qs, headers, body)
+            if answer.status != 200 or b'"code":0,' not in answer.body:  # noqa: PLR2004
+                failed.append(f"HTTP {answer.status}: {answer.body[:200]!r}")
 
-        async with asyncio.TaskGroup() as tg:
-            for i in range(concurrency):
-                tg.create_task(worker(), name=f"ceiling.http-{i}")
-    if failed:
-        msg = f"{len(failed)} of {done} allocations failed, e.g. {failed[0]}"
-        raise RuntimeError(msg)
-    return clock.result(done)
+        return await _all_answered(requests, concurrency, call, failed, name="http")
 
 
 async def _commit(consumer: AIOKafkaConsumer, finished: dict[TopicPartition, int]) -> None:
