@@ -146,15 +146,6 @@ def pool(server: Server, **kwargs) -> HttpPool:
     return HttpPool(f"http://127.0.0.1:{server.port}", **({"size": 4, "timeout": 5} | kwargs))
 
 
-async def test_a_connection_is_kept_alive_and_reused(serve):
-    server = await serve(canned(OK))
-    async with pool(server) as http:
-        for _ in range(3):
-            answer = await http.request("GET", "/x", {})
-            assert (answer.status, answer.body) == (200, b"ok")
-    assert len(server.connections) == 1
-
-
 async def test_the_request_carries_host_length_agent_and_the_callers_headers(serve):
     server = await serve(canned(OK))
     async with pool(server) as http:
@@ -319,22 +310,30 @@ async def test_a_cancelled_caller_leaves_no_connection_nor_task(serve):
 
 
 @pytest.mark.parametrize(
-    "data",
+    ("data", "body"),
     [
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        (OK, b"ok"),
         (
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n"
-            b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nabcdefg"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+            b"abcdefg",
+        ),
+        (
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nabcdefg"
+            ),
+            b"abcdefg",
         ),
     ],
-    ids=["chunked", "interim answers"],
+    ids=["content-length", "chunked", "interim answers"],
 )
-async def test_chunked_bodies_and_interim_answers(serve, data):
+async def test_a_connection_is_kept_alive_and_reused(serve, data, body):
+    """Whatever frames the answer, the connection is kept for the next request."""
     server = await serve(canned(data))
     async with pool(server) as http:
-        for _ in range(2):
-            answer = await http.request("GET", "/", {})
-            assert (answer.status, answer.body) == (200, b"abcdefg")
+        for _ in range(3):
+            answer = await http.request("GET", "/x", {})
+            assert (answer.status, answer.body) == (200, body)
     assert len(server.connections) == 1
 
 
