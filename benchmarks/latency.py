@@ -80,6 +80,9 @@ class Step:
     """Per round, one per message: its down event's broker append time - publish."""
     routed_ms: list[list[float]] = dataclasses.field(default_factory=list)
     """Per round, one per child: its added record's broker append time - publish."""
+    committed_ms: list[list[float]] = dataclasses.field(default_factory=list)
+    """Per round, one per child: its added record's arrival at a read-committed consumer
+    - publish (once the router's transaction has committed: what the sink can see)."""
 
     @property
     def pooled(self) -> list[float]:
@@ -204,23 +207,26 @@ def _hop(records: list[ConsumerRecord[bytes, bytes]]) -> list[float]:
 
 
 class _Receipts:
-    """The second clock: a consumer of the allocations topic that stamps each record on arrival.
+    """The second clock: a consumer of ``topic`` that stamps each record on arrival.
 
     It reads from where the topic ends when it is entered, as any downstream consumer
-    would, and notes ``time.time()`` when a fetch hands it a record: receipt time -
-    publish time is the latency a reader of the pipeline's output sees, on this host's
-    clock alone, independent of the broker's append times.
+    would (read committed), and notes ``time.time()`` when a fetch hands it a record:
+    receipt time - publish time is the latency a reader of that topic sees, on this
+    host's clock alone, independent of the broker's append times. On ``allocations``
+    it checks the first clock; on ``added`` it is when the router's transaction has
+    committed, so the router's commit and the sink's share of the rest show apart.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, topic: str) -> None:
         self._cfg = cfg
+        self._topic = topic
         self.latencies_ms: list[float] = []
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
         self._reader = kafka.reader(self._cfg.kafka, fetch_max_wait_ms=50)
         await self._reader.start()
-        tps = await kafka.partitions(self._reader, self._cfg.kafka.topics.allocations)
+        tps = await kafka.partitions(self._reader, self._topic)
         self._reader.assign(tps)
         await self._reader.seek_to_end(*tps)
         for tp in tps:  # resolve the positions now, before anything is published
@@ -234,9 +240,10 @@ class _Receipts:
             now_ms = time.time() * 1000
             for records in batch.values():
                 for record in records:
-                    sent = workload.sent_ns(_allocation.decode(record.value).event_id)
-                    if sent is not None:
-                        self.latencies_ms.append(now_ms - sent / 1e6)
+                    if (found := _EVENT_ID.search(record.value)) is not None:
+                        sent = workload.sent_ns(found.group().decode())
+                        if sent is not None:
+                            self.latencies_ms.append(now_ms - sent / 1e6)
 
     async def until(self, n: int, limit: float) -> list[float]:
         """Once ``n`` records have arrived (what arrived when ``limit`` s have passed)."""
@@ -270,6 +277,8 @@ class _Through:
     """Per child: append of its added record (the router's output) - publish. The router
     writes in transactions: a record is appended before its transaction commits and
     seen by the sink only after."""
+    committed_ms: list[float]
+    """Per child: arrival of its added record at a read-committed consumer - publish."""
 
 
 class Pipeline:
@@ -293,7 +302,10 @@ class Pipeline:
         routed = Output(self.cfg, topics.added)
         for output in (out, landed, routed):
             await output.start()
-        async with _Receipts(self.cfg) as receipts:
+        async with (
+            _Receipts(self.cfg, topics.allocations) as receipts,
+            _Receipts(self.cfg, topics.added) as committed,
+        ):
             published = await _publish(
                 self.cfg, self.prefix, count, phase, per_s=per_s, limit=limit
             )
@@ -306,9 +318,12 @@ class Pipeline:
             n = count * workload.CHILDREN
             records = await out.wait(n, limit=limit, alive=self.alive)
             receipts_ms = await receipts.until(n, limit=10.0)
+            committed_ms = await committed.until(n, limit=10.0)
         down = await landed.wait(count, limit=limit)
         added = await routed.wait(n, limit=limit)
-        return _Through(published, records, receipts_ms, _hop(down), _hop(added))
+        return _Through(
+            published, records, receipts_ms, _hop(down), _hop(added), committed_ms
+        )
 
     async def _routed(self, since: dict[TopicPartition, int]) -> int:
         """Down events the router has committed since the offsets ``since``."""
@@ -394,10 +409,12 @@ async def end_to_end(ctx: Context, say: Callable[[str], None]) -> E2E:
                 step.receipts_ms.append(done.receipts_ms)
                 step.landed_ms.append(done.landed_ms)
                 step.routed_ms.append(done.routed_ms)
+                step.committed_ms.append(done.committed_ms)
                 say(
                     f"  {fraction:g} x: {done.published.per_s:,.0f} msg/s, p50/p99 ms: "
                     f"append {_p(latencies)}, receipt {_p(done.receipts_ms)}, "
-                    f"ingest {_p(done.landed_ms)}, route {_p(done.routed_ms)}"
+                    f"ingest {_p(done.landed_ms)}, route {_p(done.routed_ms)}, "
+                    f"committed {_p(done.committed_ms)}"
                 )
         sustained_memory = pipe.memory()
         burst = None

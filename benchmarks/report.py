@@ -179,6 +179,7 @@ def _e2e(e2e: E2E, targets: list[dict[str, Any]]) -> dict[str, Any]:
             **_percentiles("receipt", [v for r in step.receipts_ms for v in r]),
             **_percentiles("ingest", [v for r in step.landed_ms for v in r]),
             **_percentiles("route", [v for r in step.routed_ms for v in r]),
+            **_percentiles("committed", [v for r in step.committed_ms for v in r]),
             "latencies_ms": step.pooled,
         }
         for step in e2e.steps
@@ -372,7 +373,8 @@ def _latency(e2e: dict[str, Any]) -> Table:
         "latency of all rounds \\[each round's]"
     )
     columns = ("offered load", "msg/s", "children", "p50 ms", "p99 ms")
-    for column in (*columns, "receipt p50/p99", "ingest p50/p99", "route p50/p99"):
+    for column in (*columns, "receipt p50/p99", "ingest p50/p99", "route p50/p99",
+                   "committed p50/p99"):
         t.add_column(column, justify="right")
     for step in e2e["steps"]:
         t.add_row(
@@ -384,12 +386,14 @@ def _latency(e2e: dict[str, Any]) -> Table:
             _pair(step, "receipt"),
             _pair(step, "ingest"),
             _pair(step, "route"),
+            _pair(step, "committed"),
         )
     t.caption = (
         "p50/p99: publish -> the allocation record's broker append time; receipt: publish "
         "-> its arrival at a consumer of the allocations topic (this host's clock); ingest: "
         "publish -> the down event's append time (the MQTT broker and ingest); route: "
-        "publish -> the added record's append time (before its transaction commits)"
+        "publish -> the added record's append time (before its transaction commits); "
+        "committed: publish -> its arrival at a read-committed consumer (after the commit)"
     )
     return t
 
