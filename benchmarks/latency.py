@@ -321,9 +321,7 @@ class Pipeline:
             committed_ms = await committed.until(n, limit=10.0)
         down = await landed.wait(count, limit=limit)
         added = await routed.wait(n, limit=limit)
-        return _Through(
-            published, records, receipts_ms, _hop(down), _hop(added), committed_ms
-        )
+        return _Through(published, records, receipts_ms, _hop(down), _hop(added), committed_ms)
 
     async def _routed(self, since: dict[TopicPartition, int]) -> int:
         """Down events the router has committed since the offsets ``since``."""

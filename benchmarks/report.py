@@ -373,8 +373,13 @@ def _latency(e2e: dict[str, Any]) -> Table:
         "latency of all rounds \\[each round's]"
     )
     columns = ("offered load", "msg/s", "children", "p50 ms", "p99 ms")
-    for column in (*columns, "receipt p50/p99", "ingest p50/p99", "route p50/p99",
-                   "committed p50/p99"):
+    for column in (
+        *columns,
+        "receipt p50/p99",
+        "ingest p50/p99",
+        "route p50/p99",
+        "committed p50/p99",
+    ):
         t.add_column(column, justify="right")
     for step in e2e["steps"]:
         t.add_row(
