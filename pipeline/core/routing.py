@@ -328,7 +328,8 @@ _STATES: tuple[Literal["added"], Literal["deleted"]] = ("added", "deleted")
 _LONG = range(-(2**63), 2**63)
 
 
-def _pack(child: Child, device: bytes | None) -> bytes:
+def _pack(child: Child, device: bytes | msgspec.Raw | None) -> bytes:
+    """``device``: bytes, or a Raw (its bytes are copied, not the record it views)."""
     version = child.version
     flags = (child.state == "deleted") | (device is not None) << 2
     if version is not None:
@@ -336,9 +337,9 @@ def _pack(child: Child, device: bytes | None) -> bytes:
         if version not in _LONG:
             wide = str(version).encode()
             head = _PACKED.pack(child.generation, flags | _F_WIDE, len(wide)) + wide
-            return head if device is None else head + device
+            return head if device is None else b"".join((head, device))
     head = _PACKED.pack(child.generation, flags, version or 0)
-    return head if device is None else head + device
+    return head if device is None else b"".join((head, device))
 
 
 def _unpack(packed: bytes) -> Child:
@@ -404,10 +405,25 @@ class Memory:
 
     def put(self, key: Key, child: Child, device: bytes | None) -> None:
         """Remember ``child`` (and, for an added one, ``device``: None when not known)."""
-        children = self._gateways.get(key[0])
-        if children is None:  # the gateway's dict is keyed by the one string it keeps
-            children = self._gateways[sys.intern(key[0])] = {}
-        children[key[1]] = _pack(child, device if child.state == "added" else None)
+        self.take({key: child}, {} if device is None else {key: msgspec.Raw(device)})
+
+    def take(self, children: dict[Key, Child], devices: dict[Key, msgspec.Raw]) -> None:
+        """Remember ``children``: an added one with its DeviceInfo from ``devices``.
+
+        Of a Raw, the memory copies its bytes, not the record it views. An added child
+        without one there keeps the DeviceInfo remembered already.
+        """
+        gateways = self._gateways
+        for key, child in children.items():
+            device: bytes | msgspec.Raw | None = None
+            if child.state == "added":
+                device = devices.get(key)
+                if device is None:
+                    device = self.device(key)
+            kept = gateways.get(key[0])
+            if kept is None:  # the gateway's dict is keyed by the one string it keeps
+                kept = gateways[sys.intern(key[0])] = {}
+            kept[key[1]] = _pack(child, device)
 
     def learn(self, key: bytes | None, value: bytes | None) -> bool:
         """Take one ``router_state`` record in; False when it is not one the router wrote."""
@@ -529,16 +545,10 @@ class Changes:
 
     def commit(self) -> None:
         """The transaction committed: the memory takes its changes."""
-        memory = self._memory
-        memory.versions.update(self._versions)
-        devices = self._devices
-        for key, child in self._children.items():
-            # A decoded Raw is a view of the whole record it came from (the down event, a
-            # few KB): the memory keeps a copy of the DeviceInfo's bytes alone. An added
-            # child changed without one (none is: an add brings its own) keeps the one
-            # the memory had.
-            raw = devices.get(key)
-            memory.put(key, child, bytes(raw) if raw is not None else memory.device(key))
+        self._memory.versions.update(self._versions)
+        # A decoded Raw is a view of the whole record it came from (the down event, a few
+        # KB): the memory copies the DeviceInfo's bytes alone.
+        self._memory.take(self._children, self._devices)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

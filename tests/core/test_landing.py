@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.core import landing
 from pipeline.core.landing import Lander
-from pipeline.schemas import DownEventRecord, format_time, utc_now
+from pipeline.schemas import DownEventRecord, format_time, normalise_event_time, utc_now
 
 EVENT = orjson.dumps(
     {
@@ -71,3 +71,21 @@ def test_utc_now_is_format_time_of_now() -> None:
         assert before <= when <= after
         assert format_time(when) == text
     assert texts == sorted(texts)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("20151212T121212Z", "2015-12-12T12:12:12.000Z"),  # as IoTDA documents it
+        ("2015-12-12T12:12:12Z", "2015-12-12T12:12:12.000Z"),  # as its device SDK sends it
+        ("2015-12-12T20:12:12.5+08:00", "2015-12-12T12:12:12.500Z"),
+        ("2015-12-12T12:12:12", None),  # no zone: a guess
+        ("", None),
+        (None, None),
+        ("2" * 100_000, None),  # longer than any time: read, not cached
+    ],
+)
+def test_event_times_are_normalised_alike_the_first_time_and_again(
+    raw: str | None, expected: str | None
+) -> None:
+    assert [normalise_event_time(raw) for _ in range(2)] == [expected, expected]
