@@ -19,7 +19,7 @@ import dataclasses
 import struct
 import sys
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 
@@ -259,6 +259,9 @@ class Versions(msgspec.Struct, kw_only=True):
     """Open gaps: inclusive ranges of versions below ``last`` that never arrived."""
 
 
+_GENERATION_MAX = 2**62
+
+
 class Child(msgspec.Struct, kw_only=True, gc=False):
     """``router_state`` ``c/{gateway_id}/{device_id}``: a child's state.
 
@@ -268,7 +271,9 @@ class Child(msgspec.Struct, kw_only=True, gc=False):
     memory keeps children packed (:class:`Memory`), not as these.
     """
 
-    generation: int
+    generation: Annotated[int, msgspec.Meta(ge=0, le=_GENERATION_MAX)]
+    """Changes of state so far. Bounded so that it packs in a signed 64-bit integer
+    (:class:`Memory`) after one more: a record beyond it is not one the router wrote."""
     state: Literal["added", "deleted"]
     version: int | None
     """The version of the notification that set this state; null for a response."""
@@ -404,8 +409,19 @@ class Memory:
         }
 
     def put(self, key: Key, child: Child, device: bytes | None) -> None:
-        """Remember ``child`` (and, for an added one, ``device``: None when not known)."""
-        self.take({key: child}, {} if device is None else {key: msgspec.Raw(device)})
+        """Remember ``child`` as it is: for an added one, ``device``, or None when not known.
+
+        What was remembered of it is replaced whole, DeviceInfo included (a record read
+        back is the child's state then, not an update of an earlier one).
+        """
+        self._of(key[0])[key[1]] = _pack(child, device if child.state == "added" else None)
+
+    def _of(self, gateway: str) -> dict[str, bytes]:
+        """The gateway's children (a dict keyed by the one string it keeps of its id)."""
+        children = self._gateways.get(gateway)
+        if children is None:
+            children = self._gateways[sys.intern(gateway)] = {}
+        return children
 
     def take(self, children: dict[Key, Child], devices: dict[Key, msgspec.Raw]) -> None:
         """Remember ``children``: an added one with its DeviceInfo from ``devices``.
@@ -413,17 +429,13 @@ class Memory:
         Of a Raw, the memory copies its bytes, not the record it views. An added child
         without one there keeps the DeviceInfo remembered already.
         """
-        gateways = self._gateways
         for key, child in children.items():
             device: bytes | msgspec.Raw | None = None
             if child.state == "added":
                 device = devices.get(key)
                 if device is None:
                     device = self.device(key)
-            kept = gateways.get(key[0])
-            if kept is None:  # the gateway's dict is keyed by the one string it keeps
-                kept = gateways[sys.intern(key[0])] = {}
-            kept[key[1]] = _pack(child, device)
+            self._of(key[0])[key[1]] = _pack(child, device)
 
     def learn(self, key: bytes | None, value: bytes | None) -> bool:
         """Take one ``router_state`` record in; False when it is not one the router wrote."""

@@ -472,6 +472,29 @@ def test_an_earlier_routers_memory_records_are_read_with_their_device_info() -> 
     ]
 
 
+def test_a_record_read_back_replaces_what_an_earlier_one_said() -> None:
+    """A compact record after an earlier router's of the same child: its DeviceInfo is gone.
+
+    router_state not yet compacted holds both (the child deleted and added again in one
+    transaction since): the DeviceInfo of generation 1 is not generation 3's, so it is
+    looked up in lifecycle instead of carried by the next delete.
+    """
+    memory = Memory()
+    assert memory.learn(
+        b"c/gw-1/d1", b'{"generation":1,"state":"added","version":null,"device":' + device(1) + b"}"
+    )
+    assert memory.learn(b"c/gw-1/d1", b'{"generation":3,"state":"added","version":null}')
+    assert memory.unknown_devices() == {("gw-1", "d1"): 3}
+    assert memory.device(("gw-1", "d1")) is None
+
+
+@pytest.mark.parametrize("generation", [-1, 2**62 + 1, 2**63, 2**64])
+def test_a_generation_no_router_writes_is_not_read(generation: int) -> None:
+    """Generations count changes from 0; one beyond 2**62 would not pack (corrupt input)."""
+    record = b'{"generation":%d,"state":"added","version":null}' % generation
+    assert not Memory().learn(b"c/gw-1/d1", record)
+
+
 def test_a_delete_asks_for_a_device_info_the_memory_lacks() -> None:
     """Read back from compact records, a child's DeviceInfo comes from its lifecycle record."""
     live = Memory()
