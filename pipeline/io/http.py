@@ -369,6 +369,9 @@ class HttpPool:
             raise RuntimeError(msg)
         request = self._head(method, target, headers, body) + body
         async with asyncio.timeout(self._timeout), self._slots:
+            if self._closed:  # closed while this caller waited for a slot: connect no more
+                msg = "the HTTP pool is closed"
+                raise RuntimeError(msg)
             conn = await self._connection()
             clean = False
             try:

@@ -277,6 +277,24 @@ async def test_closing_the_pool_fails_an_exchange_under_way_and_says_so(serve):
     await server.connections[0].closed.wait()
 
 
+async def test_a_caller_waiting_for_a_slot_when_the_pool_closes_opens_no_connection(serve):
+    async def answer(_request, _writer, conn: Connection) -> bool:
+        return await conn.until_closed()
+
+    server = await serve(answer)
+    http = pool(server, size=1)
+    first = asyncio.create_task(http.request("GET", "/1", {}))
+    await server.wait_requests(1)
+    second = asyncio.create_task(http.request("GET", "/2", {}))
+    await asyncio.sleep(0)  # the second caller now waits for the one slot
+    await http.close()
+    with pytest.raises(ExchangeFailed):
+        await first
+    with pytest.raises(RuntimeError, match="the HTTP pool is closed"):
+        await second
+    assert len(server.connections) == 1
+
+
 async def test_a_timeout_closes_the_connection(serve):
     async def answer(request, writer, conn: Connection) -> bool:
         if request.line.startswith("GET /hang"):
