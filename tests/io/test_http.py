@@ -176,23 +176,17 @@ def test_the_host_header_names_a_port_only_when_not_the_default():
         HttpPool("ftp://gw.example", size=1, timeout=1)
 
 
-async def test_a_header_with_a_line_break_is_refused_and_not_shown(serve):
-    server = await serve(canned(OK))
-    async with pool(server) as http:
-        with pytest.raises(ValueError, match="holds a line break") as caught:
-            await http.request("GET", "/", {"X-Token": "s3cret\r\nX-Evil: 1"})
-        assert "s3cret" not in str(caught.value)
-        await http.request("GET", "/", {})
-    assert len(server.requests) == 1
-
-
-async def test_a_header_beyond_latin_1_is_refused_and_not_shown(serve):
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("s3cret\r\nX-Evil: 1", "holds a line break"), ("s3cret\u0100", "not Latin-1")],
+)
+async def test_a_header_that_cannot_be_sent_is_refused_and_not_shown(serve, value, says):
     # The sink dead-letters an unexpected error with its repr: a UnicodeEncodeError's
     # repr holds the whole request head, the signature and access token among it.
     server = await serve(canned(OK))
     async with pool(server) as http:
-        with pytest.raises(ValueError, match="not Latin-1") as caught:
-            await http.request("GET", "/", {"apim-signature": "s3cret\u0100"})
+        with pytest.raises(ValueError, match=says) as caught:
+            await http.request("GET", "/", {"apim-signature": value})
         assert "s3cret" not in repr(caught.value)
         assert "s3cret" not in repr(caught.value.__cause__)
         assert "s3cret" not in repr(caught.value.__context__)
