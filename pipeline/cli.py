@@ -40,6 +40,7 @@ import aiomqtt
 from pipeline import _signals
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, DpsError, InputError, ServiceUnreachable, StageFailed
+from pipeline.io import aio
 from pipeline.ops.logs import setup_logging
 from pipeline.stages.registry import STAGES
 
@@ -659,12 +660,21 @@ def main(argv: list[str] | None = None) -> int:
         return EX_SOFTWARE
     handler: Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]] = args.handler
     try:
-        code: int = asyncio.run(handler(args, cfg))
+        code: int = aio.run(handler(args, cfg), cfg.runtime.event_loop, why=_needs_selector(args))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # every error ends here, as one line
         return _report(exc, cfg, args.command)
     return code
+
+
+def _needs_selector(args: argparse.Namespace) -> str:
+    """Why ``args``' command must run on asyncio's own event loop ("" if it need not)."""
+    stages = ("ingest", "route", "sink") if args.command == "demo" else getattr(args, "stages", ())
+    needing = [name for name in stages if STAGES[name].needs_selector]
+    if not needing:
+        return ""
+    return f"it runs {', '.join(needing)}, whose MQTT intake limit needs asyncio's selector loop"
 
 
 def _fail(code: int, line: str) -> int:

@@ -39,6 +39,7 @@ __all__ = [
     "MetricsConfig",
     "MqttConfig",
     "RouterConfig",
+    "RuntimeConfig",
     "Secret",
     "SinkConfig",
     "TlsConfig",
@@ -361,6 +362,17 @@ class TracingConfig(_Section, frozen=True):
     still carry ``traceparent`` and log lines ``trace_id`` (nothing is exported)."""
 
 
+class RuntimeConfig(_Section, frozen=True):
+    """The process itself."""
+
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """The asyncio event loop a process runs on. ``auto``: uvloop (libuv's loop, less CPU
+    a wake-up: less latency on a busy host, docs/measured.md) for a process that does not
+    run ingest, asyncio's for one that does: ingest's intake limit pauses aiomqtt's socket
+    reads through the selector that only asyncio's loop has. ``asyncio``: asyncio's for
+    every process. ``uvloop``: as ``auto``, and a process that keeps asyncio's says so."""
+
+
 class Config(_Section, frozen=True):
     """The whole configuration."""
 
@@ -370,6 +382,7 @@ class Config(_Section, frozen=True):
     sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
 
 
 class Gateway(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -19,7 +19,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
-from pipeline.cli import _report
+from pipeline.cli import _needs_selector, _parser, _report
 from pipeline.config import Config, load_config
 from pipeline.errors import (
     ConfigError,
@@ -474,3 +474,25 @@ def test_sigterm_ends_a_tool_that_does_not_stop_on_it() -> None:
         [sys.executable, "-c", script], capture_output=True, timeout=30, check=False
     )
     assert proc.returncode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize(
+    ("argv", "keeps_asyncio"),
+    [
+        (["ingest"], True),
+        (["run"], True),
+        (["demo"], True),
+        (["route"], False),
+        (["sink"], False),
+        (["dps-emulator"], False),
+        (["status"], False),
+    ],
+)
+def test_only_a_process_running_ingest_keeps_asyncios_loop(
+    argv: list[str], keeps_asyncio: bool
+) -> None:
+    why = _needs_selector(_parser().parse_args(argv))
+    if keeps_asyncio:
+        assert why == "it runs ingest, whose MQTT intake limit needs asyncio's selector loop"
+    else:
+        assert why == ""

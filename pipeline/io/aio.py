@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import math
 import random
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from pipeline.errors import PipelineError, ServiceUnreachable
+from pipeline.errors import ConfigError, PipelineError, ServiceUnreachable
 
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Awaitable, Callable, Coroutine
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Pacer",
     "Stopped",
     "first_set",
+    "run",
     "sleep_unless_stopped",
     "unless_stopped",
     "wait_for_service",
@@ -32,6 +33,39 @@ __all__ = [
 
 T = TypeVar("T")
 K = TypeVar("K")
+
+log = logging.getLogger(__name__)
+
+
+def run(
+    main: Coroutine[Any, Any, T],
+    event_loop: Literal["auto", "asyncio", "uvloop"],
+    *,
+    why: str = "",
+) -> T:
+    """Run ``main`` to its end on a new event loop of the kind ``runtime.event_loop`` names.
+
+    ``why``: set when the process needs asyncio's own loop (a selector loop) whatever the
+    configuration says; it then runs on asyncio's (``uvloop`` also says so in a log line).
+    ``auto`` without uvloop installed (it has no Windows build) runs on asyncio's.
+
+    Raises:
+        ConfigError: ``uvloop`` asked for and not installed.
+    """
+    if event_loop == "asyncio" or why:
+        if event_loop == "uvloop":
+            log.info("runtime.event_loop is uvloop; this process runs on asyncio's loop: %s", why)
+        return asyncio.run(main)
+    try:
+        import uvloop  # noqa: PLC0415  (only a process that runs on it loads it)
+    except ImportError as exc:
+        if event_loop == "uvloop":
+            main.close()
+            reason = "uvloop is not installed here: install it, or set auto or asyncio"
+            msg = f"runtime.event_loop: {reason}"
+            raise ConfigError(msg, key="runtime.event_loop", reason=reason) from exc
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 class Stopped(PipelineError):
@@ -227,6 +261,11 @@ async def wait_for_service(
     stopped = asyncio.ensure_future(stop.wait()) if stop is not None else loop.create_future()
     try:
         while True:
+            if stop is not None and stop.is_set():
+                # Asked to stop before this attempt (a SIGTERM while starting): no probe.
+                # unless_stopped alone would let a probe that fails at once (a refused
+                # connection, on uvloop) finish beside the stop, and be said.
+                raise Stopped
             # Whole tenths: the reason a probe gives ("no answer within 3 s") reads the same
             # from every stage waiting for the same service, and is said once.
             left = math.ceil(max(deadline - loop.time(), 1.0) * 10) / 10

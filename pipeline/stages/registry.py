@@ -34,11 +34,14 @@ class Entry:
         help: what it does, in a line.
         create: makes the stage from the configuration and its command's arguments.
         arguments: adds its options to a command's parser (its own and ``run``'s).
+        needs_selector: it needs asyncio's own event loop, whatever
+            ``runtime.event_loop`` says (ingest: :func:`pipeline.io.aio.run`).
     """
 
     help: str
     create: Callable[[Config, argparse.Namespace], Stage]
     arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    needs_selector: bool = False
 
 
 def _ingest(cfg: Config, args: argparse.Namespace) -> Stage:
@@ -74,6 +77,7 @@ STAGES: dict[str, Entry] = {
         "MQTT down events -> Kafka (acknowledges MQTT only after Kafka has the record)",
         _ingest,
         _ingest_arguments,
+        needs_selector=True,  # its MQTT intake limit (pipeline.io.mqtt.IntakeLimit)
     ),
     "route": Entry(
         "down events -> one record per added / failed child (Kafka transactions)", _route

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
 
-from pipeline.errors import ServiceUnreachable
+from pipeline.errors import ConfigError, ServiceUnreachable
+from pipeline.io import aio
 from pipeline.io.aio import Backoff, KeyedLocks, Stopped, unless_stopped
 
 
@@ -112,3 +114,35 @@ async def test_a_key_handed_to_a_task_cancelled_before_it_resumes_goes_to_the_ne
         await third
     locks.release("k")
     assert len(locks) == 0
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_run_on_the_configured_loop_unless_the_process_needs_asyncios(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("INFO", logger="pipeline.io.aio"):
+        assert aio.run(_loop_module(), "auto").startswith("uvloop")
+        assert aio.run(_loop_module(), "uvloop").startswith("uvloop")
+        assert aio.run(_loop_module(), "asyncio").startswith("asyncio")
+        assert aio.run(_loop_module(), "auto", why="it runs ingest").startswith("asyncio")
+        assert not caplog.records  # auto keeps asyncio's for ingest without a word
+        assert aio.run(_loop_module(), "uvloop", why="it runs ingest").startswith("asyncio")
+    assert [r.getMessage() for r in caplog.records] == [
+        "runtime.event_loop is uvloop; this process runs on asyncio's loop: it runs ingest"
+    ]
+
+
+def test_without_uvloop_auto_falls_back_and_uvloop_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # importing it raises ImportError
+    assert aio.run(_loop_module(), "auto").startswith("asyncio")
+    with pytest.raises(ConfigError) as caught:
+        aio.run(_loop_module(), "uvloop")
+    assert str(caught.value) == (
+        "runtime.event_loop: uvloop is not installed here: install it, or set auto or asyncio"
+    )
+    assert caught.value.key == "runtime.event_loop"

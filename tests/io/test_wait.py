@@ -122,6 +122,26 @@ async def test_stop_ends_the_wait_at_once() -> None:
     assert loop.time() - started < 2
 
 
+async def test_a_stop_asked_before_the_wait_tries_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """A SIGTERM while starting: no probe, and nothing said, however fast a probe fails."""
+    stop = asyncio.Event()
+    stop.set()
+    attempts = 0
+
+    async def refused_at_once(_: float | None) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise ServiceUnreachable("Kafka", "127.0.0.1:1", "connection refused")
+
+    with caplog.at_level(logging.WARNING, logger="test.wait"), pytest.raises(Stopped):
+        await aio.wait_for_service(
+            refused_at_once, service="Kafka", address="127.0.0.1:1", within=30, stop=stop,
+            log=logging.getLogger("test.wait"),
+        )  # fmt: skip
+    assert attempts == 0
+    assert caplog.records == []
+
+
 async def test_one_attempt_names_each_server() -> None:
     a, b = free_port(), free_port()
     cfg = load_config(environ={"PIPELINE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{a},127.0.0.1:{b}"})
