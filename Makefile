@@ -1,5 +1,5 @@
 # The two commands of the README, and their parts.
-.PHONY: install demo test test-long test-tracing test-latest check monitoring-check test-deploy bench services-up services-down
+.PHONY: install demo test test-uvloop test-long test-tracing test-latest check monitoring-check test-deploy bench services-up services-down
 
 install:
 	./deploy/local/install.sh
@@ -20,6 +20,18 @@ WORKERS ?= 4
 test: check monitoring-check
 	.venv/bin/pipeline schemas export --check
 	.venv/bin/pytest -n $(WORKERS) --dist worksteal -m "not long and not jaeger"
+
+# The in-process tests of what runs on uvloop in a deployment (`[runtime] event_loop =
+# "auto"`: the router, the sink, the DPS client and its HTTP pool, the Kafka edge, the ops
+# server) on uvloop instead of asyncio's loop (tests/conftest.py). Ingest's tests stay
+# out: ingest runs on asyncio's loop. CI runs it after make test.
+UVLOOP_TESTS = tests/io/test_aio.py tests/io/test_http.py tests/io/test_kafka.py \
+	tests/io/test_kafka_security.py tests/io/test_wait.py tests/dps tests/stages/sink \
+	tests/stages/test_router_lifecycle.py tests/stages/test_faults.py \
+	tests/stages/test_sync_requests.py tests/ops
+test-uvloop: install
+	PIPELINE_TEST_EVENT_LOOP=uvloop .venv/bin/pytest -n $(WORKERS) --dist worksteal \
+		-m "not long and not jaeger" $(UVLOOP_TESTS)
 
 # What `make test` checks on less, at full size and in real time: rates under partial
 # DPS failure, the 50,000-child scale-out (PIPELINE_SCALE_EVENTS, PIPELINE_SCALE_ROUNDS).

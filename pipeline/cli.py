@@ -670,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _needs_selector(args: argparse.Namespace) -> str:
     """Why ``args``' command must run on asyncio's own event loop ("" if it need not)."""
-    stages = ("ingest", "route", "sink") if args.command == "demo" else getattr(args, "stages", ())
+    stages = tuple(STAGES) if args.command == "demo" else getattr(args, "stages", ())
     needing = [name for name in stages if STAGES[name].needs_selector]
     if not needing:
         return ""

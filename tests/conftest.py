@@ -51,6 +51,22 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
+EVENT_LOOP_ENV = "PIPELINE_TEST_EVENT_LOOP"
+"""``uvloop``: every in-process async test runs on uvloop, as the router and the sink do
+(``[runtime] event_loop = "auto"``); unset, on asyncio's loop (``make test-uvloop``)."""
+
+if os.environ.get(EVENT_LOOP_ENV) == "uvloop":
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config,
+        item: pytest.Item,
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        """pytest-asyncio's hook: the loop every async test of this run runs on."""
+        import uvloop  # noqa: PLC0415  (only for this run)
+
+        return {"uvloop": uvloop.new_event_loop}
+
+
 def _controller(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput")
 

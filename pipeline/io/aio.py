@@ -272,6 +272,8 @@ async def wait_for_service(
             try:
                 await unless_stopped(stopped, _awaited(probe(left if within else None)))
             except ServiceUnreachable as exc:
+                if stop is not None and stop.is_set():
+                    raise Stopped from None  # asked to stop while the attempt failed
                 reason = exc.reason
             else:
                 if warned:

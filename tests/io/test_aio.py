@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from pipeline.errors import ConfigError, ServiceUnreachable
 from pipeline.io import aio
 from pipeline.io.aio import Backoff, KeyedLocks, Stopped, unless_stopped
+from tests.conftest import EVENT_LOOP_ENV
 
 
 def test_backoff_is_capped_jittered_and_honours_a_floor() -> None:
@@ -114,6 +116,12 @@ async def test_a_key_handed_to_a_task_cancelled_before_it_resumes_goes_to_the_ne
         await third
     locks.release("k")
     assert len(locks) == 0
+
+
+async def test_async_tests_run_on_the_loop_the_run_asks_for() -> None:
+    """``make test-uvloop`` really runs them on uvloop (and ``make test`` on asyncio's)."""
+    wanted = "uvloop" if os.environ.get(EVENT_LOOP_ENV) == "uvloop" else "asyncio"
+    assert type(asyncio.get_running_loop()).__module__.split(".")[0] == wanted
 
 
 async def _loop_module() -> str:

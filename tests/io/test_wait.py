@@ -142,6 +142,26 @@ async def test_a_stop_asked_before_the_wait_tries_nothing(caplog: pytest.LogCapt
     assert caplog.records == []
 
 
+@pytest.mark.parametrize("within", [30, 0])
+async def test_a_stop_asked_while_an_attempt_fails_ends_the_wait_without_a_word(
+    caplog: pytest.LogCaptureFixture, within: float
+) -> None:
+    """A SIGTERM landing while a probe is refused: Stopped, not a warning (nor, with no
+    time left, ServiceUnreachable)."""
+    stop = asyncio.Event()
+
+    async def refused_as_stop_comes(_: float | None) -> None:
+        stop.set()
+        raise ServiceUnreachable("Kafka", "127.0.0.1:1", "connection refused")
+
+    with caplog.at_level(logging.WARNING, logger="test.wait"), pytest.raises(Stopped):
+        await aio.wait_for_service(
+            refused_as_stop_comes, service="Kafka", address="127.0.0.1:1", within=within,
+            stop=stop, log=logging.getLogger("test.wait"),
+        )  # fmt: skip
+    assert caplog.records == []
+
+
 async def test_one_attempt_names_each_server() -> None:
     a, b = free_port(), free_port()
     cfg = load_config(environ={"PIPELINE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{a},127.0.0.1:{b}"})
