@@ -465,7 +465,8 @@ async def test_latency_delays_answers(http, emu):
     await admin(http, emu, "POST", "/_emulator/faults", {"latency_ms": 150})
     started = time.monotonic()
     await token(http, emu)
-    assert time.monotonic() - started >= 0.15
+    # Less 2 ms: on uvloop (make test-uvloop) a sleep may end up to about 1 ms early.
+    assert time.monotonic() - started >= 0.15 - 0.002
 
 
 async def until(check, what: str) -> None:

@@ -483,7 +483,8 @@ async def test_every_operation_suffers_outage_errors_and_latency(http, emu, acti
     await admin(http, emu, "POST", "/_emulator/faults", {"outage": False, "latency_ms": 100})
     started = time.monotonic()
     status, answer = await call(http, emu, method, params, raw, access_token=tok)
-    assert time.monotonic() - started >= 0.1
+    # Less 2 ms: on uvloop (make test-uvloop) a sleep may end up to about 1 ms early.
+    assert time.monotonic() - started >= 0.1 - 0.002
     assert (status, answer["code"]) == (200, 0)
     assert [(c.action, c.http_status, c.code) for c in emu.state.calls] == [
         (action, 502, 502),
