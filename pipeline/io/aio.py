@@ -1,4 +1,8 @@
-"""Small asyncio helpers: stop-aware waits, the one backoff, the one start-up wait."""
+"""Small asyncio helpers: the event loop, stop-aware waits, the backoff, the start-up wait.
+
+One of each: ``run`` (the event loop a process runs on, ``runtime.event_loop``),
+``unless_stopped``, ``Backoff``, ``wait_for_service``.
+"""
 
 from __future__ import annotations
 
